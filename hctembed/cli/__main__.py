@@ -1,0 +1,3 @@
+from hctembed.cli.app import main
+
+main()

@@ -1,0 +1,84 @@
+"""``hctembed embed``: embed every scan of an archive into a DuckDB file and its FAISS index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import print_json_lines, print_table, progress_bar, setup_logging, stderr
+
+
+def embed(
+    archive: Path = typer.Argument(..., help="A NIfTI file or a folder searched recursively for .nii/.nii.gz."),
+    db: Path = typer.Option(..., "--db", help="DuckDB file (created if missing)."),
+    model: str = typer.Option("vit-base", "--model", help="Encoder architecture (vit-base, vit-small, ...)."),
+    weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder; random init if omitted."),
+    seed: int = typer.Option(0, "--seed", help="Seed for a random-initialised encoder."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="labels.csv to import (default: ARCHIVE/labels.csv when present)."
+    ),
+    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    workers: int = typer.Option(1, "--workers", min=0, help="DataLoader worker processes (0 = in-process)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads for the encoder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as a JSON line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Embed an archive; re-runs skip scans already embedded with the same model and preprocessing."""
+    import torch
+
+    from hctembed.embed import embed_archive
+    from hctembed.index.store import Store
+    from hctembed.io.archive import discover
+    from hctembed.io.labels import read_labels
+    from hctembed.model.encoders import load_encoder
+
+    setup_logging(quiet=quiet)
+    if threads:
+        torch.set_num_threads(threads)
+    refs = discover(archive)
+    if labels is None and archive.is_dir() and (archive / "labels.csv").exists():
+        labels = archive / "labels.csv"
+    table = read_labels(labels) if labels else None
+    encoder = load_encoder(model, weights=weights, seed=seed)
+    stderr.print(f"{len(refs)} scans in {archive}; model {encoder.model_id}, preprocessing {encoder.fingerprint}")
+    with Store(db) as store:
+        if table is not None:
+            store.set_labels(
+                (
+                    (s, name, v)
+                    for s, row in zip(table.scan_ids, table.values, strict=True)
+                    for name, v in zip(table.names, row, strict=True)
+                    if v == v
+                ),
+                origin=str(labels.name),
+            )
+        with progress_bar(quiet=quiet) as bar:
+            task = bar.add_task("embedding", total=len(refs))
+            report = embed_archive(
+                refs=refs,
+                encoder=encoder,
+                store=store,
+                batch_size=batch_size,
+                num_workers=workers,
+                patients=table.patients() if table else None,
+                progress=lambda k: bar.advance(task, k),
+            )
+        if table is not None:
+            store.set_patients(table.patients())
+    summary = {
+        "db": str(db),
+        "model_id": report.collection.model_id,
+        "fingerprint": report.collection.fingerprint,
+        "scans": report.total,
+        "embedded": report.embedded,
+        "unchanged": report.unchanged,
+        "failed": len(report.failed),
+        "seconds": round(report.seconds, 2),
+    }
+    if as_json:
+        print_json_lines([summary | {"failures": [{"source": s, "reason": r} for s, r in report.failed]}])
+    else:
+        print_table([summary], title="embed")
+        if report.failed:
+            print_table([{"source": s, "reason": r} for s, r in report.failed], title="skipped scans")

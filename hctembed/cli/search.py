@@ -1,0 +1,47 @@
+"""``hctembed search``: nearest scans to a query scan file or a stored scan id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import print_json_lines, print_table, setup_logging
+
+
+def search(
+    query: Path | None = typer.Argument(None, help="Query scan file (NIfTI)."),
+    db: Path = typer.Option(..., "--db", help="DuckDB file written by `hctembed embed`."),
+    scan_id: str | None = typer.Option(None, "--id", help="Query by a stored scan id instead of a file."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours."),
+    model: str | None = typer.Option(None, "--model", help="Model id (prefix) when the DB holds several."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Find the k most similar scans (cosine similarity of the stored embeddings)."""
+    from hctembed.index.store import Store
+    from hctembed.search import search_file, search_id
+
+    setup_logging(quiet=quiet)
+    if (query is None) == (scan_id is None):
+        raise typer.BadParameter("give either a QUERY scan file or --id SCAN_ID")
+    with Store(db, read_only=True) as store:
+        if query is not None:
+            hits = search_file(store, path=query, k=k, model=model)
+        else:
+            hits = search_id(store, scan_id=scan_id, k=k, model=model)
+    rows = [h.to_dict() for h in hits]
+    if as_json:
+        print_json_lines(rows)
+        return
+    table = [
+        {
+            "rank": h.rank,
+            "score": h.score,
+            "scan_id": h.scan_id,
+            "patient_id": h.patient_id or "",
+            "labels": ",".join(name for name, v in sorted(h.labels.items()) if v == 1) or "-",
+        }
+        for h in hits
+    ]
+    print_table(table, title=f"top {k} for {query or scan_id}")

@@ -1,0 +1,140 @@
+"""Frozen configuration dataclasses: the single source of every preprocessing and model setting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Window:
+    """An HU window given as (centre, width); maps [centre - width/2, centre + width/2] onto [0, 1]."""
+
+    centre: float
+    width: float
+
+    @property
+    def low(self) -> float:
+        return self.centre - self.width / 2.0
+
+    @property
+    def high(self) -> float:
+        return self.centre + self.width / 2.0
+
+
+PAPER_WINDOWS = (Window(40, 80), Window(80, 200), Window(600, 2800))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a volume becomes model input (FM-HCT Methods, 'Data preprocessing').
+
+    RAS orientation, resample to ``spacing_mm`` isotropic, the windows stacked as channels, pad/crop to
+    ``pad_size`` around the head (foreground: HU > ``foreground_hu``), centre-crop ``crop_size``, resize to
+    ``out_size`` (area averaging). Output: float32 ``[len(windows), out_size, out_size, out_size]``.
+    """
+
+    name: str = "paper"
+    spacing_mm: float = 1.0
+    windows: tuple[Window, ...] = PAPER_WINDOWS
+    pad_size: int = 224
+    crop_size: int = 192
+    out_size: int = 96
+    centre_on_head: bool = True
+    foreground_hu: float = -500.0
+
+    def __post_init__(self) -> None:
+        if self.crop_size > self.pad_size:
+            raise ValueError(f"crop_size {self.crop_size} > pad_size {self.pad_size}")
+        if self.crop_size % self.out_size:
+            raise ValueError(
+                f"crop_size {self.crop_size} must be a multiple of out_size {self.out_size} "
+                "(the final resize is an area average over whole voxels)"
+            )
+        if self.spacing_mm <= 0:
+            raise ValueError("spacing_mm must be > 0")
+        if not self.windows:
+            raise ValueError("at least one HU window is needed")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def fingerprint(self) -> str:
+        """Stable hash of every field that changes the model input; stored with every vector."""
+        return "pp-" + stable_hash(asdict(self))[:16]
+
+
+PREPROCESS_PRESETS: dict[str, PreprocessConfig] = {"paper": PreprocessConfig()}
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A 3D ViT: cubic input ``image_size``³ with ``in_channels``, cut into ``patch_size``³ patches."""
+
+    name: str = "vit-base"
+    image_size: int = 96
+    patch_size: int = 12
+    in_channels: int = 3
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    block_norm_eps: float = 1e-5
+    final_norm_eps: float = 1e-6
+    register_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
+        if self.dim % 6:
+            raise ValueError(f"dim {self.dim} must be a multiple of 6 (3D sine-cosine position embedding)")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**3
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig fields: {unknown}")
+        return cls(**data)
+
+
+VIT_PRESETS: dict[str, ViTConfig] = {
+    "vit-base": ViTConfig(name="vit-base", dim=768, depth=12, heads=12, mlp_dim=3072),
+    "vit-small": ViTConfig(name="vit-small", dim=384, depth=12, heads=6, mlp_dim=1536),
+    "vit-tiny": ViTConfig(name="vit-tiny", dim=192, depth=12, heads=3, mlp_dim=768),
+    # For CPU tests and the demo: 48³ input, 6³ = 216 patches of 8³, 4 layers.
+    "vit-micro": ViTConfig(name="vit-micro", image_size=48, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384),
+}
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Batch encoding settings (no effect on the vectors, only on speed)."""
+
+    batch_size: int = 2
+    num_workers: int = 1
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace), for config fingerprints."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,200 @@
+"""All-vs-all retrieval metrics (FM-HCT Methods, 'Volume-to-volume retrieval evaluation').
+
+For each label (haemorrhage subtype) c, every scan positive for c is a query once; the gallery is every
+other scan (and, with ``exclude_same_patient``, none of the query patient's scans); relevance is
+"also positive for c"; similarity is the inner product of L2-normalised embeddings (cosine).
+
+Definitions, with ties (equal scores) handled explicitly:
+
+* **AP** (average precision) of one query with R relevant gallery items: the mean over the relevant
+  items of the precision at their rank. Items with equal scores share one rank group, and each relevant
+  item of a group gets the precision at the end of its group - the definition scikit-learn's
+  ``average_precision_score`` uses, so the two agree on any input. Queries with R = 0 are not scored
+  and are counted in ``n_skipped``.
+* **P@K** (precision at K): the fraction of relevant items among the top K, divided by K. When a tie
+  group straddles rank K, it counts the expected number of relevant items under a random order of
+  the tied items (tie-aware, never optimistic).
+* **mAP**: the mean AP over the queries of one label; the report's ``mean`` row is the unweighted mean
+  over labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFINITION = (
+    "AP: mean over relevant gallery items of the precision at their rank; tied scores form one group and "
+    "each relevant item in it gets the precision at the group's end (as sklearn.average_precision_score). "
+    "P@K: relevant items in the top K divided by K, with the expected count for a tie group straddling K. "
+    "All-vs-all per label: each positive scan is a query once, the gallery is every other scan "
+    "(minus the query patient's scans with exclude_same_patient), relevance = same label."
+)
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """AP of one ranking: ``scores [G]`` (higher first), ``relevant [G]`` bool. NaN when nothing is relevant."""
+    return float(_ap_rows(np.asarray(scores, np.float64)[None], np.asarray(relevant, bool)[None])[0])
+
+
+def precision_at_k(scores: np.ndarray, relevant: np.ndarray, *, k: int) -> float:
+    """Tie-aware precision at ``k`` of one ranking (see module docstring)."""
+    return float(_pk_rows(np.asarray(scores, np.float64)[None], np.asarray(relevant, bool)[None], k)[0])
+
+
+def _ap_rows(scores: np.ndarray, relevant: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """AP per row of ``scores [Q, G]`` / ``relevant [Q, G]``; ``valid [Q, G]`` masks gallery items out."""
+    if valid is None:
+        valid = np.ones(scores.shape, bool)
+    out = np.full(scores.shape[0], np.nan)
+    for q in range(scores.shape[0]):
+        s = scores[q][valid[q]]
+        r = relevant[q][valid[q]]
+        n_rel = int(r.sum())
+        if n_rel == 0:
+            continue
+        all_sorted = np.sort(s)
+        rel_sorted = np.sort(s[r])
+        # for each relevant score v: items with score >= v (end of its tie group), and relevant ones
+        n_ge_all = s.size - np.searchsorted(all_sorted, rel_sorted, side="left")
+        n_ge_rel = n_rel - np.searchsorted(rel_sorted, rel_sorted, side="left")
+        out[q] = float(np.mean(n_ge_rel / n_ge_all))
+    return out
+
+
+def _pk_rows(scores: np.ndarray, relevant: np.ndarray, k: int, valid: np.ndarray | None = None) -> np.ndarray:
+    if valid is None:
+        valid = np.ones(scores.shape, bool)
+    out = np.full(scores.shape[0], np.nan)
+    for q in range(scores.shape[0]):
+        s = scores[q][valid[q]]
+        r = relevant[q][valid[q]]
+        if s.size == 0:
+            continue
+        kk = min(k, s.size)
+        threshold = np.partition(s, s.size - kk)[s.size - kk]  # k-th largest score
+        above = s > threshold
+        at = s == threshold
+        n_above = int(above.sum())
+        expected = r[above].sum() + (kk - n_above) * r[at].sum() / at.sum()
+        out[q] = expected / k
+    return out
+
+
+@dataclass(frozen=True)
+class LabelRetrieval:
+    label: str
+    n_queries: int
+    n_skipped: int  # positives with no other relevant scan in their gallery
+    mAP: float
+    precision_at: dict[int, float]
+    ap_per_query: np.ndarray  # [n_queries]; kept for CIs and paired tests
+
+
+@dataclass(frozen=True)
+class RetrievalReport:
+    labels: list[LabelRetrieval]
+    ks: tuple[int, ...]
+    exclude_same_patient: bool
+    n_scans: int
+    definition: str = DEFINITION
+
+    def mean(self) -> dict[str, float]:
+        scored = [lab for lab in self.labels if lab.n_queries]
+        if not scored:
+            return {"mAP": float("nan"), **{f"P@{k}": float("nan") for k in self.ks}}
+        out = {"mAP": float(np.mean([lab.mAP for lab in scored]))}
+        for k in self.ks:
+            out[f"P@{k}"] = float(np.mean([lab.precision_at[k] for lab in scored]))
+        return out
+
+    def rows(self) -> list[dict]:
+        """One dict per label plus a ``mean`` row, ready for a table or JSON lines."""
+        rows = []
+        for lab in self.labels:
+            row = {"label": lab.label, "queries": lab.n_queries, "skipped": lab.n_skipped, "mAP": lab.mAP}
+            row.update({f"P@{k}": lab.precision_at[k] for k in self.ks})
+            rows.append(row)
+        rows.append({"label": "mean", "queries": sum(r["queries"] for r in rows), "skipped": None, **self.mean()})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "definition": self.definition,
+            "exclude_same_patient": self.exclude_same_patient,
+            "n_scans": self.n_scans,
+            "rows": self.rows(),
+            "per_query_ap": {lab.label: lab.ap_per_query.tolist() for lab in self.labels},
+            "ks": list(self.ks),
+        }
+
+
+def all_vs_all(
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    label_names: Sequence[str],
+    patient_ids: Sequence[str] | None = None,
+    exclude_same_patient: bool = False,
+    ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
+) -> RetrievalReport:
+    """All-vs-all retrieval per label.
+
+    Args:
+        x: embeddings ``[N, D]``; L2-normalised here (so the score is cosine similarity).
+        labels: ``[N, L]`` 0/1 (NaN = unknown: such a scan is never a query for that label and is
+            dropped from its galleries).
+        label_names: ``L`` names.
+        patient_ids: ``N`` ids, needed for ``exclude_same_patient``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.float64)
+    n = x.shape[0]
+    if labels.shape != (n, len(label_names)):
+        raise ValueError(f"labels shape {labels.shape} != ({n}, {len(label_names)})")
+    if exclude_same_patient and patient_ids is None:
+        raise ValueError("exclude_same_patient needs patient_ids")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("zero embedding vector: cannot normalise")
+    x = x / norms
+    if patient_ids is not None:
+        _, patient_codes = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    else:
+        patient_codes = np.arange(n)
+    known = ~np.isnan(labels)
+    positive = np.where(known, labels, 0) > 0.5
+    results = []
+    for j, name in enumerate(label_names):
+        queries = np.flatnonzero(positive[:, j] & known[:, j])
+        aps, pks = [], {k: [] for k in ks}
+        for start in range(0, len(queries), block):
+            q = queries[start : start + block]
+            scores = x[q] @ x.T  # [b, N]
+            valid = np.broadcast_to(known[:, j], scores.shape).copy()
+            valid[np.arange(len(q)), q] = False  # the query itself
+            if exclude_same_patient:
+                valid &= patient_codes[None, :] != patient_codes[q][:, None]
+            rel = np.broadcast_to(positive[:, j], scores.shape)
+            aps.append(_ap_rows(scores, rel, valid))
+            for k in ks:
+                pks[k].append(_pk_rows(scores, rel, k, valid))
+        ap = np.concatenate(aps) if aps else np.zeros(0)
+        scored = ~np.isnan(ap)
+        precision = {
+            k: float(np.mean(np.concatenate(v)[scored])) if scored.any() else float("nan") for k, v in pks.items()
+        }
+        results.append(
+            LabelRetrieval(
+                label=name,
+                n_queries=int(scored.sum()),
+                n_skipped=int((~scored).sum()),
+                mAP=float(ap[scored].mean()) if scored.any() else float("nan"),
+                precision_at=precision,
+                ap_per_query=ap[scored],
+            )
+        )
+    return RetrievalReport(labels=results, ks=tuple(ks), exclude_same_patient=exclude_same_patient, n_scans=n)

@@ -1,0 +1,208 @@
+"""FAISS inner-product index: a derived, rebuildable cache of one collection's vectors.
+
+Files, beside the DuckDB file: ``<db>.faiss/c<collection_id>.faiss`` and its manifest ``.json``
+(dim, metric, model_id, fingerprint, ntotal, sha256 of the index file, digest of the id set). Writes are
+atomic (temporary file, fsync, rename). :func:`open_index` checks the manifest against DuckDB and
+rebuilds when the index is missing, stale (other ids) or corrupt (checksum or read failure).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from hctembed.index.store import Collection, ModelMismatchError, Store
+
+log = logging.getLogger(__name__)
+
+METRIC = "inner_product"
+EXACT_FACTORY = "IDMap2,Flat"
+
+
+@dataclass(frozen=True)
+class IndexManifest:
+    dim: int
+    metric: str
+    model_id: str
+    fingerprint: str
+    ntotal: int
+    factory: str
+    checksum: str  # sha256 of the index file
+    ids_digest: str  # sha256 of the sorted int64 ids
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """FAISS's output: scores ``D [Q, k]`` (inner product, higher is closer) and ids ``I [Q, k]`` (-1 = none)."""
+
+    D: np.ndarray
+    I: np.ndarray  # noqa: E741 - FAISS's name
+
+
+class VectorIndex:
+    """A FAISS index bound to one (model_id, fingerprint)."""
+
+    def __init__(self, index: faiss.Index, *, model_id: str, fingerprint: str, factory: str) -> None:
+        self.index = index
+        self.model_id = model_id
+        self.fingerprint = fingerprint
+        self.factory = factory
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, xq: np.ndarray, *, k: int, model_id: str, fingerprint: str) -> SearchResult:
+        """Top-``k`` by inner product for queries ``xq [Q, dim]`` embedded by ``model_id``/``fingerprint``."""
+        if (model_id, fingerprint) != (self.model_id, self.fingerprint):
+            raise ModelMismatchError(
+                f"query embedded with model {model_id} / preprocessing {fingerprint}, but the index holds "
+                f"model {self.model_id} / preprocessing {self.fingerprint}"
+            )
+        xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
+        if xq.shape[1] != self.dim:
+            raise ModelMismatchError(f"query dim {xq.shape[1]} != index dim {self.dim} ({self.model_id})")
+        k = max(1, min(int(k), max(self.ntotal, 1)))
+        D, I = self.index.search(xq, k)  # noqa: E741
+        return SearchResult(D=D, I=I)
+
+
+def build_index(
+    ids: np.ndarray, xb: np.ndarray, *, model_id: str, fingerprint: str, factory: str = EXACT_FACTORY
+) -> VectorIndex:
+    """Build an exact inner-product index over ``xb [N, dim]`` with int64 ``ids [N]``."""
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if len(ids):
+        index.add_with_ids(xb, ids)
+    return VectorIndex(index, model_id=model_id, fingerprint=fingerprint, factory=factory)
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+def index_paths(db_path: Path, collection: Collection) -> tuple[Path, Path]:
+    folder = Path(str(db_path) + ".faiss")
+    stem = f"c{collection.collection_id}"
+    return folder / f"{stem}.faiss", folder / f"{stem}.json"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_index(vi: VectorIndex, *, index_path: Path, manifest_path: Path, ids: np.ndarray) -> IndexManifest:
+    """Write the index, then its manifest, each atomically. A crash between leaves a detectable mismatch."""
+    data = faiss.serialize_index(vi.index).tobytes()
+    _atomic_write(index_path, data)
+    manifest = IndexManifest(
+        dim=vi.dim,
+        metric=METRIC,
+        model_id=vi.model_id,
+        fingerprint=vi.fingerprint,
+        ntotal=vi.ntotal,
+        factory=vi.factory,
+        checksum=hashlib.sha256(data).hexdigest(),
+        ids_digest=ids_digest(ids),
+    )
+    _atomic_write(manifest_path, json.dumps(asdict(manifest), indent=2).encode())
+    return manifest
+
+
+def load_index(*, index_path: Path, manifest_path: Path) -> tuple[VectorIndex, IndexManifest]:
+    """Load and verify an index against its manifest; raises ``IndexInvalid`` naming the problem."""
+    if not index_path.exists() or not manifest_path.exists():
+        raise IndexInvalid("missing")
+    try:
+        manifest = IndexManifest(**json.loads(manifest_path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise IndexInvalid(f"unreadable manifest ({exc})") from None
+    if _sha256_file(index_path) != manifest.checksum:
+        raise IndexInvalid("checksum mismatch (truncated or modified file)")
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as exc:
+        raise IndexInvalid(f"FAISS cannot read it ({str(exc).splitlines()[0]})") from None
+    if index.ntotal != manifest.ntotal or index.d != manifest.dim:
+        raise IndexInvalid("index does not match its manifest")
+    vi = VectorIndex(index, model_id=manifest.model_id, fingerprint=manifest.fingerprint, factory=manifest.factory)
+    return vi, manifest
+
+
+class IndexInvalid(RuntimeError):
+    pass
+
+
+def open_index(store: Store, collection: Collection, *, rebuild: bool = False, quiet: bool = False) -> VectorIndex:
+    """The collection's FAISS index, verified against DuckDB; rebuilt (and saved) when it is not valid.
+
+    A rebuild is logged as a warning, naming why, unless ``quiet`` (after an embedding run, a stale
+    index is expected).
+    """
+    index_path, manifest_path = index_paths(store.path, collection)
+    ids = store.ids(collection)
+    reason = "rebuild requested" if rebuild else None
+    if reason is None:
+        try:
+            vi, manifest = load_index(index_path=index_path, manifest_path=manifest_path)
+            if (manifest.model_id, manifest.fingerprint, manifest.dim) != (
+                collection.model_id,
+                collection.fingerprint,
+                collection.dim,
+            ):
+                reason = (
+                    f"it holds model {manifest.model_id} / {manifest.fingerprint}, "
+                    f"not {collection.model_id} / {collection.fingerprint}"
+                )
+            elif manifest.ntotal != len(ids) or manifest.ids_digest != ids_digest(ids):
+                reason = f"stale ({manifest.ntotal} vectors indexed, {len(ids)} in the database)"
+            else:
+                return vi
+        except IndexInvalid as exc:
+            reason = str(exc)
+    if reason != "missing" and not quiet:
+        log.warning("rebuilding FAISS index %s from the database: %s", index_path, reason)
+    ids, xb, _ = store.vectors(collection)
+    vi = build_index(ids, xb, model_id=collection.model_id, fingerprint=collection.fingerprint)
+    try:
+        save_index(vi, index_path=index_path, manifest_path=manifest_path, ids=ids)
+    except OSError as exc:
+        log.warning("could not save the rebuilt index (%s); using it from memory", exc)
+    return vi

@@ -1,0 +1,114 @@
+"""Load NIfTI files (``.nii``, ``.nii.gz``) as RAS-oriented HU volumes without copying the voxels."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from hctembed.volume import Volume, VolumeError, check_affine
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """File name without ``.nii`` / ``.nii.gz``."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def load_nifti(path: str | Path) -> Volume:
+    """Read a 3D NIfTI CT as a :class:`Volume` in closest-RAS orientation.
+
+    The voxels are scaled by the header's slope/intercept to float32 HU. Reorientation is a strided view
+    (flips and axis swaps), so the only full-size work is decompression and the float conversion.
+
+    Raises:
+        VolumeError: unreadable file, not 3D (a 4D file with one volume is accepted), non-finite voxels,
+            or a degenerate / non-orthonormal affine.
+    """
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise VolumeError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"not a NIfTI image ({type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)}")
+    if min(shape) < 2:
+        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)} has a singleton axis")
+    affine = _header_affine(img)
+    check_affine(affine)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise VolumeError(f"unreadable NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
+    data = data.reshape(shape, order="A")
+    hu = data if data.dtype == np.float32 else data.astype(np.float32, order="K")
+    if hu.dtype.kind == "f" and not np.isfinite(hu).all():
+        n_bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
+        raise VolumeError(f"{n_bad} non-finite voxels (NaN or inf)")
+    array_xyz, affine_ras, codes = _to_closest_ras(hu, affine)
+    # [x, y, z] -> [z, y, x]: a transposed view of the Fortran-ordered buffer, C-contiguous when unflipped.
+    array = array_xyz.transpose(2, 1, 0)
+    meta = {
+        "format": "nifti",
+        "source_axcodes": "".join(codes),
+        "source_shape_xyz": [int(s) for s in shape],
+        "source_dtype": str(data.dtype),
+    }
+    return Volume(array=array, affine=affine_ras, meta=meta)
+
+
+def _header_affine(img: nib.Nifti1Image) -> np.ndarray:
+    """The sform when set, else the qform, else refuse (the fall-back affine has no real geometry)."""
+    header = img.header
+    sform, s_code = header.get_sform(coded=True)
+    qform, q_code = header.get_qform(coded=True)
+    if s_code and s_code > 0 and sform is not None:
+        affine = sform
+        if q_code and q_code > 0 and qform is not None and not np.allclose(sform, qform, atol=1e-3):
+            log.warning("sform and qform disagree; using the sform (as nibabel and dcm2niix do)")
+    elif q_code and q_code > 0 and qform is not None:
+        affine = qform
+    else:
+        raise VolumeError("no sform or qform: the file has no world geometry")
+    return np.asarray(affine, dtype=np.float64)
+
+
+def _to_closest_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Permute/flip voxel axes (views only) so they point along +R, +A, +S; return the matching affine."""
+    ornt = io_orientation(affine)
+    codes = nib.aff2axcodes(affine)
+    transform = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
+    # transform[i] = (new axis for input axis i, flip)
+    order = np.argsort(transform[:, 0])
+    out = array_xyz.transpose(order)
+    new_affine = affine.copy()
+    new_affine[:, :3] = affine[:, :3][:, order]
+    flips = transform[order, 1]
+    for axis, flip in enumerate(flips):
+        if flip < 0:
+            n = out.shape[axis]
+            out = np.flip(out, axis=axis)
+            # new index i' = n - 1 - i  =>  world = A[:, axis] * (n - 1 - i') ...
+            new_affine[:3, 3] = new_affine[:3, 3] + new_affine[:3, axis] * (n - 1)
+            new_affine[:3, axis] = -new_affine[:3, axis]
+    return out, new_affine, tuple(codes)

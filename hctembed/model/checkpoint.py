@@ -1,0 +1,135 @@
+"""Encoder weights on disk: safetensors with the config in its metadata and a JSON file beside it.
+
+Loading is strict: every tensor the model expects must be present with the right shape, and every
+tensor in the file must be used. Foreign layouts go through explicit key remaps (a dict of
+prefix -> prefix), never ``strict=False``. PyTorch pickles are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save
+
+from hctembed.config import ViTConfig
+from hctembed.errors import HctembedError
+from hctembed.model.vit3d import ViT3D
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hctembed-vit3d"
+
+
+class CheckpointError(HctembedError, ValueError):
+    """A weights file that cannot be loaded into the encoder; the message names the keys."""
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors (sorted names, dtypes, shapes, bytes): the same weights give the same
+    digest whatever file format or metadata they came in."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_encoder(model: ViT3D, path: str | Path, *, card: Mapping | None = None) -> str:
+    """Write ``path`` (.safetensors) and ``path`` with ``.json`` (config + card). Returns the weights digest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.write_bytes(save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
+    digest = weights_digest(tensors)
+    sidecar = {"format": FORMAT, "config": config, "weights_digest": digest, "card": dict(card or {})}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
+    return digest
+
+
+def read_config(path: str | Path) -> ViTConfig:
+    """The ViTConfig stored in a safetensors file's metadata (or its JSON sidecar)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    if "config" in meta:
+        return ViTConfig.from_dict(json.loads(meta["config"]))
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        return ViTConfig.from_dict(json.loads(sidecar.read_text())["config"])
+    raise CheckpointError(f"{path} carries no encoder config (no metadata 'config', no {sidecar.name})")
+
+
+def remap_keys(state: Mapping[str, torch.Tensor], remap: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by prefix (first matching prefix wins; an empty target drops the prefix)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in remap.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and misshaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if misshaped:
+            parts.append(f"wrong shape {misshaped}")
+        raise CheckpointError("checkpoint does not match the encoder: " + "; ".join(parts))
+    model.load_state_dict(dict(state), strict=True)
+
+
+def load_encoder_weights(path: str | Path, *, remap: Mapping[str, str] | None = None) -> tuple[ViT3D, str]:
+    """Build the encoder described by a weights file and load it strictly. Returns (model, weights digest).
+
+    ``.safetensors`` files carry their config; ``.pt``/``.pth`` files are read with
+    ``torch.load(weights_only=True)`` and need a ``.json`` sidecar with the config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
+    config = read_config(path) if path.suffix == ".safetensors" else _sidecar_config(path)
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if remap:
+        state = remap_keys(state, remap)
+    model = ViT3D(config)
+    load_state_strict(model, state)
+    return model.eval(), weights_digest(model.state_dict())
+
+
+def _sidecar_config(path: Path) -> ViTConfig:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
+        raise CheckpointError(f"{path} needs a config: write {sidecar.name} or convert to .safetensors")
+    return ViTConfig.from_dict(json.loads(sidecar.read_text())["config"])

@@ -1,0 +1,118 @@
+"""Encoder registry: each entry names a model architecture and the preprocessing it expects.
+
+``load_encoder(name)`` gives a ready :class:`Encoder` (random-initialised from a seed, or from a weights
+file). Its ``model_id`` is the architecture name plus the first 12 hex digits of the weights digest, so
+two different weight files never share an id.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hctembed.config import VIT_PRESETS, PreprocessConfig, ViTConfig
+from hctembed.model.checkpoint import load_encoder_weights, save_encoder, weights_digest
+from hctembed.model.vit3d import ViT3D
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "vit-base"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    vit: ViTConfig
+    preprocess: PreprocessConfig
+
+
+def _spec(name: str) -> EncoderSpec:
+    vit = VIT_PRESETS[name]
+    return EncoderSpec(name=name, vit=vit, preprocess=PreprocessConfig(out_size=vit.image_size))
+
+
+REGISTRY: dict[str, EncoderSpec] = {name: _spec(name) for name in VIT_PRESETS}
+
+
+@dataclass(frozen=True, eq=False)
+class Encoder:
+    """A loaded encoder: the torch module, its preprocessing, and its identity."""
+
+    name: str
+    model_id: str
+    model: ViT3D
+    preprocess: PreprocessConfig
+    weights_digest: str
+    weights_path: str | None
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self.preprocess.fingerprint()
+
+    @torch.inference_mode()
+    def encode(self, batch: torch.Tensor) -> np.ndarray:
+        """``[B, C, Z, Y, X]`` -> L2-normalised float32 ``[B, dim]``."""
+        device = next(self.model.parameters()).device
+        return self.model.embed(batch.to(device)).float().cpu().numpy()
+
+    def to(self, device: str) -> Encoder:
+        self.model.to(device)
+        return self
+
+
+def load_encoder(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, seed: int = 0) -> Encoder:
+    """Build an encoder by registry name; load ``weights`` (safetensors) strictly, or init from ``seed``.
+
+    With ``weights``, the file's stored config decides the architecture; ``name`` only picks the
+    preprocessing and must agree with the file's image size.
+    """
+    if name not in REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    spec = REGISTRY[name]
+    if weights is not None:
+        model, sha = load_encoder_weights(weights)
+        if model.config.image_size != spec.preprocess.out_size:
+            raise ValueError(
+                f"{weights} takes {model.config.image_size}³ input but model {name} preprocesses to "
+                f"{spec.preprocess.out_size}³; pass the matching --model"
+            )
+        weights_path: str | None = str(Path(weights).resolve())
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ViT3D(spec.vit).eval()
+        sha = weights_digest(model.state_dict())
+        weights_path = None
+    return Encoder(
+        name=name,
+        model_id=f"{name}-{sha[:12]}",
+        model=model,
+        preprocess=spec.preprocess,
+        weights_digest=sha,
+        weights_path=weights_path,
+    )
+
+
+def persist_weights(encoder: Encoder, *, folder: Path) -> Encoder:
+    """Save a random-initialised encoder's weights under ``folder`` so later searches can reload it."""
+    if encoder.weights_path is not None:
+        return encoder
+    path = folder / f"{encoder.model_id}.safetensors"
+    if not path.exists():
+        save_encoder(encoder.model, path, card={"init": "random", "model_id": encoder.model_id})
+    return Encoder(
+        name=encoder.name,
+        model_id=encoder.model_id,
+        model=encoder.model,
+        preprocess=encoder.preprocess,
+        weights_digest=encoder.weights_digest,
+        weights_path=str(path.resolve()),
+    )

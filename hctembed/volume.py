@@ -1,0 +1,63 @@
+"""The in-memory CT volume that every loader returns and preprocessing consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hctembed.errors import HctembedError
+
+
+class VolumeError(HctembedError, ValueError):
+    """A scan that cannot be used; the message says why (it becomes a recorded skip reason)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A CT volume in Hounsfield units, oriented to the closest RAS axes.
+
+    Attributes:
+        array: float32 HU, shape ``[Z, Y, X]``; ``array[z, y, x]`` is voxel index ``(x, y, z)``.
+            May be a strided view of the file's buffer (no copy); never write to it.
+        affine: float64 ``[4, 4]`` mapping voxel index ``(x, y, z, 1)`` to RAS world millimetres
+            (the NIfTI convention, so ``affine @ [x, y, z, 1]``). Its columns point along +R, +A, +S
+            as closely as the acquisition allows; oblique scans keep their rotation here.
+        meta: PHI-free facts about the source (format, original orientation code, spacing, ...).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape_xyz(self) -> tuple[int, int, int]:
+        z, y, x = self.array.shape
+        return (x, y, z)
+
+    @property
+    def spacing_xyz(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the x, y, z array axes."""
+        s = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(s[0]), float(s[1]), float(s[2]))
+
+
+def check_affine(affine: np.ndarray, *, tolerance: float = 1e-3) -> None:
+    """Raise VolumeError unless ``affine`` is a finite 4x4 with non-zero spacing and orthogonal axes."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise VolumeError("affine is not a finite 4x4 matrix")
+    if not np.allclose(a[3], [0, 0, 0, 1]):
+        raise VolumeError(f"affine's last row is {a[3].tolist()}, not [0, 0, 0, 1]")
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    if np.any(spacing < 1e-6):
+        raise VolumeError(f"degenerate affine: voxel spacing {spacing.round(6).tolist()} mm has a zero")
+    directions = a[:3, :3] / spacing
+    gram = directions.T @ directions
+    if not np.allclose(gram, np.eye(3), atol=tolerance):
+        worst = float(np.max(np.abs(gram - np.eye(3))))
+        raise VolumeError(
+            f"non-orthonormal affine: voxel axes are sheared (max |cos| between axes {worst:.4f}); "
+            "resample the series onto an orthogonal grid first"
+        )

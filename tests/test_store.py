@@ -1,0 +1,220 @@
+"""DuckDB store and FAISS index: round trips, ids, migrations, rebuilds, mismatches, locking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+import faiss
+import numpy as np
+import pytest
+
+from hctembed.index.store import SCHEMA_VERSION, ModelMismatchError, Store, StoreError
+from hctembed.index.vectors import build_index, index_paths, open_index
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "t.duckdb") as s:
+        s.register_model(model_id="m-1", name="vit-micro", dim=8, config={}, weights_path=None, weights_digest="d1")
+        yield s
+
+
+def test_schema_is_versioned(tmp_path):
+    path = tmp_path / "v.duckdb"
+    with Store(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION
+    with Store(path) as s:  # reopening migrates nothing twice
+        assert s.con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    con = duckdb.connect(str(path))
+    con.execute("INSERT INTO schema_version (version) VALUES (99)")
+    con.close()
+    with pytest.raises(StoreError, match="newer"):
+        Store(path)
+
+
+def test_vectors_round_trip_and_ids_are_monotonic(store):
+    rng = np.random.default_rng(0)
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    x = _unit(rng, 5, 8)
+    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(5)], vectors=x)
+    assert ids.dtype == np.int64 and list(ids) == sorted(ids) and len(set(ids)) == 5
+    got_ids, got_x, got_scans = store.vectors(coll)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_x, x)
+    assert got_scans == [f"s{i}" for i in range(5)]
+    # re-embedding a scan replaces its vector with a new, larger id; old ids are never reused
+    new = store.add_embeddings(coll, scan_ids=["s1"], vectors=x[:1])
+    assert new[0] > ids.max()
+    assert store.count(coll) == 5
+    assert store.vector_of(coll, scan_id="s1")[0] == new[0]
+    # a second collection draws from the same sequence
+    other = store.collection(model_id="m-1", fingerprint="pp-b", dim=8)
+    assert store.add_embeddings(other, scan_ids=["s0"], vectors=x[:1])[0] > new[0]
+
+
+def test_duckdb_array_inner_product_matches_numpy(store):
+    rng = np.random.default_rng(1)
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    x = _unit(rng, 20, 8)
+    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(20)], vectors=x)
+    q = x[3]
+    rows = store.con.execute(
+        f"SELECT id, array_inner_product(vector, ?::FLOAT[8]) AS s FROM {coll.table} ORDER BY s DESC LIMIT 5",
+        [q.tolist()],
+    ).fetchall()
+    order = np.argsort(-(x @ q))[:5]
+    assert [r[0] for r in rows] == ids[order].tolist()
+    np.testing.assert_allclose([r[1] for r in rows], (x @ q)[order], rtol=1e-5)
+
+
+def test_faiss_matches_brute_force(store):
+    rng = np.random.default_rng(2)
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    x = _unit(rng, 200, 8)
+    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(200)], vectors=x)
+    index = open_index(store, coll)
+    xq = _unit(rng, 7, 8)
+    result = index.search(xq, k=10, model_id="m-1", fingerprint="pp-a")
+    scores = xq @ x.T
+    for qi in range(7):
+        order = np.argsort(-scores[qi])[:10]
+        np.testing.assert_array_equal(result.I[qi], ids[order])
+        np.testing.assert_allclose(result.D[qi], scores[qi, order], rtol=1e-5, atol=1e-6)
+
+
+def test_query_from_another_model_is_refused(store):
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    store.add_embeddings(coll, scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
+    index = open_index(store, coll)
+    with pytest.raises(ModelMismatchError, match=r"model m-2 / preprocessing pp-a.*model m-1 / preprocessing pp-a"):
+        index.search(np.ones((1, 8)), k=1, model_id="m-2", fingerprint="pp-a")
+    with pytest.raises(ModelMismatchError, match="pp-z"):
+        index.search(np.ones((1, 8)), k=1, model_id="m-1", fingerprint="pp-z")
+    with pytest.raises(ModelMismatchError, match="dim 4"):
+        index.search(np.ones((1, 4)), k=1, model_id="m-1", fingerprint="pp-a")
+    with pytest.raises(ModelMismatchError, match="stored: m-1 / pp-a"):
+        store.collection(model_id="m-2", fingerprint="pp-a")
+    with pytest.raises(ModelMismatchError):
+        store.add_embeddings(coll, scan_ids=["s1"], vectors=np.ones((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garbage", "stale", "manifest"])
+def test_index_is_rebuilt_from_duckdb(store, damage, caplog):
+    rng = np.random.default_rng(3)
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    x = _unit(rng, 30, 8)
+    store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(30)], vectors=x)
+    open_index(store, coll)
+    index_path, manifest_path = index_paths(store.path, coll)
+    assert index_path.exists() and manifest_path.exists()
+    if damage == "delete":
+        index_path.unlink()
+    elif damage == "truncate":
+        index_path.write_bytes(index_path.read_bytes()[:100])
+    elif damage == "garbage":
+        index_path.write_bytes(b"\x00" * 500)
+    elif damage == "stale":
+        store.add_embeddings(coll, scan_ids=["extra"], vectors=x[:1])
+    else:
+        manifest_path.write_text("{not json")
+    index = open_index(store, coll)
+    ids = store.ids(coll)
+    assert index.ntotal == len(ids)
+    faiss_ids = faiss.vector_to_array(index.index.id_map)
+    np.testing.assert_array_equal(np.sort(faiss_ids), ids)
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["ntotal"] == len(ids) and manifest["model_id"] == "m-1" and manifest["fingerprint"] == "pp-a"
+    assert manifest["dim"] == 8 and manifest["metric"] == "inner_product"
+    assert "rebuilding" in caplog.text or damage == "delete"
+    assert not list(index_path.parent.glob("*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_valid_index_is_reused_not_rebuilt(store, caplog):
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    store.add_embeddings(coll, scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
+    open_index(store, coll)
+    index_path, _ = index_paths(store.path, coll)
+    before = index_path.stat().st_mtime_ns
+    caplog.clear()
+    open_index(store, coll)
+    assert index_path.stat().st_mtime_ns == before
+    assert "rebuilding" not in caplog.text
+
+
+def test_build_index_on_empty_collection():
+    index = build_index(np.zeros(0, np.int64), np.zeros((0, 8), np.float32), model_id="m", fingerprint="f")
+    assert index.ntotal == 0
+    result = index.search(np.ones((1, 8)), k=3, model_id="m", fingerprint="f")
+    assert (result.I == -1).all()
+
+
+def test_labels_status_and_scans(store):
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    store.upsert_scans(
+        [{"scan_id": "s0", "patient_id": None, "source": "s0.nii.gz", "format": "nifti", "meta": {"a": 1}}]
+    )
+    store.set_patients({"s0": "p0"})
+    store.set_labels([("s0", "EDH", 1.0), ("s0", "SDH", 0.0)], origin="labels.csv")
+    store.set_labels([("s0", "EDH", 0.0)], origin="labels.csv")  # replaced, not duplicated
+    assert store.labels(["s0"]) == {"s0": {"EDH": 0.0, "SDH": 0.0}}
+    for _ in range(2):
+        store.record_status(
+            coll, source="bad.nii", scan_id=None, status="failed", reason="boom", file_size=1, file_mtime_ns=2
+        )
+    row = store.status(coll)["bad.nii"]
+    assert (row.status, row.reason, row.attempts) == ("failed", "boom", 2)
+    ids = store.add_embeddings(coll, scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
+    assert store.scans_for_ids(coll, ids.tolist())[int(ids[0])] == {
+        "scan_id": "s0",
+        "patient_id": "p0",
+        "source": "s0.nii.gz",
+    }
+
+
+def test_failed_transaction_keeps_what_was_stored(store):
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    store.add_embeddings(coll, scan_ids=["keep"], vectors=np.ones((1, 8), np.float32))
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_embeddings(coll, scan_ids=["lost"], vectors=np.ones((1, 8), np.float32))
+        raise RuntimeError("crash mid-batch")
+    assert store.vectors(coll)[2] == ["keep"]
+
+
+def test_second_writer_gets_a_clear_message(tmp_path):
+    path = tmp_path / "locked.duckdb"
+    Store(path).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import duckdb, sys, time
+            con = duckdb.connect({str(path)!r})
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match="open for writing by another process"):
+            Store(path)
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+def test_read_only_open_of_missing_db_is_clear(tmp_path):
+    with pytest.raises(StoreError, match="no database"):
+        Store(tmp_path / "none.duckdb", read_only=True)
