@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from hctembed.config import PreprocessConfig
 from hctembed.index.store import Collection, Store
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, load_volume
-from hctembed.model.encoders import Encoder
+from hctembed.model.encoders import Encoder, persist_weights
 from hctembed.preprocess import preprocess
 from hctembed.volume import Volume, VolumeError
 
@@ -124,6 +125,8 @@ def embed_archive(
     ``progress(n)`` is called after each batch with the number of scans it handled.
     """
     start = time.perf_counter()
+    # a random-initialised encoder is saved beside the database so that queries can be embedded later
+    encoder = persist_weights(encoder, folder=Path(str(store.path) + ".models"))
     store.register_model(
         model_id=encoder.model_id,
         name=encoder.name,

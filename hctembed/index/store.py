@@ -125,6 +125,11 @@ class Store:
     def close(self) -> None:
         self.con.close()
 
+    def _one(self, sql: str, params: list | None = None) -> tuple | None:
+        """First row or None; reads the whole result (DuckDB 2 refuses new work on a half-read one)."""
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0] if rows else None
+
     def checkpoint(self) -> None:
         self.con.execute("CHECKPOINT")
 
@@ -151,12 +156,10 @@ class Store:
 
     # -- schema ---------------------------------------------------------------------------------------
     def schema_version(self) -> int:
-        exists = self.con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-        ).fetchone()[0]
+        exists = self._one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'")[0]
         if not exists:
             return 0
-        row = self.con.execute("SELECT max(version) FROM schema_version").fetchone()
+        row = self._one("SELECT max(version) FROM schema_version")
         return int(row[0] or 0)
 
     def _migrate(self) -> None:
@@ -188,7 +191,7 @@ class Store:
         weights_digest: str | None,
         card: dict[str, Any] | None = None,
     ) -> None:
-        row = self.con.execute("SELECT dim, weights_digest FROM models WHERE model_id = ?", [model_id]).fetchone()
+        row = self._one("SELECT dim, weights_digest FROM models WHERE model_id = ?", [model_id])
         if row is not None:
             if int(row[0]) != dim or (row[1] and weights_digest and row[1] != weights_digest):
                 raise ModelMismatchError(
@@ -203,11 +206,10 @@ class Store:
         )
 
     def model(self, model_id: str) -> dict[str, Any]:
-        cur = self.con.execute(
+        row = self._one(
             "SELECT model_id, name, dim, config, weights_path, weights_digest, card FROM models WHERE model_id = ?",
             [model_id],
         )
-        row = cur.fetchone()
         if row is None:
             raise StoreError(f"model {model_id} is not in {self.path}")
         keys = ["model_id", "name", "dim", "config", "weights_path", "weights_digest", "card"]
@@ -220,10 +222,10 @@ class Store:
         self, *, model_id: str, fingerprint: str, dim: int | None = None, preprocess: dict | None = None
     ) -> Collection:
         """The collection for (model, fingerprint); created (with its vector table) when ``dim`` is given."""
-        row = self.con.execute(
+        row = self._one(
             "SELECT collection_id, dim FROM collections WHERE model_id = ? AND fingerprint = ?",
             [model_id, fingerprint],
-        ).fetchone()
+        )
         if row is not None:
             if dim is not None and int(row[1]) != dim:
                 raise ModelMismatchError(f"collection {model_id}/{fingerprint} has dim {row[1]}, not {dim}")
@@ -233,7 +235,7 @@ class Store:
             raise ModelMismatchError(
                 f"no vectors for model {model_id} with preprocessing {fingerprint} in {self.path}; stored: {stored}"
             )
-        next_id = self.con.execute("SELECT coalesce(max(collection_id), 0) + 1 FROM collections").fetchone()[0]
+        next_id = self._one("SELECT coalesce(max(collection_id), 0) + 1 FROM collections")[0]
         coll = Collection(int(next_id), model_id, fingerprint, int(dim))
         with self.transaction():
             self.con.execute(
@@ -419,7 +421,7 @@ class Store:
         return ids, flat.reshape(-1, collection.dim), tab.column("scan_id").to_pylist()
 
     def vector_of(self, collection: Collection, *, scan_id: str) -> tuple[int, np.ndarray]:
-        row = self.con.execute(f"SELECT id, vector FROM {collection.table} WHERE scan_id = ?", [scan_id]).fetchone()
+        row = self._one(f"SELECT id, vector FROM {collection.table} WHERE scan_id = ?", [scan_id])
         if row is None:
             raise StoreError(f"scan {scan_id} has no vector for model {collection.model_id}")
         return int(row[0]), np.asarray(row[1], dtype=np.float32)
@@ -440,4 +442,4 @@ class Store:
         return {int(r[0]): {"scan_id": r[1], "patient_id": r[2], "source": r[3]} for r in rows}
 
     def count(self, collection: Collection) -> int:
-        return int(self.con.execute(f"SELECT count(*) FROM {collection.table}").fetchone()[0])
+        return int(self._one(f"SELECT count(*) FROM {collection.table}")[0])

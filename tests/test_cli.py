@@ -1,0 +1,174 @@
+"""The CLI end to end on a small synthetic archive: synth -> embed -> search -> bench, with typer's CliRunner."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from hctembed.cli.app import app
+from hctembed.eval.retrieval import all_vs_all
+from hctembed.index.store import Store
+from hctembed.index.vectors import index_paths
+from hctembed.io.labels import read_labels
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    result = invoke("synth", root, "--n", "10", "--seed", "5", "--matrix", "64", "--quiet")
+    assert result.exit_code == 0, result.output
+    (root / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+@pytest.fixture(scope="module")
+def db(archive, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "h.duckdb"
+    result = invoke("embed", archive, "--db", path, "--model", "vit-micro", "--workers", "1", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["scans"] == 11 and summary["embedded"] == 10 and summary["failed"] == 1
+    assert summary["failures"][0]["source"] == "broken.nii.gz"
+    assert "unreadable" in summary["failures"][0]["reason"]
+    return path
+
+
+def test_embed_stores_every_good_scan_and_indexes_them(db, archive):
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        ids, x, scan_ids = store.vectors(coll)
+        assert sorted(scan_ids) == sorted(p.name[: -len(".nii.gz")] for p in archive.glob("synth-*.nii.gz"))
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+        assert store.failures(coll)[0][0] == "broken.nii.gz"
+        # patient ids and labels came from ARCHIVE/labels.csv
+        rows = store.scans_for_ids(coll, ids.tolist())
+        assert all(r["patient_id"].startswith("synth-p") for r in rows.values())
+        assert set(store.labels()[scan_ids[0]]) >= {"EDH", "SDH", "IPH", "IVH", "SAH"}
+        model = store.model(coll.model_id)
+        assert Path(model["weights_path"]).exists()  # random init persisted for later queries
+    index_path, manifest_path = index_paths(db, coll)
+    index = faiss.read_index(str(index_path))
+    assert index.ntotal == len(ids)
+    assert json.loads(manifest_path.read_text())["ntotal"] == len(ids)
+
+
+def test_rerun_is_idempotent(db, archive):
+    with Store(db, read_only=True) as store:
+        before = store.vectors(store.resolve_collection())
+    result = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["embedded"] == 0 and summary["unchanged"] == 10 and summary["failed"] == 1
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        after = store.vectors(coll)
+        assert store.status(coll)["broken.nii.gz"].attempts == 2  # retried, still failing
+    np.testing.assert_array_equal(before[0], after[0])
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_search_by_file_finds_itself_first(db, archive):
+    query = sorted(archive.glob("synth-*.nii.gz"))[3]
+    result = invoke("search", query, "--db", db, "-k", "4", "--json")
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(hits) == 4
+    assert hits[0]["scan_id"] == query.name[: -len(".nii.gz")]
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4]
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(hits))
+    assert hits[0]["patient_id"].startswith("synth-p") and "EDH" in hits[0]["labels"]
+    table = invoke("search", query, "--db", db, "-k", "3")
+    assert table.exit_code == 0 and query.name[: -len(".nii.gz")] in table.stdout
+
+
+def test_search_by_id_matches_numpy_brute_force(db):
+    with Store(db, read_only=True) as store:
+        _, x, scan_ids = store.vectors(store.resolve_collection())
+    q = 2
+    result = invoke("search", "--id", scan_ids[q], "--db", db, "-k", "5", "--json")
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    scores = x @ x[q]
+    scores[q] = -np.inf  # the query itself is left out
+    order = np.argsort(-scores)[:5]
+    assert [h["scan_id"] for h in hits] == [scan_ids[i] for i in order]
+    np.testing.assert_allclose([h["score"] for h in hits], scores[order], atol=1e-5)
+
+
+def test_bench_retrieval_matches_library(db, archive, tmp_path):
+    out = tmp_path / "results.json"
+    labels = archive / "labels.csv"
+    result = invoke(
+        "bench", "retrieval", "--db", db, "--labels", labels, "--json", "--out", out, "--exclude-same-patient"
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["label"] for r in rows] == ["EDH", "SDH", "IPH", "IVH", "SAH", "mean"]
+    table = read_labels(labels)
+    with Store(db, read_only=True) as store:
+        _, x, scan_ids = store.vectors(store.resolve_collection())
+    patients = dict(zip(table.scan_ids, table.patient_ids, strict=True))
+    expected = all_vs_all(
+        x,
+        table.for_scans(scan_ids),
+        label_names=table.names,
+        patient_ids=[patients[s] for s in scan_ids],
+        exclude_same_patient=True,
+    )
+    for row, lab in zip(rows, expected.labels, strict=False):
+        assert row["queries"] == lab.n_queries
+        if lab.n_queries:
+            assert row["mAP"] == pytest.approx(lab.mAP)
+            assert row["P@5"] == pytest.approx(lab.precision_at[5])
+        else:
+            assert row["mAP"] is None
+    saved = json.loads(out.read_text())
+    assert "precision at their rank" in saved["definition"] and saved["exclude_same_patient"] is True
+
+
+def test_index_file_deleted_is_rebuilt_on_search(db, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(db, copy)
+    shutil.copytree(str(db) + ".faiss", str(copy) + ".faiss")
+    with Store(copy, read_only=True) as store:
+        coll = store.resolve_collection()
+        scan = store.vectors(coll)[2][0]
+    index_path, _ = index_paths(copy, coll)
+    index_path.write_bytes(index_path.read_bytes()[:64])  # truncated
+    result = invoke("search", "--id", scan, "--db", copy, "-k", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 3
+    assert faiss.read_index(str(index_path)).ntotal == 10
+
+
+def test_errors_are_one_clear_line(tmp_path, archive):
+    missing = invoke("search", "--id", "x", "--db", tmp_path / "none.duckdb")
+    assert missing.exit_code == 2 and "no database" in missing.stderr
+    both = invoke("search", "--db", tmp_path / "none.duckdb")
+    assert both.exit_code == 2
+    bad_model = invoke("embed", archive, "--db", tmp_path / "x.duckdb", "--model", "nope")
+    assert bad_model.exit_code == 2 and "unknown model" in bad_model.stderr
+    bad_weights = invoke("embed", archive, "--db", tmp_path / "x.duckdb", "--weights", tmp_path / "w.safetensors")
+    assert bad_weights.exit_code == 2 and "not found" in bad_weights.stderr
+
+
+def test_unknown_scan_id_is_a_clear_error(db):
+    result = invoke("search", "--id", "no-such-scan", "--db", db)
+    assert result.exit_code == 2 and "no vector" in result.stderr
