@@ -79,6 +79,6 @@ def embed(
     if as_json:
         print_json_lines([summary | {"failures": [{"source": s, "reason": r} for s, r in report.failed]}])
     else:
-        print_table([summary], title="embed")
+        print_table([{"field": k, "value": v} for k, v in summary.items()], title="embed")
         if report.failed:
             print_table([{"source": s, "reason": r} for s, r in report.failed], title="skipped scans")
