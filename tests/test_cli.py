@@ -172,3 +172,16 @@ def test_errors_are_one_clear_line(tmp_path, archive):
 def test_unknown_scan_id_is_a_clear_error(db):
     result = invoke("search", "--id", "no-such-scan", "--db", db)
     assert result.exit_code == 2 and "no vector" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_command_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    result = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro")
+    assert result.exit_code == 0, result.output
+    assert "1/4" in result.stderr and "4/4" in result.stderr
+    saved = json.loads((out / "retrieval.json").read_text())
+    assert saved["n_scans"] == 8 and saved["exclude_same_patient"] is True
+    assert "top 5" in result.stdout and "mean" in result.stdout
+    again = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro")  # reuses the archive and vectors
+    assert again.exit_code == 0 and "reusing" in again.stderr
