@@ -223,6 +223,7 @@ def _write_batch(store, collection, refs, good, vectors, patients) -> None:
                 "scan_id": r.scan_id,
                 "patient_id": patients.get(r.scan_id),
                 "source": r.source,
+                "archive_root": str(r.root),
                 "format": r.format,
                 "meta": item.meta,
             }

@@ -185,3 +185,13 @@ def test_demo_command_runs_every_stage(tmp_path):
     assert "top 5" in result.stdout and "mean" in result.stdout
     again = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro")  # reuses the archive and vectors
     assert again.exit_code == 0 and "reusing" in again.stderr
+
+
+def test_search_hits_point_back_to_their_files(db, archive):
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        ids = store.ids(coll)
+        rows = store.scans_for_ids(coll, ids.tolist())
+    for row in rows.values():
+        assert Path(row["path"]) == archive.resolve() / row["source"]
+        assert Path(row["path"]).exists()

@@ -177,6 +177,7 @@ def test_labels_status_and_scans(store):
         "scan_id": "s0",
         "patient_id": "p0",
         "source": "s0.nii.gz",
+        "path": None,
     }
 
 
@@ -218,3 +219,21 @@ def test_second_writer_gets_a_clear_message(tmp_path):
 def test_read_only_open_of_missing_db_is_clear(tmp_path):
     with pytest.raises(StoreError, match="no database"):
         Store(tmp_path / "none.duckdb", read_only=True)
+
+
+def test_version_1_database_is_migrated_in_place(tmp_path):
+    """A file written by schema v1 gains v2's column and keeps its rows."""
+    from hctembed.index.store import MIGRATIONS
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP)")
+    for statement in MIGRATIONS[1]:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version (version) VALUES (1)")
+    con.execute("INSERT INTO scans (scan_id, source) VALUES ('old', 'old.nii.gz')")
+    con.close()
+    with Store(path) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        rows = store.con.execute("SELECT scan_id, source, archive_root FROM scans").fetchall()
+    assert rows == [("old", "old.nii.gz", None)]

@@ -31,7 +31,7 @@ from hctembed.errors import HctembedError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -56,6 +56,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             file_size BIGINT, file_mtime_ns BIGINT, updated_at TIMESTAMP DEFAULT current_timestamp,
             PRIMARY KEY (collection_id, source))""",
     ),
+    # v2: where each scan's archive lives (an absolute folder), so search results can be opened again
+    2: ("ALTER TABLE scans ADD COLUMN archive_root VARCHAR",),
 }
 
 
@@ -270,7 +272,7 @@ class Store:
 
     # -- scans, labels, status ---------------------------------------------------------------------------
     def upsert_scans(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Insert or update scans (keys: scan_id, patient_id, source, format, meta)."""
+        """Insert or update scans (keys: scan_id, patient_id, source, archive_root, format, meta)."""
         if not rows:
             return
         table = pa.table(
@@ -278,6 +280,7 @@ class Store:
                 "scan_id": [r["scan_id"] for r in rows],
                 "patient_id": [r.get("patient_id") for r in rows],
                 "source": [r.get("source") for r in rows],
+                "archive_root": [r.get("archive_root") for r in rows],
                 "format": [r.get("format") for r in rows],
                 "meta": [json.dumps(r.get("meta") or {}) for r in rows],
             }
@@ -285,11 +288,11 @@ class Store:
         self.con.register("_scans_in", table)
         try:
             self.con.execute(
-                "INSERT INTO scans (scan_id, patient_id, source, format, meta) "
-                "SELECT scan_id, patient_id, source, format, meta FROM _scans_in "
+                "INSERT INTO scans (scan_id, patient_id, source, archive_root, format, meta) "
+                "SELECT scan_id, patient_id, source, archive_root, format, meta FROM _scans_in "
                 "ON CONFLICT (scan_id) DO UPDATE SET "
                 "patient_id = coalesce(excluded.patient_id, scans.patient_id), source = excluded.source, "
-                "format = excluded.format, meta = excluded.meta"
+                "archive_root = excluded.archive_root, format = excluded.format, meta = excluded.meta"
             )
         finally:
             self.con.unregister("_scans_in")
@@ -427,19 +430,28 @@ class Store:
         return int(row[0]), np.asarray(row[1], dtype=np.float32)
 
     def scans_for_ids(self, collection: Collection, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """``{id: {scan_id, patient_id, source}}`` for vector ids."""
+        """``{id: {scan_id, patient_id, source, path}}`` for vector ids; ``path`` is the scan's file when the
+        archive it was embedded from is known, else None."""
         if len(ids) == 0:
             return {}
         table = pa.table({"id": pa.array(list(ids), pa.int64())})
         self.con.register("_ids_in", table)
         try:
             rows = self.con.execute(
-                f"SELECT e.id, e.scan_id, s.patient_id, s.source FROM _ids_in i JOIN {collection.table} e "
-                "ON e.id = i.id LEFT JOIN scans s ON s.scan_id = e.scan_id"
+                "SELECT e.id, e.scan_id, s.patient_id, s.source, s.archive_root "
+                f"FROM _ids_in i JOIN {collection.table} e ON e.id = i.id LEFT JOIN scans s ON s.scan_id = e.scan_id"
             ).fetchall()
         finally:
             self.con.unregister("_ids_in")
-        return {int(r[0]): {"scan_id": r[1], "patient_id": r[2], "source": r[3]} for r in rows}
+        return {
+            int(r[0]): {
+                "scan_id": r[1],
+                "patient_id": r[2],
+                "source": r[3],
+                "path": str(Path(r[4]) / r[3]) if r[4] and r[3] else None,
+            }
+            for r in rows
+        }
 
     def count(self, collection: Collection) -> int:
         return int(self._one(f"SELECT count(*) FROM {collection.table}")[0])

@@ -16,12 +16,13 @@ log = logging.getLogger(__name__)
 class SeriesRef:
     """One candidate scan in an archive.
 
-    ``source`` is the path relative to the archive root (POSIX), ``scan_id`` the source without its
-    suffix; ``size`` and ``mtime_ns`` tell a re-run whether the file changed.
+    ``source`` is the path relative to ``root`` (POSIX), ``scan_id`` the source without its suffix;
+    ``size`` and ``mtime_ns`` tell a re-run whether the file changed.
     """
 
     source: str
     path: Path
+    root: Path
     scan_id: str
     format: str
     size: int
@@ -34,19 +35,20 @@ def discover(archive: str | Path) -> list[SeriesRef]:
     if not archive.exists():
         raise FileNotFoundError(f"archive not found: {archive}")
     if archive.is_file():
-        root, files = archive.parent, [archive]
+        walk_root, files = archive.parent, [archive]
     else:
-        root = archive
+        walk_root = archive
         files = sorted(p for p in archive.rglob("*") if p.is_file() and not p.name.startswith("."))
+    root = walk_root.resolve()
     refs, ignored = [], 0
     for path in files:
         if not is_nifti(path):
             ignored += 1
             continue
-        rel = path.relative_to(root)
+        rel = path.relative_to(walk_root)
         stat = path.stat()
         scan_id = (rel.parent / nifti_stem(rel)).as_posix()
-        refs.append(SeriesRef(rel.as_posix(), path, scan_id, "nifti", stat.st_size, stat.st_mtime_ns))
+        refs.append(SeriesRef(rel.as_posix(), path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns))
     if ignored:
         log.info("ignored %d files that are not NIfTI under %s", ignored, archive)
     return refs
