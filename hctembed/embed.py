@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.config import PreprocessConfig
-from hctembed.index.store import Collection, Store
+from hctembed.index.store import Collection, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
-from hctembed.io.archive import SeriesRef, load_volume
+from hctembed.io.archive import SeriesRef, Skipped, load_series
 from hctembed.model.encoders import Encoder, persist_weights
 from hctembed.preprocess import preprocess
 from hctembed.volume import Volume, VolumeError
@@ -40,9 +39,9 @@ class Prepared:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(ref_path, *, config: PreprocessConfig) -> tuple[torch.Tensor, Volume]:
-    """Load and preprocess one file; raises VolumeError with a readable reason."""
-    volume = load_volume(ref_path)
+def prepare(ref: SeriesRef, *, config: PreprocessConfig) -> tuple[torch.Tensor, Volume]:
+    """Load and preprocess one scan; raises VolumeError with a readable reason."""
+    volume = load_series(ref)
     return preprocess(volume, config=config), volume
 
 
@@ -59,7 +58,7 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            x, volume = prepare(ref.path, config=self.config)
+            x, volume = prepare(ref, config=self.config)
         except VolumeError as exc:
             return Prepared(i, None, str(exc))
         except (MemoryError, KeyboardInterrupt):
@@ -68,6 +67,7 @@ class ScanDataset(Dataset):
             log.debug("unexpected failure on %s", ref.source, exc_info=True)
             return Prepared(i, None, f"{type(exc).__name__}: {exc}")
         meta = {
+            **ref.facts,
             **volume.meta,
             "shape_xyz": list(volume.shape_xyz),
             "spacing_xyz": [round(s, 4) for s in volume.spacing_xyz],
@@ -98,16 +98,13 @@ class EmbedReport:
         return d
 
 
-def needs_embedding(ref: SeriesRef, status) -> bool:
-    return (
-        status is None
-        or status.status != "embedded"
-        or (status.file_size, status.file_mtime_ns)
-        != (
-            ref.size,
-            ref.mtime_ns,
-        )
-    )
+def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False) -> bool:
+    """New, changed (size or mtime), or failed before when ``retry_failed``."""
+    if status is None or (status.file_size, status.file_mtime_ns) != (ref.size, ref.mtime_ns):
+        return True
+    if status.status == "failed":
+        return retry_failed
+    return status.status != "embedded"
 
 
 def embed_archive(
@@ -118,10 +115,17 @@ def embed_archive(
     batch_size: int = 2,
     num_workers: int = 1,
     patients: dict[str, str] | None = None,
+    skipped: Sequence[Skipped] = (),
+    retry_failed: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
+    ``skipped`` candidates (not selected when the archive was scanned) are recorded in the status table
+    with their reasons. Scans that failed before are tried again only when their files changed, or with
+    ``retry_failed``. Scan ids already stored from another archive folder are refused (StoreError).
+    Each batch - its vectors, scans and statuses - is one transaction followed by a checkpoint, so a
+    killed run loses at most the batch in flight and a re-run picks up from there.
     ``progress(n)`` is called after each batch with the number of scans it handled.
     """
     start = time.perf_counter()
@@ -134,6 +138,7 @@ def embed_archive(
         config=encoder.model.config.to_dict(),
         weights_path=encoder.weights_path,
         weights_digest=encoder.weights_digest,
+        card=encoder.card,
     )
     collection = store.collection(
         model_id=encoder.model_id,
@@ -141,6 +146,23 @@ def embed_archive(
         dim=encoder.dim,
         preprocess=asdict(encoder.preprocess),
     )
+    _refuse_other_archives(store, refs)
+    known = store.status(collection)
+    with store.transaction():
+        for skip in skipped:
+            previous = known.get(skip.source)
+            reason = f"{skip.reason_code}: {skip.reason}"
+            if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
+                continue  # already recorded: a re-run leaves the row as it was
+            store.record_status(
+                collection,
+                source=skip.source,
+                scan_id=skip.scan_id,
+                status="skipped",
+                reason=reason,
+                file_size=None,
+                file_mtime_ns=None,
+            )
     status = store.status(collection)
     seen_ids: dict[str, str] = {}
     todo: list[SeriesRef] = []
@@ -160,11 +182,14 @@ def embed_archive(
             failed.append((ref.source, reason))
             continue
         seen_ids[ref.scan_id] = ref.source
-        if needs_embedding(ref, status.get(ref.source)):
+        previous = status.get(ref.source)
+        if needs_embedding(ref, previous, retry_failed=retry_failed):
             todo.append(ref)
+        elif previous is not None and previous.status == "failed":
+            failed.append((ref.source, f"{previous.reason} (unchanged since it failed; --retry-failed tries again)"))
     unchanged = len(refs) - len(todo) - len(failed)
-    if progress and unchanged:
-        progress(unchanged)
+    if progress and len(refs) > len(todo):
+        progress(len(refs) - len(todo))
     embedded = 0
     if todo:
         loader = DataLoader(
@@ -178,11 +203,14 @@ def embed_archive(
         )
         for batch in loader:
             good = [item for item in batch if item.x is not None]
-            if good:
-                vectors = encoder.encode(torch.stack([item.x for item in good]))
-                embedded += _store_batch(store, collection, todo, good, vectors, patients or {})
-            for item in batch:
-                if item.x is None:
+            bad = [item for item in batch if item.x is None]
+            vectors = encoder.encode(torch.stack([item.x for item in good])) if good else None
+            with store.transaction():
+                if good:
+                    _write_batch(store, collection, [todo[i.position] for i in good], good, vectors, patients or {})
+                # a changed file that no longer loads must not keep its old vector
+                store.delete_embeddings(collection, scan_ids=[todo[item.position].scan_id for item in bad])
+                for item in bad:
                     ref = todo[item.position]
                     store.record_status(
                         collection,
@@ -193,27 +221,30 @@ def embed_archive(
                         file_size=ref.size,
                         file_mtime_ns=ref.mtime_ns,
                     )
-                    failed.append((ref.source, item.reason or "unknown"))
-                    log.warning("skipped %s: %s", ref.source, item.reason)
+            store.checkpoint()
+            embedded += len(good)
+            for item in bad:
+                ref = todo[item.position]
+                failed.append((ref.source, item.reason or "unknown"))
+                log.warning("skipped %s: %s", ref.source, item.reason)
             if progress:
                 progress(len(batch))
-        store.checkpoint()
     refresh_index(store, collection)
     return EmbedReport(collection, len(refs), embedded, unchanged, failed, time.perf_counter() - start)
 
 
-def _store_batch(
-    store: Store,
-    collection: Collection,
-    todo,
-    good: list[Prepared],
-    vectors: np.ndarray,
-    patients: dict[str, str],
-) -> int:
-    refs = [todo[item.position] for item in good]
-    with store.transaction():
-        _write_batch(store, collection, refs, good, vectors, patients)
-    return len(refs)
+def _refuse_other_archives(store: Store, refs: Sequence[SeriesRef]) -> None:
+    """Two archives with the same relative file names would overwrite each other's scans: refuse."""
+    stored = store.archive_roots([r.scan_id for r in refs])
+    clashes = [
+        (r.scan_id, stored[r.scan_id], str(r.root)) for r in refs if stored.get(r.scan_id, str(r.root)) != str(r.root)
+    ]
+    if clashes:
+        scan_id, old, new = clashes[0]
+        raise StoreError(
+            f"{len(clashes)} scan ids of {new} are already stored from {old} (e.g. {scan_id}); "
+            "embed this archive into another --db, or give its files other names"
+        )
 
 
 def _write_batch(store, collection, refs, good, vectors, patients) -> None:
@@ -221,11 +252,11 @@ def _write_batch(store, collection, refs, good, vectors, patients) -> None:
         [
             {
                 "scan_id": r.scan_id,
-                "patient_id": patients.get(r.scan_id),
-                "source": r.source,
+                "patient_id": r.patient_id or patients.get(r.scan_id),
+                "source": r.location or r.source,
                 "archive_root": str(r.root),
                 "format": r.format,
-                "meta": item.meta,
+                "meta": {**item.meta, "flags": sorted(set(item.meta.get("flags", [])) | set(r.flags))},
             }
             for r, item in zip(refs, good, strict=True)
         ]

@@ -61,3 +61,32 @@ def check_affine(affine: np.ndarray, *, tolerance: float = 1e-3) -> None:
             f"non-orthonormal affine: voxel axes are sheared (max |cos| between axes {worst:.4f}); "
             "resample the series onto an orthogonal grid first"
         )
+
+
+def orient_to_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Permute/flip voxel axes (views only) so they point along +R, +A, +S as closely as possible.
+
+    Args:
+        array_xyz: voxels indexed ``[x, y, z]`` as ``affine`` maps them.
+    Returns:
+        (the reoriented ``[x, y, z]`` view, its affine, the source's axis codes such as ``("L", "P", "S")``).
+    """
+    import nibabel as nib
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    ornt = io_orientation(affine)
+    codes = tuple(nib.aff2axcodes(affine))
+    transform = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
+    # transform[i] = (new axis for input axis i, flip)
+    order = np.argsort(transform[:, 0])
+    out = array_xyz.transpose(order)
+    new_affine = np.asarray(affine, dtype=np.float64).copy()
+    new_affine[:, :3] = new_affine[:, :3][:, order]
+    flips = transform[order, 1]
+    for axis, flip in enumerate(flips):
+        if flip < 0:
+            n = out.shape[axis]
+            out = np.flip(out, axis=axis)
+            new_affine[:3, 3] = new_affine[:3, 3] + new_affine[:3, axis] * (n - 1)
+            new_affine[:3, axis] = -new_affine[:3, axis]
+    return out, new_affine, codes

@@ -26,9 +26,11 @@ def _run_blocked(code: str, *, blocked: tuple[str, ...]) -> subprocess.Completed
 def test_io_index_eval_work_without_torch(tmp_path):
     code = textwrap.dedent(f"""
         import numpy as np
-        import hctembed.io.archive, hctembed.io.nifti, hctembed.io.labels
+        import hctembed.io.archive, hctembed.io.nifti, hctembed.io.labels, hctembed.io.dicom
+        import hctembed.io.dicom_series, hctembed.io.manifest, hctembed.io.datasets, hctembed.io.pseudonym
         import hctembed.index.store, hctembed.index.vectors
-        import hctembed.eval.retrieval, hctembed.eval.bench
+        import hctembed.eval.retrieval, hctembed.eval.bench, hctembed.eval.stats, hctembed.eval.splits
+        import hctembed.eval.classification, hctembed.eval.report, hctembed.eval.protocols
         from hctembed.index.store import Store
         with Store({str(tmp_path / "x.duckdb")!r}) as s:
             s.register_model(model_id="m", name="n", dim=4, config={{}}, weights_path=None, weights_digest=None)

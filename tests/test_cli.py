@@ -76,9 +76,13 @@ def test_rerun_is_idempotent(db, archive):
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
         after = store.vectors(coll)
-        assert store.status(coll)["broken.nii.gz"].attempts == 2  # retried, still failing
+        assert store.status(coll)["broken.nii.gz"].attempts == 1  # unchanged since it failed: not retried
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
+    retry = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--retry-failed", "--quiet")
+    assert retry.exit_code == 0, retry.output
+    with Store(db, read_only=True) as store:
+        assert store.status(store.resolve_collection())["broken.nii.gz"].attempts == 2
 
 
 def test_search_by_file_finds_itself_first(db, archive):
@@ -195,3 +199,30 @@ def test_search_hits_point_back_to_their_files(db, archive):
     for row in rows.values():
         assert Path(row["path"]) == archive.resolve() / row["source"]
         assert Path(row["path"]).exists()
+
+
+def test_a_changed_file_that_now_fails_loses_its_vector(tmp_path):
+    root = tmp_path / "a"
+    assert invoke("synth", root, "--n", "3", "--seed", "2", "--matrix", "48", "--quiet").exit_code == 0
+    db = tmp_path / "h.duckdb"
+    assert invoke("embed", root, "--db", db, "--model", "vit-micro", "--workers", "0", "--quiet").exit_code == 0
+    victim = sorted(root.glob("*.nii.gz"))[0]
+    victim.write_bytes(b"now broken")
+    result = invoke("embed", root, "--db", db, "--model", "vit-micro", "--workers", "0", "--json", "--quiet")
+    assert json.loads(result.stdout.strip().splitlines()[-1])["failed"] == 1
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        _, _, scan_ids = store.vectors(coll)
+        assert victim.name[: -len(".nii.gz")] not in scan_ids and len(scan_ids) == 2
+    assert faiss.read_index(str(index_paths(db, coll)[0])).ntotal == 2
+
+
+def test_two_archives_with_the_same_file_names_are_refused(tmp_path):
+    for name in ("b", "c"):
+        assert invoke("synth", tmp_path / name, "--n", "2", "--seed", "1", "--matrix", "48", "--quiet").exit_code == 0
+    db = tmp_path / "h.duckdb"
+    assert invoke("embed", tmp_path / "b", "--db", db, "--model", "vit-micro", "--workers", "0", "-q").exit_code == 0
+    result = invoke("embed", tmp_path / "c", "--db", db, "--model", "vit-micro", "--workers", "0", "-q")
+    assert result.exit_code == 2 and "already stored from" in " ".join(result.stderr.split())
+    with Store(db, read_only=True) as store:
+        assert store.count(store.resolve_collection()) == 2  # nothing of b was lost

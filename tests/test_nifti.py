@@ -133,3 +133,17 @@ def test_scaled_int16_becomes_hu(tmp_path):
     v = load_nifti(path)
     assert v.array.dtype == np.float32
     assert float(v.array[0, 0, 0]) == pytest.approx(100 * 2.0 - 1024.0)
+
+
+def test_sform_wins_over_a_disagreeing_qform(tmp_path, caplog):
+    hu, affine = head_phantom_xyz(shape_xyz=(12, 12, 6), spacing=(1.0, 1.0, 2.0))
+    img = nib.Nifti1Image(hu, affine)
+    shifted = affine.copy()
+    shifted[:3, 3] += [10.0, 0.0, 0.0]
+    img.set_qform(shifted, code=1)
+    img.set_sform(affine, code=1)
+    path = tmp_path / "disagree.nii.gz"
+    nib.save(img, str(path))
+    v = load_nifti(path)
+    np.testing.assert_allclose(v.affine, affine, atol=1e-5)
+    assert "disagree" in caplog.text

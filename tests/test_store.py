@@ -237,3 +237,27 @@ def test_version_1_database_is_migrated_in_place(tmp_path):
         assert store.schema_version() == SCHEMA_VERSION
         rows = store.con.execute("SELECT scan_id, source, archive_root FROM scans").fetchall()
     assert rows == [("old", "old.nii.gz", None)]
+
+
+def test_an_index_left_by_another_database_is_not_reused(tmp_path):
+    """Ids restart at 1 in a new file: the same count and ids must not pass for the same vectors."""
+    path = tmp_path / "h.duckdb"
+    rng = np.random.default_rng(5)
+    for attempt in range(2):
+        with Store(path) as store:
+            store.register_model(model_id="m", name="n", dim=8, config={}, weights_path=None, weights_digest="d")
+            coll = store.collection(model_id="m", fingerprint="f", dim=8)
+            x = _unit(rng, 4, 8)
+            store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(4)], vectors=x)
+            index = open_index(store, coll)
+            result = index.search(x[:1], k=1, model_id="m", fingerprint="f")
+            assert result.D[0, 0] == pytest.approx(1.0, abs=1e-5), attempt
+        if attempt == 0:
+            path.unlink()  # the database goes; its .faiss folder stays behind
+
+
+def test_delete_embeddings(store):
+    coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
+    store.add_embeddings(coll, scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
+    assert store.delete_embeddings(coll, scan_ids=["a", "zzz"]) == 1
+    assert store.vectors(coll)[2] == ["b"]

@@ -103,3 +103,24 @@ def friendly_errors(command):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def run_command(command, **kwargs):
+    """Call a typer command function from Python, filling every option not given with its CLI default.
+
+    Lets ``demo`` chain commands without repeating (or breaking on) their full option lists.
+    """
+    import inspect
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    target = inspect.unwrap(command)
+    for name, param in inspect.signature(target).parameters.items():
+        if name in kwargs:
+            continue
+        default = param.default
+        if isinstance(default, OptionInfo | ArgumentInfo):
+            if default.default is ...:
+                raise TypeError(f"{target.__name__}() needs {name}")
+            kwargs[name] = default.default
+    return command(**kwargs)

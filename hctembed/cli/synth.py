@@ -23,7 +23,7 @@ def synth(
     with progress_bar(quiet=quiet) as bar:
         task = bar.add_task("synthesising", total=n)
         records = generate_archive(
-            out, n=n, seed=seed, config=SynthConfig(matrix=matrix), progress=lambda k: bar.advance(task, k)
+            out, n=n, seed=seed, config=SynthConfig(matrix=matrix), progress=lambda k: bar.update(task, completed=k)
         )
     patients = len({r.patient_id for r in records})
     stderr.print(f"wrote {len(records)} scans of {patients} patients and labels.csv to {out}")

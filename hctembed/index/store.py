@@ -31,7 +31,7 @@ from hctembed.errors import HctembedError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -58,6 +58,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # v2: where each scan's archive lives (an absolute folder), so search results can be opened again
     2: ("ALTER TABLE scans ADD COLUMN archive_root VARCHAR",),
+    # v3: trained probes (hctembed probe train) and their scores on stored scans (hctembed probe apply)
+    3: (
+        """CREATE TABLE probes (
+            probe_id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, model_id VARCHAR NOT NULL,
+            task VARCHAR NOT NULL, path VARCHAR, config JSON, metrics JSON,
+            created_at TIMESTAMP DEFAULT current_timestamp)""",
+        """CREATE TABLE probe_scores (
+            probe_id VARCHAR NOT NULL, scan_id VARCHAR NOT NULL, model_id VARCHAR NOT NULL,
+            task VARCHAR NOT NULL, score DOUBLE NOT NULL, created_at TIMESTAMP DEFAULT current_timestamp,
+            PRIMARY KEY (probe_id, scan_id))""",
+    ),
+    # v4: a random identity per database file, recorded in FAISS manifests so that an index left over from
+    # a deleted or replaced database (whose ids restart at 1) is never taken for this one's
+    4: (
+        "CREATE TABLE store_info (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)",
+        "INSERT INTO store_info VALUES ('store_id', CAST(uuid() AS VARCHAR))",
+    ),
 }
 
 
@@ -180,6 +197,14 @@ class Store:
                     self.con.execute(statement)
                 self.con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
             log.info("database %s migrated to schema v%d", self.path, version)
+
+    @property
+    def store_id(self) -> str:
+        """This database file's random identity (created with it; survives copies of the file)."""
+        row = self._one("SELECT value FROM store_info WHERE key = 'store_id'")
+        if row is None:
+            raise StoreError(f"{self.path} has no store identity; open it once for writing")
+        return str(row[0])
 
     # -- models and collections -------------------------------------------------------------------------
     def register_model(
@@ -407,6 +432,34 @@ class Store:
             self.con.unregister("_vec_in")
         by_scan = {scan_id: vid for vid, scan_id in rows}
         return np.array([by_scan[s] for s in scan_ids], dtype=np.int64)
+
+    def delete_embeddings(self, collection: Collection, *, scan_ids: Sequence[str]) -> int:
+        """Remove the vectors of ``scan_ids`` (e.g. a changed file that no longer loads); returns how many."""
+        if not scan_ids:
+            return 0
+        table = pa.table({"scan_id": list(scan_ids)})
+        self.con.register("_del_in", table)
+        try:
+            before = self.count(collection)
+            self.con.execute(f"DELETE FROM {collection.table} WHERE scan_id IN (SELECT scan_id FROM _del_in)")
+            return before - self.count(collection)
+        finally:
+            self.con.unregister("_del_in")
+
+    def archive_roots(self, scan_ids: Sequence[str]) -> dict[str, str]:
+        """``{scan_id: archive_root}`` for stored scans among ``scan_ids`` that record their archive."""
+        if not scan_ids:
+            return {}
+        table = pa.table({"scan_id": list(scan_ids)})
+        self.con.register("_roots_in", table)
+        try:
+            rows = self.con.execute(
+                "SELECT s.scan_id, s.archive_root FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
+                "WHERE s.archive_root IS NOT NULL"
+            ).fetchall()
+        finally:
+            self.con.unregister("_roots_in")
+        return {r[0]: r[1] for r in rows}
 
     def ids(self, collection: Collection) -> np.ndarray:
         """All vector ids of a collection, sorted, int64 ``[N]``."""

@@ -37,6 +37,7 @@ class IndexManifest:
     factory: str
     checksum: str  # sha256 of the index file
     ids_digest: str  # sha256 of the sorted int64 ids
+    store_id: str = ""  # the database file it was built from (Store.store_id)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_index(vi: VectorIndex, *, index_path: Path, manifest_path: Path, ids: np.ndarray) -> IndexManifest:
+def save_index(
+    vi: VectorIndex, *, index_path: Path, manifest_path: Path, ids: np.ndarray, store_id: str = ""
+) -> IndexManifest:
     """Write the index, then its manifest, each atomically. A crash between leaves a detectable mismatch."""
     data = faiss.serialize_index(vi.index).tobytes()
     _atomic_write(index_path, data)
@@ -141,6 +144,7 @@ def save_index(vi: VectorIndex, *, index_path: Path, manifest_path: Path, ids: n
         factory=vi.factory,
         checksum=hashlib.sha256(data).hexdigest(),
         ids_digest=ids_digest(ids),
+        store_id=store_id,
     )
     _atomic_write(manifest_path, json.dumps(asdict(manifest), indent=2).encode())
     return manifest
@@ -191,6 +195,8 @@ def open_index(store: Store, collection: Collection, *, rebuild: bool = False, q
                     f"it holds model {manifest.model_id} / {manifest.fingerprint}, "
                     f"not {collection.model_id} / {collection.fingerprint}"
                 )
+            elif manifest.store_id != store.store_id:
+                reason = "it was built from another database file"
             elif manifest.ntotal != len(ids) or manifest.ids_digest != ids_digest(ids):
                 reason = f"stale ({manifest.ntotal} vectors indexed, {len(ids)} in the database)"
             else:
@@ -202,7 +208,7 @@ def open_index(store: Store, collection: Collection, *, rebuild: bool = False, q
     ids, xb, _ = store.vectors(collection)
     vi = build_index(ids, xb, model_id=collection.model_id, fingerprint=collection.fingerprint)
     try:
-        save_index(vi, index_path=index_path, manifest_path=manifest_path, ids=ids)
+        save_index(vi, index_path=index_path, manifest_path=manifest_path, ids=ids, store_id=store.store_id)
     except OSError as exc:
         log.warning("could not save the rebuilt index (%s); using it from memory", exc)
     return vi

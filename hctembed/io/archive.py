@@ -1,23 +1,60 @@
-"""Walk an archive and list the scans in it (NIfTI files for now)."""
+"""Walk an archive and list its candidate scans: NIfTI files, DICOM series in folders, DICOM inside zips.
+
+Every candidate gets a decision. DICOM series are grouped, split into stacks and checked against the
+head-CT selection rules (:mod:`hctembed.io.selection`); files that are not DICOM are listed with a reason.
+Ids are PHI-free: NIfTI scans are named by their path, DICOM series by keyed pseudonyms.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import secrets
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from hctembed.io.dicom_headers import ZIP_SEP, HeaderError, read_header
+from hctembed.io.dicom_series import SeriesCandidate, group_series
 from hctembed.io.nifti import is_nifti, load_nifti, nifti_stem
+from hctembed.io.pseudonym import Pseudonymizer
+from hctembed.io.selection import SelectionConfig
 from hctembed.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
+
+# never DICOM: not even read (labels, notes, reports, our own outputs)
+NON_IMAGE_SUFFIXES = {
+    ".csv",
+    ".json",
+    ".txt",
+    ".md",
+    ".xml",
+    ".html",
+    ".png",
+    ".jpg",
+    ".pdf",
+    ".parquet",
+    ".duckdb",
+    ".wal",
+    ".faiss",
+    ".log",
+    ".py",
+    ".sh",
+    ".yaml",
+    ".yml",
+    ".tsv",
+}
 
 
 @dataclass(frozen=True)
 class SeriesRef:
     """One candidate scan in an archive.
 
-    ``source`` is the path relative to ``root`` (POSIX), ``scan_id`` the source without its suffix;
-    ``size`` and ``mtime_ns`` tell a re-run whether the file changed.
+    ``source`` identifies it in the status table: for NIfTI the path relative to ``root``, for DICOM the
+    series pseudonym. ``files`` (DICOM) are relative to ``root``; zip members are ``archive.zip!member``.
+    ``size`` and ``mtime_ns`` tell a re-run whether the files changed.
     """
 
     source: str
@@ -27,38 +64,163 @@ class SeriesRef:
     format: str
     size: int
     mtime_ns: int
+    files: tuple[str, ...] = ()
+    patient_id: str | None = None
+    location: str = ""  # where to find it again, relative to root (file or folder)
+    facts: dict[str, Any] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A candidate (series or file) that will not be embedded, and why. PHI-free."""
+
+    source: str
+    scan_id: str | None
+    patient_id: str | None
+    kind: str  # "series" or "file"
+    reason_code: str
+    reason: str
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArchiveScan:
+    selected: list[SeriesRef]
+    skipped: list[Skipped]
 
 
 def discover(archive: str | Path) -> list[SeriesRef]:
-    """All NIfTI files under ``archive`` (a folder, searched recursively, or one file), sorted by path."""
+    """The selected scans under ``archive`` (see :func:`scan_archive` for the skipped ones too)."""
+    return scan_archive(archive).selected
+
+
+def scan_archive(
+    archive: str | Path,
+    *,
+    selection: SelectionConfig | None = None,
+    pseudonyms: Pseudonymizer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ArchiveScan:
+    """Walk ``archive`` (a folder searched recursively, a NIfTI file, a DICOM file or a zip) once."""
     archive = Path(archive)
     if not archive.exists():
         raise FileNotFoundError(f"archive not found: {archive}")
-    if archive.is_file():
-        walk_root, files = archive.parent, [archive]
-    else:
-        walk_root = archive
-        files = sorted(p for p in archive.rglob("*") if p.is_file() and not p.name.startswith("."))
+    selection = selection or SelectionConfig()
+    walk_root, files = (archive.parent, [archive]) if archive.is_file() else (archive, _files_under(archive))
     root = walk_root.resolve()
-    refs, ignored = [], 0
+    selected: list[SeriesRef] = []
+    skipped: list[Skipped] = []
+    dicom_refs: list[str] = []
+    sizes: dict[str, tuple[int, int]] = {}
     for path in files:
-        if not is_nifti(path):
-            ignored += 1
-            continue
-        rel = path.relative_to(walk_root)
+        rel = path.relative_to(walk_root).as_posix()
         stat = path.stat()
-        scan_id = (rel.parent / nifti_stem(rel)).as_posix()
-        refs.append(SeriesRef(rel.as_posix(), path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns))
+        if is_nifti(path):
+            scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
+            selected.append(SeriesRef(rel, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel))
+        elif path.suffix.lower() == ".zip":
+            members = _zip_members(path, rel, skipped)
+            dicom_refs.extend(members)
+            sizes.update({m: (stat.st_size // max(len(members), 1), stat.st_mtime_ns) for m in members})
+        elif path.suffix.lower() not in NON_IMAGE_SUFFIXES:
+            dicom_refs.append(rel)
+            sizes[rel] = (stat.st_size, stat.st_mtime_ns)
+    if dicom_refs:
+        pseudonyms = pseudonyms or Pseudonymizer.from_file()
+        headers = []
+        for i, ref in enumerate(dicom_refs):
+            try:
+                headers.append(read_header(root, ref))
+            except HeaderError as exc:
+                code = "empty_file" if sizes.get(ref, (1, 0))[0] == 0 and ZIP_SEP not in ref else "not_dicom"
+                skipped.append(Skipped(ref, None, None, "file", code, str(exc)))
+            if progress:
+                progress(i + 1)
+        for cand in group_series(headers, pseudonyms=pseudonyms, config=selection):
+            if cand.selected:
+                selected.append(_ref_of(cand, root=root, sizes=sizes))
+            else:
+                skipped.append(
+                    Skipped(
+                        cand.scan_id,
+                        cand.scan_id,
+                        cand.patient_id,
+                        "series",
+                        cand.reason_code or "skipped",
+                        cand.reason or "",
+                        {**cand.facts, "flags": list(cand.flags)},
+                    )
+                )
+    ignored = sum(1 for p in files if p.suffix.lower() in NON_IMAGE_SUFFIXES)
     if ignored:
-        log.info("ignored %d files that are not NIfTI under %s", ignored, archive)
-    return refs
+        log.info("ignored %d non-image files (csv, txt, json, ...) under %s", ignored, archive)
+    return ArchiveScan(selected=selected, skipped=skipped)
 
 
-def load_volume(path: str | Path) -> Volume:
-    """Load any supported scan file as a :class:`Volume` (NIfTI for now)."""
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _zip_members(path: Path, rel: str, skipped: list[Skipped]) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/") and not Path(n).name.startswith(".")]
+    except (zipfile.BadZipFile, OSError) as exc:
+        skipped.append(Skipped(rel, None, None, "file", "bad_zip", f"unreadable zip ({type(exc).__name__})"))
+        return []
+    return [f"{rel}{ZIP_SEP}{n}" for n in sorted(names) if Path(n).suffix.lower() not in NON_IMAGE_SUFFIXES]
+
+
+def _ref_of(cand: SeriesCandidate, *, root: Path, sizes: dict[str, tuple[int, int]]) -> SeriesRef:
+    size = sum(sizes.get(f, (0, 0))[0] for f in cand.files)
+    mtime = max(sizes.get(f, (0, 0))[1] for f in cand.files)
+    first = cand.files[0]
+    location = first.split(ZIP_SEP)[0] if ZIP_SEP in first else cand.folder
+    return SeriesRef(
+        source=cand.scan_id,
+        path=root / location,
+        root=root,
+        scan_id=cand.scan_id,
+        format="dicom",
+        size=size,
+        mtime_ns=mtime,
+        files=cand.files,
+        patient_id=cand.patient_id,
+        location=location,
+        facts={**cand.facts, "study_id": cand.study_id},
+        flags=cand.flags,
+    )
+
+
+def load_series(ref: SeriesRef, *, selection: SelectionConfig | None = None) -> Volume:
+    """Load one candidate as a Volume (NIfTI file or DICOM series)."""
+    if ref.format == "nifti":
+        return load_nifti(ref.path)
+    if ref.format == "dicom":
+        from hctembed.io.dicom import load_dicom_series
+
+        volume = load_dicom_series(ref.root, ref.files, config=selection)
+        volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
+        return volume
+    raise VolumeError(f"unsupported format {ref.format}")
+
+
+def load_volume(path: str | Path, *, pseudonyms: Pseudonymizer | None = None) -> Volume:
+    """Load a NIfTI file, or the one selected DICOM series in a file, folder or zip."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"file not found: {path}")
     if is_nifti(path):
         return load_nifti(path)
-    raise VolumeError(f"unsupported file type: {path.name} (expected .nii or .nii.gz)")
+    if path.is_file() and path.suffix.lower() in NON_IMAGE_SUFFIXES:
+        raise VolumeError(f"unsupported file type: {path.name} (expected NIfTI, DICOM or a zip of DICOM)")
+    # a query is never stored: a throwaway secret keeps the real one out of it
+    found = scan_archive(path, pseudonyms=pseudonyms or Pseudonymizer(secrets.token_bytes(32)))
+    if len(found.selected) != 1:
+        reasons = "; ".join(sorted({s.reason for s in found.skipped}))[:300]
+        raise VolumeError(
+            f"{path.name}: {len(found.selected)} usable scans (expected exactly one)"
+            + (f"; {reasons}" if reasons else "")
+        )
+    return load_series(found.selected[0])

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from hctembed.volume import Volume, VolumeError, check_affine
+from hctembed.volume import Volume, VolumeError, check_affine, orient_to_ras
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def load_nifti(path: str | Path) -> Volume:
     if hu.dtype.kind == "f" and not np.isfinite(hu).all():
         n_bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
         raise VolumeError(f"{n_bad} non-finite voxels (NaN or inf)")
-    array_xyz, affine_ras, codes = _to_closest_ras(hu, affine)
+    array_xyz, affine_ras, codes = orient_to_ras(hu, affine)
     # [x, y, z] -> [z, y, x]: a transposed view of the Fortran-ordered buffer, C-contiguous when unflipped.
     array = array_xyz.transpose(2, 1, 0)
     meta = {
@@ -91,24 +90,3 @@ def _header_affine(img: nib.Nifti1Image) -> np.ndarray:
     else:
         raise VolumeError("no sform or qform: the file has no world geometry")
     return np.asarray(affine, dtype=np.float64)
-
-
-def _to_closest_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Permute/flip voxel axes (views only) so they point along +R, +A, +S; return the matching affine."""
-    ornt = io_orientation(affine)
-    codes = nib.aff2axcodes(affine)
-    transform = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
-    # transform[i] = (new axis for input axis i, flip)
-    order = np.argsort(transform[:, 0])
-    out = array_xyz.transpose(order)
-    new_affine = affine.copy()
-    new_affine[:, :3] = affine[:, :3][:, order]
-    flips = transform[order, 1]
-    for axis, flip in enumerate(flips):
-        if flip < 0:
-            n = out.shape[axis]
-            out = np.flip(out, axis=axis)
-            # new index i' = n - 1 - i  =>  world = A[:, axis] * (n - 1 - i') ...
-            new_affine[:3, 3] = new_affine[:3, 3] + new_affine[:3, axis] * (n - 1)
-            new_affine[:3, axis] = -new_affine[:3, axis]
-    return out, new_affine, tuple(codes)

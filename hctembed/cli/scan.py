@@ -1,0 +1,71 @@
+"""``hctembed scan``: list every candidate scan of an archive with its decision, and write a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import print_json_lines, print_table, progress_bar, setup_logging, stderr
+
+
+def scan(
+    archive: Path = typer.Argument(..., help="Folder, NIfTI/DICOM file or zip of DICOM."),
+    out: Path | None = typer.Option(None, "--out", help="Write the manifest (Parquet) here."),
+    min_slices: int = typer.Option(10, "--min-slices", min=1),
+    thickness: tuple[float, float] = typer.Option((0.5, 5.0), "--thickness", help="Slice thickness range, mm."),
+    kvp: tuple[float, float] = typer.Option((70.0, 150.0), "--kvp", help="kVp range."),
+    allow_contrast: bool = typer.Option(False, "--allow-contrast"),
+    kernel: str | None = typer.Option(None, "--kernel", help="Regex the convolution kernel must match."),
+    description: str | None = typer.Option(
+        None, "--description", help="Regex (case-insensitive) for SeriesDescription."
+    ),
+    secret: Path | None = typer.Option(None, "--secret", help="Pseudonym secret file."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Find DICOM series (split into stacks), NIfTI files and zips; decide which are head CT to embed."""
+    from hctembed.io.archive import scan_archive
+    from hctembed.io.manifest import manifest_rows, write_manifest
+    from hctembed.io.pseudonym import Pseudonymizer
+    from hctembed.io.selection import SelectionConfig
+
+    setup_logging(quiet=quiet)
+    config = SelectionConfig(
+        min_slices=min_slices,
+        slice_thickness_mm=thickness,
+        kvp=kvp,
+        allow_contrast=allow_contrast,
+        kernel_pattern=kernel,
+        description_pattern=description,
+    )
+    with progress_bar(quiet=quiet) as bar:
+        task = bar.add_task("reading headers", total=None)
+        found = scan_archive(
+            archive,
+            selection=config,
+            pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
+            progress=lambda k: bar.update(task, completed=k),
+        )
+    rows = manifest_rows(found, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
+    if out is not None:
+        n = write_manifest(found, out, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
+        stderr.print(f"wrote {n} rows to {out}")
+    stderr.print(f"{len(found.selected)} selected, {len(found.skipped)} skipped")
+    if as_json:
+        print_json_lines([{k: v for k, v in r.items() if k not in ("files", "root")} for r in rows])
+        return
+    print_table(
+        [
+            {
+                "decision": r["decision"],
+                "kind": r["kind"],
+                "scan_id": r["scan_id"] or "",
+                "source": r["location"] or r["source"],
+                "files": len(r["files"]) or "",
+                "reason": f"{r['reason_code']}: {r['reason']}" if r["reason_code"] else ", ".join(r["flags"]),
+            }
+            for r in rows
+        ],
+        title=f"scan of {archive}",
+    )

@@ -1,0 +1,284 @@
+"""Assemble one DICOM series (classic single-frame files or one enhanced multi-frame file) into a Volume.
+
+What dcm2niix and dicom2nifti take care over, done here too:
+
+* slices ordered by ImagePositionPatient projected on the slice normal (never by InstanceNumber);
+* per-slice RescaleSlope/Intercept to HU (missing tags: identity, flagged; skipped when the values then
+  cannot be HU, i.e. there is no air below -500);
+* PixelPaddingValue (and values below -1024 HU) mapped to air; MONOCHROME1 kept as HU (only display inverts);
+* duplicates at one position: identical pixels are merged, different pixels are an error;
+* a gap in an otherwise regular stack is a missing slice (error naming the largest gap); several spacings
+  are non-uniform spacing, resampled to the finest and flagged (error above ``max_spacing_ratio``);
+* gantry tilt (positions stepping off the slice normal) is resampled onto an orthogonal grid and flagged;
+* compressed transfer syntaxes decode through the installed pylibjpeg plugins; without one, a clear error
+  naming the syntax.
+
+The affine maps voxel (column, row, slice) to RAS millimetres; the volume is then reoriented to closest RAS
+like a NIfTI file, so the same series gives the same Volume whichever way it was stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from hctembed.io.dicom_headers import HeaderError, read_dataset
+from hctembed.io.selection import SelectionConfig
+from hctembed.volume import Volume, VolumeError, check_affine, orient_to_ras
+
+log = logging.getLogger(__name__)
+
+AIR_HU = -1024.0
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class _Slice:
+    position: np.ndarray  # ImagePositionPatient [3], LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient [6]
+    spacing: tuple[float, float]  # (between rows, between columns) mm
+    raw: np.ndarray  # stored values [rows, cols]
+    slope: float
+    intercept: float
+    padding: tuple[float, float] | None  # (PixelPaddingValue, PixelPaddingRangeLimit or same)
+    rescale_missing: bool
+
+
+def load_dicom_series(root: Path, files: Sequence[str], *, config: SelectionConfig | None = None) -> Volume:
+    """Read and assemble the files of one series (paths relative to ``root``; zip members allowed)."""
+    config = config or SelectionConfig()
+    slices: list[_Slice] = []
+    flags: list[str] = []
+    for ref in files:
+        try:
+            ds = read_dataset(root, ref, pixels=True)
+        except HeaderError as exc:
+            raise VolumeError(f"unreadable slice file: {exc}") from None
+        slices.extend(_slices_of(ds))
+    if not slices:
+        raise VolumeError("no image slices")
+    if any(s.rescale_missing for s in slices):
+        flags.append("rescale_missing")
+    return assemble(slices, flags=flags, config=config)
+
+
+def _decode(ds: pydicom.Dataset) -> np.ndarray:
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if hasattr(ds, "file_meta") else None
+    try:
+        return np.asarray(ds.pixel_array)
+    except (NotImplementedError, RuntimeError) as exc:
+        name = syntax.name if syntax else "unknown"
+        if "decod" in str(exc).lower() or "plugin" in str(exc).lower() or "handler" in str(exc).lower():
+            raise VolumeError(
+                f"cannot decode transfer syntax {name} ({syntax}): no pixel-data plugin installed for it"
+            ) from None
+        raise VolumeError(f"pixel data unreadable ({type(exc).__name__})") from None
+    except (ValueError, AttributeError, KeyError, TypeError, EOFError, OSError) as exc:
+        raise VolumeError(f"pixel data unreadable or truncated ({type(exc).__name__})") from None
+
+
+def _padding(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    return float(min(value, limit)), float(max(value, limit))
+
+
+def _rescale(item) -> tuple[float, float, bool]:
+    slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+    if slope is None and intercept is None:
+        return 1.0, 0.0, True
+    return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0), False
+
+
+def _slices_of(ds: pydicom.Dataset) -> list[_Slice]:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = _decode(ds)
+    padding = _padding(ds)
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        if pixels.ndim != 2:
+            raise VolumeError(f"unexpected pixel array shape {pixels.shape} (colour or multi-sample data?)")
+        try:
+            position = np.array([float(v) for v in ds.ImagePositionPatient])
+            orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+            spacing = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        except (AttributeError, TypeError, ValueError, IndexError):
+            raise VolumeError("a slice lacks ImagePositionPatient, ImageOrientationPatient or PixelSpacing") from None
+        slope, intercept, missing = _rescale(ds)
+        return [_Slice(position, orientation, spacing, pixels, slope, intercept, padding, missing)]
+    return _frames_of(ds, pixels.reshape(frames, *pixels.shape[-2:]), padding)
+
+
+def _frames_of(ds: pydicom.Dataset, pixels: np.ndarray, padding) -> list[_Slice]:
+    """Enhanced multi-frame: geometry and rescale per frame, falling back on the shared groups."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else pydicom.Dataset()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != pixels.shape[0]:
+        raise VolumeError(f"{pixels.shape[0]} frames but {len(per_frame)} per-frame functional groups")
+
+    def find(group, sequence, default=None):
+        for source in (group, shared):
+            if sequence in source and len(source[sequence].value):
+                return source[sequence].value[0]
+        return default
+
+    out = []
+    for i, group in enumerate(per_frame):
+        plane = find(group, "PlanePositionSequence")
+        orient = find(group, "PlaneOrientationSequence")
+        measures = find(group, "PixelMeasuresSequence")
+        if plane is None or orient is None or measures is None:
+            raise VolumeError(f"frame {i + 1} lacks plane position, orientation or pixel measures")
+        transform = find(group, "PixelValueTransformationSequence", pydicom.Dataset())
+        slope, intercept, missing = _rescale(transform)
+        out.append(
+            _Slice(
+                np.array([float(v) for v in plane.ImagePositionPatient]),
+                np.array([float(v) for v in orient.ImageOrientationPatient]),
+                (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
+                pixels[i],
+                slope,
+                intercept,
+                padding,
+                missing,
+            )
+        )
+    return out
+
+
+def assemble(slices: list[_Slice], *, flags: list[str], config: SelectionConfig) -> Volume:
+    """Order, check and stack slices into a RAS Volume (see the module docstring for the rules)."""
+    first = slices[0]
+    for s in slices[1:]:
+        if s.raw.shape != first.raw.shape or not np.allclose(s.orientation, first.orientation, atol=1e-3):
+            raise VolumeError("slices differ in matrix size or orientation")
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise VolumeError("ImageOrientationPatient is not two orthogonal unit vectors")
+    distance = np.array([float(np.dot(normal, s.position)) for s in slices])
+    order = np.argsort(distance, kind="stable")
+    slices = [slices[i] for i in order]
+    distance = distance[order]
+    slices, distance = _merge_duplicates(slices, distance, flags=flags)
+    if len(slices) < 2:
+        raise VolumeError(f"{len(slices)} distinct slice position(s): not a volume")
+    hu = np.stack([_to_hu(s) for s in slices]).astype(np.float32)  # [k, rows, cols]
+    if "rescale_missing" in flags and np.percentile(hu, 1) > -500:
+        raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
+    hu, distance, step = _regular_spacing(hu, distance, config=config, flags=flags)
+    # gantry tilt: slice origins drift within the slice plane; shift each slice back onto one column
+    positions = np.array([s.position for s in slices])
+    if len(slices) != hu.shape[0]:  # resampled for non-uniform spacing: the slices no longer line up
+        offsets = positions - positions[0]
+        if np.abs(offsets - np.outer(offsets @ normal, normal)).max() >= 0.01:
+            raise VolumeError("gantry tilt together with non-uniform slice spacing is not supported")
+    else:
+        hu = _untilt(hu, positions, normal=normal, row_dir=row_dir, col_dir=col_dir, spacing=first.spacing, flags=flags)
+    origin = slices[0].position  # the lowest slice along the normal, after sorting
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * first.spacing[1]  # along a row: columns, spacing between columns
+    affine_lps[:3, 1] = col_dir * first.spacing[0]  # down a column: rows, spacing between rows
+    affine_lps[:3, 2] = normal * step
+    affine_lps[:3, 3] = origin
+    affine = LPS_TO_RAS @ affine_lps
+    check_affine(affine)
+    array_xyz, affine_ras, codes = orient_to_ras(hu.transpose(2, 1, 0), affine)
+    meta = {
+        "format": "dicom",
+        "source_axcodes": "".join(codes),
+        "flags": flags,
+        "n_slices": int(hu.shape[0]),
+    }
+    return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta)
+
+
+def _to_hu(s: _Slice) -> np.ndarray:
+    raw = s.raw.astype(np.float32)
+    hu = raw * np.float32(s.slope) + np.float32(s.intercept)
+    if s.padding is not None:
+        lo, hi = s.padding
+        hu[(raw >= lo) & (raw <= hi)] = AIR_HU
+    np.maximum(hu, AIR_HU, out=hu)  # out-of-field values (-2048, -3024) are air
+    return hu
+
+
+def _merge_duplicates(slices, distance, *, flags):
+    keep = [0]
+    merged = 0
+    for i in range(1, len(slices)):
+        if abs(distance[i] - distance[keep[-1]]) < 1e-3:
+            if np.array_equal(slices[i].raw, slices[keep[-1]].raw):
+                merged += 1
+                continue
+            raise VolumeError(f"two different slices at one position ({distance[i]:.1f} mm along the normal)")
+        keep.append(i)
+    if merged:
+        flags.append(f"duplicate_positions_merged:{merged}")
+    return [slices[i] for i in keep], distance[keep]
+
+
+def _regular_spacing(hu, distance, *, config: SelectionConfig, flags):
+    """Return (hu, distance, step): unchanged when regular; resampled when non-uniform; error on a gap."""
+    gaps = np.diff(distance)
+    step = float(np.median(gaps))
+    if step <= 0:
+        raise VolumeError("slice positions do not advance along the normal")
+    tolerance = max(0.02 * step, 0.05)
+    if np.all(np.abs(gaps - step) <= tolerance):
+        return hu, distance, float((distance[-1] - distance[0]) / (len(distance) - 1))
+    values, counts = np.unique(np.round(gaps / tolerance) * tolerance, return_counts=True)
+    usual = float(values[np.argmax(counts)])
+    regular = np.abs(gaps - usual) <= tolerance
+    multiples = gaps[~regular] / usual
+    odd = np.flatnonzero(~regular)
+    isolated = np.all(np.diff(odd) > 1)  # a run of wide gaps is a zone of other spacing, not lost slices
+    is_gap = np.all(np.abs(multiples - np.round(multiples)) <= 0.1) and np.all(multiples >= config.max_gap_factor)
+    if regular.mean() >= 0.75 and is_gap and isolated:
+        worst = int(np.argmax(gaps))
+        raise VolumeError(
+            f"missing slices: largest gap {gaps[worst]:.2f} mm where slices are {usual:.2f} mm apart "
+            f"(after slice {worst + 1} of {len(distance)})"
+        )
+    ratio = float(gaps.max() / gaps.min())
+    if ratio > config.max_spacing_ratio:
+        raise VolumeError(
+            f"non-uniform slice spacing {gaps.min():.2f}-{gaps.max():.2f} mm (ratio {ratio:.1f} > "
+            f"{config.max_spacing_ratio:g})"
+        )
+    new_step = float(gaps.min())
+    n = int(np.floor((distance[-1] - distance[0]) / new_step + 1e-6)) + 1
+    targets = distance[0] + np.arange(n) * new_step
+    idx = np.clip(np.searchsorted(distance, targets, side="right") - 1, 0, len(distance) - 2)
+    w = ((targets - distance[idx]) / (distance[idx + 1] - distance[idx])).astype(np.float32)[:, None, None]
+    out = hu[idx] * (1 - w) + hu[idx + 1] * w
+    flags.append(f"nonuniform_spacing_resampled:{gaps.min():.2f}-{gaps.max():.2f}mm")
+    return out.astype(np.float32), targets, new_step
+
+
+def _untilt(hu, positions, *, normal, row_dir, col_dir, spacing, flags):
+    offsets = positions - positions[0]
+    in_plane = offsets - np.outer(offsets @ normal, normal)  # drift within the slice plane, mm
+    drift = np.abs(in_plane).max()
+    if drift < 0.01:
+        return hu
+    along_normal = float((positions[-1] - positions[0]) @ normal)
+    angle = float(np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), abs(along_normal))))
+    from scipy.ndimage import shift as nd_shift
+
+    out = np.empty_like(hu)
+    for k in range(hu.shape[0]):
+        d_cols = float(in_plane[k] @ row_dir) / spacing[1]
+        d_rows = float(in_plane[k] @ col_dir) / spacing[0]
+        # output[j, i] = input[j - d_rows, i - d_cols]: the slice's content moves to the first slice's column
+        out[k] = nd_shift(hu[k], shift=(d_rows, d_cols), order=1, mode="constant", cval=AIR_HU)
+    flags.append(f"gantry_tilt_corrected:{angle:.1f}deg")
+    return out
