@@ -16,6 +16,10 @@ def search(
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours."),
     model: str | None = typer.Option(None, "--model", help="Model id (prefix) when the DB holds several."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    montage: Path | None = typer.Option(None, "--montage", help="Also draw the query and its hits into this PNG."),
+    html_page: Path | None = typer.Option(
+        None, "--html", help="Also write a self-contained HTML page (images embedded) of the query and its hits."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Find the k most similar scans (cosine similarity of the stored embeddings)."""
@@ -30,6 +34,8 @@ def search(
             hits = search_file(store, path=query, k=k, model=model)
         else:
             hits = search_id(store, scan_id=scan_id, k=k, model=model)
+        if montage is not None or html_page is not None:
+            _pictures(store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page)
     rows = [h.to_dict() for h in hits]
     if as_json:
         print_json_lines(rows)
@@ -45,3 +51,20 @@ def search(
         for h in hits
     ]
     print_table(table, title=f"top {k} for {query or scan_id}")
+
+
+def _pictures(store, hits, *, query, scan_id, model, montage, html_page) -> None:
+    from hctembed.cli.common import stderr
+    from hctembed.montage import render_html, render_montage, search_panels
+    from hctembed.search import stored_encoder
+
+    collection = store.resolve_collection(model_id=model)
+    encoder = stored_encoder(store, collection)
+    panels = search_panels(store, collection, encoder, hits, query_path=query, query_scan_id=scan_id)
+    title = f"top {len(hits)} for {query.name if query else scan_id} ({collection.model_id})"
+    if montage is not None:
+        render_montage(panels, out=montage, windows=encoder.preprocess.windows, title=title)
+        stderr.print(f"montage written to {montage}")
+    if html_page is not None:
+        render_html(panels, out=html_page, windows=encoder.preprocess.windows, title=title)
+        stderr.print(f"HTML page written to {html_page}")

@@ -1,0 +1,63 @@
+"""``hctembed explain``: attention maps and attention distance of one scan, as PNGs and a JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import print_json_lines, print_table, setup_logging, stderr
+
+
+def explain(
+    scan: Path = typer.Argument(..., help="Scan file (NIfTI)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs and attention_distance.json."),
+    weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder; random init if omitted."),
+    model: str | None = typer.Option(
+        None, "--model", help="Architecture (vit-base, ...; default vit-base); with --db, the stored model id (prefix)."
+    ),
+    db: Path | None = typer.Option(None, "--db", help="Use the model a database was embedded with (as search does)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for a random-initialised encoder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written files and distances as a JSON line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """CLS attention (last layer and rollout) over axial/coronal/sagittal slices in each window, and the
+    attention distance per layer and head (FM-HCT Methods eq. 1)."""
+    from hctembed.explain import explain as explain_input
+    from hctembed.explain import patch_size_mm, write_explanation
+    from hctembed.io.archive import load_volume
+    from hctembed.model.encoders import load_encoder
+    from hctembed.preprocess import preprocess
+
+    setup_logging(quiet=quiet)
+    if db is not None:
+        if weights is not None:
+            raise typer.BadParameter("give --db or --weights, not both")
+        from hctembed.index.store import Store
+        from hctembed.search import stored_encoder
+
+        with Store(db, read_only=True) as store:
+            encoder = stored_encoder(store, store.resolve_collection(model_id=model))
+    else:
+        encoder = load_encoder(model or "vit-base", weights=weights, seed=seed)
+        if weights is None:
+            stderr.print(f"[yellow]note:[/] {encoder.name} is random-initialised (seed {seed}); pass --weights or --db")
+    x = preprocess(load_volume(scan), config=encoder.preprocess)
+    pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
+    expl = explain_input(encoder.model, x, patch_mm=pmm)
+    name = scan.name.removesuffix(".gz").removesuffix(".nii")
+    paths = write_explanation(
+        expl, out_dir=out, windows=encoder.preprocess.windows, title=f"{name} ({encoder.model_id})"
+    )
+    summary = expl.distance_summary()
+    if as_json:
+        print_json_lines([{"model_id": encoder.model_id, "files": {k: str(p) for k, p in paths.items()}, **summary}])
+        return
+    print_table(
+        [
+            {"layer": r["layer"], "mean_mm": r["mean_mm"], "heads_mm": " ".join(f"{v:.1f}" for v in r["heads_mm"])}
+            for r in summary["layers"]
+        ],
+        title=f"attention distance (mm), patch {pmm:g} mm, model {encoder.model_id}",
+    )
+    print_table([{"file": str(p)} for p in paths.values()], title="written")

@@ -1,0 +1,243 @@
+"""Search results as pictures: the query and its neighbours side by side, as a PNG or an offline HTML page.
+
+Each scan is one column: its mid axial, coronal and sagittal slices in the brain window, then the axial
+slice through its most attended region (the last layer's CLS attention, averaged over heads, upsampled to
+the model grid) with that attention drawn over it. Slices come from the preprocessed model input, so the
+attention and the image share one grid. Orientation is radiological (see :mod:`hctembed.explain`).
+A scan whose file cannot be found or read gets a placeholder column that says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from hctembed.errors import HctembedError
+from hctembed.explain import (
+    VIEWS,
+    display_point,
+    display_slice,
+    explain,
+    mark_orientation,
+    overlay_alpha,
+    patch_size_mm,
+    save_figure,
+    window_name,
+)
+from hctembed.io.archive import load_volume
+from hctembed.model.encoders import Encoder
+from hctembed.preprocess import preprocess
+from hctembed.volume import VolumeError
+
+log = logging.getLogger(__name__)
+
+ROWS = (*(f"mid {v}" for v in VIEWS), "most attended")
+
+
+@dataclass(frozen=True)
+class ScanPanel:
+    """One column of a montage. ``image`` ``[C, S, S, S]`` model input, ``attention`` ``[S, S, S]``; both None
+    (and ``missing`` set) when the scan could not be shown."""
+
+    title: str
+    scan_id: str
+    score: float | None
+    labels: tuple[str, ...]
+    image: np.ndarray | None = None
+    attention: np.ndarray | None = None
+    missing: str | None = None
+
+    def caption(self) -> list[str]:
+        lines = [self.title, self.scan_id]
+        if self.score is not None:
+            lines.append(f"cosine {self.score:.4f}")
+        lines.append("labels: " + (", ".join(self.labels) if self.labels else "none positive"))
+        return lines
+
+
+def positive_labels(labels: dict[str, float]) -> tuple[str, ...]:
+    return tuple(sorted(name for name, v in labels.items() if v == 1))
+
+
+def scan_panel(
+    encoder: Encoder,
+    path: str | Path | None,
+    *,
+    title: str,
+    scan_id: str,
+    score: float | None = None,
+    labels: Sequence[str] = (),
+) -> ScanPanel:
+    """Load, preprocess and explain one scan; a missing or unreadable file gives a placeholder panel."""
+    base = {"title": title, "scan_id": scan_id, "score": score, "labels": tuple(labels)}
+    if path is None:
+        return ScanPanel(**base, missing="file location not recorded")
+    path = Path(path)
+    if not path.exists():
+        return ScanPanel(**base, missing=f"file not found: {path}")
+    try:
+        x = preprocess(load_volume(path), config=encoder.preprocess)
+    except (VolumeError, HctembedError, OSError) as exc:
+        return ScanPanel(**base, missing=f"cannot read {path.name}: {exc}")
+    pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
+    expl = explain(encoder.model, x, patch_mm=pmm)
+    return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
+
+
+def render_montage(
+    panels: Sequence[ScanPanel], *, out, windows, panel_px: int = 240, title: str | None = None, header: bool = True
+) -> dict[str, tuple[int, int, int, int]]:
+    """Draw the panels as columns: a PNG of ``panel_px * len(panels)`` x ``panel_px * 4 + 160`` pixels
+    (``+ 90`` without the ``header`` that names the window, the rows and the convention).
+
+    ``windows`` are the preprocessing's windows; channel 0 must be the brain window. Returns the pixel box
+    ``(left, top, right, bottom)`` of every image, keyed ``"<column>/<row name>"``.
+    """
+    if not panels:
+        raise ValueError("nothing to draw: no panels")
+    dpi = 100
+    cols, rows = len(panels), len(ROWS)
+    head_px = 160 if header else 90
+    width, height = panel_px * cols, panel_px * rows + head_px
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="black")
+    top = 1 - (head_px - 25) / height
+    bottom = 25 / height
+    fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.04, hspace=0.04)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    jet = colormaps["jet"]
+    for c, panel in enumerate(panels):
+        axes[0][c].set_title(
+            "\n".join(panel.caption()), color="white", fontsize=8, loc="center", fontweight="normal", pad=4
+        )
+        for r, row_name in enumerate(ROWS):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_facecolor("#333333")
+            ax.set_label(f"{c}/{row_name}")
+            if panel.image is None:
+                if r == 1:
+                    ax.text(0.5, 0.5, _wrap(panel.missing or "not available"), color="orange", ha="center",
+                            va="center", fontsize=8, transform=ax.transAxes)  # fmt: skip
+                continue
+            brain = panel.image[0]
+            if row_name == "most attended":
+                peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(panel.attention)), brain.shape))
+                ax.imshow(display_slice(brain, view="axial", index=peak[0]), cmap="gray", vmin=0, vmax=1)
+                a = panel.attention
+                strength = display_slice((a - a.min()) / (np.ptp(a) or 1.0), view="axial", index=peak[0])
+                rgba = jet(strength)
+                rgba[..., 3] = overlay_alpha(strength)
+                ax.imshow(rgba)
+                row, col = display_point(peak, shape=brain.shape, view="axial")
+                ax.plot(col, row, marker="+", color="white", markersize=10, mew=1.5)
+                mark_orientation(ax, "axial")
+            else:
+                view = row_name.split()[1]
+                index = brain.shape[VIEWS.index(view)] // 2
+                ax.imshow(display_slice(brain, view=view, index=index), cmap="gray", vmin=0, vmax=1)
+                mark_orientation(ax, view)
+            if c == 0:
+                ax.text(0.02, 0.02, row_name, color="cyan", fontsize=8, transform=ax.transAxes,
+                        va="bottom")  # fmt: skip
+    if header:
+        fig.suptitle(
+            f"{title or 'query and nearest neighbours'}\n{window_name(windows[0])}; rows: mid axial, coronal, "
+            "sagittal;\naxial slice at the most attended region (last-layer CLS attention, + = peak); "
+            "radiological convention",
+            color="white",
+            fontsize=9,
+            y=0.995,
+        )
+    return save_figure(fig, out)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, line = text.replace("/", "/ ").split(), [], ""
+    for w in words:
+        if len(line) + len(w) > width and line:
+            lines.append(line)
+            line = ""
+        line += ("" if not line or line.endswith("/") else " ") + w
+    return "\n".join([*lines, line])
+
+
+def render_html(
+    panels: Sequence[ScanPanel], *, out: str | Path, windows, title: str = "hctembed search", note: str = ""
+) -> Path:
+    """A self-contained page (no external files or links): each scan's column as a base64 PNG data URI,
+    its caption as text."""
+    cards = []
+    for panel in panels:
+        buf = io.BytesIO()
+        render_montage([panel], out=buf, windows=windows, panel_px=220, header=False)
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        caption = "<br>".join(html.escape(line) for line in panel.caption())
+        missing = f'<p class="missing">{html.escape(panel.missing)}</p>' if panel.missing else ""
+        cards.append(
+            f'<figure><img alt="{html.escape(panel.scan_id)}" src="{uri}">'
+            f"<figcaption>{caption}</figcaption>{missing}</figure>"
+        )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ background: #111; color: #eee; font-family: sans-serif; margin: 16px; }}
+main {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; background: #222; padding: 6px; border-radius: 4px; }}
+figure img {{ display: block; width: 220px; }}
+figcaption {{ font-size: 12px; margin-top: 4px; }}
+.missing {{ color: orange; font-size: 12px; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1>
+<p>{html.escape(note)} Slices: {html.escape(window_name(windows[0]))}; radiological convention (patient right on
+image left); last row: axial slice through the most attended region (last-layer CLS attention).</p>
+<main>
+{chr(10).join(cards)}
+</main></body></html>
+"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def search_panels(
+    store, collection, encoder: Encoder, hits: Sequence, *, query_path: str | Path | None = None,
+    query_scan_id: str | None = None,
+) -> list[ScanPanel]:  # fmt: skip
+    """Panels for a search: the query (a file, or a stored scan id) then one per hit, files found through
+    ``store.scans_for_ids(...)[id]["path"]``."""
+    if query_path is not None:
+        name = Path(query_path).name
+        scan_id = name.removesuffix(".gz").removesuffix(".nii")
+        path: str | Path | None = query_path
+    else:
+        scan_id = query_scan_id
+        vid, _ = store.vector_of(collection, scan_id=scan_id)
+        path = store.scans_for_ids(collection, [vid]).get(vid, {}).get("path")
+    query_labels = positive_labels(store.labels([scan_id]).get(scan_id, {}))
+    panels = [scan_panel(encoder, path, title="query", scan_id=scan_id, labels=query_labels)]
+    rows = store.scans_for_ids(collection, [h.id for h in hits])
+    for h in hits:
+        panels.append(
+            scan_panel(
+                encoder,
+                rows.get(h.id, {}).get("path"),
+                title=f"#{h.rank}",
+                scan_id=h.scan_id,
+                score=h.score,
+                labels=positive_labels(h.labels),
+            )
+        )
+        if panels[-1].missing:
+            log.warning("%s: %s", h.scan_id, panels[-1].missing)
+    return panels

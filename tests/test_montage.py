@@ -1,0 +1,142 @@
+"""Search montages and the offline HTML page, and the CLI (explain --db, search --montage/--html, map) on a
+small synthetic archive embedded with vit-micro."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from hctembed.cli.app import app
+from hctembed.index.store import Store
+from hctembed.montage import render_montage, search_panels
+from hctembed.search import search_id, stored_encoder
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    assert invoke("synth", root, "--n", "6", "--seed", "2", "--matrix", "64", "--quiet").exit_code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def db(archive, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "h.duckdb"
+    result = invoke("embed", archive, "--db", path, "--model", "vit-micro", "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def stored_ids(db) -> list[str]:
+    with Store(db, read_only=True) as store:
+        return store.vectors(store.resolve_collection())[2]
+
+
+def test_montage_png_shows_every_scan(db):
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        query = store.vectors(coll)[2][0]
+        hits = search_id(store, scan_id=query, k=3)
+        encoder = stored_encoder(store, coll)
+        panels = search_panels(store, coll, encoder, hits, query_scan_id=query)
+    assert [p.scan_id for p in panels] == [query] + [h.scan_id for h in hits]
+    assert all(p.missing is None and p.image.shape == (3, 48, 48, 48) for p in panels)
+    assert f"cosine {hits[0].score:.4f}" in panels[1].caption()
+    boxes = render_montage(panels, out=Path(db).parent / "m.png", windows=encoder.preprocess.windows)
+    png = imread(Path(db).parent / "m.png")
+    assert png.shape[:2] == (240 * 4 + 160, 240 * 4)
+    for c in range(4):
+        for row in ("mid axial", "mid coronal", "mid sagittal", "most attended"):
+            left, top, right, bottom = boxes[f"{c}/{row}"]
+            crop = png[top + 2 : bottom - 2, left + 2 : right - 2, :3].mean(-1)
+            assert crop.std() > 0.15, (c, row)  # anatomy in the brain window, not blank
+
+
+def test_cli_search_montage_and_html(db, archive, tmp_path):
+    ids = stored_ids(db)
+    png, page = tmp_path / "m.png", tmp_path / "m.html"
+    result = invoke("search", "--id", ids[1], "--db", db, "-k", "4", "--json", "--montage", png, "--html", page)
+    assert result.exit_code == 0, result.output
+    hits = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert imread(png).shape[:2] == (240 * 4 + 160, 240 * 5)
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and "url(" not in text
+    sources = re.findall(r'src="([^"]*)"', text)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
+    for h in hits:
+        assert h["scan_id"] in text and f"cosine {h['score']:.4f}" in text
+    # by a query file, with one neighbour's file gone: a placeholder, not a crash
+    victim = archive / f"{hits[0]['scan_id']}.nii.gz"
+    moved = tmp_path / victim.name
+    shutil.move(victim, moved)
+    try:
+        query = archive / f"{ids[1]}.nii.gz"
+        again = invoke("search", query, "--db", db, "-k", "3", "--montage", tmp_path / "m2.png", "--html", page)
+    finally:
+        shutil.move(moved, victim)
+    assert again.exit_code == 0, again.output
+    assert "file not found" in page.read_text() and imread(tmp_path / "m2.png").shape[:2] == (1120, 960)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_renders_offline_in_headless_chromium(db, tmp_path):
+    page, shot = tmp_path / "page.html", tmp_path / "shot.png"
+    result = invoke("search", "--id", stored_ids(db)[0], "--db", db, "-k", "3", "--html", page, "--quiet")
+    assert result.exit_code == 0, result.output
+    cmd = [
+        "chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}", "--window-size=1200,800", page.resolve().as_uri(),
+    ]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=180, check=False, cwd=tmp_path)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = imread(shot)[..., :3]
+    assert img.shape[:2] == (800, 1200)
+    assert img.std() > 0.1  # the page's scans, not a blank page
+    grey = img.mean(-1)
+    assert (grey > 0.8).mean() > 0.01 and (grey < 0.2).mean() > 0.2  # bright skull and text on the dark page
+
+
+def test_cli_explain_with_the_stored_model(db, archive, tmp_path):
+    scan = archive / f"{stored_ids(db)[0]}.nii.gz"
+    result = invoke("explain", scan, "--db", db, "--out", tmp_path, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    with Store(db, read_only=True) as store:
+        assert summary["model_id"] == store.resolve_collection().model_id
+    assert imread(tmp_path / "attention_rollout.png").shape[:2] == (1300, 1200)
+    assert json.loads((tmp_path / "attention_distance.json").read_text())["grid"] == 6
+
+
+def test_cli_map_by_label_and_protocol(db, archive, tmp_path):
+    labels = archive / "labels.csv"
+    import csv
+
+    rows = list(csv.DictReader(labels.open()))
+    result = invoke("map", "--db", db, "--color-by", "manufacturer", "--labels", labels, "--out", tmp_path / "a.png",
+                    "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert len(summary["legend"]) == len({r["manufacturer"] for r in rows}) and summary["scans"] == 6
+    assert imread(tmp_path / "a.png").shape[:2] == (800, 1000)
+    thick = invoke("map", "--db", db, "--color-by", "slice_thickness", "--labels", labels, "--out", tmp_path / "b.png",
+                   "--json")  # fmt: skip
+    assert len(json.loads(thick.stdout)["legend"]) == len({float(r["slice_thickness_mm"]) for r in rows})
+    bad = invoke("map", "--db", db, "--color-by", "nope", "--out", tmp_path / "c.png")
+    assert bad.exit_code == 2 and "available" in bad.stderr
+    assert np.isfinite(imread(tmp_path / "b.png")).all()
