@@ -198,3 +198,56 @@ def all_vs_all(
             )
         )
     return RetrievalReport(labels=results, ks=tuple(ks), exclude_same_patient=exclude_same_patient, n_scans=n)
+
+
+@dataclass(frozen=True)
+class QueryMetrics:
+    """Per-query values of one label: the scored queries' rows in ``x`` and their AP and P@K (``[Q]`` each);
+    the AP values equal ``LabelRetrieval.ap_per_query`` of :func:`all_vs_all` on the same input."""
+
+    label: str
+    query_index: np.ndarray
+    ap: np.ndarray
+    precision_at: dict[int, np.ndarray]
+
+
+def per_query_metrics(
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    label_names: Sequence[str],
+    patient_ids: Sequence[str] | None = None,
+    exclude_same_patient: bool = False,
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> list[QueryMetrics]:
+    """The per-query AP and P@K behind :func:`all_vs_all` (same protocol), for CIs and paired tests."""
+    x = np.asarray(x, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.shape != (x.shape[0], len(label_names)):
+        raise ValueError(f"labels shape {labels.shape} != ({x.shape[0]}, {len(label_names)})")
+    if exclude_same_patient and patient_ids is None:
+        raise ValueError("exclude_same_patient needs patient_ids")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("zero embedding vector: cannot normalise")
+    x = x / norms
+    if patient_ids is not None:
+        _, codes = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
+    else:
+        codes = np.arange(x.shape[0])
+    known = ~np.isnan(labels)
+    positive = np.where(known, labels, 0) > 0.5
+    out = []
+    for j, name in enumerate(label_names):
+        q = np.flatnonzero(positive[:, j] & known[:, j])
+        scores = x[q] @ x.T
+        valid = np.broadcast_to(known[:, j], scores.shape).copy()
+        valid[np.arange(q.size), q] = False
+        if exclude_same_patient:
+            valid &= codes[None, :] != codes[q][:, None]
+        rel = np.broadcast_to(positive[:, j], scores.shape)
+        ap = _ap_rows(scores, rel, valid)
+        scored = ~np.isnan(ap)
+        pk = {k: _pk_rows(scores, rel, k, valid)[scored] for k in ks}
+        out.append(QueryMetrics(label=name, query_index=q[scored], ap=ap[scored], precision_at=pk))
+    return out

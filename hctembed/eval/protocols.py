@@ -1,0 +1,343 @@
+"""Run one evaluation protocol over several models on the same scans: vectors aligned across stores,
+metrics with bootstrap CIs, and paired permutation tests of every model against the first.
+
+All models are scored on exactly the same scans (those with a vector in every source and a label), so
+retrieval queries and classification test samples pair one to one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hctembed.errors import HctembedError
+from hctembed.eval import stats
+from hctembed.eval.classification import (
+    FEWSHOT_KS,
+    FitScore,
+    ap_score,
+    evaluate_task,
+    fewshot_curve,
+    roc_auc,
+)
+from hctembed.eval.retrieval import DEFINITION as RETRIEVAL_DEFINITION
+from hctembed.eval.retrieval import all_vs_all, per_query_metrics
+from hctembed.eval.splits import Split
+from hctembed.io.labels import LabelTable
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(HctembedError, ValueError):
+    """The inputs cannot support the requested protocol; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    db: Path
+    model: str | None = None  # model id (prefix); None = the only collection
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """Vectors of several models for the same ``N`` scans (sorted by scan id) with their labels."""
+
+    model_ids: list[str]
+    x: list[np.ndarray]  # per model [N, D_m]
+    scan_ids: list[str]
+    patient_ids: list[str | None]
+    y: np.ndarray  # [N, L], NaN = unknown
+    names: list[str]
+    sources: list[dict]
+
+
+def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:
+    """Read each source's vectors and keep the scans every source has and that carry a label."""
+    from hctembed.index.store import Store
+
+    if not sources:
+        raise EvaluationError("no model to evaluate")
+    per_source, model_ids, info, stored_patients = [], [], [], {}
+    for src in sources:
+        with Store(src.db, read_only=True) as store:
+            coll = store.resolve_collection(model_id=src.model)
+            ids, x, scan_ids = store.vectors(coll)
+            for row in store.scans_for_ids(coll, ids.tolist()).values():
+                if row["patient_id"]:
+                    stored_patients.setdefault(row["scan_id"], row["patient_id"])
+        per_source.append(dict(zip(scan_ids, x, strict=True)))
+        name = coll.model_id if coll.model_id not in model_ids else f"{coll.model_id}@{src.db}"
+        model_ids.append(name)
+        info.append({"db": str(src.db), "model_id": coll.model_id, "collection_id": coll.collection_id})
+    labelled = {s for s, row in zip(labels.scan_ids, labels.values, strict=True) if not np.all(np.isnan(row))}
+    common = set(labelled)
+    for vecs in per_source:
+        common &= set(vecs)
+    for name, vecs in zip(model_ids, per_source, strict=True):
+        left_out = len(set(vecs) - common)
+        if left_out:
+            log.warning("%s: %d embedded scans are left out (no label, or missing from another model)", name, left_out)
+    if not common:
+        raise EvaluationError("no scan has a label and a vector in every model: do the scan ids match?")
+    scan_ids = sorted(common)
+    from_labels = labels.patients()
+    patients = [from_labels.get(s) or stored_patients.get(s) for s in scan_ids]
+    return Aligned(
+        model_ids=model_ids,
+        x=[np.stack([vecs[s] for s in scan_ids]).astype(np.float32) for vecs in per_source],
+        scan_ids=scan_ids,
+        patient_ids=patients,
+        y=labels.for_scans(scan_ids),
+        names=list(labels.names),
+        sources=info,
+    )
+
+
+def _need_patients(data: Aligned) -> list[str]:
+    if any(p is None for p in data.patient_ids):
+        raise EvaluationError("this protocol needs a patient_id for every scan (labels.csv column)")
+    return [str(p) for p in data.patient_ids]
+
+
+# -- retrieval -------------------------------------------------------------------------------------------
+def compare_retrieval(
+    data: Aligned,
+    *,
+    exclude_same_patient: bool = False,
+    ks: tuple[int, ...] = (1, 5, 10),
+    n_resamples: int = 100,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """All-vs-all retrieval per label for every model: mAP and P@K with bootstrap CIs over queries, and a
+    paired permutation test (per-query AP, per-query P@K) of each model against the first."""
+    patients = _need_patients(data) if exclude_same_patient else data.patient_ids
+    patients = patients if all(p is not None for p in patients) else None
+    metrics = ["mAP", *[f"P@{k}" for k in ks]]
+    per_model = []  # per model: {label: {metric: per-query values}}
+    per_query_ap = {}
+    for mid, x in zip(data.model_ids, data.x, strict=True):
+        kw = {"label_names": data.names, "patient_ids": patients, "exclude_same_patient": exclude_same_patient}
+        report = all_vs_all(x, data.y, ks=ks, **kw)
+        pq = per_query_metrics(x, data.y, ks=ks, **kw)
+        values = {}
+        for lab, q in zip(report.labels, pq, strict=True):
+            values[lab.label] = {"mAP": lab.ap_per_query, **{f"P@{k}": q.precision_at[k] for k in ks}}
+            values[lab.label]["_skipped"] = lab.n_skipped
+        per_model.append(values)
+        per_query_ap[mid] = {lab.label: lab.ap_per_query for lab in report.labels}
+    rows = []
+    for label in [*data.names, "mean"]:
+        for m, mid in enumerate(data.model_ids):
+            row = {"row": label, "model": mid, "metrics": {}, "p_values": {}}
+            for metric in metrics:
+                if label == "mean":
+                    groups = [per_model[m][lab][metric] for lab in data.names]
+                    est = stats.bootstrap_mean_of_groups(groups, n_resamples=n_resamples, seed=seed)
+                else:
+                    est = stats.bootstrap_mean(per_model[m][label][metric], n_resamples=n_resamples, seed=seed)
+                row["metrics"][metric] = est.to_dict()
+                if m > 0:
+                    row["p_values"][metric] = _retrieval_test(
+                        per_model[0], per_model[m], label, metric, data.names, n_permutations, seed
+                    )
+            row["queries"] = row["metrics"]["mAP"]["n"]
+            if label != "mean":
+                row["skipped"] = per_model[m][label]["_skipped"]
+            rows.append(row)
+    return {
+        "protocol": "retrieval",
+        "definition": RETRIEVAL_DEFINITION,
+        "statistics": stats.DEFINITION,
+        "models": data.model_ids,
+        "sources": data.sources,
+        "n_scans": len(data.scan_ids),
+        "exclude_same_patient": exclude_same_patient,
+        "ks": list(ks),
+        "metrics": metrics,
+        "n_resamples": n_resamples,
+        "n_permutations": n_permutations,
+        "seed": seed,
+        "rows": rows,
+        "per_query_ap": per_query_ap,
+    }
+
+
+def _retrieval_test(first, other, label, metric, names, n_permutations, seed) -> float | None:
+    if label == "mean":
+        scored = [lab for lab in names if len(first[lab][metric])]
+        if not scored:
+            return None
+        a = np.concatenate([first[lab][metric] for lab in scored])
+        b = np.concatenate([other[lab][metric] for lab in scored])
+        w = np.concatenate(
+            [np.full(len(first[lab][metric]), 1.0 / (len(scored) * len(first[lab][metric]))) for lab in scored]
+        )
+        test = stats.paired_permutation_test(a, b, n_permutations=n_permutations, seed=seed, weights=w)
+    else:
+        test = stats.paired_permutation_test(
+            first[label][metric], other[label][metric], n_permutations=n_permutations, seed=seed
+        )
+    return None if np.isnan(test.p_value) else test.p_value
+
+
+# -- classification ------------------------------------------------------------------------------------------
+def _mean_over_tasks(metric: Callable) -> Callable:
+    """metric on ``y [N, T]`` / ``scores [N, T]``: the mean over tasks (NaN labels masked per task); NaN when
+    any task is undefined on the sample, so a bootstrap drops that resample."""
+
+    def mean_metric(y, scores):
+        values = []
+        for t in range(y.shape[1]):
+            keep = ~np.isnan(y[:, t])
+            values.append(metric(y[keep, t], scores[keep, t]))
+        return float(np.mean(values)) if values else float("nan")
+
+    return mean_metric
+
+
+def compare_classification(
+    data: Aligned,
+    *,
+    method: str,
+    fit_score: Callable[[int], FitScore],
+    split: Split,
+    features: Sequence[np.ndarray] | None = None,
+    n_resamples: int = 100,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Train ``fit_score(model_index)`` on the split's train part per task and model; AUC/AP on its test part.
+
+    ``features`` replaces ``data.x`` per model (patch tokens for the attentive probe)."""
+    feats = list(features) if features is not None else data.x
+    results = []  # [model][task] -> TaskResult
+    for m in range(len(data.model_ids)):
+        results.append(
+            [
+                evaluate_task(
+                    fit_score(m),
+                    feats[m],
+                    data.y[:, t],
+                    task=name,
+                    train=split.train,
+                    test=split.test,
+                    n_resamples=n_resamples,
+                    seed=seed,
+                )
+                for t, name in enumerate(data.names)
+            ]
+        )
+    rows = []
+    evaluated = [t for t in range(len(data.names)) if results[0][t].skip_reason is None]
+    test = split.test
+    for t, name in enumerate(data.names):
+        yt = data.y[test, t]
+        keep = ~np.isnan(yt)
+        for m, mid in enumerate(data.model_ids):
+            r = results[m][t]
+            row = {
+                "row": name,
+                "model": mid,
+                "metrics": {},
+                "p_values": {},
+                "n_test": r.n_test,
+                "n_test_positive": r.n_test_positive,
+                "skip_reason": r.skip_reason,
+            }
+            if r.skip_reason is None:
+                row["metrics"] = {"AUC": r.auc.to_dict(), "AP": r.ap.to_dict()}
+                if m > 0:
+                    for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
+                        p = stats.paired_permutation_test_scores(
+                            fn, yt[keep], results[0][t].scores, r.scores, n_permutations=n_permutations, seed=seed
+                        ).p_value
+                        row["p_values"][metric_name] = None if np.isnan(p) else p
+            rows.append(row)
+    if evaluated:
+        y_all = data.y[np.ix_(test, evaluated)]
+        score_all = []
+        for m in range(len(data.model_ids)):
+            s = np.full(y_all.shape, np.nan)
+            for j, t in enumerate(evaluated):
+                s[~np.isnan(y_all[:, j]), j] = results[m][t].scores
+            score_all.append(s)
+        for m, mid in enumerate(data.model_ids):
+            row = {
+                "row": "mean",
+                "model": mid,
+                "metrics": {},
+                "p_values": {},
+                "n_test": int(test.size),
+                "tasks": [data.names[t] for t in evaluated],
+            }
+            for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
+                mean_fn = _mean_over_tasks(fn)
+                est = stats.bootstrap_metric(mean_fn, y_all, score_all[m], n_resamples=n_resamples, seed=seed)
+                row["metrics"][metric_name] = est.to_dict()
+                if m > 0:
+                    p = stats.paired_permutation_test_scores(
+                        mean_fn, y_all, score_all[0], score_all[m], n_permutations=n_permutations, seed=seed
+                    ).p_value
+                    row["p_values"][metric_name] = None if np.isnan(p) else p
+            rows.append(row)
+    return {
+        "protocol": method,
+        "statistics": stats.DEFINITION,
+        "models": data.model_ids,
+        "sources": data.sources,
+        "n_scans": len(data.scan_ids),
+        "split": split.to_dict(),
+        "metrics": ["AUC", "AP"],
+        "n_resamples": n_resamples,
+        "n_permutations": n_permutations,
+        "seed": seed,
+        "rows": rows,
+    }
+
+
+def compare_fewshot(
+    data: Aligned,
+    *,
+    fit_score: Callable[[int], FitScore],
+    split: Split,
+    ks: Sequence[int] = FEWSHOT_KS,
+    n_draws: int = 5,
+    n_resamples: int = 100,
+    seed: int = 0,
+    probe: str = "linear",
+) -> dict:
+    """Few-shot curves per task and model (see :func:`hctembed.eval.classification.fewshot_curve`)."""
+    curves = []
+    for m, mid in enumerate(data.model_ids):
+        for t, name in enumerate(data.names):
+            points = fewshot_curve(
+                fit_score(m),
+                data.x[m],
+                data.y[:, t],
+                train=split.train,
+                test=split.test,
+                ks=ks,
+                n_draws=n_draws,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+            curves.append({"task": name, "model": mid, "points": [p.to_dict() for p in points]})
+    return {
+        "protocol": "fewshot",
+        "probe": probe,
+        "statistics": stats.DEFINITION,
+        "models": data.model_ids,
+        "sources": data.sources,
+        "n_scans": len(data.scan_ids),
+        "split": split.to_dict(),
+        "ks": list(ks),
+        "n_draws": n_draws,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "curves": curves,
+    }

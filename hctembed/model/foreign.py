@@ -1,0 +1,124 @@
+"""Other CT foundation models behind the encoder interface: Merlin and CT-FM.
+
+Each entry declares its architecture, its own preprocessing (:class:`~hctembed.config.MonaiPreset`), its
+embedding dim, and where its released weights live. Weights come from a local path (``--weights``) or
+an existing Hugging Face cache (``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``); nothing is downloaded,
+and a missing file is an error naming it. Released checkpoints load strictly through an explicit key
+conversion; hctembed's own saves of these models (``.safetensors`` with the module's keys) load as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hctembed.config import MonaiPreset
+from hctembed.errors import HctembedError
+from hctembed.model.checkpoint import load_state_strict, remap_keys, weights_digest
+from hctembed.model.ctfm import CTFM_PREPROCESS, CTFMEncoder
+from hctembed.model.merlin import MERLIN_PREPROCESS, MerlinImageEncoder, merlin_state_from_checkpoint
+
+
+class WeightsNotFound(HctembedError, FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ForeignSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    preprocess: MonaiPreset
+    dim: int
+    hf_repo: str
+    hf_filename: str
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # released keys -> module keys
+
+
+FOREIGN: dict[str, ForeignSpec] = {
+    "merlin": ForeignSpec(
+        name="merlin",
+        build=MerlinImageEncoder,
+        preprocess=MERLIN_PREPROCESS,
+        dim=2048,
+        hf_repo="stanfordmimi/Merlin",
+        hf_filename="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
+        convert=merlin_state_from_checkpoint,
+    ),
+    "ct-fm": ForeignSpec(
+        name="ct-fm",
+        build=CTFMEncoder,
+        preprocess=CTFM_PREPROCESS,
+        dim=512,
+        hf_repo="project-lighter/ct_fm_feature_extractor",
+        hf_filename="model.safetensors",
+        convert=lambda state: remap_keys(state, {"": "encoder."}),
+    ),
+}
+
+
+def hf_cache_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("HF_HUB_CACHE"):
+        roots.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        roots.append(Path(os.environ["HF_HOME"]) / "hub")
+    roots.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return roots
+
+
+def find_weights(spec: ForeignSpec, weights: str | Path | None) -> Path:
+    """The weights file: ``weights`` when given, else the newest snapshot of the Hugging Face cache."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.exists():
+            raise WeightsNotFound(f"weights file not found: {path}")
+        return path
+    folder = "models--" + spec.hf_repo.replace("/", "--")
+    for root in hf_cache_roots():
+        hits = sorted((root / folder / "snapshots").glob(f"*/{spec.hf_filename}"), key=lambda p: p.stat().st_mtime)
+        if hits:
+            return hits[-1]
+    raise WeightsNotFound(
+        f"no weights for {spec.name}: {spec.hf_filename} (Hugging Face {spec.hf_repo}) is not in "
+        f"{', '.join(str(r) for r in hf_cache_roots())}; download it yourself and pass --weights FILE"
+    )
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+def load_foreign(
+    name: str, *, weights: str | Path | None, seed: int, random_init: bool
+) -> tuple[nn.Module, str, str | None]:
+    """(model in eval mode, weights digest, weights path or None for a random init)."""
+    spec = FOREIGN[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.build().eval()
+    if random_init:
+        return model, weights_digest(model.state_dict()), None
+    path = find_weights(spec, weights)
+    state = read_state(path)
+    own = model.state_dict()
+    load_state_strict(model, state if set(state) == set(own) else spec.convert(state))
+    return model.eval(), weights_digest(model.state_dict()), str(path.resolve())
+
+
+def save_foreign(model: nn.Module, path: Path, *, card: dict | None = None) -> None:
+    """hctembed's own save of a foreign model: its state dict as safetensors and a JSON card beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"config": model.config.to_dict(), "card": card or {}}, indent=2))
