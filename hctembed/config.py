@@ -67,7 +67,43 @@ class PreprocessConfig:
         return "pp-" + stable_hash(asdict(self))[:16]
 
 
-PREPROCESS_PRESETS: dict[str, PreprocessConfig] = {"paper": PreprocessConfig()}
+@dataclass(frozen=True)
+class FitPreprocessConfig:
+    """The preprocessing of the FM-HCT code release ('fmhct-code'), beside the paper's.
+
+    RAS orientation, resample to ``spacing_mm`` isotropic (cubic spline), crop to the foreground's bounding
+    box (HU > ``foreground_hu``), the windows stacked as channels, then resize the box to ``out_size``³
+    without keeping its aspect ratio (area interpolation, MONAI's ``Resize`` default).
+    Output: float32 ``[len(windows), out_size, out_size, out_size]``.
+    """
+
+    name: str = "fmhct-code"
+    spacing_mm: float = 1.0
+    windows: tuple[Window, ...] = PAPER_WINDOWS
+    out_size: int = 96
+    foreground_hu: float = 0.0
+    resize_mode: str = "area"
+
+    def __post_init__(self) -> None:
+        if self.spacing_mm <= 0:
+            raise ValueError("spacing_mm must be > 0")
+        if not self.windows:
+            raise ValueError("at least one HU window is needed")
+        if self.out_size < 1:
+            raise ValueError("out_size must be >= 1")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+    def fingerprint(self) -> str:
+        return "pp-" + stable_hash({"kind": "fit", **asdict(self)})[:16]
+
+
+PREPROCESS_PRESETS: dict[str, PreprocessConfig | FitPreprocessConfig] = {
+    "paper": PreprocessConfig(),
+    "fmhct-code": FitPreprocessConfig(),
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +122,9 @@ class ViTConfig:
     block_norm_eps: float = 1e-5
     final_norm_eps: float = 1e-6
     register_tokens: int = 0
+    # False: the fixed 3D sine-cosine position embedding (a buffer rebuilt from the config). True: a stored
+    # ``pos_embed`` tensor ``[1, N, D]`` (learned or imported, e.g. the FM-HCT checkpoint), saved with the weights.
+    stored_pos_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -138,3 +177,29 @@ def stable_hash(obj: Any) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace), for config fingerprints."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MonaiPreset:
+    """Another model's own preprocessing, as a plain MONAI chain (used for Merlin and CT-FM).
+
+    ``Orientation(axcodes)`` -> optional ``Spacing(spacing_mm, mode)`` -> ``ScaleIntensityRange(hu_range ->
+    [0, 1], clip)`` -> optional ``CropForeground(HU > foreground_hu)`` -> optional pad/crop to
+    ``spatial_size`` (``SpatialPad`` + ``CenterSpatialCrop``). Output float32 ``[1, D0, D1, D2]`` in the
+    axis order of ``axcodes`` (MONAI's channel-first layout).
+    """
+
+    name: str
+    axcodes: str = "RAS"
+    spacing_mm: tuple[float, float, float] | None = None
+    spacing_mode: str = "bilinear"
+    hu_range: tuple[float, float] = (-1000.0, 1000.0)
+    foreground_hu: float | None = None
+    spatial_size: tuple[int, int, int] | None = None
+
+    @property
+    def channels(self) -> int:
+        return 1
+
+    def fingerprint(self) -> str:
+        return "pp-" + stable_hash({"kind": "monai", **asdict(self)})[:16]

@@ -8,7 +8,8 @@ Two implementations of the same function:
 * :func:`preprocess` - the fast path used everywhere else. It composes the geometry of the whole chain
   (orientation, spacing, foreground crop, pad, centre crop) into one separable cubic-spline resample
   from the source voxels onto just the 1 mm points inside the final crop, applies the windows, and
-  area-averages down to the model grid. No reoriented, resampled or padded intermediate volume is built.
+  area-averages down to the model grid. The 1 mm grid is built once (three matrix products straight from
+  the file's buffer); no reoriented or padded intermediate volume is.
 
 Both return float32 ``[C, Z, Y, X]`` (C = number of windows; Z, Y, X along S, A, R).
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hctembed.config import PreprocessConfig, Window
+from hctembed.config import FitPreprocessConfig, MonaiPreset, PreprocessConfig, Window
 from hctembed.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,14 @@ def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
     Returns:
         float32 tensor ``[C, out, out, out]`` in ``[0, 1]``, axes ``[C, Z(S), Y(A), X(R)]``.
     """
+    if isinstance(config, FitPreprocessConfig):  # the 'fmhct-code' preset
+        from hctembed.preprocess_fit import preprocess_fit
+
+        return preprocess_fit(volume, config=config)
+    if isinstance(config, MonaiPreset):  # another model's own chain (Merlin, CT-FM)
+        from hctembed.preprocess_monai import preprocess_monai
+
+        return preprocess_monai(volume, config=config)
     grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
     hu = resample_isotropic(volume, grid=grid)  # [Z1, Y1, X1]
     if config.centre_on_head:
@@ -122,9 +131,9 @@ def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
         lo, hi = np.zeros(3, np.int64), grid.shape - 1
     start = crop_start(lo=lo, hi=hi, config=config)
     c = config.crop_size
-    # the part of the crop that lies on the grid; the rest stays 0 (padding)
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + c, grid.shape)
+    # the part of the crop inside the kept box (the head, as CropForeground leaves it); the rest is padding (0)
+    src_lo = np.maximum(start, lo)
+    src_hi = np.minimum(start + c, hi + 1)
     dst_lo = src_lo - start
     windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32)
     if np.all(src_hi > src_lo):
@@ -219,6 +228,10 @@ def reference_chain(config: PreprocessConfig):
 
 def preprocess_reference(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
     """The MONAI chain on a Volume; float32 ``[C, out, out, out]`` as ``[C, Z, Y, X]`` like :func:`preprocess`."""
+    if isinstance(config, FitPreprocessConfig):  # the 'fmhct-code' preset
+        from hctembed.preprocess_fit import preprocess_fit_reference
+
+        return preprocess_fit_reference(volume, config=config)
     from monai.data import MetaTensor
 
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)

@@ -129,3 +129,14 @@ def test_config_rejects_inconsistent_sizes():
         PreprocessConfig(crop_size=250)
     with pytest.raises(ValueError):
         PreprocessConfig(out_size=100)
+
+
+def test_things_outside_the_head_box_are_padding_like_the_reference():
+    """A headrest (-700 HU, above air but below the -500 foreground threshold) must not leak in."""
+    hu, affine = head_phantom_xyz(shape_xyz=(150, 150, 36), spacing=(1.6, 1.6, 5.0))
+    hu = hu.astype(np.float32)
+    hu[:, 2:10, :] = np.where(hu[:, 2:10, :] < -900, -700.0, hu[:, 2:10, :])  # a posterior slab
+    volume = Volume(array=hu.transpose(2, 1, 0), affine=affine)
+    fast = preprocess(volume, config=SMALL)
+    ref = preprocess_reference(volume, config=SMALL)
+    assert float((fast - ref).abs().max()) < 1e-3

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import typer
 
-from hctembed.cli import bench, demo, embed, search, synth
+from hctembed.cli import (
+    bench,
+    datasets,
+    demo,
+    embed,
+    import_fmhct,
+    import_vectors,
+    pretrain,
+    probe,
+    scan,
+    search,
+    synth,
+)
+from hctembed.cli import explain as explain_cli
+from hctembed.cli import map as map_cli
 from hctembed.cli.common import friendly_errors
 
 app = typer.Typer(
@@ -14,9 +28,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("synth")(friendly_errors(synth.synth))
+app.command("scan")(friendly_errors(scan.scan))
 app.command("embed")(friendly_errors(embed.embed))
 app.command("search")(friendly_errors(search.search))
+app.command("explain")(friendly_errors(explain_cli.explain))
+app.command("map")(friendly_errors(map_cli.map_command))
 app.add_typer(bench.app, name="bench")
+app.add_typer(datasets.app, name="datasets")
+app.add_typer(probe.app, name="probe")
+app.command("import-vectors")(friendly_errors(import_vectors.import_vectors))
+app.command("pretrain")(friendly_errors(pretrain.pretrain))
+app.command("import-fmhct")(friendly_errors(import_fmhct.import_fmhct))
 app.command("demo")(friendly_errors(demo.demo))
 
 

@@ -36,7 +36,7 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -69,6 +69,18 @@ def read_config(path: str | Path) -> ViTConfig:
     if sidecar.exists():
         return ViTConfig.from_dict(json.loads(sidecar.read_text())["config"])
     raise CheckpointError(f"{path} carries no encoder config (no metadata 'config', no {sidecar.name})")
+
+
+def read_card(path: str | Path) -> dict:
+    """The model card in the weights' JSON sidecar (``{}`` when there is none)."""
+    sidecar = Path(path).with_suffix(".json")
+    if not sidecar.exists():
+        return {}
+    try:
+        card = json.loads(sidecar.read_text()).get("card") or {}
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{sidecar} is not a valid weights sidecar (JSON object with 'card')") from None
+    return dict(card)
 
 
 def remap_keys(state: Mapping[str, torch.Tensor], remap: Mapping[str, str]) -> dict[str, torch.Tensor]:

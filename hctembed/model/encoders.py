@@ -8,14 +8,15 @@ two different weight files never share an id.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hctembed.config import VIT_PRESETS, PreprocessConfig, ViTConfig
-from hctembed.model.checkpoint import load_encoder_weights, save_encoder, weights_digest
+from hctembed.config import PREPROCESS_PRESETS, VIT_PRESETS, FitPreprocessConfig, PreprocessConfig, ViTConfig
+from hctembed.model.checkpoint import load_encoder_weights, read_card, save_encoder, weights_digest
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ class Encoder:
     name: str
     model_id: str
     model: ViT3D
-    preprocess: PreprocessConfig
+    preprocess: PreprocessConfig | FitPreprocessConfig
     weights_digest: str
     weights_path: str | None
+    card: dict | None = None  # the weights' model card (JSON sidecar), stored in the models table
 
     @property
     def dim(self) -> int:
@@ -68,14 +70,32 @@ class Encoder:
         return self
 
 
-def load_encoder(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, seed: int = 0) -> Encoder:
+def load_encoder(
+    name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, seed: int = 0, random_init: bool | None = None
+) -> Encoder:
     """Build an encoder by registry name; load ``weights`` (safetensors) strictly, or init from ``seed``.
+
+    Merlin and CT-FM (:mod:`hctembed.model.foreign`) look for their released weights in the Hugging Face
+    cache when ``weights`` is None, unless ``random_init`` (tests, speed benchmarks).
 
     With ``weights``, the file's stored config decides the architecture; ``name`` only picks the
     preprocessing and must agree with the file's image size.
     """
+    from hctembed.model.foreign import FOREIGN, load_foreign
+
+    if name in FOREIGN:  # another foundation model with its own preprocessing (Merlin, CT-FM)
+        model, digest, path = load_foreign(name, weights=weights, seed=seed, random_init=random_init)
+        return Encoder(
+            name=name,
+            model_id=f"{name}-{digest[:12]}",
+            model=model,
+            preprocess=FOREIGN[name].preprocess,
+            weights_digest=digest,
+            weights_path=path,
+        )
     if name not in REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        known = sorted(REGISTRY) + sorted(FOREIGN)
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(known)}")
     spec = REGISTRY[name]
     if weights is not None:
         model, sha = load_encoder_weights(weights)
@@ -85,12 +105,19 @@ def load_encoder(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None
                 f"{spec.preprocess.out_size}³; pass the matching --model"
             )
         weights_path: str | None = str(Path(weights).resolve())
+        card = read_card(weights)
+        preset = card.get("preprocess")
+        if preset and preset != "paper":  # e.g. imported FM-HCT weights: 'fmhct-code'
+            if preset not in PREPROCESS_PRESETS:
+                raise ValueError(f"{weights} asks for preprocessing {preset!r}; known: {', '.join(PREPROCESS_PRESETS)}")
+            spec = replace(spec, preprocess=replace(PREPROCESS_PRESETS[preset], out_size=model.config.image_size))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = ViT3D(spec.vit).eval()
         sha = weights_digest(model.state_dict())
         weights_path = None
+        card = None
     return Encoder(
         name=name,
         model_id=f"{name}-{sha[:12]}",
@@ -98,6 +125,7 @@ def load_encoder(name: str = DEFAULT_MODEL, *, weights: str | Path | None = None
         preprocess=spec.preprocess,
         weights_digest=sha,
         weights_path=weights_path,
+        card=card,
     )
 
 
@@ -107,7 +135,17 @@ def persist_weights(encoder: Encoder, *, folder: Path) -> Encoder:
         return encoder
     path = folder / f"{encoder.model_id}.safetensors"
     if not path.exists():
-        save_encoder(encoder.model, path, card={"init": "random", "model_id": encoder.model_id})
+        from hctembed.model.foreign import FOREIGN, save_foreign
+
+        card = {"init": "random", "model_id": encoder.model_id}
+        # written under a temporary name and renamed: a run killed mid-write leaves no truncated weights
+        tmp = folder / f".{encoder.model_id}.{os.getpid()}.safetensors"
+        if encoder.name in FOREIGN:
+            save_foreign(encoder.model, tmp, card=card)
+        else:
+            save_encoder(encoder.model, tmp, card=card)
+        os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
+        os.replace(tmp, path)
     return Encoder(
         name=encoder.name,
         model_id=encoder.model_id,
@@ -115,4 +153,5 @@ def persist_weights(encoder: Encoder, *, folder: Path) -> Encoder:
         preprocess=encoder.preprocess,
         weights_digest=encoder.weights_digest,
         weights_path=str(path.resolve()),
+        card=encoder.card,
     )

@@ -77,9 +77,11 @@ class ViT3D(nn.Module):
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.register_tokens, config.dim)) if config.register_tokens else None
         )
-        self.register_buffer(
-            "pos_embed", sincos_3d(dim=config.dim, grid=config.grid)[None], persistent=False
-        )  # [1, N, D], fixed, rebuilt from the config (never loaded from a checkpoint)
+        pos = sincos_3d(dim=config.dim, grid=config.grid)[None]  # [1, N, D]
+        if config.stored_pos_embed:  # a tensor saved with the weights (e.g. an imported checkpoint's)
+            self.pos_embed = nn.Parameter(pos)
+        else:  # fixed, rebuilt from the config (never loaded from a checkpoint)
+            self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(config.dim, eps=config.final_norm_eps)
         self._init_weights()

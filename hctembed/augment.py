@@ -1,0 +1,164 @@
+"""Training views for self-supervised pretraining (FM-HCT Methods, 'Self-supervised pretraining').
+
+Every view is cut from a *base volume*: the paper preprocessing stopped at the 224 mm pad/crop around the
+head (no 192 centre crop), i.e. ``[C, S, S, S]`` windows in ``[0, 1]`` at ``224 / S`` mm per voxel
+(S = 224 for the paper's 96³ model; S = 112 for a 48³ model). Crop sizes are given in millimetres, as in
+the paper, and converted to base voxels.
+
+* DINO multi-crop: 2 global crops of 112-224 mm and ``n_local`` local crops of 64-112 mm (cubes at a random
+  place), each resized to the model input, then random flips along each axis, an intensity shift and a
+  contrast change, and a Gaussian blur.
+* MAE: one random cubic crop (144-224 mm) resized to the model input, and a random left-right flip.
+
+All randomness comes from the ``torch.Generator`` passed in, so a run reproduces exactly from its seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hctembed.config import PreprocessConfig
+
+BASE_MM = 224  # the paper resamples/pads to 224³ at 1 mm before cropping
+
+
+def base_preprocess(*, image_size: int) -> PreprocessConfig:
+    """The paper preset stopped at the 224 mm pad/crop around the head: ``S = image_size * 224 / 96`` voxels
+    of ``224 / S`` mm. For the 96³ model that is the paper's 224³ at 1 mm; for a 48³ model, 112³ at 2 mm
+    (resampled straight to 2 mm, which is 8x less work than 1 mm and an average)."""
+    size = round(image_size * BASE_MM / 96)
+    if size < 1:
+        raise ValueError(f"image_size {image_size} is too small")
+    return PreprocessConfig(
+        name="pretrain-base", spacing_mm=BASE_MM / size, pad_size=size, crop_size=size, out_size=size
+    )
+
+
+@dataclass(frozen=True)
+class MultiCropConfig:
+    """DINO views. Sizes in mm of the 224 mm base; ``out_size`` is the model input edge in voxels."""
+
+    out_size: int = 96
+    n_global: int = 2
+    n_local: int = 3
+    global_mm: tuple[float, float] = (112.0, 224.0)
+    local_mm: tuple[float, float] = (64.0, 112.0)
+    flip_p: float = 0.5
+    shift: float = 0.1  # intensity shift drawn from U(-shift, shift) (window units, [0, 1] range)
+    contrast: tuple[float, float] = (0.75, 1.25)  # contrast factor around the crop's mean
+    blur_p: tuple[float, ...] = (1.0, 0.1)  # per global view; local views use blur_p_local
+    blur_p_local: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 1.5)  # in output voxels
+
+    def __post_init__(self) -> None:
+        for lo, hi in (self.global_mm, self.local_mm):
+            if not 0 < lo <= hi <= BASE_MM:
+                raise ValueError(f"crop range ({lo}, {hi}) mm must lie in (0, {BASE_MM}]")
+        if self.n_global < 1:
+            raise ValueError("at least one global crop is needed")
+
+
+@dataclass(frozen=True)
+class MaeCropConfig:
+    out_size: int = 96
+    crop_mm: tuple[float, float] = (144.0, 224.0)
+    flip_p: float = 0.5  # left-right (X) only
+
+
+def _randint(lo: int, hi: int, g: torch.Generator) -> int:
+    """Uniform integer in ``[lo, hi]``."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _uniform(lo: float, hi: float, g: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def crop_size_voxels(mm: tuple[float, float], *, base: int) -> tuple[int, int]:
+    """A millimetre range on the 224 mm base -> an integer voxel range on a ``base``-voxel volume."""
+    scale = base / BASE_MM
+    lo, hi = max(1, round(mm[0] * scale)), max(1, round(mm[1] * scale))
+    return min(lo, base), min(hi, base)
+
+
+def random_crop(x: torch.Tensor, *, size_range: tuple[int, int], g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A random cube of edge ``size_range[0]..size_range[1]`` from ``x [C, S, S, S]``; returns (crop, edge)."""
+    s = _randint(size_range[0], size_range[1], g)
+    starts = [_randint(0, n - s, g) for n in x.shape[1:]]
+    z, y, w = starts
+    return x[:, z : z + s, y : y + s, w : w + s], s
+
+
+def resize(x: torch.Tensor, *, size: int) -> torch.Tensor:
+    """``[C, s, s, s]`` -> ``[C, size, size, size]``: area averaging when shrinking, trilinear when growing."""
+    if x.shape[1] == size:
+        return x.clone()
+    if x.shape[1] > size:
+        return F.interpolate(x[None], size=(size,) * 3, mode="area")[0]
+    return F.interpolate(x[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0]
+
+
+def gaussian_blur(x: torch.Tensor, *, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``x [C, Z, Y, X]`` (kernel radius 3 sigma, replicate padding)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[0]
+    out = x[None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape).expand(c, 1, *shape[2:]), groups=c)
+    return out[0]
+
+
+def photometric(x: torch.Tensor, *, config: MultiCropConfig, blur_p: float, g: torch.Generator) -> torch.Tensor:
+    """Random flips (each axis), intensity shift, contrast and (with probability ``blur_p``) blur."""
+    for axis in (1, 2, 3):
+        if float(torch.rand((), generator=g)) < config.flip_p:
+            x = x.flip(axis)
+    shift = _uniform(-config.shift, config.shift, g)
+    factor = _uniform(*config.contrast, g)
+    mean = x.mean()
+    x = ((x - mean) * factor + mean + shift).clamp_(0.0, 1.0)
+    if float(torch.rand((), generator=g)) < blur_p:
+        x = gaussian_blur(x, sigma=_uniform(*config.blur_sigma, g))
+    return x.contiguous()
+
+
+def multi_crop(base: torch.Tensor, *, config: MultiCropConfig, g: torch.Generator) -> list[torch.Tensor]:
+    """``base [C, S, S, S]`` -> ``n_global + n_local`` views, each ``[C, out, out, out]`` (globals first)."""
+    s = base.shape[1]
+    views = []
+    for i in range(config.n_global):
+        crop, _ = random_crop(base, size_range=crop_size_voxels(config.global_mm, base=s), g=g)
+        p = config.blur_p[i] if i < len(config.blur_p) else config.blur_p[-1]
+        views.append(photometric(resize(crop, size=config.out_size), config=config, blur_p=p, g=g))
+    for _ in range(config.n_local):
+        crop, _ = random_crop(base, size_range=crop_size_voxels(config.local_mm, base=s), g=g)
+        views.append(photometric(resize(crop, size=config.out_size), config=config, blur_p=config.blur_p_local, g=g))
+    return views
+
+
+def mae_crop(base: torch.Tensor, *, config: MaeCropConfig, g: torch.Generator) -> torch.Tensor:
+    """``base [C, S, S, S]`` -> one view ``[C, out, out, out]``: random cubic crop and left-right flip."""
+    crop, _ = random_crop(base, size_range=crop_size_voxels(config.crop_mm, base=base.shape[1]), g=g)
+    view = resize(crop, size=config.out_size)
+    if float(torch.rand((), generator=g)) < config.flip_p:
+        view = view.flip(3)
+    return view.contiguous()
+
+
+def sample_generator(*, seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator for one sample's views: a function of (seed, epoch, sample index) only, so the views
+    do not depend on worker processes, ranks or where a run was resumed."""
+    g = torch.Generator()
+    g.manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+    return g

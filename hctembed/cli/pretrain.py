@@ -1,0 +1,86 @@
+"""``hctembed pretrain``: self-supervised pretraining (DINO or MAE) of the 3D ViT on an archive.
+
+Single process: ``hctembed pretrain ARCHIVE --method dino --config vit-small --out runs/dino``.
+Several GPUs or nodes: ``torchrun --nproc-per-node 4 -m hctembed.cli pretrain ...`` (DDP; nccl on GPU,
+gloo on CPU). Leaves ``OUT/encoder.safetensors`` (+ ``.json`` with the model card) for
+``hctembed embed --weights``, ``OUT/checkpoint.pt`` for ``--resume`` and ``OUT/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import print_table, setup_logging, stderr
+
+
+def pretrain(
+    archive: Path = typer.Argument(..., help="Archive folder / file, or a manifest.parquet from `hctembed scan`."),
+    method: str = typer.Option("dino", "--method", help="dino or mae."),
+    config: str = typer.Option("vit-base", "--config", help="vit-base, vit-small, vit-tiny or vit-micro."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log.jsonl, encoder.safetensors."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Planned epochs (the schedules span these)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimiser steps."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per process and micro-batch."),
+    accumulate: int = typer.Option(1, "--accumulate", min=1, help="Micro-batches per optimiser step."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=1, help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (exactly)."),
+    local_crops: int = typer.Option(3, "--local-crops", min=0, help="DINO local crops per scan."),
+    prototypes: int = typer.Option(65536, "--prototypes", min=2, help="DINO head output dimension."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: base lr x batch / 256)."),
+    seed: int = typer.Option(0, "--seed"),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers cutting views."),
+    cache: Path | None = typer.Option(None, "--cache", help="Preprocessed-volume cache (default OUT/cache)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
+    import torch
+
+    from hctembed.io.archive import scan_archive
+    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.pretrain import PretrainConfig, PretrainError, run_pretrain
+    from hctembed.pretrain import distributed as ddp
+
+    setup_logging(quiet=quiet)
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise PretrainError("--device cuda but no CUDA device is available")
+    found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
+    if not found.selected:
+        raise PretrainError(f"no usable scans in {archive}")
+    run = PretrainConfig(
+        method=method,
+        model=config,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        accumulate=accumulate,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        local_crops=local_crops,
+        prototypes=prototypes,
+        seed=seed,
+        num_workers=workers,
+    )
+    dev = ddp.init_from_env(use_cuda=use_cuda)
+    rank, world = ddp.rank_world()
+    try:
+        if rank == 0:
+            stderr.print(
+                f"{len(found.selected)} scans in {archive}; {method} on {config}, {world} process(es) on {dev.type}"
+            )
+        result = run_pretrain(refs=found.selected, config=run, out=out, resume=resume, device=dev, cache_dir=cache)
+    finally:
+        ddp.shutdown()
+    if rank == 0:
+        rows = {
+            "out": str(out),
+            "encoder": str(result.encoder_path),
+            "scans": result.data_count,
+            "failed": len(result.failed),
+            "steps": f"{result.steps_done}/{result.total_steps}",
+            "loss": result.last.get("loss"),
+        }
+        print_table([{"field": k, "value": v} for k, v in rows.items()], title="pretrain")

@@ -1,0 +1,10 @@
+"""Self-supervised pretraining of the 3D ViT (FM-HCT Methods): DINO and MAE, one training loop, export.
+
+``run_pretrain`` (loop.py) trains; ``dino.py`` and ``mae.py`` hold the maths; ``schedules.py`` the
+per-step values; ``cache.py`` the on-disk preprocessed volumes; ``state.py`` the checkpoint files;
+``export.py`` writes the encoder for ``hctembed embed --weights``.
+"""
+
+from hctembed.pretrain.loop import PretrainConfig, PretrainError, PretrainResult, run_pretrain
+
+__all__ = ["PretrainConfig", "PretrainError", "PretrainResult", "run_pretrain"]

@@ -1,0 +1,139 @@
+"""DINO for the 3D ViT: projection head, self-distillation loss with a centre, EMA teacher.
+
+Pure maths: nothing here calls torch.distributed or CUDA. The training loop all-reduces the teacher's
+batch mean before :meth:`DINOLoss.update_center` when it runs on several processes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hctembed.model.vit3d import ViT3D
+
+
+@dataclass(frozen=True)
+class DINOHeadConfig:
+    out_dim: int = 65536  # prototypes
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True  # weight-norm gain fixed at 1 (the stable choice for ViTs)
+
+
+class WeightNormLinear(nn.Module):
+    """``y = x @ (g * v / ||v||)^T`` row-wise, no bias. With ``fixed_gain`` the gain g is 1 and not trained."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, fixed_gain: bool) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_gain)
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight())
+
+
+class DINOHead(nn.Module):
+    """MLP (``nlayers`` linear layers, GELU between) to a ``bottleneck_dim`` vector, L2-normalised, then a
+    weight-normalised linear layer onto ``out_dim`` prototypes. ``[B, in_dim] -> [B, out_dim]``."""
+
+    def __init__(self, in_dim: int, config: DINOHeadConfig) -> None:
+        super().__init__()
+        dims = [in_dim] + [config.hidden_dim] * (config.nlayers - 1) + [config.bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(config.bottleneck_dim, config.out_dim, fixed_gain=config.norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
+
+
+class DINOStudent(nn.Module):
+    """Backbone CLS -> head. Views are concatenated along the batch: ``[V*B, C, Z, Y, X] -> [V*B, K]``."""
+
+    def __init__(self, backbone: ViT3D, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def make_teacher(student: DINOStudent) -> DINOStudent:
+    """A copy of the student that is never trained by gradients (only by :func:`ema_update`)."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(*, teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher = momentum * teacher + (1 - momentum) * student`` for every parameter (same order)."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise ValueError("teacher and student differ in structure")
+    for t, s in zip(t_params, s_params, strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the sharpened, centred teacher distribution of each global view and the student
+    distribution of every *other* view, averaged over view pairs and the batch.
+
+    ``center`` ``[1, K]`` is a buffer (saved with the state); :meth:`update_center` moves it towards the
+    teacher's batch mean with ``center_momentum``.
+    """
+
+    def __init__(self, *, out_dim: int, n_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.n_global = n_global
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, *, teacher_temp: float) -> torch.Tensor:
+        """``student_out [V*B, K]`` (views in blocks of B, globals first), ``teacher_out [G*B, K]`` -> scalar."""
+        n_views = student_out.shape[0] // (teacher_out.shape[0] // self.n_global)
+        s_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_views)
+        t_prob = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(self.n_global)
+        total, terms = 0.0, 0
+        for ti, q in enumerate(t_prob):
+            for si, logp in enumerate(s_logp):
+                if si == ti:  # the same view seen by both networks: skipped
+                    continue
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                terms += 1
+        return total / terms
+
+    @staticmethod
+    def batch_center(teacher_out: torch.Tensor) -> torch.Tensor:
+        """Mean teacher output over this process's batch, ``[1, K]`` (the loop averages it across ranks)."""
+        return teacher_out.detach().float().mean(dim=0, keepdim=True)
+
+    @torch.no_grad()
+    def update_center(self, batch_center: torch.Tensor) -> None:
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+def cancel_last_layer_grads(head: DINOHead) -> None:
+    """Drop the gradients of the prototype layer (done during the first epoch(s): stabilises the start)."""
+    for p in head.last_layer.parameters():
+        p.grad = None

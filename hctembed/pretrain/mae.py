@@ -1,0 +1,141 @@
+"""Masked autoencoding for the 3D ViT: random masking, encoder on the visible patches, a light decoder.
+
+The encoder is the :class:`~hctembed.model.vit3d.ViT3D` itself (its patch embedding, position embedding,
+prefix tokens, blocks and final norm), so the pretrained weights export as a plain encoder. The decoder
+has its own width, blocks and fixed 3D sine-cosine position embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from hctembed.config import ViTConfig
+from hctembed.model.pos_embed import sincos_3d
+from hctembed.model.vit3d import Block, ViT3D
+
+
+@dataclass(frozen=True)
+class MAEConfig:
+    mask_ratio: float = 0.75
+    decoder_dim: int = 384  # a multiple of 6 (3D sine-cosine embedding) and of decoder_heads
+    decoder_depth: int = 8
+    decoder_heads: int = 12
+    norm_pix_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError("mask_ratio must be in (0, 1)")
+
+
+def random_masking(x: torch.Tensor, *, mask_ratio: float, generator: torch.Generator | None = None):
+    """Keep a random ``1 - mask_ratio`` of the tokens of each sample (argsort of uniform noise).
+
+    Args:
+        x: ``[B, N, D]`` patch tokens.
+    Returns:
+        ``(visible [B, N_keep, D], mask [B, N] with 1 = masked, ids_restore [B, N])``; gathering
+        ``cat(visible, masked)`` with ``ids_restore`` puts tokens back in their original order.
+    """
+    b, n, d = x.shape
+    keep = round(n * (1 - mask_ratio))
+    noise = torch.rand(b, n, generator=generator, device="cpu").to(x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    visible = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, d))
+    mask = torch.ones(b, n, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return visible, mask, ids_restore
+
+
+def patchify(x: torch.Tensor, *, patch: int) -> torch.Tensor:
+    """``[B, C, Z, Y, X]`` -> ``[B, N, p³·C]`` with patches in ``[Z, Y, X]`` raster order (as the conv
+    patch embedding flattens them) and each patch's values in (pz, py, px, c) order."""
+    b, c, z, y, w = x.shape
+    gz, gy, gx = z // patch, y // patch, w // patch
+    t = x.reshape(b, c, gz, patch, gy, patch, gx, patch)
+    t = t.permute(0, 2, 4, 6, 3, 5, 7, 1)  # [B, gz, gy, gx, pz, py, px, C]
+    return t.reshape(b, gz * gy * gx, patch**3 * c)
+
+
+class MAE3D(nn.Module):
+    """``forward(x [B, C, Z, Y, X]) -> (loss, pred [B, N, p³·C], mask [B, N])``."""
+
+    def __init__(self, encoder: ViT3D, config: MAEConfig = MAEConfig()) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        vit = encoder.config
+        dec = replace(
+            vit,
+            name="mae-decoder",
+            dim=config.decoder_dim,
+            depth=config.decoder_depth,
+            heads=config.decoder_heads,
+            mlp_dim=4 * config.decoder_dim,
+            register_tokens=0,
+            stored_pos_embed=False,
+        )
+        self.decoder_embed = nn.Linear(vit.dim, config.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_dim))
+        self.register_buffer(
+            "decoder_pos_embed", sincos_3d(dim=config.decoder_dim, grid=vit.grid)[None], persistent=False
+        )
+        self.decoder_blocks = nn.ModuleList([Block(dec) for _ in range(config.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=vit.block_norm_eps)
+        self.decoder_pred = nn.Linear(config.decoder_dim, vit.patch_size**3 * vit.in_channels)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def vit(self) -> ViTConfig:
+        return self.encoder.config
+
+    def encode(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
+        """Visible tokens through the encoder: ``([B, P + N_keep, D], mask [B, N], ids_restore [B, N])``."""
+        tokens = self.encoder.tokens(x)  # [B, P + N, D], position embedding already on the patches
+        p = self.encoder.num_prefix_tokens
+        visible, mask, ids_restore = random_masking(
+            tokens[:, p:], mask_ratio=self.config.mask_ratio, generator=generator
+        )
+        t = torch.cat([tokens[:, :p], visible], dim=1)
+        for block in self.encoder.blocks:
+            t = block(t)
+        return self.encoder.norm(t), mask, ids_restore
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """``[B, P + N_keep, D]`` -> predicted patches ``[B, N, p³·C]``."""
+        p = self.encoder.num_prefix_tokens
+        t = self.decoder_embed(latent)
+        b, n = ids_restore.shape
+        n_keep = t.shape[1] - p
+        masked = self.mask_token.expand(b, n - n_keep, -1)
+        patches = torch.cat([t[:, p:], masked], dim=1)
+        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, t.shape[-1]))
+        t = torch.cat([t[:, :p], patches + self.decoder_pos_embed], dim=1)
+        for block in self.decoder_blocks:
+            t = block(t)
+        return self.decoder_pred(self.decoder_norm(t))[:, p:]
+
+    def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the masked patches only (per-patch normalised target if configured)."""
+        target = patchify(x, patch=self.vit.patch_size)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, N]
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
+        latent, mask, ids_restore = self.encode(x, generator=generator)
+        pred = self.decode(latent, ids_restore)
+        return self.loss(x, pred, mask), pred, mask

@@ -1,0 +1,70 @@
+"""Multi-crop and MAE views: crop sizes in range, shapes, determinism under a seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hctembed.augment import (
+    MaeCropConfig,
+    MultiCropConfig,
+    base_preprocess,
+    crop_size_voxels,
+    gaussian_blur,
+    mae_crop,
+    multi_crop,
+    random_crop,
+    sample_generator,
+)
+
+
+def test_base_volume_sizes_follow_the_paper():
+    assert base_preprocess(image_size=96).out_size == 224  # 224³ at 1 mm for the 96³ model
+    assert base_preprocess(image_size=48).out_size == 112
+    assert crop_size_voxels((112, 224), base=224) == (112, 224)
+    assert crop_size_voxels((64, 112), base=112) == (32, 56)
+
+
+def test_crop_sizes_stay_in_range():
+    base = torch.rand(3, 112, 112, 112)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        crop, edge = random_crop(base, size_range=(32, 56), g=g)
+        assert 32 <= edge <= 56 and crop.shape == (3, edge, edge, edge)
+        seen.add(edge)
+    assert min(seen) <= 34 and max(seen) >= 54  # the whole range is used
+
+
+def test_multi_crop_shapes_and_determinism():
+    base = torch.rand(3, 112, 112, 112)
+    config = MultiCropConfig(out_size=48, n_local=3)
+    a = multi_crop(base, config=config, g=sample_generator(seed=1, epoch=0, index=5))
+    b = multi_crop(base, config=config, g=sample_generator(seed=1, epoch=0, index=5))
+    c = multi_crop(base, config=config, g=sample_generator(seed=1, epoch=0, index=6))
+    assert len(a) == 5 and all(v.shape == (3, 48, 48, 48) for v in a)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c, strict=True))
+    assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in a)
+
+
+def test_mae_crop_shape_and_determinism():
+    base = torch.rand(3, 112, 112, 112)
+    config = MaeCropConfig(out_size=48)
+    a = mae_crop(base, config=config, g=torch.Generator().manual_seed(3))
+    b = mae_crop(base, config=config, g=torch.Generator().manual_seed(3))
+    assert a.shape == (3, 48, 48, 48) and torch.equal(a, b)
+
+
+def test_blur_keeps_constants_and_smooths():
+    flat = torch.full((1, 10, 10, 10), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, sigma=1.0), flat)
+    spike = torch.zeros(1, 11, 11, 11)
+    spike[0, 5, 5, 5] = 1.0
+    out = gaussian_blur(spike, sigma=1.0)
+    assert float(out.sum()) == pytest.approx(1.0, rel=1e-5) and float(out.max()) < 0.1
+
+
+def test_crop_ranges_are_validated():
+    with pytest.raises(ValueError):
+        MultiCropConfig(global_mm=(112, 300))

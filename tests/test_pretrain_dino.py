@@ -1,0 +1,123 @@
+"""DINO maths against independent re-statements; the last layer frozen during the first epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hctembed.config import VIT_PRESETS
+from hctembed.io.archive import discover
+from hctembed.model.vit3d import ViT3D
+from hctembed.pretrain import PretrainConfig, run_pretrain
+from hctembed.pretrain.dino import DINOHead, DINOHeadConfig, DINOLoss, DINOStudent, ema_update, make_teacher
+from hctembed.synth import generate_archive
+from hctembed.synth.protocol import SynthConfig
+
+
+def shared_archive(tmp_path_factory, n: int = 4) -> Path:
+    root = tmp_path_factory.getbasetemp() / f"pretrain-archive-{n}"
+    if not (root / "labels.csv").exists():
+        generate_archive(root, n=n, seed=3, config=SynthConfig(matrix=64))
+    return root
+
+
+def reference_dino_loss(student, teacher, centre, *, n_views, n_global, t_temp, s_temp) -> float:
+    """Per sample and per (teacher view, other student view) pair: -sum_k q_k log p_k, in float64 numpy."""
+    s = student.double().numpy()
+    t = teacher.double().numpy()
+    c = centre.double().numpy()[0]
+    b = t.shape[0] // n_global
+    total, count = 0.0, 0
+    for tv in range(n_global):
+        for sv in range(n_views):
+            if sv == tv:
+                continue
+            for i in range(b):
+                logits_t = (t[tv * b + i] - c) / t_temp
+                q = np.exp(logits_t - logits_t.max())
+                q /= q.sum()
+                logits_s = s[sv * b + i] / s_temp
+                logp = logits_s - logits_s.max() - np.log(np.exp(logits_s - logits_s.max()).sum())
+                total += -(q * logp).sum() / b
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("n_views", [2, 5])
+def test_loss_matches_independent_restatement(n_views):
+    g = torch.Generator().manual_seed(n_views)
+    b, k = 3, 17
+    student = torch.randn(n_views * b, k, generator=g) * 3
+    teacher = torch.randn(2 * b, k, generator=g) * 3
+    loss_fn = DINOLoss(out_dim=k, n_global=2)
+    loss_fn.center.copy_(torch.randn(1, k, generator=g))
+    got = float(loss_fn(student, teacher, teacher_temp=0.05))
+    want = reference_dino_loss(student, teacher, loss_fn.center, n_views=n_views, n_global=2, t_temp=0.05, s_temp=0.1)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_centre_update_is_the_momentum_formula():
+    g = torch.Generator().manual_seed(0)
+    loss_fn = DINOLoss(out_dim=5, center_momentum=0.9)
+    old = torch.randn(1, 5, generator=g)
+    loss_fn.center.copy_(old)
+    teacher = torch.randn(8, 5, generator=g)
+    loss_fn.update_center(DINOLoss.batch_center(teacher))
+    want = 0.9 * old.numpy() + 0.1 * teacher.numpy().mean(axis=0, keepdims=True)
+    np.testing.assert_allclose(loss_fn.center.numpy(), want, rtol=1e-6, atol=1e-7)
+    assert "center" in loss_fn.state_dict()  # saved with checkpoints
+
+
+def test_ema_update_is_the_formula():
+    torch.manual_seed(0)
+    student = DINOStudent(ViT3D(VIT_PRESETS["vit-micro"]), DINOHead(96, DINOHeadConfig(out_dim=32, hidden_dim=16)))
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ema_update(teacher=teacher, student=student, momentum=0.7)
+    s_state = student.state_dict()
+    for key, value in teacher.state_dict().items():
+        if key.endswith("pos_embed"):
+            continue
+        torch.testing.assert_close(value, 0.7 * before[key] + 0.3 * s_state[key], rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_head_last_layer_is_weight_normalised():
+    head = DINOHead(12, DINOHeadConfig(out_dim=40, hidden_dim=24, bottleneck_dim=8))
+    w = head.last_layer.weight()
+    np.testing.assert_allclose(w.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
+    assert not head.last_layer.weight_g.requires_grad  # gain fixed at 1
+    x = torch.randn(3, 12)
+    bottleneck = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    torch.testing.assert_close(head(x), bottleneck @ w.T)
+
+
+@pytest.mark.slow
+def test_last_layer_frozen_in_first_epoch_only(tmp_path_factory, tmp_path):
+    refs = discover(shared_archive(tmp_path_factory))
+    cache = tmp_path_factory.getbasetemp() / "pretrain-cache"
+    config = PretrainConfig(
+        method="dino", model="vit-micro", epochs=2, batch_size=2, prototypes=64, head_hidden=64,
+        bottleneck=32, local_crops=1, lr=1e-3, checkpoint_every=100,
+    )  # fmt: skip
+    torch.manual_seed(config.seed)
+    initial = DINOStudent(
+        ViT3D(VIT_PRESETS["vit-micro"]), DINOHead(96, DINOHeadConfig(out_dim=64, hidden_dim=64, bottleneck_dim=32))
+    )
+    first = run_pretrain(
+        refs=refs, config=PretrainConfig(**{**config.__dict__, "max_steps": 2}), out=tmp_path / "a", cache_dir=cache
+    )
+    assert first.steps_done == 2 and first.last["epoch"] == 0  # 4 scans / batch 2: two steps per epoch
+    v0 = initial.head.last_layer.weight_v.detach()
+    torch.testing.assert_close(first.trained.head.last_layer.weight_v.detach(), v0, rtol=0, atol=0)
+    assert not torch.equal(first.trained.head.mlp[0].weight, initial.head.mlp[0].weight)  # the rest trained
+    config3 = PretrainConfig(**{**config.__dict__, "max_steps": 3})
+    second = run_pretrain(refs=refs, config=config3, out=tmp_path / "a", resume=True, cache_dir=cache)
+    assert second.steps_done == 3 and second.last["epoch"] == 1
+    assert not torch.equal(second.trained.head.last_layer.weight_v.detach(), v0)  # epoch 2: trained

@@ -1,0 +1,93 @@
+"""MAE: masking exactly 75 %, order restored, loss only on masked patches, normalised targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hctembed.config import VIT_PRESETS
+from hctembed.model.vit3d import ViT3D
+from hctembed.pretrain.mae import MAE3D, MAEConfig, patchify, random_masking
+
+SMALL = MAEConfig(decoder_dim=48, decoder_depth=1, decoder_heads=4)
+
+
+def test_exactly_75_percent_masked_and_order_restored():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 216, 8)
+    visible, mask, ids_restore = random_masking(x, mask_ratio=0.75, generator=g)
+    assert visible.shape == (4, 54, 8)
+    np.testing.assert_array_equal(mask.sum(dim=1).numpy(), [162] * 4)  # 216 * 0.75 per sample
+    for b in range(4):
+        kept = torch.nonzero(mask[b] == 0).flatten()
+        # the visible tokens are exactly the unmasked ones (as a set: shuffled order)
+        rows = {tuple(r.tolist()) for r in visible[b]}
+        assert rows == {tuple(x[b, i].tolist()) for i in kept}
+    # putting visible + placeholders back with ids_restore puts visible tokens at their original places
+    filler = torch.full((4, 216 - 54, 8), float("nan"))
+    restored = torch.gather(torch.cat([visible, filler], 1), 1, ids_restore[..., None].expand(-1, -1, 8))
+    keep = mask == 0
+    torch.testing.assert_close(restored[keep], x[keep])
+    assert torch.isnan(restored[~keep]).all()
+
+
+def test_patchify_matches_the_patch_embedding_order():
+    x = torch.randn(2, 3, 16, 16, 16)
+    p = patchify(x, patch=8)  # [2, 8, 8*8*8*3]
+    conv = torch.nn.Conv3d(3, 1, kernel_size=8, stride=8, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn_like(conv.weight))
+    by_conv = conv(x).flatten(2)[:, 0]  # [2, 8] in the encoder's token order
+    w = conv.weight[0].permute(1, 2, 3, 0).reshape(-1)  # (pz, py, px, c)
+    torch.testing.assert_close(p @ w, by_conv, rtol=1e-4, atol=1e-4)
+
+
+def _model(norm_pix: bool = False) -> MAE3D:
+    torch.manual_seed(0)
+    return MAE3D(ViT3D(VIT_PRESETS["vit-micro"]), MAEConfig(**{**SMALL.__dict__, "norm_pix_loss": norm_pix}))
+
+
+def test_loss_only_on_masked_patches():
+    model = _model()
+    x = torch.rand(2, 3, 48, 48, 48)
+    with torch.no_grad():
+        loss, pred, mask = model(x, generator=torch.Generator().manual_seed(1))
+    target = patchify(x, patch=8)
+    want = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, want)
+    # changing a visible patch's voxels leaves the loss unchanged; changing a masked one does not
+    vis = int(torch.nonzero(mask[0] == 0)[0])
+    hid = int(torch.nonzero(mask[0] == 1)[0])
+
+    def bumped(index: int) -> torch.Tensor:
+        gz, rem = divmod(index, 36)
+        gy, gx = divmod(rem, 6)
+        y = x.clone()
+        y[0, :, gz * 8 : gz * 8 + 8, gy * 8 : gy * 8 + 8, gx * 8 : gx * 8 + 8] += 0.5
+        return y
+
+    assert float(model.loss(bumped(vis), pred, mask)) == float(loss)
+    assert float(model.loss(bumped(hid), pred, mask)) != float(loss)
+
+
+def test_normalised_patch_target():
+    model = _model(norm_pix=True)
+    x = torch.rand(2, 3, 48, 48, 48)
+    loss, pred, mask = model(x, generator=torch.Generator().manual_seed(2))
+    t = patchify(x, patch=8).double().numpy()
+    t = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per = ((pred.detach().double().numpy() - t) ** 2).mean(-1)
+    m = mask.numpy()
+    assert float(loss.detach()) == pytest.approx((per * m).sum() / m.sum(), rel=1e-5)
+
+
+def test_encoder_sees_only_visible_tokens_and_trains():
+    model = _model()
+    x = torch.rand(2, 3, 48, 48, 48)
+    latent, _, _ = model.encode(x, generator=torch.Generator().manual_seed(3))
+    assert latent.shape == (2, 1 + 54, 96)  # CLS + 25 % of 216 patches
+    loss, _, _ = model(x, generator=torch.Generator().manual_seed(3))
+    loss.backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
