@@ -84,11 +84,13 @@ def test_bench_retrieval_two_models_writes_report(two_models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["knn", "linear", "fewshot"])
+@pytest.mark.parametrize("protocol", ["knn", "linear", "attentive", "fewshot"])
 def test_bench_classification_protocols(two_models, tmp_path, protocol):
     root, db, (m0, m1) = two_models
     out = tmp_path / protocol
     extra = ["--ks", "2,4,64", "--draws", "3"] if protocol == "fewshot" else ["--n-permutations", "100"]
+    if protocol == "attentive":  # patch tokens recomputed from the scan files with each stored encoder
+        extra += ["--epochs", "2", "--samples-per-epoch", "16"]
     result = invoke(
         "bench",
         protocol,

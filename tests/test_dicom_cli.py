@@ -161,6 +161,10 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     archive = tmp_path / "archive"
     for i in range(10):
         write_series(archive / f"s{i}", SeriesSpec(n=12, seed=i, patient=dict(PHI, PatientID=f"P{i}")))
+    # one series that is skipped at selection and one that fails when its pixels are read
+    write_series(archive / "mr", SeriesSpec(modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4"))
+    bad = write_series(archive / "s5b", SeriesSpec(n=12, seed=50, patient=dict(PHI, PatientID="P50")))
+    bad[6].write_bytes(bad[6].read_bytes()[:-2000])
     cmd = [
         sys.executable,
         "-m",
@@ -201,7 +205,9 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
         order_a, order_b = np.argsort(scans_a), np.argsort(scans_b)
         np.testing.assert_allclose(xa[order_a], xb[order_b], atol=1e-6)
         assert len(set(ids_b.tolist())) == len(ids_b)
-        assert sorted(s.status for s in b.status(cb).values()) == ["embedded"] * 10
+        # the whole status table, attempts included, is what an uninterrupted run leaves
+        assert a.status(ca) == b.status(cb)
+        assert sorted(s.status for s in b.status(cb).values()) == ["embedded"] * 10 + ["failed", "skipped"]
         index = faiss.read_index(str(index_paths(db, cb)[0]))
         assert index.ntotal == len(ids_b)
 
