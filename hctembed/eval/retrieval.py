@@ -150,65 +150,42 @@ def all_vs_all(
         label_names: ``L`` names.
         patient_ids: ``N`` ids, needed for ``exclude_same_patient``.
     """
-    x = np.asarray(x, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.float64)
-    n = x.shape[0]
-    if labels.shape != (n, len(label_names)):
-        raise ValueError(f"labels shape {labels.shape} != ({n}, {len(label_names)})")
-    if exclude_same_patient and patient_ids is None:
-        raise ValueError("exclude_same_patient needs patient_ids")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        raise ValueError("zero embedding vector: cannot normalise")
-    x = x / norms
-    if patient_ids is not None:
-        _, patient_codes = np.unique(np.asarray(patient_ids, dtype=object).astype(str), return_inverse=True)
-    else:
-        patient_codes = np.arange(n)
-    known = ~np.isnan(labels)
-    positive = np.where(known, labels, 0) > 0.5
+    per_label = per_query_metrics(
+        x,
+        labels,
+        label_names=label_names,
+        patient_ids=patient_ids,
+        exclude_same_patient=exclude_same_patient,
+        ks=ks,
+        block=block,
+    )
     results = []
-    for j, name in enumerate(label_names):
-        queries = np.flatnonzero(positive[:, j] & known[:, j])
-        aps, pks = [], {k: [] for k in ks}
-        for start in range(0, len(queries), block):
-            q = queries[start : start + block]
-            scores = x[q] @ x.T  # [b, N]
-            valid = np.broadcast_to(known[:, j], scores.shape).copy()
-            valid[np.arange(len(q)), q] = False  # the query itself
-            if exclude_same_patient:
-                valid &= patient_codes[None, :] != patient_codes[q][:, None]
-            rel = np.broadcast_to(positive[:, j], scores.shape)
-            aps.append(_ap_rows(scores, rel, valid))
-            for k in ks:
-                pks[k].append(_pk_rows(scores, rel, k, valid))
-        ap = np.concatenate(aps) if aps else np.zeros(0)
-        scored = ~np.isnan(ap)
-        precision = {
-            k: float(np.mean(np.concatenate(v)[scored])) if scored.any() else float("nan") for k, v in pks.items()
-        }
+    for m in per_label:
+        scored = m.ap.size > 0
         results.append(
             LabelRetrieval(
-                label=name,
-                n_queries=int(scored.sum()),
-                n_skipped=int((~scored).sum()),
-                mAP=float(ap[scored].mean()) if scored.any() else float("nan"),
-                precision_at=precision,
-                ap_per_query=ap[scored],
+                label=m.label,
+                n_queries=int(m.ap.size),
+                n_skipped=m.n_skipped,
+                mAP=float(m.ap.mean()) if scored else float("nan"),
+                precision_at={k: float(v.mean()) if scored else float("nan") for k, v in m.precision_at.items()},
+                ap_per_query=m.ap,
             )
         )
+    n = int(np.asarray(x).shape[0])
     return RetrievalReport(labels=results, ks=tuple(ks), exclude_same_patient=exclude_same_patient, n_scans=n)
 
 
 @dataclass(frozen=True)
 class QueryMetrics:
-    """Per-query values of one label: the scored queries' rows in ``x`` and their AP and P@K (``[Q]`` each);
-    the AP values equal ``LabelRetrieval.ap_per_query`` of :func:`all_vs_all` on the same input."""
+    """Per-query values of one label: the scored queries' rows in ``x`` and their AP and P@K (``[Q]`` each),
+    and how many positives were not scored (no other relevant scan in their gallery)."""
 
     label: str
     query_index: np.ndarray
     ap: np.ndarray
     precision_at: dict[int, np.ndarray]
+    n_skipped: int = 0
 
 
 def per_query_metrics(
@@ -219,8 +196,12 @@ def per_query_metrics(
     patient_ids: Sequence[str] | None = None,
     exclude_same_patient: bool = False,
     ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
 ) -> list[QueryMetrics]:
-    """The per-query AP and P@K behind :func:`all_vs_all` (same protocol), for CIs and paired tests."""
+    """The per-query AP and P@K of the all-vs-all protocol (see :func:`all_vs_all`), for CIs and paired tests.
+
+    Queries are scored ``block`` at a time, so memory stays ``[block, N]`` whatever N.
+    """
     x = np.asarray(x, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.float64)
     if labels.shape != (x.shape[0], len(label_names)):
@@ -239,15 +220,25 @@ def per_query_metrics(
     positive = np.where(known, labels, 0) > 0.5
     out = []
     for j, name in enumerate(label_names):
-        q = np.flatnonzero(positive[:, j] & known[:, j])
-        scores = x[q] @ x.T
-        valid = np.broadcast_to(known[:, j], scores.shape).copy()
-        valid[np.arange(q.size), q] = False
-        if exclude_same_patient:
-            valid &= codes[None, :] != codes[q][:, None]
-        rel = np.broadcast_to(positive[:, j], scores.shape)
-        ap = _ap_rows(scores, rel, valid)
+        queries = np.flatnonzero(positive[:, j] & known[:, j])
+        aps, pks = [], {k: [] for k in ks}
+        for start in range(0, len(queries), block):
+            q = queries[start : start + block]
+            scores = x[q] @ x.T  # [b, N]
+            valid = np.broadcast_to(known[:, j], scores.shape).copy()
+            valid[np.arange(q.size), q] = False  # the query itself
+            if exclude_same_patient:
+                valid &= codes[None, :] != codes[q][:, None]
+            rel = np.broadcast_to(positive[:, j], scores.shape)
+            aps.append(_ap_rows(scores, rel, valid))
+            for k in ks:
+                pks[k].append(_pk_rows(scores, rel, k, valid))
+        ap = np.concatenate(aps) if aps else np.zeros(0)
         scored = ~np.isnan(ap)
-        pk = {k: _pk_rows(scores, rel, k, valid)[scored] for k in ks}
-        out.append(QueryMetrics(label=name, query_index=q[scored], ap=ap[scored], precision_at=pk))
+        pk = {k: (np.concatenate(v) if v else np.zeros(0))[scored] for k, v in pks.items()}
+        out.append(
+            QueryMetrics(
+                label=name, query_index=queries[scored], ap=ap[scored], precision_at=pk, n_skipped=int((~scored).sum())
+            )
+        )
     return out
