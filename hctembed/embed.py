@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.config import PreprocessConfig
+from hctembed.index.choice import IndexOptions
 from hctembed.index.store import Collection, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped, load_series
@@ -118,6 +119,7 @@ def embed_archive(
     skipped: Sequence[Skipped] = (),
     retry_failed: bool = False,
     progress: Callable[[int], None] | None = None,
+    index_kind: str | None = None,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
@@ -126,7 +128,8 @@ def embed_archive(
     ``retry_failed``. Scan ids already stored from another archive folder are refused (StoreError).
     Each batch - its vectors, scans and statuses - is one transaction followed by a checkpoint, so a
     killed run loses at most the batch in flight and a re-run picks up from there.
-    ``progress(n)`` is called after each batch with the number of scans it handled.
+    ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
+    :func:`refresh_index`.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
@@ -229,7 +232,7 @@ def embed_archive(
                 log.warning("skipped %s: %s", ref.source, item.reason)
             if progress:
                 progress(len(batch))
-    refresh_index(store, collection)
+    refresh_index(store, collection, index_kind=index_kind)
     return EmbedReport(collection, len(refs), embedded, unchanged, failed, time.perf_counter() - start)
 
 
@@ -274,6 +277,10 @@ def _write_batch(store, collection, refs, good, vectors, patients) -> None:
         )
 
 
-def refresh_index(store: Store, collection: Collection) -> VectorIndex:
-    """Bring the collection's FAISS index in line with DuckDB (rebuilt only when it differs)."""
-    return open_index(store, collection, quiet=True)
+def refresh_index(store: Store, collection: Collection, *, index_kind: str | None = None) -> VectorIndex:
+    """Bring the collection's FAISS index in line with DuckDB (rebuilt only when it differs).
+
+    ``index_kind`` (exact | hnsw | ivf | ivfpq | auto) picks the index; ``None`` keeps the saved one's kind.
+    """
+    options = IndexOptions(kind=index_kind) if index_kind else None
+    return open_index(store, collection, quiet=True, options=options)

@@ -1,9 +1,11 @@
 """FAISS inner-product index: a derived, rebuildable cache of one collection's vectors.
 
 Files, beside the DuckDB file: ``<db>.faiss/c<collection_id>.faiss`` and its manifest ``.json``
-(dim, metric, model_id, fingerprint, ntotal, sha256 of the index file, digest of the id set). Writes are
-atomic (temporary file, fsync, rename). :func:`open_index` checks the manifest against DuckDB and
-rebuilds when the index is missing, stale (other ids) or corrupt (checksum or read failure).
+(dim, metric, model_id, fingerprint, ntotal, sha256 of the index file, digest of the id set, and the index
+kind with its search parameters and the recall@10 and latency measured when it was built; see
+:mod:`hctembed.index.choice`). Writes are atomic (temporary file, fsync, rename). :func:`open_index` checks
+the manifest against DuckDB and rebuilds - with the same kind - when the index is missing, stale (other
+ids) or corrupt (checksum or read failure), or when another kind is asked for.
 """
 
 from __future__ import annotations
@@ -13,18 +15,19 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from hctembed.index.choice import EXACT_FACTORY, KINDS, BuiltIndex, IndexOptions, build, set_search_params
 from hctembed.index.store import Collection, ModelMismatchError, Store
 
 log = logging.getLogger(__name__)
 
 METRIC = "inner_product"
-EXACT_FACTORY = "IDMap2,Flat"
+GPU_KINDS = ("exact", "ivf")  # kinds FAISS can move to a GPU as they are
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class IndexManifest:
     checksum: str  # sha256 of the index file
     ids_digest: str  # sha256 of the sorted int64 ids
     store_id: str = ""  # the database file it was built from (Store.store_id)
+    # added for index choice; defaults let older manifests (exact indices) load unchanged
+    kind: str = "exact"  # exact | hnsw | ivf | ivfpq: what was built
+    requested: str = "exact"  # what was asked for (auto resolves to a kind); a rebuild asks for it again
+    search_params: dict = field(default_factory=dict)  # efSearch / nprobe / k_factor
+    recall_at_10: float | None = None  # vs exact, measured at build on recall_queries held-out stored vectors
+    recall_queries: int = 0
+    p50_ms: float | None = None  # single-query latency at build time (this index / exact)
+    exact_p50_ms: float | None = None
+    build_seconds: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,11 +64,14 @@ class SearchResult:
 class VectorIndex:
     """A FAISS index bound to one (model_id, fingerprint)."""
 
-    def __init__(self, index: faiss.Index, *, model_id: str, fingerprint: str, factory: str) -> None:
+    def __init__(
+        self, index: faiss.Index, *, model_id: str, fingerprint: str, factory: str, kind: str = "exact"
+    ) -> None:
         self.index = index
         self.model_id = model_id
         self.fingerprint = fingerprint
         self.factory = factory
+        self.kind = kind
 
     @property
     def dim(self) -> int:
@@ -83,10 +99,12 @@ class VectorIndex:
 def build_index(
     ids: np.ndarray, xb: np.ndarray, *, model_id: str, fingerprint: str, factory: str = EXACT_FACTORY
 ) -> VectorIndex:
-    """Build an exact inner-product index over ``xb [N, dim]`` with int64 ``ids [N]``."""
+    """Build an (untuned) inner-product index over ``xb [N, dim]`` with int64 ``ids [N]``; exact by default."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if len(ids) and not index.is_trained:
+        index.train(xb)
     if len(ids):
         index.add_with_ids(xb, ids)
     return VectorIndex(index, model_id=model_id, fingerprint=fingerprint, factory=factory)
@@ -130,9 +148,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_index(
-    vi: VectorIndex, *, index_path: Path, manifest_path: Path, ids: np.ndarray, store_id: str = ""
+    vi: VectorIndex,
+    *,
+    index_path: Path,
+    manifest_path: Path,
+    ids: np.ndarray,
+    store_id: str = "",
+    built: BuiltIndex | None = None,
+    requested: str = "exact",
 ) -> IndexManifest:
-    """Write the index, then its manifest, each atomically. A crash between leaves a detectable mismatch."""
+    """Write the index, then its manifest, each atomically. A crash between leaves a detectable mismatch.
+
+    ``built`` (from :func:`hctembed.index.choice.build`) adds the kind, search parameters and measurements.
+    """
     data = faiss.serialize_index(vi.index).tobytes()
     _atomic_write(index_path, data)
     manifest = IndexManifest(
@@ -145,7 +173,24 @@ def save_index(
         checksum=hashlib.sha256(data).hexdigest(),
         ids_digest=ids_digest(ids),
         store_id=store_id,
+        kind=vi.kind,
+        requested=requested,
     )
+    if built is not None:
+        manifest = IndexManifest(
+            **(
+                asdict(manifest)
+                | {
+                    "search_params": dict(built.params),
+                    "recall_at_10": built.recall_at_10,
+                    "recall_queries": built.recall_queries,
+                    "p50_ms": built.p50_ms,
+                    "exact_p50_ms": built.exact_p50_ms,
+                    "build_seconds": round(built.build_seconds, 3),
+                    "note": built.note,
+                }
+            )
+        )
     _atomic_write(manifest_path, json.dumps(asdict(manifest), indent=2).encode())
     return manifest
 
@@ -166,7 +211,14 @@ def load_index(*, index_path: Path, manifest_path: Path) -> tuple[VectorIndex, I
         raise IndexInvalid(f"FAISS cannot read it ({str(exc).splitlines()[0]})") from None
     if index.ntotal != manifest.ntotal or index.d != manifest.dim:
         raise IndexInvalid("index does not match its manifest")
-    vi = VectorIndex(index, model_id=manifest.model_id, fingerprint=manifest.fingerprint, factory=manifest.factory)
+    set_search_params(index, manifest.search_params)
+    vi = VectorIndex(
+        index,
+        model_id=manifest.model_id,
+        fingerprint=manifest.fingerprint,
+        factory=manifest.factory,
+        kind=manifest.kind,
+    )
     return vi, manifest
 
 
@@ -174,15 +226,26 @@ class IndexInvalid(RuntimeError):
     pass
 
 
-def open_index(store: Store, collection: Collection, *, rebuild: bool = False, quiet: bool = False) -> VectorIndex:
+def open_index(
+    store: Store,
+    collection: Collection,
+    *,
+    rebuild: bool = False,
+    quiet: bool = False,
+    options: IndexOptions | None = None,
+) -> VectorIndex:
     """The collection's FAISS index, verified against DuckDB; rebuilt (and saved) when it is not valid.
 
-    A rebuild is logged as a warning, naming why, unless ``quiet`` (after an embedding run, a stale
-    index is expected).
+    ``options`` picks the index kind (:class:`hctembed.index.choice.IndexOptions`); without it, the kind
+    the saved index was asked for is kept (exact for a new index). An index of another requested kind is
+    rebuilt. A rebuild is logged as a warning, naming why, unless ``quiet`` (after an embedding run, a
+    stale index is expected). On a machine with a GPU, exact and IVF-Flat indices are searched there.
     """
     index_path, manifest_path = index_paths(store.path, collection)
     ids = store.ids(collection)
     reason = "rebuild requested" if rebuild else None
+    if options is None:
+        options = IndexOptions(kind=_requested_kind(manifest_path))
     if reason is None:
         try:
             vi, manifest = load_index(index_path=index_path, manifest_path=manifest_path)
@@ -199,16 +262,63 @@ def open_index(store: Store, collection: Collection, *, rebuild: bool = False, q
                 reason = "it was built from another database file"
             elif manifest.ntotal != len(ids) or manifest.ids_digest != ids_digest(ids):
                 reason = f"stale ({manifest.ntotal} vectors indexed, {len(ids)} in the database)"
+            elif manifest.requested != options.kind:
+                reason = f"index kind {options.kind} requested, the saved one is {manifest.requested}"
             else:
-                return vi
+                return _on_gpu(vi)
         except IndexInvalid as exc:
             reason = str(exc)
     if reason != "missing" and not quiet:
         log.warning("rebuilding FAISS index %s from the database: %s", index_path, reason)
     ids, xb, _ = store.vectors(collection)
-    vi = build_index(ids, xb, model_id=collection.model_id, fingerprint=collection.fingerprint)
+    built = build(ids, np.ascontiguousarray(xb, dtype=np.float32), options=options)
+    if built.kind != "exact" or options.kind != "exact":
+        log.info(
+            "index %s (%s): recall@10 %s, p50 %s ms, built in %.1f s",
+            built.kind,
+            built.factory,
+            built.recall_at_10,
+            built.p50_ms,
+            built.build_seconds,
+        )
+    vi = VectorIndex(
+        built.index,
+        model_id=collection.model_id,
+        fingerprint=collection.fingerprint,
+        factory=built.factory,
+        kind=built.kind,
+    )
     try:
-        save_index(vi, index_path=index_path, manifest_path=manifest_path, ids=ids, store_id=store.store_id)
+        save_index(
+            vi,
+            index_path=index_path,
+            manifest_path=manifest_path,
+            ids=ids,
+            store_id=store.store_id,
+            built=built,
+            requested=options.kind,
+        )
     except OSError as exc:
         log.warning("could not save the rebuilt index (%s); using it from memory", exc)
-    return vi
+    return _on_gpu(vi)
+
+
+def _requested_kind(manifest_path: Path) -> str:
+    """The kind the saved index was asked for; exact when there is none or it cannot be read."""
+    try:
+        kind = json.loads(manifest_path.read_text()).get("requested", "exact")
+    except (OSError, ValueError, AttributeError):
+        return "exact"
+    return kind if isinstance(kind, str) and kind in KINDS else "exact"
+
+
+def _on_gpu(vi: VectorIndex) -> VectorIndex:
+    """Move exact / IVF-Flat indices to the GPUs when FAISS sees any; otherwise (or if it fails) keep the CPU one."""
+    if vi.kind not in GPU_KINDS or faiss.get_num_gpus() == 0 or vi.ntotal == 0:
+        return vi
+    try:
+        index = faiss.index_cpu_to_all_gpus(vi.index)
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("keeping the FAISS index on the CPU: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return vi
+    return VectorIndex(index, model_id=vi.model_id, fingerprint=vi.fingerprint, factory=vi.factory, kind=vi.kind)
