@@ -46,41 +46,53 @@ def precision_at_k(scores: np.ndarray, relevant: np.ndarray, *, k: int) -> float
 
 def _ap_rows(scores: np.ndarray, relevant: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """AP per row of ``scores [Q, G]`` / ``relevant [Q, G]``; ``valid [Q, G]`` masks gallery items out."""
-    if valid is None:
-        valid = np.ones(scores.shape, bool)
-    out = np.full(scores.shape[0], np.nan)
-    for q in range(scores.shape[0]):
-        s = scores[q][valid[q]]
-        r = relevant[q][valid[q]]
-        n_rel = int(r.sum())
-        if n_rel == 0:
-            continue
-        all_sorted = np.sort(s)
-        rel_sorted = np.sort(s[r])
-        # for each relevant score v: items with score >= v (end of its tie group), and relevant ones
-        n_ge_all = s.size - np.searchsorted(all_sorted, rel_sorted, side="left")
-        n_ge_rel = n_rel - np.searchsorted(rel_sorted, rel_sorted, side="left")
-        out[q] = float(np.mean(n_ge_rel / n_ge_all))
-    return out
+    return _rank_metrics(scores, relevant, valid, ks=())[0]
 
 
 def _pk_rows(scores: np.ndarray, relevant: np.ndarray, k: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """Tie-aware P@k per row (see the module docstring)."""
+    return _rank_metrics(scores, relevant, valid, ks=(k,))[1][k]
+
+
+def _rank_metrics(
+    scores: np.ndarray, relevant: np.ndarray, valid: np.ndarray | None, *, ks: tuple[int, ...]
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """AP ``[Q]`` (NaN without relevant items) and P@k ``[Q]`` per k, from one sort of each row.
+
+    With the row's scores sorted, every quantity is a count of scores above / at a value, i.e. a binary
+    search: the items ranked at or before a relevant item's tie group for AP, and the k-th largest score
+    with the items above and tied with it for P@k.
+    """
     if valid is None:
         valid = np.ones(scores.shape, bool)
-    out = np.full(scores.shape[0], np.nan)
+    ap = np.full(scores.shape[0], np.nan)
+    pk = {k: np.full(scores.shape[0], np.nan) for k in ks}
     for q in range(scores.shape[0]):
         s = scores[q][valid[q]]
-        r = relevant[q][valid[q]]
         if s.size == 0:
             continue
-        kk = min(k, s.size)
-        threshold = np.partition(s, s.size - kk)[s.size - kk]  # k-th largest score
-        above = s > threshold
-        at = s == threshold
-        n_above = int(above.sum())
-        expected = r[above].sum() + (kk - n_above) * r[at].sum() / at.sum()
-        out[q] = expected / k
-    return out
+        r = relevant[q][valid[q]]
+        all_sorted = np.sort(s)
+        rel_sorted = np.sort(s[r])
+        n, n_rel = s.size, rel_sorted.size
+        if n_rel:
+            # for each relevant score v: items with score >= v (end of its tie group), and relevant ones
+            n_ge_all = n - np.searchsorted(all_sorted, rel_sorted, side="left")
+            n_ge_rel = n_rel - np.searchsorted(rel_sorted, rel_sorted, side="left")
+            ap[q] = float(np.mean(n_ge_rel / n_ge_all))
+        for k in ks:
+            kk = min(k, n)
+            threshold = all_sorted[n - kk]  # the k-th largest score
+            lo, hi = (
+                np.searchsorted(all_sorted, threshold, side="left"),
+                np.searchsorted(all_sorted, threshold, side="right"),
+            )
+            r_lo = np.searchsorted(rel_sorted, threshold, side="left")
+            r_hi = np.searchsorted(rel_sorted, threshold, side="right")
+            n_above, n_at = n - hi, hi - lo
+            rel_above, rel_at = n_rel - r_hi, r_hi - r_lo
+            pk[k][q] = (rel_above + (kk - n_above) * rel_at / n_at) / k
+    return ap, pk
 
 
 @dataclass(frozen=True)
@@ -230,9 +242,10 @@ def per_query_metrics(
             if exclude_same_patient:
                 valid &= codes[None, :] != codes[q][:, None]
             rel = np.broadcast_to(positive[:, j], scores.shape)
-            aps.append(_ap_rows(scores, rel, valid))
+            ap_block, pk_block = _rank_metrics(scores, rel, valid, ks=ks)
+            aps.append(ap_block)
             for k in ks:
-                pks[k].append(_pk_rows(scores, rel, k, valid))
+                pks[k].append(pk_block[k])
         ap = np.concatenate(aps) if aps else np.zeros(0)
         scored = ~np.isnan(ap)
         pk = {k: (np.concatenate(v) if v else np.zeros(0))[scored] for k, v in pks.items()}
