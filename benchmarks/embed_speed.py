@@ -1,0 +1,89 @@
+"""End-to-end embedding: `embed_archive` (DataLoader workers overlap decoding/resampling with the model)
+against the same stages run one after another in one process, measured in the same run.
+
+    python benchmarks/embed_speed.py [--n 24] [--matrix 256] [--model vit-base] [--workers 0 1 2]
+
+Writes a synthetic archive to a temporary folder, then times:
+* serial:   for each scan: load -> preprocess -> encode (batch 1), model loaded once;
+* embed_archive with each ``--workers`` value (batch ``--batch-size``), into a fresh DuckDB each time.
+Prints seconds, scans/s and the speed-up over serial; writes JSON to benchmarks/results/embed_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hctembed.embed import embed_archive
+from hctembed.index.store import Store
+from hctembed.io.archive import discover, load_series
+from hctembed.model.encoders import load_encoder
+from hctembed.preprocess import preprocess
+from hctembed.synth import SynthConfig, generate_archive
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=24)
+    parser.add_argument("--matrix", type=int, default=256)
+    parser.add_argument("--model", default="vit-base")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "archive"
+        generate_archive(archive, n=args.n, seed=7, config=SynthConfig(matrix=args.matrix))
+        refs = discover(archive)
+        encoder = load_encoder(args.model, seed=0)
+        encoder.encode(torch.zeros(1, encoder.preprocess.channels, *(encoder.preprocess.out_size,) * 3))  # warm-up
+
+        start = time.perf_counter()
+        for ref in refs:
+            x = preprocess(load_series(ref), config=encoder.preprocess)
+            encoder.encode(x[None])
+        serial = time.perf_counter() - start
+        rows = [
+            {
+                "mode": "serial",
+                "workers": 0,
+                "seconds": round(serial, 2),
+                "scans_per_s": round(len(refs) / serial, 3),
+                "speedup": 1.0,
+            }
+        ]
+        for workers in args.workers:
+            db = Path(tmp) / f"w{workers}.duckdb"
+            with Store(db) as store:
+                start = time.perf_counter()
+                report = embed_archive(
+                    refs=refs, encoder=encoder, store=store, batch_size=args.batch_size, num_workers=workers
+                )
+                seconds = time.perf_counter() - start
+            assert report.embedded == len(refs), report
+            rows.append(
+                {
+                    "mode": "embed_archive",
+                    "workers": workers,
+                    "seconds": round(seconds, 2),
+                    "scans_per_s": round(len(refs) / seconds, 3),
+                    "speedup": round(serial / seconds, 2),
+                }
+            )
+    print(f"{args.n} scans, matrix {args.matrix}, {args.model}, batch {args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"{'mode':16} {'workers':>7} {'seconds':>8} {'scans/s':>8} {'vs serial':>10}")
+    for r in rows:
+        print(f"{r['mode']:16} {r['workers']:7d} {r['seconds']:8.2f} {r['scans_per_s']:8.3f} {r['speedup']:9.2f}x")
+    out = Path(__file__).parent / "results" / "embed_speed.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
