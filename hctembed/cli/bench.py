@@ -47,7 +47,6 @@ def retrieval(
     With several models (or --out-dir): bootstrap CIs over queries, paired permutation P values against the
     first model, and results.json, results.md and plots in --out-dir."""
     from hctembed.eval.bench import retrieval_benchmark
-    from hctembed.index.store import Store
     from hctembed.io.labels import read_labels
 
     setup_logging(quiet=quiet)
@@ -65,11 +64,7 @@ def retrieval(
         )
         _finish(results, out_dir=out_dir, out=out, as_json=as_json)
         return
-    db, model = sources[0].db, sources[0].model
-    with Store(db, read_only=True) as store:
-        report, model_id = retrieval_benchmark(
-            store, labels=table, model=model, exclude_same_patient=exclude_same_patient
-        )
+    report, model_id = retrieval_benchmark(sources[0], labels=table, exclude_same_patient=exclude_same_patient)
     rows = [{"model_id": model_id, **row} for row in report.rows()]
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

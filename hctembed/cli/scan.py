@@ -49,7 +49,7 @@ def scan(
         )
     rows = manifest_rows(found, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
     if out is not None:
-        n = write_manifest(found, out, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
+        n = write_manifest(rows, out)
         stderr.print(f"wrote {n} rows to {out}")
     stderr.print(f"{len(found.selected)} selected, {len(found.skipped)} skipped")
     if as_json:

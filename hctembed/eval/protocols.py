@@ -83,6 +83,11 @@ def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:
             log.warning("%s: %d embedded scans are left out (no label, or missing from another model)", name, left_out)
     if not common:
         raise EvaluationError("no scan has a label and a vector in every model: do the scan ids match?")
+    unembedded = len(labelled - common)
+    if unembedded:
+        log.warning(
+            "%d labelled scans have no vector in every model (not embedded, or failed) and are left out", unembedded
+        )
     scan_ids = sorted(common)
     from_labels = labels.patients()
     patients = [from_labels.get(s) or stored_patients.get(s) for s in scan_ids]
@@ -97,7 +102,8 @@ def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:
     )
 
 
-def _need_patients(data: Aligned) -> list[str]:
+def need_patients(data: Aligned) -> list[str]:
+    """The patient ids of every scan, or an error when one is missing (same-patient exclusion needs them)."""
     if any(p is None for p in data.patient_ids):
         raise EvaluationError("this protocol needs a patient_id for every scan (labels.csv column)")
     return [str(p) for p in data.patient_ids]
@@ -115,7 +121,7 @@ def compare_retrieval(
 ) -> dict:
     """All-vs-all retrieval per label for every model: mAP and P@K with bootstrap CIs over queries, and a
     paired permutation test (per-query AP, per-query P@K) of each model against the first."""
-    patients = _need_patients(data) if exclude_same_patient else data.patient_ids
+    patients = need_patients(data) if exclude_same_patient else data.patient_ids
     patients = patients if all(p is not None for p in patients) else None
     metrics = ["mAP", *[f"P@{k}" for k in ks]]
     per_model = []  # per model: {label: {metric: per-query values}}

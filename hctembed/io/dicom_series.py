@@ -121,7 +121,8 @@ def group_series(
     return out
 
 
-def _skip(uid, members, *, pseudonyms, code, reason, part=0, flags=()) -> SeriesCandidate:
+def _candidate(uid, members, *, pseudonyms, decision, part=0, flags=(), facts=None) -> SeriesCandidate:
+    """A candidate for ``members``; ``decision`` is None (selected) or ``(reason_code, reason)``."""
     first = members[0]
     files = tuple(sorted(h.file for h in members))
     return SeriesCandidate(
@@ -130,12 +131,16 @@ def _skip(uid, members, *, pseudonyms, code, reason, part=0, flags=()) -> Series
         study_id=pseudonyms.study(first.study_uid),
         files=files,
         folder=_common_folder(files),
-        facts=_facts(members),
-        selected=False,
-        reason_code=code,
-        reason=reason,
+        facts=facts if facts is not None else _facts(members),
+        selected=decision is None,
+        reason_code=None if decision is None else decision[0],
+        reason=None if decision is None else decision[1],
         flags=tuple(flags),
     )
+
+
+def _skip(uid, members, *, pseudonyms, code, reason) -> SeriesCandidate:
+    return _candidate(uid, members, pseudonyms=pseudonyms, decision=(code, reason))
 
 
 def _candidates_of(uid: str, members: list[SliceHeader], *, pseudonyms, config) -> list[SeriesCandidate]:
@@ -193,7 +198,6 @@ def _candidates_of(uid: str, members: list[SliceHeader], *, pseudonyms, config) 
     out = []
     for part, stack in enumerate(kept, start=1 if len(kept) > 1 else 0):
         first = stack[0]
-        files = tuple(sorted(h.file for h in stack))
         facts = _facts(stack)
         decision = sel.check_series(
             modality=first.modality,
@@ -205,18 +209,10 @@ def _candidates_of(uid: str, members: list[SliceHeader], *, pseudonyms, config) 
             description=first.series_description,
             config=config,
         )
+        stack_flag = [f"stack:{part}of{len(kept)}"] if len(kept) > 1 else []
         out.append(
-            SeriesCandidate(
-                scan_id=pseudonyms.series(uid, part=part),
-                patient_id=_patient_key(first, pseudonyms),
-                study_id=pseudonyms.study(first.study_uid),
-                files=files,
-                folder=_common_folder(files),
-                facts=facts,
-                selected=decision is None,
-                reason_code=None if decision is None else decision[0],
-                reason=None if decision is None else decision[1],
-                flags=tuple(flags + ([f"stack:{part}of{len(kept)}"] if len(kept) > 1 else [])),
+            _candidate(
+                uid, stack, pseudonyms=pseudonyms, decision=decision, part=part, flags=flags + stack_flag, facts=facts
             )
         )
     return out

@@ -97,9 +97,8 @@ SCHEMA = pa.schema(
 )
 
 
-def write_manifest(scan: ArchiveScan, path: Path, *, root: Path | None = None) -> int:
-    """Write the manifest atomically; returns the number of rows."""
-    rows = manifest_rows(scan, root=root)
+def write_manifest(rows: list[dict[str, Any]], path: Path) -> int:
+    """Write :func:`manifest_rows` atomically; returns the number of rows."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
