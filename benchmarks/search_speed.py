@@ -76,7 +76,9 @@ def latencies_ms(index: faiss.Index, xq: np.ndarray, *, k: int = 10) -> np.ndarr
     return times * 1e3
 
 
-def bench_size(n: int, *, dim: int, n_queries: int, target: float, seed: int, data: str = "random") -> list[dict]:
+def bench_size(
+    n: int, *, dim: int, n_queries: int, target: float, seed: int, data: str = "random", kinds=KINDS
+) -> list[dict]:
     rng = np.random.default_rng(seed)
     make = lowrank_unit_vectors if data == "lowrank" else unit_vectors
     xb = make(rng, n, dim)
@@ -87,7 +89,7 @@ def bench_size(n: int, *, dim: int, n_queries: int, target: float, seed: int, da
     truth = flat.search(xq, 10)[1]
     del flat
     rows = []
-    for kind in KINDS:
+    for kind in ("exact", *[k for k in kinds if k != "exact"]):  # exact first: the ratios' baseline
         built = build(ids, xb, options=IndexOptions(kind=kind, target_recall=target, seed=seed))
         lat = latencies_ms(built.index, xq)
         found = built.index.search(xq, 10)[1]
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument(
         "--eval-only", action="store_true", help="re-time only all-vs-all; the search rows of --out are kept"
     )
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="index kinds (exact always)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_speed.json")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
@@ -181,7 +184,9 @@ def main() -> None:
         rows = [
             row
             for n in sizes
-            for row in bench_size(n, dim=dim, n_queries=queries, target=args.target, seed=0, data=args.data)
+            for row in bench_size(
+                n, dim=dim, n_queries=queries, target=args.target, seed=0, data=args.data, kinds=args.kinds
+            )
         ]
     evaluation = bench_all_vs_all(n=eval_n, dim=dim, repeats=args.repeats, seed=1)
     print(

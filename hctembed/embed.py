@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -108,6 +109,109 @@ def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False) -> bo
     return status.status != "embedded"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one scan in this run: ``embedded`` (its vector goes alongside) or ``failed``.
+
+    Holds everything the database needs (scans and status rows), so it can travel through a Parquet shard
+    (:mod:`hctembed.embed_shards`) and be stored later exactly as a single-process run stores it.
+    """
+
+    position: int  # index in the run's list of refs: the order vectors are stored in (and get their ids)
+    source: str
+    scan_id: str
+    status: str
+    reason: str | None
+    file_size: int
+    file_mtime_ns: int
+    patient_id: str | None = None
+    location: str = ""
+    archive_root: str = ""
+    format: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, position: int, ref: SeriesRef, *, reason: str | None = None, meta: dict | None = None) -> Outcome:
+        return cls(
+            position=position,
+            source=ref.source,
+            scan_id=ref.scan_id,
+            status="failed" if reason else "embedded",
+            reason=reason,
+            file_size=ref.size,
+            file_mtime_ns=ref.mtime_ns,
+            patient_id=ref.patient_id,
+            location=ref.location or ref.source,
+            archive_root=str(ref.root),
+            format=ref.format,
+            meta={**(meta or {}), "flags": sorted(set((meta or {}).get("flags", [])) | set(ref.flags))},
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which scans of a run to embed (with their positions in the refs), and which to leave."""
+
+    todo: list[tuple[int, SeriesRef]]
+    duplicates: list[Outcome]  # a scan id met twice: the later file fails
+    failed_before: list[tuple[str, str]]  # unchanged files that failed in an earlier run
+    unchanged: int
+
+
+def plan_run(refs: Sequence[SeriesRef], status: dict, *, retry_failed: bool = False) -> Plan:
+    """Split ``refs`` by their stored ``status`` (``{source: StatusRow}``); deterministic in refs' order."""
+    seen: dict[str, str] = {}
+    todo, duplicates, failed_before = [], [], []
+    for position, ref in enumerate(refs):
+        if ref.scan_id in seen:
+            reason = f"duplicate scan id {ref.scan_id} (also {seen[ref.scan_id]})"
+            duplicates.append(replace(Outcome.of(position, ref, reason=reason), scan_id=""))
+            continue
+        seen[ref.scan_id] = ref.source
+        previous = status.get(ref.source)
+        if needs_embedding(ref, previous, retry_failed=retry_failed):
+            todo.append((position, ref))
+        elif previous is not None and previous.status == "failed":
+            failed_before.append(
+                (ref.source, f"{previous.reason} (unchanged since it failed; --retry-failed tries again)")
+            )
+    unchanged = len(refs) - len(todo) - len(duplicates) - len(failed_before)
+    return Plan(todo, duplicates, failed_before, unchanged)
+
+
+def register(store: Store, encoder: Encoder) -> Collection:
+    """Record the encoder in ``models`` and return (creating it if new) its collection."""
+    store.register_model(
+        model_id=encoder.model_id,
+        name=encoder.name,
+        dim=encoder.dim,
+        config=encoder.model.config.to_dict(),
+        weights_path=encoder.weights_path,
+        weights_digest=encoder.weights_digest,
+        card=encoder.card,
+    )
+    return store.collection(
+        model_id=encoder.model_id,
+        fingerprint=encoder.fingerprint,
+        dim=encoder.dim,
+        preprocess=asdict(encoder.preprocess),
+    )
+
+
+def record_skipped(store: Store, collection: Collection, skipped: Sequence[Skipped]) -> None:
+    """Status rows for candidates not selected; a re-run leaves rows already recorded with the same reason."""
+    known = store.status(collection)
+    rows = []
+    for skip in skipped:
+        previous = known.get(skip.source)
+        reason = f"{skip.reason_code}: {skip.reason}"
+        if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
+            continue
+        rows.append({"source": skip.source, "scan_id": skip.scan_id, "status": "skipped", "reason": reason})
+    with store.transaction():
+        store.record_statuses(collection, rows)
+
+
 def embed_archive(
     *,
     refs: Sequence[SeriesRef],
@@ -120,123 +224,131 @@ def embed_archive(
     retry_failed: bool = False,
     progress: Callable[[int], None] | None = None,
     index_kind: str | None = None,
+    checkpoint_seconds: float = 30.0,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
     ``skipped`` candidates (not selected when the archive was scanned) are recorded in the status table
     with their reasons. Scans that failed before are tried again only when their files changed, or with
     ``retry_failed``. Scan ids already stored from another archive folder are refused (StoreError).
-    Each batch - its vectors, scans and statuses - is one transaction followed by a checkpoint, so a
-    killed run loses at most the batch in flight and a re-run picks up from there.
+    Each batch - its vectors, scans and statuses - is one committed transaction, so a killed run loses at
+    most the batch in flight and a re-run picks up from there; the write-ahead log is folded into the file
+    (CHECKPOINT) every ``checkpoint_seconds`` and at the end.
     ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
     :func:`refresh_index`.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
     encoder = persist_weights(encoder, folder=Path(str(store.path) + ".models"))
-    store.register_model(
-        model_id=encoder.model_id,
-        name=encoder.name,
-        dim=encoder.dim,
-        config=encoder.model.config.to_dict(),
-        weights_path=encoder.weights_path,
-        weights_digest=encoder.weights_digest,
-        card=encoder.card,
-    )
-    collection = store.collection(
-        model_id=encoder.model_id,
-        fingerprint=encoder.fingerprint,
-        dim=encoder.dim,
-        preprocess=asdict(encoder.preprocess),
-    )
-    _refuse_other_archives(store, refs)
-    known = store.status(collection)
+    collection = register(store, encoder)
+    refuse_other_archives(store, refs)
+    record_skipped(store, collection, skipped)
+    plan = plan_run(refs, store.status(collection), retry_failed=retry_failed)
     with store.transaction():
-        for skip in skipped:
-            previous = known.get(skip.source)
-            reason = f"{skip.reason_code}: {skip.reason}"
-            if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
-                continue  # already recorded: a re-run leaves the row as it was
-            store.record_status(
-                collection,
-                source=skip.source,
-                scan_id=skip.scan_id,
-                status="skipped",
-                reason=reason,
-                file_size=None,
-                file_mtime_ns=None,
-            )
-    status = store.status(collection)
-    seen_ids: dict[str, str] = {}
-    todo: list[SeriesRef] = []
-    failed: list[tuple[str, str]] = []
-    for ref in refs:
-        if ref.scan_id in seen_ids:
-            reason = f"duplicate scan id {ref.scan_id} (also {seen_ids[ref.scan_id]})"
-            store.record_status(
-                collection,
-                source=ref.source,
-                scan_id=None,
-                status="failed",
-                reason=reason,
-                file_size=ref.size,
-                file_mtime_ns=ref.mtime_ns,
-            )
-            failed.append((ref.source, reason))
-            continue
-        seen_ids[ref.scan_id] = ref.source
-        previous = status.get(ref.source)
-        if needs_embedding(ref, previous, retry_failed=retry_failed):
-            todo.append(ref)
-        elif previous is not None and previous.status == "failed":
-            failed.append((ref.source, f"{previous.reason} (unchanged since it failed; --retry-failed tries again)"))
-    unchanged = len(refs) - len(todo) - len(failed)
-    if progress and len(refs) > len(todo):
-        progress(len(refs) - len(todo))
+        store_outcomes(store, collection, plan.duplicates, None)
+    failed = [(o.source, o.reason or "") for o in plan.duplicates] + plan.failed_before
+    if progress and len(refs) > len(plan.todo):
+        progress(len(refs) - len(plan.todo))
     embedded = 0
-    if todo:
-        loader = DataLoader(
-            ScanDataset(todo, config=encoder.preprocess),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if num_workers > 0 else None,
-            prefetch_factor=2 if num_workers > 0 else None,
-            persistent_workers=False,
-        )
-        for batch in loader:
-            good = [item for item in batch if item.x is not None]
-            bad = [item for item in batch if item.x is None]
-            vectors = encoder.encode(torch.stack([item.x for item in good])) if good else None
-            with store.transaction():
-                if good:
-                    _write_batch(store, collection, [todo[i.position] for i in good], good, vectors, patients or {})
-                # a changed file that no longer loads must not keep its old vector
-                store.delete_embeddings(collection, scan_ids=[todo[item.position].scan_id for item in bad])
-                for item in bad:
-                    ref = todo[item.position]
-                    store.record_status(
-                        collection,
-                        source=ref.source,
-                        scan_id=ref.scan_id,
-                        status="failed",
-                        reason=item.reason,
-                        file_size=ref.size,
-                        file_mtime_ns=ref.mtime_ns,
-                    )
+    last_checkpoint = time.perf_counter()
+    for outcomes, vectors in encode_refs(plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers):
+        with store.transaction():
+            store_outcomes(store, collection, outcomes, vectors, patients=patients)
+        if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
             store.checkpoint()
-            embedded += len(good)
-            for item in bad:
-                ref = todo[item.position]
-                failed.append((ref.source, item.reason or "unknown"))
-                log.warning("skipped %s: %s", ref.source, item.reason)
-            if progress:
-                progress(len(batch))
+            last_checkpoint = time.perf_counter()
+        embedded += sum(o.status == "embedded" for o in outcomes)
+        failed += [(o.source, o.reason or "unknown") for o in outcomes if o.status == "failed"]
+        if progress:
+            progress(len(outcomes))
+    store.checkpoint()
     refresh_index(store, collection, index_kind=index_kind)
-    return EmbedReport(collection, len(refs), embedded, unchanged, failed, time.perf_counter() - start)
+    return EmbedReport(collection, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start)
 
 
-def _refuse_other_archives(store: Store, refs: Sequence[SeriesRef]) -> None:
+def encode_refs(
+    todo: Sequence[tuple[int, SeriesRef]], *, encoder: Encoder, batch_size: int, num_workers: int
+) -> Iterator[tuple[list[Outcome], np.ndarray]]:
+    """Load and preprocess in DataLoader workers, encode in batches on the encoder's device.
+
+    Yields, batch by batch, each scan's Outcome (in ``todo`` order) and the vectors ``[n_embedded, dim]`` of
+    the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason.
+    """
+    if not todo:
+        return
+    refs = [ref for _, ref in todo]
+    loader = DataLoader(
+        ScanDataset(refs, config=encoder.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    for batch in loader:
+        good = [item for item in batch if item.x is not None]
+        vectors = (
+            encoder.encode(torch.stack([item.x for item in good])) if good else np.zeros((0, encoder.dim), np.float32)
+        )
+        outcomes = []
+        for item in batch:
+            position, ref = todo[item.position]
+            outcomes.append(Outcome.of(position, ref, reason=item.reason, meta=item.meta))
+            if item.x is None:
+                log.warning("skipped %s: %s", ref.source, item.reason)
+        yield outcomes, vectors
+
+
+def store_outcomes(
+    store: Store,
+    collection: Collection,
+    outcomes: Sequence[Outcome],
+    vectors: np.ndarray | None,
+    *,
+    patients: dict[str, str] | None = None,
+) -> None:
+    """Write scans, vectors ``[n_embedded, dim]`` (embedded outcomes, in order) and status rows.
+
+    Call inside a transaction. A failed scan loses any vector stored before (a changed file that no longer
+    loads must not keep its old one). Vectors are inserted in ``outcomes`` order, which fixes their ids.
+    """
+    patients = patients or {}
+    good = [o for o in outcomes if o.status == "embedded"]
+    bad = [o for o in outcomes if o.status != "embedded"]
+    if good:
+        store.upsert_scans(
+            [
+                {
+                    "scan_id": o.scan_id,
+                    "patient_id": o.patient_id or patients.get(o.scan_id),
+                    "source": o.location,
+                    "archive_root": o.archive_root,
+                    "format": o.format,
+                    "meta": o.meta,
+                }
+                for o in good
+            ]
+        )
+        store.add_embeddings(collection, scan_ids=[o.scan_id for o in good], vectors=vectors)
+    store.delete_embeddings(collection, scan_ids=[o.scan_id for o in bad if o.scan_id])
+    store.record_statuses(
+        collection,
+        [
+            {
+                "source": o.source,
+                "scan_id": o.scan_id or None,
+                "status": o.status,
+                "reason": o.reason,
+                "file_size": o.file_size,
+                "file_mtime_ns": o.file_mtime_ns,
+            }
+            for o in outcomes
+        ],
+    )
+
+
+def refuse_other_archives(store: Store, refs: Sequence[SeriesRef]) -> None:
     """Two archives with the same relative file names would overwrite each other's scans: refuse."""
     stored = store.archive_roots([r.scan_id for r in refs])
     clashes = [
@@ -247,33 +359,6 @@ def _refuse_other_archives(store: Store, refs: Sequence[SeriesRef]) -> None:
         raise StoreError(
             f"{len(clashes)} scan ids of {new} are already stored from {old} (e.g. {scan_id}); "
             "embed this archive into another --db, or give its files other names"
-        )
-
-
-def _write_batch(store, collection, refs, good, vectors, patients) -> None:
-    store.upsert_scans(
-        [
-            {
-                "scan_id": r.scan_id,
-                "patient_id": r.patient_id or patients.get(r.scan_id),
-                "source": r.location or r.source,
-                "archive_root": str(r.root),
-                "format": r.format,
-                "meta": {**item.meta, "flags": sorted(set(item.meta.get("flags", [])) | set(r.flags))},
-            }
-            for r, item in zip(refs, good, strict=True)
-        ]
-    )
-    store.add_embeddings(collection, scan_ids=[r.scan_id for r in refs], vectors=vectors)
-    for r in refs:
-        store.record_status(
-            collection,
-            source=r.source,
-            scan_id=r.scan_id,
-            status="embedded",
-            reason=None,
-            file_size=r.size,
-            file_mtime_ns=r.mtime_ns,
         )
 
 

@@ -30,6 +30,7 @@ app = typer.Typer(
 app.command("synth")(friendly_errors(synth.synth))
 app.command("scan")(friendly_errors(scan.scan))
 app.command("embed")(friendly_errors(embed.embed))
+app.command("merge-shards")(friendly_errors(embed.merge_shards_command))
 app.command("search")(friendly_errors(search.search))
 app.command("explain")(friendly_errors(explain_cli.explain))
 app.command("map")(friendly_errors(map_cli.map_command))

@@ -38,10 +38,10 @@ def pretrain(
     """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
     import torch
 
+    from hctembed import distributed as ddp
     from hctembed.io.archive import scan_archive
     from hctembed.io.manifest import is_manifest, read_manifest
     from hctembed.pretrain import PretrainConfig, PretrainError, run_pretrain
-    from hctembed.pretrain import distributed as ddp
 
     setup_logging(quiet=quiet)
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -384,14 +384,48 @@ class Store:
         file_size: int | None,
         file_mtime_ns: int | None,
     ) -> None:
-        self.con.execute(
-            "INSERT INTO scan_status (collection_id, source, scan_id, status, reason, attempts, file_size, "
-            "file_mtime_ns) VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (collection_id, source) DO UPDATE SET "
-            "scan_id = excluded.scan_id, status = excluded.status, reason = excluded.reason, "
-            "attempts = scan_status.attempts + 1, file_size = excluded.file_size, "
-            "file_mtime_ns = excluded.file_mtime_ns, updated_at = now()",
-            [collection.collection_id, source, scan_id, status, reason, file_size, file_mtime_ns],
+        self.record_statuses(
+            collection,
+            [
+                {
+                    "source": source,
+                    "scan_id": scan_id,
+                    "status": status,
+                    "reason": reason,
+                    "file_size": file_size,
+                    "file_mtime_ns": file_mtime_ns,
+                }
+            ],
         )
+
+    def record_statuses(self, collection: Collection, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or update status rows (keys: source, scan_id, status, reason, file_size, file_mtime_ns) in
+        one statement; each update counts one more attempt. Sources must be unique within ``rows``."""
+        if not rows:
+            return
+        table = pa.table(
+            {
+                "source": pa.array([r["source"] for r in rows], pa.string()),
+                "scan_id": pa.array([r.get("scan_id") for r in rows], pa.string()),
+                "status": pa.array([r["status"] for r in rows], pa.string()),
+                "reason": pa.array([r.get("reason") for r in rows], pa.string()),
+                "file_size": pa.array([r.get("file_size") for r in rows], pa.int64()),
+                "file_mtime_ns": pa.array([r.get("file_mtime_ns") for r in rows], pa.int64()),
+            }
+        )
+        self.con.register("_status_in", table)
+        try:
+            self.con.execute(
+                "INSERT INTO scan_status (collection_id, source, scan_id, status, reason, attempts, file_size, "
+                "file_mtime_ns) SELECT ?, source, scan_id, status, reason, 1, file_size, file_mtime_ns "
+                "FROM _status_in ON CONFLICT (collection_id, source) DO UPDATE SET "
+                "scan_id = excluded.scan_id, status = excluded.status, reason = excluded.reason, "
+                "attempts = scan_status.attempts + 1, file_size = excluded.file_size, "
+                "file_mtime_ns = excluded.file_mtime_ns, updated_at = now()",
+                [collection.collection_id],
+            )
+        finally:
+            self.con.unregister("_status_in")
 
     def failures(self, collection: Collection) -> list[tuple[str, str]]:
         return self.con.execute(

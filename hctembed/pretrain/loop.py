@@ -5,7 +5,7 @@ schedules are built from the planned run (``epochs``), so ``max_steps`` only sto
 follows the same values. Every view comes from a generator seeded by (seed, epoch, sample position), the
 MAE masks from a per-rank generator whose state is checkpointed, and the data order from (seed, epoch):
 a run interrupted at a checkpoint and resumed ends with the same weights as one that was not (on CPU,
-bit for bit). Distributed calls go through :mod:`hctembed.pretrain.distributed` (no-ops in one process).
+bit for bit). Distributed calls go through :mod:`hctembed.distributed` (no-ops in one process).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from hctembed import distributed as ddp
 from hctembed.augment import MaeCropConfig, MultiCropConfig, base_preprocess
 from hctembed.config import VIT_PRESETS
 from hctembed.errors import HctembedError
 from hctembed.model.encoders import REGISTRY
 from hctembed.model.vit3d import ViT3D
-from hctembed.pretrain import distributed as ddp
 from hctembed.pretrain.cache import ViewDataset, build_cache, collate_views, epoch_order
 from hctembed.pretrain.dino import (
     DINOHead,

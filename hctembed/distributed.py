@@ -1,7 +1,7 @@
 """Guarded torch.distributed helpers: each one is a no-op (or the identity) in a single process.
 
-The training loop calls only these, so the core maths (``dino.py``, ``mae.py``) never touches
-torch.distributed or CUDA. :func:`init_from_env` reads the variables torchrun sets and is called by the
+The training loop and sharded embedding call only these, so the core maths (``dino.py``, ``mae.py``) never
+touches torch.distributed or CUDA. :func:`init_from_env` reads the variables torchrun sets and is called by the
 CLI, not by library code.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,16 +48,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def init_from_env(*, use_cuda: bool) -> torch.device:
+def init_from_env(*, use_cuda: bool, backend: str | None = None, timeout: timedelta | None = None) -> torch.device:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_*``):
-    nccl with one GPU per process on CUDA, gloo on CPU. Returns this process's device."""
+    nccl with one GPU per process on CUDA, gloo on CPU (or ``backend``). ``timeout`` bounds how long a
+    collective (a barrier) waits for the slowest rank. Returns this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not active():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), timeout=timeout)
         log.info("rank %d of %d (%s)", dist.get_rank(), world, dist.get_backend())
     return device
 

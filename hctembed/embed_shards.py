@@ -1,0 +1,340 @@
+"""Sharded embedding for torchrun: every rank embeds its share of an archive into Parquet files, then one
+merge step stores them in DuckDB and builds the FAISS index.
+
+DuckDB has one writer per file, so ranks never open the database for writing: each reads the stored
+status once (read-only, to skip scans already embedded), embeds the refs at positions ``rank, rank +
+world, ...`` of the run's list, and writes its outcomes - vectors, scan metadata, failures with reasons -
+as Parquet parts under ``shards/parts/``. Each part is written under a temporary name and renamed, so a
+killed rank leaves only whole parts, and a re-run skips what the parts already hold. The merge
+(:func:`merge_shards`, run by rank 0 after a barrier, or by ``hctembed merge-shards``) stores the outcomes
+in the order of the run's list, so the database - vectors and their int64 ids - is the one a single
+process would have written. Parts are removed once merged; a repeated merge changes nothing.
+
+Layout of a shard folder::
+
+    run.json                 the encoder (model id, weights, preprocessing), world size, skipped candidates
+    manifest.parquet         the archive's refs (when rank 0 scanned a folder; else the given manifest)
+    parts/rank0000-000001.parquet ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hctembed.embed import (
+    Outcome,
+    encode_refs,
+    needs_embedding,
+    plan_run,
+    record_skipped,
+    refresh_index,
+    store_outcomes,
+)
+from hctembed.errors import HctembedError
+from hctembed.index.store import Collection, StatusRow, Store
+from hctembed.io.archive import SeriesRef, Skipped
+from hctembed.model.encoders import Encoder
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+PARTS = "parts"
+MERGE_CHUNK = 2048  # outcomes per merge transaction (one DuckDB vector: ids follow the input order)
+
+
+class ShardError(HctembedError, RuntimeError):
+    """A shard folder that cannot be merged into this database; the message says why."""
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    """What one rank did: scans assigned to it, embedded now, failed now, and found already done."""
+
+    rank: int
+    world: int
+    assigned: int
+    embedded: int
+    failed: int
+    already_done: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    collection: Collection
+    parts: int
+    embedded: int
+    failed: int
+    unchanged: int
+    seconds: float
+
+
+def assigned(refs: Sequence[SeriesRef], *, rank: int, world: int) -> list[tuple[int, SeriesRef]]:
+    """The refs rank ``rank`` of ``world`` embeds, with their positions in ``refs``: every world-th one."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+    return [(i, ref) for i, ref in enumerate(refs) if i % world == rank]
+
+
+def write_run_info(folder: Path, *, encoder: Encoder, world: int, skipped: Sequence[Skipped]) -> None:
+    """Record the run (rank 0, before any rank embeds): what the merge needs without loading the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {
+        "model_id": encoder.model_id,
+        "name": encoder.name,
+        "dim": encoder.dim,
+        "config": encoder.model.config.to_dict(),
+        "weights_path": encoder.weights_path,
+        "weights_digest": encoder.weights_digest,
+        "card": encoder.card,
+        "fingerprint": encoder.fingerprint,
+        "preprocess": asdict(encoder.preprocess),
+        "world": world,
+        "skipped": [asdict(s) for s in skipped],
+    }
+    previous = read_run_info(folder) if (folder / RUN_FILE).exists() else None
+    identity = (encoder.model_id, encoder.fingerprint)
+    same = previous is None or (previous["model_id"], previous["fingerprint"]) == identity
+    if not same and _part_files(folder):
+        raise ShardError(
+            f"{folder} holds unmerged parts of model {previous['model_id']} / {previous['fingerprint']}; "
+            f"merge them (hctembed merge-shards {folder} --db ...) or use another --shards folder"
+        )
+    tmp = folder / f".{RUN_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    os.replace(tmp, folder / RUN_FILE)
+
+
+def read_run_info(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_FILE
+    if not path.exists():
+        raise ShardError(f"{folder} is not a shard folder (no {RUN_FILE}); run `embed --distributed` first")
+    return json.loads(path.read_text())
+
+
+def _schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("position", pa.int64()),
+            ("source", pa.string()),
+            ("scan_id", pa.string()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+            ("file_size", pa.int64()),
+            ("file_mtime_ns", pa.int64()),
+            ("patient_id", pa.string()),
+            ("location", pa.string()),
+            ("archive_root", pa.string()),
+            ("format", pa.string()),
+            ("meta", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def _part_files(folder: Path) -> list[Path]:
+    parts = folder / PARTS
+    return sorted(parts.glob("rank*.parquet")) if parts.is_dir() else []
+
+
+class PartWriter:
+    """Buffers one rank's outcomes and writes them as whole Parquet parts (temporary name, then rename)."""
+
+    def __init__(self, folder: Path, *, rank: int, dim: int, rows_per_part: int) -> None:
+        self.dir = folder / PARTS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.dim, self.rows_per_part = rank, dim, rows_per_part
+        mine = sorted(self.dir.glob(f"rank{rank:04d}-*.parquet"))
+        self.seq = int(mine[-1].stem.split("-")[1]) if mine else 0
+        self.outcomes: list[Outcome] = []
+        self.vectors: list[np.ndarray] = []
+
+    def add(self, outcomes: Sequence[Outcome], vectors: np.ndarray) -> None:
+        """``vectors [n_embedded, dim]``: those of the embedded outcomes, in order."""
+        it = iter(vectors)
+        for o in outcomes:
+            self.outcomes.append(o)
+            self.vectors.append(next(it) if o.status == "embedded" else None)
+        if len(self.outcomes) >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.outcomes:
+            return
+        columns: dict[str, list] = {f.name: [getattr(o, f.name) for o in self.outcomes] for f in fields(Outcome)}
+        columns["meta"] = [json.dumps(m, default=str) for m in columns["meta"]]
+        flat = np.zeros((len(self.outcomes), self.dim), np.float32)
+        valid = np.array([v is not None for v in self.vectors])
+        if valid.any():
+            flat[valid] = np.stack([v for v in self.vectors if v is not None])
+        vector = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), self.dim, mask=pa.array(~valid))
+        table = pa.table({**{k: columns[k] for k in _schema(self.dim).names[:-1]}, "vector": vector})
+        table = table.cast(_schema(self.dim))
+        self.seq += 1
+        path = self.dir / f"rank{self.rank:04d}-{self.seq:06d}.parquet"
+        tmp = self.dir / f".{path.name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        log.debug("rank %d wrote %s (%d rows)", self.rank, path.name, len(self.outcomes))
+        self.outcomes, self.vectors = [], []
+
+
+def done_in_parts(folder: Path) -> dict[str, StatusRow]:
+    """``{source: StatusRow}`` of every outcome already in the folder's parts (the latest one wins)."""
+    done: dict[str, StatusRow] = {}
+    for path in _part_files(folder):
+        cols = ["source", "scan_id", "status", "reason", "file_size", "file_mtime_ns"]
+        for r in pq.read_table(path, columns=cols).to_pylist():
+            done[r["source"]] = StatusRow(
+                r["source"], r["scan_id"], r["status"], r["reason"], 1, r["file_size"], r["file_mtime_ns"]
+            )
+    return done
+
+
+def embed_shard(
+    *,
+    refs: Sequence[SeriesRef],
+    encoder: Encoder,
+    folder: Path,
+    rank: int,
+    world: int,
+    stored: dict[str, StatusRow] | None = None,
+    batch_size: int = 2,
+    num_workers: int = 1,
+    retry_failed: bool = False,
+    rows_per_part: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> ShardReport:
+    """Embed this rank's share of ``refs`` into Parquet parts under ``folder``.
+
+    ``stored`` is the database's status (``{source: StatusRow}``, read by the caller) so that scans
+    embedded by an earlier run are skipped as :func:`hctembed.embed.embed_archive` would; outcomes already
+    in the folder's parts (a re-run after a killed rank) are skipped too. The split by rank is over the
+    positions in ``refs`` and so does not depend on what is done: every rank computes the same one.
+    """
+    start = time.perf_counter()
+    plan = plan_run(refs, stored or {}, retry_failed=retry_failed)
+    in_parts = done_in_parts(folder)
+    mine = {position for position, _ in assigned(refs, rank=rank, world=world)}
+    todo = [
+        (p, ref)
+        for p, ref in plan.todo
+        if p in mine and needs_embedding(ref, in_parts.get(ref.source), retry_failed=retry_failed)
+    ]
+    writer = PartWriter(folder, rank=rank, dim=encoder.dim, rows_per_part=rows_per_part)
+    duplicates = [o for o in plan.duplicates if o.position in mine and o.source not in in_parts]
+    writer.add(duplicates, np.zeros((0, encoder.dim), np.float32))
+    n_mine = len(mine)
+    already = n_mine - len(todo) - len(duplicates)  # embedded before, in the database or in parts
+    if progress and n_mine > len(todo):
+        progress(n_mine - len(todo))
+    embedded = failed = 0
+    for outcomes, vectors in encode_refs(todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers):
+        writer.add(outcomes, vectors)
+        embedded += len(vectors)
+        failed += len(outcomes) - len(vectors)
+        if progress:
+            progress(len(outcomes))
+    writer.flush()
+    return ShardReport(rank, world, n_mine, embedded, failed + len(duplicates), already, time.perf_counter() - start)
+
+
+def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.ndarray]]:
+    """Every outcome in the folder's parts in position order, in chunks of :data:`MERGE_CHUNK`, with the
+    vectors ``[n_embedded, dim]`` of the embedded ones. A position written twice (a part re-written after a
+    retry) keeps its latest outcome."""
+    paths = _part_files(folder)
+    if not paths:
+        return
+    table = pa.concat_tables([pq.read_table(p, schema=_schema(dim)) for p in paths])
+    # parts sort by rank then sequence; within a rank later parts are newer, so the last row per position wins
+    order = np.arange(len(table))
+    positions = table.column("position").to_numpy()
+    last = {int(p): int(i) for i, p in zip(order, positions, strict=True)}
+    keep = np.array(sorted(last.values(), key=lambda i: positions[i]), dtype=np.int64)
+    table = table.take(pa.array(keep))
+    for start in range(0, len(table), MERGE_CHUNK):
+        chunk = table.slice(start, MERGE_CHUNK)
+        rows = chunk.drop_columns(["vector"]).to_pylist()
+        outcomes = [Outcome(**{**r, "meta": json.loads(r["meta"] or "{}")}) for r in rows]
+        vec = chunk.column("vector").combine_chunks()
+        valid = np.asarray(vec.is_valid())
+        values = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        yield outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values)
+
+
+def merge_shards(
+    *,
+    folder: Path,
+    store: Store,
+    patients: dict[str, str] | None = None,
+    index_kind: str | None = None,
+    keep_parts: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> MergeReport:
+    """Store every outcome in the folder's parts (in run order), record skipped candidates, build the index.
+
+    Outcomes whose files the database already holds as embedded (same size and mtime) are left alone, so a
+    repeated or interrupted merge is idempotent. Parts are deleted after the merge unless ``keep_parts``.
+    """
+    start = time.perf_counter()
+    info = read_run_info(folder)
+    store.register_model(
+        model_id=info["model_id"],
+        name=info["name"],
+        dim=info["dim"],
+        config=info["config"],
+        weights_path=info["weights_path"],
+        weights_digest=info["weights_digest"],
+        card=info["card"],
+    )
+    collection = store.collection(
+        model_id=info["model_id"], fingerprint=info["fingerprint"], dim=info["dim"], preprocess=info["preprocess"]
+    )
+    record_skipped(store, collection, [Skipped(**s) for s in info.get("skipped", [])])
+    parts = _part_files(folder)
+    embedded = failed = unchanged = 0
+    stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
+    for outcomes, vectors in read_parts(folder, dim=collection.dim):
+        it = iter(vectors)
+        keep, keep_vec = [], []
+        for o in outcomes:
+            v = next(it) if o.status == "embedded" else None
+            row = stored.get(o.source)
+            merged = (row.status, row.file_size, row.file_mtime_ns) if row is not None else None
+            if o.status == "embedded" and merged == ("embedded", o.file_size, o.file_mtime_ns):
+                # already merged (a repeated or resumed merge)
+                unchanged += 1
+                continue
+            keep.append(o)
+            if v is not None:
+                keep_vec.append(v)
+        with store.transaction():
+            store_outcomes(
+                store,
+                collection,
+                keep,
+                np.stack(keep_vec) if keep_vec else np.zeros((0, collection.dim), np.float32),
+                patients=patients,
+            )
+        embedded += len(keep_vec)
+        failed += len(keep) - len(keep_vec)
+        if progress:
+            progress(len(outcomes))
+    store.checkpoint()
+    refresh_index(store, collection, index_kind=index_kind)
+    if not keep_parts:
+        for path in parts:
+            path.unlink(missing_ok=True)
+    return MergeReport(collection, len(parts), embedded, failed, unchanged, time.perf_counter() - start)
