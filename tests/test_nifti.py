@@ -10,6 +10,7 @@ import pytest
 from conftest import head_phantom_xyz, write_nifti
 
 from hctembed.io.archive import load_volume
+from hctembed.io import nifti
 from hctembed.io.nifti import load_nifti
 from hctembed.volume import VolumeError
 
@@ -147,3 +148,24 @@ def test_sform_wins_over_a_disagreeing_qform(tmp_path, caplog):
     v = load_nifti(path)
     np.testing.assert_allclose(v.affine, affine, atol=1e-5)
     assert "disagree" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "dtype, slope, inter",
+    [(np.int16, 1.0, 0.0), (np.int16, 0.5, -1024.0), (">i2", 1.0, 0.0), (np.float32, 1.0, 0.0), (np.uint8, 4.0, -1000)],
+)
+def test_fast_inflate_reads_what_nibabel_reads(tmp_path, monkeypatch, dtype, slope, inter):
+    hu, affine = head_phantom_xyz(shape_xyz=(40, 36, 12), spacing=(1.0, 1.0, 2.5))
+    stored = np.clip(hu, 0, 255) if np.dtype(dtype) == np.uint8 else hu
+    img = nib.Nifti1Image(stored.astype(dtype), affine)
+    img.header.set_slope_inter(slope, inter)
+    img.set_sform(affine, code=1)
+    path = tmp_path / "x.nii.gz"
+    nib.save(img, str(path))
+    expected = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float64), np.float32)  # nibabel's scaling
+    fast = load_nifti(path)
+    monkeypatch.setattr(nifti, "_igzip", None)  # the zlib path through nibabel
+    slow = load_nifti(path)
+    np.testing.assert_array_equal(fast.array, slow.array)
+    np.testing.assert_allclose(fast.array.transpose(2, 1, 0), expected, rtol=1e-6, atol=1e-3)
+    assert fast.array.flags.writeable and fast.array.dtype == np.float32

@@ -171,7 +171,9 @@ def assemble(slices: list[_Slice], *, flags: list[str], config: SelectionConfig)
     slices, distance = _merge_duplicates(slices, distance, flags=flags)
     if len(slices) < 2:
         raise VolumeError(f"{len(slices)} distinct slice position(s): not a volume")
-    hu = np.stack([_to_hu(s) for s in slices]).astype(np.float32)  # [k, rows, cols]
+    hu = np.empty((len(slices), *first.raw.shape), np.float32)  # [k, rows, cols], filled slice by slice
+    for k, s in enumerate(slices):
+        _to_hu(s, out=hu[k])
     if "rescale_missing" in flags and np.percentile(hu, 1) > -500:
         raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
     hu, distance, step = _regular_spacing(hu, distance, config=config, flags=flags)
@@ -201,14 +203,15 @@ def assemble(slices: list[_Slice], *, flags: list[str], config: SelectionConfig)
     return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta)
 
 
-def _to_hu(s: _Slice) -> np.ndarray:
-    raw = s.raw.astype(np.float32)
-    hu = raw * np.float32(s.slope) + np.float32(s.intercept)
+def _to_hu(s: _Slice, *, out: np.ndarray) -> np.ndarray:
+    """Stored values -> HU in ``out [rows, cols]`` (float32): rescale, padding and out-of-field to air."""
+    np.multiply(s.raw, np.float32(s.slope), out=out, casting="unsafe")
+    out += np.float32(s.intercept)
     if s.padding is not None:
         lo, hi = s.padding
-        hu[(raw >= lo) & (raw <= hi)] = AIR_HU
-    np.maximum(hu, AIR_HU, out=hu)  # out-of-field values (-2048, -3024) are air
-    return hu
+        out[(s.raw >= lo) & (s.raw <= hi)] = AIR_HU
+    np.maximum(out, AIR_HU, out=out)  # out-of-field values (-2048, -3024) are air
+    return out
 
 
 def _merge_duplicates(slices, distance, *, flags):
