@@ -1,11 +1,14 @@
 """End-to-end embedding: `embed_archive` (DataLoader workers overlap decoding/resampling with the model)
 against the same stages run one after another in one process, measured in the same run.
 
-    python benchmarks/embed_speed.py [--n 24] [--matrix 256] [--model vit-base] [--workers 0 1 2]
+    python benchmarks/embed_speed.py [--n 16] [--matrix 512] [--thickness 0.5 5] [--model vit-base]
+                                     [--workers 0 1 2] [--threads 1 2]
 
-Writes a synthetic archive to a temporary folder, then times:
-* serial:   for each scan: load -> preprocess -> encode (batch 1), model loaded once;
-* embed_archive with each ``--workers`` value (batch ``--batch-size``), into a fresh DuckDB each time.
+Writes a synthetic archive to a temporary folder (``--thickness``: the range slice thicknesses are drawn
+from), then times:
+* serial:   for each scan: load -> preprocess -> encode (batch 1), model loaded once, all torch threads;
+* embed_archive for each ``--workers`` x ``--threads`` (torch threads of the encoding process; workers
+  always use one), batch ``--batch-size``, into a fresh DuckDB each time.
 Prints seconds, scans/s and the speed-up over serial; writes JSON to benchmarks/results/embed_speed.json.
 """
 
@@ -30,15 +33,19 @@ from hctembed.synth import SynthConfig, generate_archive
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=24)
-    parser.add_argument("--matrix", type=int, default=256)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--thickness", type=float, nargs=2, default=[0.5, 5.0])
     parser.add_argument("--model", default="vit-base")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     args = parser.parse_args()
+    all_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
-        generate_archive(archive, n=args.n, seed=7, config=SynthConfig(matrix=args.matrix))
+        config = SynthConfig(matrix=args.matrix, slice_thickness_mm=tuple(args.thickness))
+        generate_archive(archive, n=args.n, seed=7, config=config)
         refs = discover(archive)
         encoder = load_encoder(args.model, seed=0)
         encoder.encode(torch.zeros(1, encoder.preprocess.channels, *(encoder.preprocess.out_size,) * 3))  # warm-up
@@ -52,33 +59,45 @@ def main() -> None:
             {
                 "mode": "serial",
                 "workers": 0,
+                "threads": all_threads,
                 "seconds": round(serial, 2),
                 "scans_per_s": round(len(refs) / serial, 3),
                 "speedup": 1.0,
             }
         ]
         for workers in args.workers:
-            db = Path(tmp) / f"w{workers}.duckdb"
-            with Store(db) as store:
-                start = time.perf_counter()
-                report = embed_archive(
-                    refs=refs, encoder=encoder, store=store, batch_size=args.batch_size, num_workers=workers
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                db = Path(tmp) / f"w{workers}t{threads}.duckdb"
+                with Store(db) as store:
+                    start = time.perf_counter()
+                    report = embed_archive(
+                        refs=refs, encoder=encoder, store=store, batch_size=args.batch_size, num_workers=workers
+                    )
+                    seconds = time.perf_counter() - start
+                torch.set_num_threads(all_threads)
+                assert report.embedded == len(refs), report
+                rows.append(
+                    {
+                        "mode": "embed_archive",
+                        "workers": workers,
+                        "threads": threads,
+                        "seconds": round(seconds, 2),
+                        "scans_per_s": round(len(refs) / seconds, 3),
+                        "speedup": round(serial / seconds, 2),
+                    }
                 )
-                seconds = time.perf_counter() - start
-            assert report.embedded == len(refs), report
-            rows.append(
-                {
-                    "mode": "embed_archive",
-                    "workers": workers,
-                    "seconds": round(seconds, 2),
-                    "scans_per_s": round(len(refs) / seconds, 3),
-                    "speedup": round(serial / seconds, 2),
-                }
-            )
-    print(f"{args.n} scans, matrix {args.matrix}, {args.model}, batch {args.batch_size}, {os.cpu_count()} CPUs")
-    print(f"{'mode':16} {'workers':>7} {'seconds':>8} {'scans/s':>8} {'vs serial':>10}")
+                print(rows[-1], flush=True)
+    print(
+        f"{args.n} scans, matrix {args.matrix}, slices {args.thickness[0]:g}-{args.thickness[1]:g} mm, {args.model}, "
+        f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(f"{'mode':16} {'workers':>7} {'threads':>7} {'seconds':>8} {'scans/s':>8} {'vs serial':>10}")
     for r in rows:
-        print(f"{r['mode']:16} {r['workers']:7d} {r['seconds']:8.2f} {r['scans_per_s']:8.3f} {r['speedup']:9.2f}x")
+        print(
+            f"{r['mode']:16} {r['workers']:7d} {r['threads']:7d} {r['seconds']:8.2f} {r['scans_per_s']:8.3f} "
+            f"{r['speedup']:9.2f}x"
+        )
     out = Path(__file__).parent / "results" / "embed_speed.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "rows": rows}, indent=2))

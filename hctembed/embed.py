@@ -201,15 +201,15 @@ def register(store: Store, encoder: Encoder) -> Collection:
 def record_skipped(store: Store, collection: Collection, skipped: Sequence[Skipped]) -> None:
     """Status rows for candidates not selected; a re-run leaves rows already recorded with the same reason."""
     known = store.status(collection)
-    rows = []
+    rows: dict[str, dict] = {}  # by source: one status row per candidate
     for skip in skipped:
         previous = known.get(skip.source)
         reason = f"{skip.reason_code}: {skip.reason}"
         if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
             continue
-        rows.append({"source": skip.source, "scan_id": skip.scan_id, "status": "skipped", "reason": reason})
+        rows[skip.source] = {"source": skip.source, "scan_id": skip.scan_id, "status": "skipped", "reason": reason}
     with store.transaction():
-        store.record_statuses(collection, rows)
+        store.record_statuses(collection, list(rows.values()))
 
 
 def embed_archive(

@@ -244,3 +244,15 @@ def test_torchrun_two_gloo_ranks_equal_one_process(archive, single, tmp_path):
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["embedded"] == 0 and summary["unchanged"] == 8
     np.testing.assert_array_equal(a["ids"], _contents(db)["ids"])
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(archive, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = runner.invoke(
+        app, ["embed", str(archive), "--db", str(tmp_path / "h.duckdb"), "--model", "vit-micro", "--device", "cuda"]
+    )
+    assert result.exit_code == 2 and "no CUDA device" in " ".join(result.output.split())
+    assert not (tmp_path / "h.duckdb").exists()
