@@ -24,9 +24,10 @@ from hctembed.index.choice import IndexOptions
 from hctembed.index.store import Collection, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped, load_series
+from hctembed.io.nifti_stream import open_stream
 from hctembed.model.encoders import Encoder, persist_weights
-from hctembed.preprocess import preprocess
-from hctembed.volume import Volume, VolumeError
+from hctembed.preprocess import preprocess, preprocess_stream
+from hctembed.volume import VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,25 @@ class Prepared:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(ref: SeriesRef, *, config: PreprocessConfig) -> tuple[torch.Tensor, Volume]:
-    """Load and preprocess one scan; raises VolumeError with a readable reason."""
-    volume = load_series(ref)
-    return preprocess(volume, config=config), volume
+def prepare(ref: SeriesRef, *, config: PreprocessConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load and preprocess one scan: the model input ``[C, Z, Y, X]`` and PHI-free facts about the source.
+
+    A ``.nii.gz`` under the paper's preprocessing is resampled slab by slab while it is being inflated
+    (:func:`hctembed.preprocess.preprocess_stream`); everything else is loaded whole first. Raises
+    VolumeError with a readable reason.
+    """
+    stream = open_stream(ref.path) if ref.format == "nifti" and type(config) is PreprocessConfig else None
+    if stream is not None:
+        x, meta, shape_xyz, spacing_xyz = preprocess_stream(stream, config=config), stream.meta, *_shape(stream)
+    else:
+        volume = load_series(ref)
+        x, meta, shape_xyz, spacing_xyz = preprocess(volume, config=config), volume.meta, *_shape(volume)
+    facts = {**meta, "shape_xyz": list(shape_xyz), "spacing_xyz": [round(s, 4) for s in spacing_xyz]}
+    return x, facts
+
+
+def _shape(source) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    return source.shape_xyz, source.spacing_xyz
 
 
 class ScanDataset(Dataset):
@@ -60,7 +76,7 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            x, volume = prepare(ref, config=self.config)
+            x, facts = prepare(ref, config=self.config)
         except VolumeError as exc:
             return Prepared(i, None, str(exc))
         except (MemoryError, KeyboardInterrupt):
@@ -68,13 +84,7 @@ class ScanDataset(Dataset):
         except Exception as exc:  # a long archive run never dies on one bad scan
             log.debug("unexpected failure on %s", ref.source, exc_info=True)
             return Prepared(i, None, f"{type(exc).__name__}: {exc}")
-        meta = {
-            **ref.facts,
-            **volume.meta,
-            "shape_xyz": list(volume.shape_xyz),
-            "spacing_xyz": [round(s, 4) for s in volume.spacing_xyz],
-        }
-        return Prepared(i, x, None, meta)
+        return Prepared(i, x, None, {**ref.facts, **facts})
 
 
 def _collate(items: list[Prepared]) -> list[Prepared]:

@@ -17,6 +17,7 @@ Both return float32 ``[C, Z, Y, X]`` (C = number of windows; Z, Y, X along S, A,
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,12 +51,17 @@ class IsotropicGrid:
 
 def isotropic_grid(volume: Volume, *, spacing_mm: float) -> IsotropicGrid:
     """MONAI's own geometry rule (``zoom_affine`` + ``compute_shape_offset``), so both paths share one grid."""
+    return grid_for(affine=volume.affine, shape_xyz=volume.shape_xyz, spacing_mm=spacing_mm)
+
+
+def grid_for(*, affine: np.ndarray, shape_xyz: tuple[int, int, int], spacing_mm: float) -> IsotropicGrid:
+    """:func:`isotropic_grid` from a RAS ``affine`` and shape alone (no voxels needed)."""
     from monai.data.utils import compute_shape_offset, zoom_affine
 
-    out_affine = np.asarray(zoom_affine(volume.affine, (spacing_mm,) * 3, diagonal=False), dtype=np.float64)
-    shape, offset = compute_shape_offset(volume.shape_xyz, volume.affine, out_affine)
+    out_affine = np.asarray(zoom_affine(affine, (spacing_mm,) * 3, diagonal=False), dtype=np.float64)
+    shape, offset = compute_shape_offset(shape_xyz, affine, out_affine)
     out_affine[:3, 3] = offset
-    grid_to_volume = np.linalg.solve(volume.affine, out_affine)
+    grid_to_volume = np.linalg.solve(affine, out_affine)
     linear = grid_to_volume[:3, :3]
     if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
         raise VolumeError("internal: the isotropic grid is not axis-aligned with the scan")
@@ -124,7 +130,22 @@ def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
 
         return preprocess_monai(volume, config=config)
     grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
-    hu = resample_isotropic(volume, grid=grid)  # [Z1, Y1, X1]
+    return finish(resample_isotropic(volume, grid=grid), grid=grid, config=config)
+
+
+def preprocess_stream(stream, *, config: PreprocessConfig) -> torch.Tensor:
+    """:func:`preprocess` of a file read slab by slab (:class:`hctembed.io.nifti_stream.NiftiStream`: its
+    RAS ``affine``, ``shape_xyz``, ``flips_zyx`` and ``slabs()``): each slab is resampled in-plane while the
+    next is inflated, so decoding and resampling overlap. Same result as ``preprocess(load_nifti(path))``."""
+    grid = grid_for(affine=stream.affine, shape_xyz=stream.shape_xyz, spacing_mm=config.spacing_mm)
+    nx, ny, nz = stream.shape_xyz
+    weights = memory_weights(shape_zyx=(nz, ny, nx), flips_zyx=stream.flips_zyx, grid=grid)
+    return finish(resample_slabs(stream.slabs(), weights=weights, n_slices=nz), grid=grid, config=config)
+
+
+def finish(hu: torch.Tensor, *, grid: IsotropicGrid, config: PreprocessConfig) -> torch.Tensor:
+    """The isotropic HU grid ``[Z1, Y1, X1]`` -> model input ``[C, out, out, out]``: head box, pad/crop,
+    windows, area average (the part of :func:`preprocess` after the resample)."""
     if config.centre_on_head:
         lo, hi = foreground_bounds(hu, threshold=config.foreground_hu)
     else:
@@ -139,7 +160,8 @@ def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
     if np.all(src_hi > src_lo):
         (x0, y0, z0), (x1, y1, z1), (a, b, d) = src_lo, src_hi, dst_lo
         region = hu[z0:z1, y0:y1, x0:x1]
-        windowed[:, d : d + z1 - z0, b : b + y1 - y0, a : a + x1 - x0] = apply_windows(region, windows=config.windows)
+        for channel, w in zip(windowed, config.windows, strict=True):  # in place: no full-size temporaries
+            window_into(channel[d : d + z1 - z0, b : b + y1 - y0, a : a + x1 - x0], region, window=w)
     factor = c // config.out_size
     if factor > 1:
         windowed = F.avg_pool3d(windowed[None], kernel_size=factor)[0]
@@ -149,25 +171,57 @@ def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
 def resample_isotropic(volume: Volume, *, grid: IsotropicGrid) -> torch.Tensor:
     """Cubic-spline resample onto ``grid``: float32 HU ``[Z1, Y1, X1]`` by three 1D matrix products."""
     array = volume.array
-    weights = []  # per array axis (Z, Y, X): [n1, n] spline weights in the array's memory direction
+    flips = tuple(array.strides[axis] < 0 for axis in range(3))
+    for axis, flip in enumerate(flips):
+        if flip:  # a flipped view: read the buffer forwards (the weights are reversed instead)
+            array = np.flip(array, axis=axis)
+    if not array.flags.c_contiguous:  # e.g. a sagittal acquisition: one copy beats strided products
+        array = np.ascontiguousarray(array)
+    weights = memory_weights(shape_zyx=array.shape, flips_zyx=flips, grid=grid)
+    return resample_slabs([(0, array)], weights=weights, n_slices=array.shape[0])
+
+
+def memory_weights(
+    *, shape_zyx: tuple[int, int, int], flips_zyx: tuple[bool, bool, bool], grid: IsotropicGrid
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spline weights ``(wz [Z1, Z], wy [Y1, Y], wx [X1, X])`` for source voxels in memory order: an axis
+    stored reversed (``flips_zyx``) gets its weights' columns reversed instead of its voxels."""
+    weights = []
     for axis_arr in range(3):
         axis_xyz = 2 - axis_arr
         positions = grid.source_positions(axis=axis_xyz, grid_index=np.arange(int(grid.shape[axis_xyz])))
-        w = spline_weights(n=array.shape[axis_arr], positions=positions)
-        if array.strides[axis_arr] < 0:  # a flipped view: read the buffer forwards, reverse the weights
-            array = np.flip(array, axis=axis_arr)
+        w = spline_weights(n=shape_zyx[axis_arr], positions=positions)
+        if flips_zyx[axis_arr]:
             w = w[:, ::-1]
         weights.append(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
-    if not array.flags.c_contiguous:  # e.g. a sagittal acquisition: one copy beats strided products
-        array = np.ascontiguousarray(array)
-    src = torch.from_numpy(array)  # [Z, Y, X], a view of the file's buffer when it is C-ordered
-    if src.dtype != torch.float32:
-        src = src.float()
+    return tuple(weights)
+
+
+def resample_slabs(
+    slabs: Iterable[tuple[int, np.ndarray]],
+    *,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    n_slices: int,
+) -> torch.Tensor:
+    """The separable resample from source slabs ``(first slice, [n, Y, X] HU)`` in memory order, which may
+    arrive while the file is still being read: each slab is resampled in-plane as it comes (rows, then
+    columns), the slice axis once all have. Returns float32 ``[Z1, Y1, X1]``."""
     wz, wy, wx = weights
-    out = torch.matmul(src, wx.T)  # [Z, Y, X1]
-    out = torch.matmul(wy, out)  # [Z, Y1, X1]
+    inplane = None
+    filled = 0
+    for first, slab in slabs:
+        src = torch.from_numpy(slab)
+        if src.dtype != torch.float32:
+            src = src.float()
+        part = torch.matmul(wy, torch.matmul(src, wx.T))  # [n, Y1, X1]
+        if inplane is None:
+            inplane = torch.empty((n_slices, wy.shape[0], wx.shape[0]), dtype=torch.float32)
+        inplane[first : first + part.shape[0]] = part
+        filled += part.shape[0]
+    if inplane is None or filled != n_slices:
+        raise VolumeError(f"internal: {filled} of {n_slices} slices resampled")
     z1, y1, x1 = wz.shape[0], wy.shape[0], wx.shape[0]
-    return torch.matmul(wz, out.reshape(out.shape[0], -1)).reshape(z1, y1, x1)
+    return torch.matmul(wz, inplane.reshape(n_slices, -1)).reshape(z1, y1, x1)
 
 
 def spline_weights(*, n: int, positions: np.ndarray, order: int = 3) -> np.ndarray:
@@ -186,6 +240,11 @@ def spline_weights(*, n: int, positions: np.ndarray, order: int = 3) -> np.ndarr
     # never holds denormals, which slow matrix products ~30x
     w[np.abs(w) < 1e-7] = 0.0
     return w
+
+
+def window_into(out: torch.Tensor, hu: torch.Tensor, *, window: Window) -> torch.Tensor:
+    """``out[...] = clip((hu - low) / width, 0, 1)`` computed in ``out`` (same shape), as :func:`apply_windows`."""
+    return out.copy_(hu).sub_(window.low).div_(window.width).clamp_(0.0, 1.0)
 
 
 def apply_windows(hu: torch.Tensor, *, windows: tuple[Window, ...]) -> torch.Tensor:

@@ -63,14 +63,19 @@ def check_affine(affine: np.ndarray, *, tolerance: float = 1e-3) -> None:
         )
 
 
-def orient_to_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Permute/flip voxel axes (views only) so they point along +R, +A, +S as closely as possible.
+@dataclass(frozen=True)
+class RasOrientation:
+    """How stored voxel axes ``[x, y, z]`` become closest-RAS ones: ``order[i]`` is the stored axis that
+    becomes axis ``i``, ``flips[i]`` whether it is then reversed; ``affine`` maps the reoriented indices."""
 
-    Args:
-        array_xyz: voxels indexed ``[x, y, z]`` as ``affine`` maps them.
-    Returns:
-        (the reoriented ``[x, y, z]`` view, its affine, the source's axis codes such as ``("L", "P", "S")``).
-    """
+    order: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    affine: np.ndarray
+    codes: tuple[str, ...]
+
+
+def ras_orientation(affine: np.ndarray, shape_xyz: tuple[int, ...]) -> RasOrientation:
+    """The permutation and flips that bring voxel axes closest to +R, +A, +S (no voxels involved)."""
     import nibabel as nib
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
@@ -79,14 +84,30 @@ def orient_to_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
     transform = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
     # transform[i] = (new axis for input axis i, flip)
     order = np.argsort(transform[:, 0])
-    out = array_xyz.transpose(order)
     new_affine = np.asarray(affine, dtype=np.float64).copy()
     new_affine[:, :3] = new_affine[:, :3][:, order]
-    flips = transform[order, 1]
+    flips = transform[order, 1] < 0
     for axis, flip in enumerate(flips):
-        if flip < 0:
-            n = out.shape[axis]
-            out = np.flip(out, axis=axis)
+        if flip:
+            n = shape_xyz[order[axis]]
             new_affine[:3, 3] = new_affine[:3, 3] + new_affine[:3, axis] * (n - 1)
             new_affine[:3, axis] = -new_affine[:3, axis]
-    return out, new_affine, codes
+    return RasOrientation(
+        order=tuple(int(o) for o in order), flips=tuple(bool(f) for f in flips), affine=new_affine, codes=codes
+    )
+
+
+def orient_to_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Permute/flip voxel axes (views only) so they point along +R, +A, +S as closely as possible.
+
+    Args:
+        array_xyz: voxels indexed ``[x, y, z]`` as ``affine`` maps them.
+    Returns:
+        (the reoriented ``[x, y, z]`` view, its affine, the source's axis codes such as ``("L", "P", "S")``).
+    """
+    ras = ras_orientation(affine, array_xyz.shape)
+    out = array_xyz.transpose(ras.order)
+    for axis, flip in enumerate(ras.flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return out, ras.affine, ras.codes

@@ -45,20 +45,8 @@ def load_nifti(path: str | Path) -> Volume:
             or a degenerate / non-orthonormal affine.
     """
     path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for broken files
-        raise VolumeError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise VolumeError(f"not a NIfTI image ({type(img).__name__})")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)}")
-    if min(shape) < 2:
-        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)} has a singleton axis")
-    affine = _header_affine(img)
+    img, shape = open_image(path)
+    affine = header_affine(img)
     check_affine(affine)
     try:
         data, slope, inter = _voxels(path, img)
@@ -73,7 +61,7 @@ def load_nifti(path: str | Path) -> Volume:
     if (slope, inter) != (1.0, 0.0):
         hu *= np.float32(slope)
         hu += np.float32(inter)
-    if hu.dtype.kind == "f" and not np.isfinite(hu).all():
+    if data.dtype.kind == "f" and not np.isfinite(hu).all():  # integer voxels are finite: skip the pass
         n_bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
         raise VolumeError(f"{n_bad} non-finite voxels (NaN or inf)")
     array_xyz, affine_ras, codes = orient_to_ras(hu, affine)
@@ -86,6 +74,24 @@ def load_nifti(path: str | Path) -> Volume:
         "source_dtype": str(data.dtype),
     }
     return Volume(array=array, affine=affine_ras, meta=meta)
+
+
+def open_image(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
+    """The parsed image (voxels not read yet) and its 3D shape; VolumeError for what is not a 3D NIfTI."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise VolumeError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"not a NIfTI image ({type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)}")
+    if min(shape) < 2:
+        raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)} has a singleton axis")
+    return img, tuple(int(s) for s in shape)
 
 
 def _voxels(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, float, float]:
@@ -111,7 +117,7 @@ def _voxels(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, float, float]
     return data.reshape(img.shape, order="F"), slope, inter
 
 
-def _header_affine(img: nib.Nifti1Image) -> np.ndarray:
+def header_affine(img: nib.Nifti1Image) -> np.ndarray:
     """The sform when set, else the qform, else refuse (the fall-back affine has no real geometry)."""
     header = img.header
     sform, s_code = header.get_sform(coded=True)
