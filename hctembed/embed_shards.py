@@ -19,6 +19,7 @@ Layout of a shard folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -87,10 +88,39 @@ def assigned(refs: Sequence[SeriesRef], *, rank: int, world: int) -> list[tuple[
     return [(i, ref) for i, ref in enumerate(refs) if i % world == rank]
 
 
-def write_run_info(folder: Path, *, encoder: Encoder, world: int, skipped: Sequence[Skipped]) -> None:
-    """Record the run (rank 0, before any rank embeds): what the merge needs without loading the model."""
+def run_key(*, encoder: Encoder, refs: Sequence[SeriesRef], world: int) -> str:
+    """What makes parts resumable: the model, its preprocessing, the world size and the ordered refs (with
+    their file sizes and times). Parts written under another key belong to another run."""
+    digest = hashlib.sha256(f"{encoder.model_id}|{encoder.fingerprint}|{world}".encode())
+    for ref in refs:
+        digest.update(f"\n{ref.source}|{ref.scan_id}|{ref.size}|{ref.mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def stale_parts(folder: Path, *, key: str) -> bool:
+    """Whether ``folder`` holds unmerged parts of another run (merge them before starting this one)."""
+    if not _part_files(folder):
+        return False
+    return read_run_info(folder).get("run_key") != key
+
+
+def write_run_info(
+    folder: Path, *, encoder: Encoder, world: int, refs: Sequence[SeriesRef], skipped: Sequence[Skipped]
+) -> str:
+    """Record the run (rank 0, before any rank embeds): what the merge needs without loading the model.
+
+    Returns the run key. Refuses (ShardError) while unmerged parts of another run are in the folder: their
+    positions refer to another list of scans, so they must be merged first (:func:`merge_shards`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    key = run_key(encoder=encoder, refs=refs, world=world)
+    if stale_parts(folder, key=key):
+        raise ShardError(
+            f"{folder} holds unmerged parts of another run; merge them first "
+            f"(hctembed merge-shards {folder} --db ...) or use another --shards folder"
+        )
     info = {
+        "run_key": key,
         "model_id": encoder.model_id,
         "name": encoder.name,
         "dim": encoder.dim,
@@ -101,19 +131,13 @@ def write_run_info(folder: Path, *, encoder: Encoder, world: int, skipped: Seque
         "fingerprint": encoder.fingerprint,
         "preprocess": asdict(encoder.preprocess),
         "world": world,
+        "scans": len(refs),
         "skipped": [asdict(s) for s in skipped],
     }
-    previous = read_run_info(folder) if (folder / RUN_FILE).exists() else None
-    identity = (encoder.model_id, encoder.fingerprint)
-    same = previous is None or (previous["model_id"], previous["fingerprint"]) == identity
-    if not same and _part_files(folder):
-        raise ShardError(
-            f"{folder} holds unmerged parts of model {previous['model_id']} / {previous['fingerprint']}; "
-            f"merge them (hctembed merge-shards {folder} --db ...) or use another --shards folder"
-        )
     tmp = folder / f".{RUN_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=1, default=str))
     os.replace(tmp, folder / RUN_FILE)
+    return key
 
 
 def read_run_info(folder: Path) -> dict[str, Any]:
@@ -121,6 +145,11 @@ def read_run_info(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise ShardError(f"{folder} is not a shard folder (no {RUN_FILE}); run `embed --distributed` first")
     return json.loads(path.read_text())
+
+
+def part_rows(folder: Path) -> int:
+    """How many outcomes the folder's parts hold (from the Parquet footers)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in _part_files(folder))
 
 
 def _schema(dim: int) -> pa.Schema:
@@ -274,6 +303,29 @@ def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.nd
         yield outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values)
 
 
+def _already_stored(o: Outcome, row: StatusRow | None) -> bool:
+    """Leave an outcome out of the merge when the database already has what it would write, or better:
+    the same file (size, mtime) embedded, the same failure, or a newer version of the file."""
+    if row is None:
+        return False
+    same_file = (row.file_size, row.file_mtime_ns) == (o.file_size, o.file_mtime_ns)
+    if same_file and (row.status == "embedded" or (row.status, row.reason) == (o.status, o.reason)):
+        return True
+    return row.file_mtime_ns is not None and row.file_mtime_ns > o.file_mtime_ns
+
+
+def refuse_other_archives_rows(store: Store, outcomes: Sequence[Outcome]) -> None:
+    """As :func:`hctembed.embed.refuse_other_archives`, for outcomes read from parts."""
+    good = [o for o in outcomes if o.status == "embedded"]
+    stored = store.archive_roots([o.scan_id for o in good])
+    clashes = [o for o in good if stored.get(o.scan_id, o.archive_root) != o.archive_root]
+    if clashes:
+        raise ShardError(
+            f"{len(clashes)} scan ids of {clashes[0].archive_root} are already stored from "
+            f"{stored[clashes[0].scan_id]} (e.g. {clashes[0].scan_id}); merge into another --db"
+        )
+
+
 def merge_shards(
     *,
     folder: Path,
@@ -307,14 +359,12 @@ def merge_shards(
     embedded = failed = unchanged = 0
     stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
+        refuse_other_archives_rows(store, outcomes)  # before anything is skipped as "already stored"
         it = iter(vectors)
         keep, keep_vec = [], []
         for o in outcomes:
             v = next(it) if o.status == "embedded" else None
-            row = stored.get(o.source)
-            merged = (row.status, row.file_size, row.file_mtime_ns) if row is not None else None
-            if o.status == "embedded" and merged == ("embedded", o.file_size, o.file_mtime_ns):
-                # already merged (a repeated or resumed merge)
+            if _already_stored(o, stored.get(o.source)):
                 unchanged += 1
                 continue
             keep.append(o)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -77,7 +78,7 @@ def _shard_run(archive: Path, db: Path, *, world: int, ranks=None, **kw) -> Path
     folder = Path(str(db) + ".shards")
     found = scan_archive(archive)
     encoder = persist_weights(load_encoder("vit-micro"), folder=Path(str(db) + ".models"))
-    write_run_info(folder, encoder=encoder, world=world, skipped=found.skipped)
+    write_run_info(folder, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped)
     for rank in ranks if ranks is not None else range(world):
         embed_shard(refs=found.selected, encoder=encoder, folder=folder, rank=rank, world=world, num_workers=0, **kw)
     return folder
@@ -137,15 +138,16 @@ def test_killed_rank_resumes_from_its_parts_and_merge_is_idempotent(archive, sin
     with Store(db) as store:
         merge_shards(folder=folder, store=store, keep_parts=True)
     first = _contents(db)
-    with Store(db) as store:  # the same parts merged again: nothing changes but the duplicate's attempt count
+    with Store(db) as store:  # the same parts merged again: nothing changes, not even attempt counts
         report = merge_shards(folder=folder, store=store)
-    assert report.unchanged == 7 and report.embedded == 0
+    assert report.unchanged == 9 and report.embedded == 0 and report.failed == 0
     second = _contents(db)
     np.testing.assert_array_equal(first["ids"], second["ids"])
     np.testing.assert_array_equal(first["vectors"], second["vectors"])
     ref = _contents(single)
     np.testing.assert_array_equal(ref["ids"], first["ids"])
     assert {k: v[:3] for k, v in ref["status"].items()} == {k: v[:3] for k, v in second["status"].items()}
+    assert first["status"] == second["status"]
 
 
 def test_rerun_after_merge_embeds_nothing_new(archive, single, tmp_path):
@@ -158,7 +160,7 @@ def test_rerun_after_merge_embeds_nothing_new(archive, single, tmp_path):
     folder = tmp_path / "shards"
     found = scan_archive(archive)
     encoder = load_encoder("vit-micro")
-    write_run_info(folder, encoder=encoder, world=2, skipped=[])
+    write_run_info(folder, encoder=encoder, world=2, refs=found.selected, skipped=[])
     reports = [
         embed_shard(refs=found.selected, encoder=encoder, folder=folder, rank=r, world=2, stored=stored, num_workers=0)
         for r in range(2)
@@ -182,11 +184,58 @@ def test_parts_hold_vectors_and_no_vector_for_failures(archive, tmp_path):
     assert sorted(r["position"] for r in rows) == list(range(9))
 
 
-def test_a_folder_with_another_models_unmerged_parts_is_refused(archive, tmp_path):
-    folder = _shard_run(archive, tmp_path / "h.duckdb", world=1)
-    other = load_encoder("vit-micro", seed=1)
-    with pytest.raises(ShardError, match="unmerged parts"):
-        write_run_info(folder, encoder=other, world=1, skipped=[])
+def test_unmerged_parts_of_another_run_must_be_merged_first(archive, single, tmp_path):
+    db = tmp_path / "h.duckdb"
+    folder = _shard_run(archive, db, world=2, ranks=[0])  # killed before rank 1 and the merge
+    found = scan_archive(archive)
+    encoder = load_encoder("vit-micro")
+    # another world size, another model, or another list of files: positions mean other scans
+    runs = [
+        dict(encoder=encoder, world=3, refs=found.selected),
+        dict(encoder=encoder, world=2, refs=found.selected[1:]),
+        dict(encoder=load_encoder("vit-micro", seed=1), world=2, refs=found.selected),
+    ]
+    for kw in runs:
+        with pytest.raises(ShardError, match="unmerged parts of another run"):
+            write_run_info(folder, skipped=[], **kw)
+    with Store(db) as store:  # what the distributed command does: keep the earlier run's work
+        merge_shards(folder=folder, store=store)
+        stored = store.status(store.resolve_collection())
+    _shard_run(archive, db, world=3, stored=stored)  # the new run, with the rest left to do
+    with Store(db) as store:
+        merge_shards(folder=folder, store=store)
+    a, b = _contents(single), _contents(db)
+    assert sorted(a["scan_ids"]) == sorted(b["scan_ids"])  # stored in two merges: other ids, same vectors
+    by_scan = dict(zip(b["scan_ids"], b["vectors"], strict=True))
+    np.testing.assert_allclose(a["vectors"], np.stack([by_scan[s] for s in a["scan_ids"]]), atol=1e-6)
+    assert {k: v[:3] for k, v in a["status"].items()} == {k: v[:3] for k, v in b["status"].items()}
+
+
+def test_a_stale_failure_in_parts_does_not_remove_a_stored_vector(archive, single, tmp_path):
+    db = tmp_path / "h.duckdb"
+    shutil.copy(single, db)
+    folder = _shard_run(archive, tmp_path / "other.duckdb", world=1)
+    parts = sorted((folder / "parts").glob("*.parquet"))
+    table = pq.read_table(parts[0])
+    rows = table.to_pylist()
+    victim = next(r for r in rows if r["status"] == "embedded")
+    victim.update(status="failed", reason="OSError: a transient read error", vector=None)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), parts[0])
+    with Store(db) as store:
+        report = merge_shards(folder=folder, store=store)
+    assert report.embedded == 0 and report.failed == 0  # everything is already stored, the failure included
+    assert _contents(db)["scan_ids"] == _contents(single)["scan_ids"]
+
+
+def test_merging_parts_of_another_archive_with_the_same_names_is_refused(archive, single, tmp_path):
+    other = tmp_path / "other_archive"
+    shutil.copytree(archive, other)
+    folder = _shard_run(other, tmp_path / "x.duckdb", world=1)
+    db = tmp_path / "h.duckdb"
+    shutil.copy(single, db)
+    with Store(db) as store, pytest.raises(ShardError, match="already stored from"):
+        merge_shards(folder=folder, store=store)
+    assert _contents(db)["scan_ids"] == _contents(single)["scan_ids"]
 
 
 def test_merge_command_on_a_folder_that_is_not_a_shard_folder(tmp_path):
@@ -242,7 +291,7 @@ def test_torchrun_two_gloo_ranks_equal_one_process(archive, single, tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout.strip().splitlines()[-1])
-    assert summary["embedded"] == 0 and summary["unchanged"] == 8
+    assert summary["embedded"] == 0 and summary["unchanged"] == 7 and summary["failed"] == 2
     np.testing.assert_array_equal(a["ids"], _contents(db)["ids"])
 
 

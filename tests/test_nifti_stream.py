@@ -13,6 +13,7 @@ from hctembed.config import PreprocessConfig
 from hctembed.embed import prepare
 from hctembed.io.archive import discover
 from hctembed.io.nifti import load_nifti
+from hctembed.io import nifti_stream
 from hctembed.io.nifti_stream import open_stream
 from hctembed.preprocess import preprocess, preprocess_stream
 from hctembed.volume import VolumeError
@@ -34,6 +35,12 @@ def _write(path, hu, affine, *, dtype=np.int16, slope=1.0, inter=0.0):
     img.set_qform(affine, code=1)
     nib.save(img, str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def small_reads(monkeypatch):
+    """4 KiB reads: slabs are handed out while the file is still being inflated (the real files' case)."""
+    monkeypatch.setattr(nifti_stream, "CHUNK", 4096)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +79,10 @@ def test_slabs_cover_every_slice_once_in_order(tmp_path):
     hu, affine = head_phantom_xyz(shape_xyz=(40, 36, 23), spacing=(1.0, 1.0, 2.0))
     path = write_nifti(tmp_path / "x.nii.gz", hu, affine)
     slabs = list(open_stream(path).slabs(slices=5))
-    assert [first for first, _ in slabs] == list(range(0, 23, 5))
+    firsts = [first for first, _ in slabs]
+    sizes = [len(slab) for _, slab in slabs]
+    assert len(slabs) > 4 and max(sizes) <= 5  # handed out as the file is inflated, 5 slices at most
+    assert firsts == list(np.cumsum([0, *sizes[:-1]])) and sum(sizes) == 23
     stacked = np.concatenate([s for _, s in slabs])  # [z, y, x]
     np.testing.assert_array_equal(stacked, hu.transpose(2, 1, 0).astype(np.float32))
 
@@ -138,3 +148,40 @@ def test_prepare_streams_and_reports_the_same_facts(tmp_path):
         "shape_xyz": list(volume.shape_xyz),
         "spacing_xyz": [round(s, 4) for s in volume.spacing_xyz],
     }
+
+
+def test_a_member_ending_on_a_read_boundary_does_not_end_the_file(tmp_path):
+    hu, affine = head_phantom_xyz(shape_xyz=(40, 36, 20), spacing=(1.0, 1.0, 2.0))
+    plain = write_nifti(tmp_path / "x.nii", hu, affine)
+    raw = plain.read_bytes()
+    cut = 4096 - 23  # a stored (level 0) member is its data + 23 bytes: exactly one 4 KiB read
+    first = gzip.compress(raw[:cut], compresslevel=0, mtime=0)
+    assert len(first) == 4096
+    path = tmp_path / "multi.nii.gz"
+    path.write_bytes(first + gzip.compress(raw[cut:]))
+    streamed = preprocess_stream(open_stream(path), config=CONFIG)
+    np.testing.assert_allclose(streamed.numpy(), preprocess(load_nifti(plain), config=CONFIG).numpy(), atol=1e-6)
+
+
+def test_a_wrong_checksum_is_refused(tmp_path):
+    hu, affine = head_phantom_xyz(shape_xyz=(40, 36, 20), spacing=(1.0, 1.0, 2.0))
+    good = write_nifti(tmp_path / "good.nii.gz", hu, affine)
+    data = bytearray(good.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC32
+    bad = tmp_path / "crc.nii.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(VolumeError, match="unreadable"):
+        preprocess_stream(open_stream(bad), config=CONFIG)
+
+
+def test_stopping_early_stops_the_inflating_thread(tmp_path):
+    import threading
+
+    hu, affine = head_phantom_xyz(shape_xyz=(64, 64, 40), spacing=(1.0, 1.0, 1.0))
+    path = write_nifti(tmp_path / "x.nii.gz", hu, affine)
+    before = threading.active_count()
+    slabs = open_stream(path).slabs(slices=1)
+    next(slabs)
+    assert threading.active_count() == before + 1
+    slabs.close()  # the consumer gives up (e.g. a later error): the thread is told to stop and joined
+    assert threading.active_count() == before

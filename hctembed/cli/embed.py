@@ -227,7 +227,7 @@ def _embed_distributed(
 
     from hctembed import distributed as ddp
     from hctembed.embed import refuse_other_archives
-    from hctembed.embed_shards import embed_shard, merge_shards, write_run_info
+    from hctembed.embed_shards import embed_shard, merge_shards, part_rows, run_key, stale_parts, write_run_info
     from hctembed.index.store import ModelMismatchError, Store
     from hctembed.io.manifest import is_manifest, manifest_rows, read_manifest, write_manifest
     from hctembed.model.encoders import persist_weights
@@ -254,7 +254,14 @@ def _embed_distributed(
     encoder = _encoder(model=model, weights=weights, seed=seed, random_init=random_init, device=device)
     if rank == 0:
         encoder = persist_weights(encoder, folder=Path(str(db) + ".models"))
-        write_run_info(shards, encoder=encoder, world=world, skipped=found.skipped)
+        stale = stale_parts(shards, key=run_key(encoder=encoder, refs=refs, world=world))
+        if db.exists() or stale:
+            with Store(db) as store:  # migrates an older schema before the ranks open it read-only
+                if stale:
+                    # parts of an earlier, different run (other files, model or world size): keep their work
+                    stderr.print(f"merging the parts an earlier run left in {shards} first")
+                    merge_shards(folder=shards, store=store)
+        write_run_info(shards, encoder=encoder, world=world, refs=refs, skipped=found.skipped)
         stderr.print(
             f"{len(refs)} scans selected, {len(found.skipped)} skipped in {archive}; {world} ranks; "
             f"model {encoder.model_id}, preprocessing {encoder.fingerprint}; parts under {shards}"
@@ -288,7 +295,7 @@ def _embed_distributed(
         with Store(db) as store:
             _import_labels(store, table, origin)
             with progress_bar(quiet=quiet) as bar:
-                task = bar.add_task("merging parts", total=sum(r.embedded + r.failed for r in reports))
+                task = bar.add_task("merging parts", total=part_rows(shards))
                 merged = merge_shards(
                     folder=shards,
                     store=store,
@@ -298,7 +305,8 @@ def _embed_distributed(
                 )
             if table is not None:
                 store.set_patients(table.patients())
-            failed = store.failures(merged.collection)
+            status = store.status(merged.collection)
+        failed = [(r.source, row.reason) for r in refs if (row := status.get(r.source)) and row.status == "failed"]
         summary = {
             "db": str(db),
             "model_id": merged.collection.model_id,
@@ -306,7 +314,7 @@ def _embed_distributed(
             "ranks": world,
             "scans": len(refs),
             "embedded": merged.embedded,
-            "unchanged": sum(r.already_done for r in reports) + merged.unchanged,
+            "unchanged": len(refs) - merged.embedded - len(failed),
             "failed": len(failed),
             "skipped": len(found.skipped),
             "seconds": round(time.perf_counter() - start, 2),
@@ -329,7 +337,7 @@ def merge_shards_command(
 ) -> None:
     """Store the Parquet parts of a sharded run in DuckDB and build the index (what rank 0 does at the end of
     `embed --distributed`; for a merge that was interrupted, or parts copied from elsewhere)."""
-    from hctembed.embed_shards import merge_shards, read_run_info
+    from hctembed.embed_shards import merge_shards, part_rows, read_run_info
     from hctembed.index.choice import KINDS
     from hctembed.index.store import Store
     from hctembed.io.labels import read_labels
@@ -342,7 +350,7 @@ def merge_shards_command(
     with Store(db) as store:
         _import_labels(store, table, labels.name if labels else None)
         with progress_bar(quiet=quiet) as bar:
-            task = bar.add_task("merging parts", total=None)
+            task = bar.add_task("merging parts", total=part_rows(shards))
             merged = merge_shards(
                 folder=shards,
                 store=store,

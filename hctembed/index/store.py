@@ -403,6 +403,8 @@ class Store:
         one statement; each update counts one more attempt. Sources must be unique within ``rows``."""
         if not rows:
             return
+        if len({r["source"] for r in rows}) != len(rows):
+            raise ValueError("record_statuses: a source occurs twice in one call")
         table = pa.table(
             {
                 "source": pa.array([r["source"] for r in rows], pa.string()),

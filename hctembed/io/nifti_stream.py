@@ -66,43 +66,55 @@ class NiftiStream:
         total = self.offset + nz * slice_bytes
         buffer = np.empty(total, np.uint8)
         ready: queue.Queue = queue.Queue()
-        worker = threading.Thread(target=_inflate, args=(self.path, buffer, slice_bytes, ready), daemon=True)
+        stop = threading.Event()
+        worker = threading.Thread(target=_inflate, args=(self.path, buffer, slice_bytes, ready, stop), daemon=True)
         worker.start()
-        done = 0  # slices handed out
-        finished = False
-        while not finished:
-            kind, value = ready.get()
-            if kind == "error":
-                raise VolumeError(f"unreadable NIfTI voxel data ({value})")
-            finished = kind == "end"
-            available = min(nz, max(0, (value - self.offset) // slice_bytes))
-            if finished and available < nz:
-                raise VolumeError(f"unreadable NIfTI voxel data (truncated: {available} of {nz} slices in the file)")
-            while done < available:
-                n = min(slices, available - done)
-                raw = buffer[self.offset + done * slice_bytes : self.offset + (done + n) * slice_bytes]
-                slab = raw.view(self.dtype).reshape(n, ny, nx).astype(np.float32)
-                if (self.slope, self.inter) != (1.0, 0.0):
-                    slab *= np.float32(self.slope)
-                    slab += np.float32(self.inter)
-                if self.dtype.kind == "f" and not np.isfinite(slab).all():
-                    raise VolumeError("non-finite voxels (NaN or inf)")
-                yield done, slab
-                done += n
-        worker.join()
+        try:
+            done = 0  # slices handed out
+            finished = False
+            while not finished:
+                kind, value = ready.get()
+                if kind == "error":
+                    if isinstance(value, MemoryError):
+                        raise value
+                    raise VolumeError(f"unreadable NIfTI voxel data ({type(value).__name__}: {value})")
+                finished = kind == "end"
+                available = min(nz, max(0, (value - self.offset) // slice_bytes))
+                if finished and available < nz:
+                    raise VolumeError(
+                        f"unreadable NIfTI voxel data (truncated: {available} of {nz} slices in the file)"
+                    )
+                while done < available:
+                    n = min(slices, available - done)
+                    raw = buffer[self.offset + done * slice_bytes : self.offset + (done + n) * slice_bytes]
+                    slab = raw.view(self.dtype).reshape(n, ny, nx).astype(np.float32)
+                    if (self.slope, self.inter) != (1.0, 0.0):
+                        slab *= np.float32(self.slope)
+                        slab += np.float32(self.inter)
+                    if self.dtype.kind == "f" and not np.isfinite(slab).all():
+                        raise VolumeError("non-finite voxels (NaN or inf)")
+                    yield done, slab
+                    done += n
+        finally:  # also when the caller stops early: the thread stops at its next read
+            stop.set()
+            worker.join()
 
 
-def _inflate(path: Path, buffer: np.ndarray, slice_bytes: int, ready: queue.Queue) -> None:
+def _inflate(path: Path, buffer: np.ndarray, slice_bytes: int, ready: queue.Queue, stop: threading.Event) -> None:
     """Inflate all of ``path`` into ``buffer`` (bytes past its end are dropped), telling ``ready`` how many
     bytes are there: ``("progress", n)`` after each new whole slice; at the end of the file ``("end", n)``
-    once every gzip member's checksum has been verified, or ``("error", reason)``."""
+    once every gzip member's checksum has been verified, or ``("error", exception)``. Stops early when
+    ``stop`` is set."""
     filled = last_reported = 0
     step = max(slice_bytes, CHUNK)
     try:
         with open(path, "rb") as f:
-            inflater = _zlib.decompressobj(31)  # gzip wrapper; its trailer's CRC is checked at the member's end
-            while data := f.read(CHUNK):
+            inflater, started = _zlib.decompressobj(31), False  # gzip: each member's CRC is checked at its end
+            while not stop.is_set() and (data := f.read(CHUNK)):
                 while data:
+                    if not started and not data.strip(b"\x00"):
+                        break  # zero padding after the last member
+                    started = True
                     out = inflater.decompress(data)
                     room = len(buffer) - filled
                     if room > 0 and out:
@@ -110,20 +122,16 @@ def _inflate(path: Path, buffer: np.ndarray, slice_bytes: int, ready: queue.Queu
                         buffer[filled : filled + n] = np.frombuffer(out, np.uint8, count=n)
                         filled += n
                     data = b""
-                    if inflater.eof:  # a multi-member gzip file: the next member starts in unused_data
+                    if inflater.eof:  # the next member (multi-member gzip) starts in unused_data or the next read
                         data = inflater.unused_data
-                        inflater = _zlib.decompressobj(31) if data.strip(b"\x00") else None
-                        if inflater is None:
-                            break
+                        inflater, started = _zlib.decompressobj(31), False
                     if filled - last_reported >= step:
                         ready.put(("progress", filled))
                         last_reported = filled
-                if inflater is None:
-                    break
-            if inflater is not None and not inflater.eof and filled:
-                raise EOFError("the gzip stream ends early")
-    except Exception as exc:  # corrupt data: the reader raises it as a VolumeError
-        ready.put(("error", f"{type(exc).__name__}: {exc}"))
+            if started and not stop.is_set():
+                raise EOFError("the gzip stream ends before its last member does")
+    except Exception as exc:  # corrupt data (the reader raises a VolumeError) or MemoryError (re-raised)
+        ready.put(("error", exc))
         return
     ready.put(("end", filled))
 
