@@ -23,36 +23,37 @@ from pathlib import Path
 
 import torch
 
-from hctembed.embed import embed_archive
+from hctembed.embed import embed_archive, prepare
 from hctembed.index.store import Store
-from hctembed.io.archive import discover, load_series
+from hctembed.io.archive import discover
 from hctembed.model.encoders import load_encoder
-from hctembed.preprocess import preprocess
 from hctembed.synth import SynthConfig, generate_archive
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=16)
-    parser.add_argument("--matrix", type=int, default=512)
-    parser.add_argument("--thickness", type=float, nargs=2, default=[0.5, 5.0])
-    parser.add_argument("--model", default="vit-base")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    args = parser.parse_args()
+def run(
+    *,
+    n: int,
+    matrix: int,
+    thickness: tuple[float, float],
+    model: str,
+    batch_size: int,
+    workers: list[int],
+    threads: list[int],
+    device: str = "cpu",
+) -> list[dict]:
+    """Serial stages, then ``embed_archive`` for each workers x threads; rows with seconds and ratios."""
     all_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
-        config = SynthConfig(matrix=args.matrix, slice_thickness_mm=tuple(args.thickness))
-        generate_archive(archive, n=args.n, seed=7, config=config)
+        config = SynthConfig(matrix=matrix, slice_thickness_mm=tuple(thickness))
+        generate_archive(archive, n=n, seed=7, config=config)
         refs = discover(archive)
-        encoder = load_encoder(args.model, seed=0)
+        encoder = load_encoder(model, seed=0).to(device)
         encoder.encode(torch.zeros(1, encoder.preprocess.channels, *(encoder.preprocess.out_size,) * 3))  # warm-up
 
         start = time.perf_counter()
-        for ref in refs:
-            x = preprocess(load_series(ref), config=encoder.preprocess)
+        for ref in refs:  # the same stages as embed_archive (prepare = load + preprocess), one after another
+            x, _ = prepare(ref, config=encoder.preprocess)
             encoder.encode(x[None])
         serial = time.perf_counter() - start
         rows = [
@@ -65,14 +66,15 @@ def main() -> None:
                 "speedup": 1.0,
             }
         ]
-        for workers in args.workers:
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                db = Path(tmp) / f"w{workers}t{threads}.duckdb"
+        print(rows[-1], flush=True)
+        for w in workers:
+            for t in threads:
+                torch.set_num_threads(t)
+                db = Path(tmp) / f"w{w}t{t}.duckdb"
                 with Store(db) as store:
                     start = time.perf_counter()
                     report = embed_archive(
-                        refs=refs, encoder=encoder, store=store, batch_size=args.batch_size, num_workers=workers
+                        refs=refs, encoder=encoder, store=store, batch_size=batch_size, num_workers=w
                     )
                     seconds = time.perf_counter() - start
                 torch.set_num_threads(all_threads)
@@ -80,14 +82,38 @@ def main() -> None:
                 rows.append(
                     {
                         "mode": "embed_archive",
-                        "workers": workers,
-                        "threads": threads,
+                        "workers": w,
+                        "threads": t,
                         "seconds": round(seconds, 2),
                         "scans_per_s": round(len(refs) / seconds, 3),
                         "speedup": round(serial / seconds, 2),
                     }
                 )
                 print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--thickness", type=float, nargs=2, default=[0.5, 5.0])
+    parser.add_argument("--model", default="vit-base")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    rows = run(
+        n=args.n,
+        matrix=args.matrix,
+        thickness=tuple(args.thickness),
+        model=args.model,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        threads=args.threads,
+        device=args.device,
+    )
     print(
         f"{args.n} scans, matrix {args.matrix}, slices {args.thickness[0]:g}-{args.thickness[1]:g} mm, {args.model}, "
         f"batch {args.batch_size}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"

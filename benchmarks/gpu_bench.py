@@ -10,7 +10,10 @@ Sections, each skipped (with its reason) when its hardware is missing or the tim
 2. FAISS on the GPU (needs ``faiss.get_num_gpus() > 0``): exact (``GpuIndexFlatIP``) and IVF-Flat with
    ``nprobe`` tuned to recall@10 >= 0.95, at 10^5 and 10^6 random unit vectors of dim 768: single-query
    p50 / p99, 1,000-query batch time, recall@10 against exact, build time;
-3. FAISS on the host's CPUs at 10^4 and 10^5 (``benchmarks/search_speed.py``'s measurement), as the baseline.
+3. FAISS on the host's CPUs at 10^4 and 10^5 (``benchmarks/search_speed.py``'s measurement), as the baseline;
+4. end-to-end ``embed_archive`` with vit-base on CUDA against its serial stages, with 1 to 14 DataLoader
+   workers on 32 synthetic 256x256 scans (``benchmarks/embed_speed.py``): how throughput grows with
+   preprocessing cores when the model is not the bottleneck.
 
 Writes ``benchmarks/results/gpu_bench.json`` (``--out``); the encoder sections also write their own JSON
 beside it. ``--budget`` (default 450 s) stops starting new sections once spent.
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import embed_speed
 import encoder_speed
 import search_speed
 
@@ -150,6 +154,20 @@ def main() -> None:
                 n, dim=64 if args.quick else 768, n_queries=100 if args.quick else 500, target=0.95, seed=0
             )
         ],
+    )
+    section(
+        "embed_workers",
+        None if (torch.cuda.is_available() or args.quick) else no_cuda,
+        lambda: embed_speed.run(
+            n=4 if args.quick else 32,
+            matrix=64 if args.quick else 256,
+            thickness=(0.5, 5.0),
+            model="vit-micro" if args.quick else "vit-base",
+            batch_size=8,
+            workers=[0, 1] if args.quick else [1, 2, 4, 8, 14],
+            threads=[1 if args.quick else 2],
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        ),
     )
     if args.quick and no_cuda:  # still exercise the encoder measurement end to end, on the CPU
         section(

@@ -16,6 +16,7 @@ Both return float32 ``[C, Z, Y, X]`` (C = number of windows; Z, Y, X along S, A,
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -137,10 +138,13 @@ def preprocess_stream(stream, *, config: PreprocessConfig) -> torch.Tensor:
     """:func:`preprocess` of a file read slab by slab (:class:`hctembed.io.nifti_stream.NiftiStream`: its
     RAS ``affine``, ``shape_xyz``, ``flips_zyx`` and ``slabs()``): each slab is resampled in-plane while the
     next is inflated, so decoding and resampling overlap. Same result as ``preprocess(load_nifti(path))``."""
+    slabs = stream.slabs()
+    first = next(slabs)  # inflating has started in the background: compute the weights meanwhile
     grid = grid_for(affine=stream.affine, shape_xyz=stream.shape_xyz, spacing_mm=config.spacing_mm)
     nx, ny, nz = stream.shape_xyz
     weights = memory_weights(shape_zyx=(nz, ny, nx), flips_zyx=stream.flips_zyx, grid=grid)
-    return finish(resample_slabs(stream.slabs(), weights=weights, n_slices=nz), grid=grid, config=config)
+    hu = resample_slabs(itertools.chain([first], slabs), weights=weights, n_slices=nz)
+    return finish(hu, grid=grid, config=config)
 
 
 def finish(hu: torch.Tensor, *, grid: IsotropicGrid, config: PreprocessConfig) -> torch.Tensor:
@@ -181,9 +185,56 @@ def resample_isotropic(volume: Volume, *, grid: IsotropicGrid) -> torch.Tensor:
     return resample_slabs([(0, array)], weights=weights, n_slices=array.shape[0])
 
 
+@dataclass(frozen=True)
+class BandedWeights:
+    """A resampling matrix ``W [m, n]`` kept as row blocks with the columns they touch.
+
+    The prefiltered cubic-spline weights decay as 0.27^k away from each output's position and are cut
+    below 1e-7, so each row has ~25 non-zeros: applying W block by block (``rows`` outputs against only the
+    source columns they reach) computes the same sums as the dense product with a fraction of its
+    multiply-adds (~5x fewer for 0.45 mm -> 1 mm), and still runs as matrix products.
+    """
+
+    m: int
+    n: int
+    blocks: tuple[tuple[int, int, int, int, torch.Tensor], ...]  # (row0, row1, col0, col1, W[row0:row1, col0:col1])
+
+    @classmethod
+    def of(cls, w: np.ndarray, *, rows: int = 32) -> BandedWeights:
+        m, n = w.shape
+        blocks = []
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            cols = np.flatnonzero(np.any(w[r0:r1] != 0, axis=0))
+            c0, c1 = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+            block = torch.from_numpy(np.ascontiguousarray(w[r0:r1, c0:c1], dtype=np.float32))
+            blocks.append((r0, r1, c0, c1, block))
+        return cls(m=m, n=n, blocks=tuple(blocks))
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros((self.m, self.n), dtype=torch.float32)
+        for r0, r1, c0, c1, block in self.blocks:
+            out[r0:r1, c0:c1] = block
+        return out
+
+    def along_last(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., n] @ W.T`` -> ``[..., m]``."""
+        out = torch.empty((*x.shape[:-1], self.m), dtype=torch.float32)
+        for r0, r1, c0, c1, block in self.blocks:
+            torch.matmul(x[..., c0:c1], block.T, out=out[..., r0:r1])
+        return out
+
+    def along_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``W @ x`` over the second-last axis: ``x [..., n, k]`` -> ``[..., m, k]``."""
+        out = torch.empty((*x.shape[:-2], self.m, x.shape[-1]), dtype=torch.float32)
+        for r0, r1, c0, c1, block in self.blocks:
+            torch.matmul(block, x[..., c0:c1, :], out=out[..., r0:r1, :])
+        return out
+
+
 def memory_weights(
     *, shape_zyx: tuple[int, int, int], flips_zyx: tuple[bool, bool, bool], grid: IsotropicGrid
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[BandedWeights, BandedWeights, BandedWeights]:
     """Spline weights ``(wz [Z1, Z], wy [Y1, Y], wx [X1, X])`` for source voxels in memory order: an axis
     stored reversed (``flips_zyx``) gets its weights' columns reversed instead of its voxels."""
     weights = []
@@ -193,35 +244,32 @@ def memory_weights(
         w = spline_weights(n=shape_zyx[axis_arr], positions=positions)
         if flips_zyx[axis_arr]:
             w = w[:, ::-1]
-        weights.append(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+        weights.append(BandedWeights.of(w))
     return tuple(weights)
 
 
 def resample_slabs(
     slabs: Iterable[tuple[int, np.ndarray]],
     *,
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: tuple[BandedWeights, BandedWeights, BandedWeights],
     n_slices: int,
 ) -> torch.Tensor:
     """The separable resample from source slabs ``(first slice, [n, Y, X] HU)`` in memory order, which may
     arrive while the file is still being read: each slab is resampled in-plane as it comes (rows, then
     columns), the slice axis once all have. Returns float32 ``[Z1, Y1, X1]``."""
     wz, wy, wx = weights
-    inplane = None
+    inplane = torch.empty((n_slices, wy.m, wx.m), dtype=torch.float32)
     filled = 0
     for first, slab in slabs:
         src = torch.from_numpy(slab)
         if src.dtype != torch.float32:
             src = src.float()
-        part = torch.matmul(wy, torch.matmul(src, wx.T))  # [n, Y1, X1]
-        if inplane is None:
-            inplane = torch.empty((n_slices, wy.shape[0], wx.shape[0]), dtype=torch.float32)
+        part = wy.along_rows(wx.along_last(src))  # [n, Y1, X1]
         inplane[first : first + part.shape[0]] = part
         filled += part.shape[0]
-    if inplane is None or filled != n_slices:
+    if filled != n_slices:
         raise VolumeError(f"internal: {filled} of {n_slices} slices resampled")
-    z1, y1, x1 = wz.shape[0], wy.shape[0], wx.shape[0]
-    return torch.matmul(wz, inplane.reshape(n_slices, -1)).reshape(z1, y1, x1)
+    return wz.along_rows(inplane.reshape(n_slices, -1)).reshape(wz.m, wy.m, wx.m)
 
 
 def spline_weights(*, n: int, positions: np.ndarray, order: int = 3) -> np.ndarray:

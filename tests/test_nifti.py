@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import head_phantom_xyz, write_nifti
 
-from hctembed.io.archive import load_volume
 from hctembed.io import nifti
+from hctembed.io.archive import load_volume
 from hctembed.io.nifti import load_nifti
 from hctembed.volume import VolumeError
 

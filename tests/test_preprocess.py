@@ -9,7 +9,15 @@ from conftest import head_phantom_xyz, write_nifti
 
 from hctembed.config import PreprocessConfig, Window
 from hctembed.io.nifti import load_nifti
-from hctembed.preprocess import apply_windows, crop_start, preprocess, preprocess_reference, resampled_shape
+from hctembed.preprocess import (
+    BandedWeights,
+    apply_windows,
+    crop_start,
+    preprocess,
+    preprocess_reference,
+    resampled_shape,
+    spline_weights,
+)
 from hctembed.volume import Volume, VolumeError
 
 SMALL = PreprocessConfig(pad_size=224, crop_size=192, out_size=48)
@@ -140,3 +148,17 @@ def test_things_outside_the_head_box_are_padding_like_the_reference():
     fast = preprocess(volume, config=SMALL)
     ref = preprocess_reference(volume, config=SMALL)
     assert float((fast - ref).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("n, step, rows", [(512, 2.2, 32), (37, 0.4, 8), (20, 5.0, 64)])
+def test_banded_weights_equal_the_dense_products(n, step, rows):
+    positions = np.arange(0, n - 1, step)
+    w = spline_weights(n=n, positions=positions)
+    banded = BandedWeights.of(w, rows=rows)
+    np.testing.assert_array_equal(banded.dense().numpy(), w.astype(np.float32))
+    assert sum((c1 - c0) * (r1 - r0) for r0, r1, c0, c1, _ in banded.blocks) <= w.size
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 500, (3, 5, n)).astype(np.float32))
+    dense = torch.from_numpy(w.astype(np.float32))
+    torch.testing.assert_close(banded.along_last(x), x @ dense.T, rtol=1e-5, atol=1e-3)
+    y = x.transpose(1, 2).contiguous()  # [3, n, 5]
+    torch.testing.assert_close(banded.along_rows(y), dense @ y, rtol=1e-5, atol=1e-3)
