@@ -227,7 +227,7 @@ def _embed_distributed(
 
     from hctembed import distributed as ddp
     from hctembed.embed import refuse_other_archives
-    from hctembed.embed_shards import embed_shard, merge_shards, part_rows, run_key, stale_parts, write_run_info
+    from hctembed.embed_shards import embed_shard, merge_shards, run_key, stale_parts, write_run_info
     from hctembed.index.store import ModelMismatchError, Store
     from hctembed.io.manifest import is_manifest, manifest_rows, read_manifest, write_manifest
     from hctembed.model.encoders import persist_weights
@@ -292,20 +292,7 @@ def _embed_distributed(
     reports = ddp.all_gather_objects(shard)
     if rank == 0:
         table, origin = _labels_of(archive, labels)
-        with Store(db) as store:
-            _import_labels(store, table, origin)
-            with progress_bar(quiet=quiet) as bar:
-                task = bar.add_task("merging parts", total=part_rows(shards))
-                merged = merge_shards(
-                    folder=shards,
-                    store=store,
-                    patients=table.patients() if table else None,
-                    index_kind=index,
-                    progress=lambda k: bar.advance(task, k),
-                )
-            if table is not None:
-                store.set_patients(table.patients())
-            status = store.status(merged.collection)
+        merged, status = _merge(shards, db=db, table=table, origin=origin, index=index, keep_parts=False, quiet=quiet)
         failed = [(r.source, row.reason) for r in refs if (row := status.get(r.source)) and row.status == "failed"]
         summary = {
             "db": str(db),
@@ -337,9 +324,8 @@ def merge_shards_command(
 ) -> None:
     """Store the Parquet parts of a sharded run in DuckDB and build the index (what rank 0 does at the end of
     `embed --distributed`; for a merge that was interrupted, or parts copied from elsewhere)."""
-    from hctembed.embed_shards import merge_shards, part_rows, read_run_info
+    from hctembed.embed_shards import read_run_info
     from hctembed.index.choice import KINDS
-    from hctembed.index.store import Store
     from hctembed.io.labels import read_labels
 
     setup_logging(quiet=quiet)
@@ -347,8 +333,29 @@ def merge_shards_command(
         raise typer.BadParameter(f"--index must be one of {', '.join(KINDS)}, not {index!r}")
     read_run_info(shards)  # not a shard folder: say so before a database is created
     table = read_labels(labels) if labels else None
+    origin = labels.name if labels else None
+    merged, status = _merge(shards, db=db, table=table, origin=origin, index=index, keep_parts=keep_parts, quiet=quiet)
+    failed = sorted((source, row.reason) for source, row in status.items() if row.status == "failed")
+    summary = {
+        "db": str(db),
+        "model_id": merged.collection.model_id,
+        "fingerprint": merged.collection.fingerprint,
+        "parts": merged.parts,
+        "embedded": merged.embedded,
+        "unchanged": merged.unchanged,
+        "failed": len(failed),
+        "seconds": round(merged.seconds, 2),
+    }
+    _print_summary(summary, failed, [], as_json=as_json)
+
+
+def _merge(shards: Path, *, db: Path, table, origin, index, keep_parts: bool, quiet: bool):
+    """Labels, then the parts into ``db`` (with a progress bar); returns the MergeReport and the status rows."""
+    from hctembed.embed_shards import merge_shards, part_rows
+    from hctembed.index.store import Store
+
     with Store(db) as store:
-        _import_labels(store, table, labels.name if labels else None)
+        _import_labels(store, table, origin)
         with progress_bar(quiet=quiet) as bar:
             task = bar.add_task("merging parts", total=part_rows(shards))
             merged = merge_shards(
@@ -361,15 +368,4 @@ def merge_shards_command(
             )
         if table is not None:
             store.set_patients(table.patients())
-        failed = store.failures(merged.collection)
-    summary = {
-        "db": str(db),
-        "model_id": merged.collection.model_id,
-        "fingerprint": merged.collection.fingerprint,
-        "parts": merged.parts,
-        "embedded": merged.embedded,
-        "unchanged": merged.unchanged,
-        "failed": len(failed),
-        "seconds": round(merged.seconds, 2),
-    }
-    _print_summary(summary, failed, [], as_json=as_json)
+        return merged, store.status(merged.collection)
