@@ -266,6 +266,7 @@ def _embed_distributed(
             f"{len(refs)} scans selected, {len(found.skipped)} skipped in {archive}; {world} ranks; "
             f"model {encoder.model_id}, preprocessing {encoder.fingerprint}; parts under {shards}"
         )
+    ddp.barrier()  # rank 0 has closed the database it may have migrated or merged into
     stored = {}
     if db.exists():  # read-only, by every rank at once; nobody writes until the merge
         with Store(db, read_only=True) as store:
@@ -274,7 +275,6 @@ def _embed_distributed(
                 stored = store.status(store.collection(model_id=encoder.model_id, fingerprint=encoder.fingerprint))
             except ModelMismatchError:
                 stored = {}  # this model has no vectors in the database yet
-    ddp.barrier()
     with progress_bar(quiet=quiet) as bar:
         task = bar.add_task(f"embedding (rank {rank} of {world})", total=(len(refs) - rank + world - 1) // world)
         shard = embed_shard(
