@@ -251,7 +251,7 @@ def embed_archive(
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
     encoder = persist_weights(encoder, folder=Path(str(store.path) + ".models"))
     collection = register(store, encoder)
-    refuse_other_archives(store, refs)
+    refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
     record_skipped(store, collection, skipped)
     plan = plan_run(refs, store.status(collection), retry_failed=retry_failed)
     with store.transaction():
@@ -358,12 +358,13 @@ def store_outcomes(
     )
 
 
-def refuse_other_archives(store: Store, refs: Sequence[SeriesRef]) -> None:
-    """Two archives with the same relative file names would overwrite each other's scans: refuse."""
-    stored = store.archive_roots([r.scan_id for r in refs])
-    clashes = [
-        (r.scan_id, stored[r.scan_id], str(r.root)) for r in refs if stored.get(r.scan_id, str(r.root)) != str(r.root)
-    ]
+def refuse_other_archives(store: Store, scans: Sequence[tuple[str, str]]) -> None:
+    """Two archives with the same relative file names would overwrite each other's scans: refuse.
+
+    ``scans``: ``(scan_id, archive_root)`` pairs about to be stored.
+    """
+    stored = store.archive_roots([scan_id for scan_id, _ in scans])
+    clashes = [(scan_id, stored[scan_id], root) for scan_id, root in scans if stored.get(scan_id, root) != root]
     if clashes:
         scan_id, old, new = clashes[0]
         raise StoreError(

@@ -40,6 +40,7 @@ from hctembed.embed import (
     plan_run,
     record_skipped,
     refresh_index,
+    refuse_other_archives,
     store_outcomes,
 )
 from hctembed.errors import HctembedError
@@ -314,18 +315,6 @@ def _already_stored(o: Outcome, row: StatusRow | None) -> bool:
     return row.file_mtime_ns is not None and row.file_mtime_ns > o.file_mtime_ns
 
 
-def refuse_other_archives_rows(store: Store, outcomes: Sequence[Outcome]) -> None:
-    """As :func:`hctembed.embed.refuse_other_archives`, for outcomes read from parts."""
-    good = [o for o in outcomes if o.status == "embedded"]
-    stored = store.archive_roots([o.scan_id for o in good])
-    clashes = [o for o in good if stored.get(o.scan_id, o.archive_root) != o.archive_root]
-    if clashes:
-        raise ShardError(
-            f"{len(clashes)} scan ids of {clashes[0].archive_root} are already stored from "
-            f"{stored[clashes[0].scan_id]} (e.g. {clashes[0].scan_id}); merge into another --db"
-        )
-
-
 def merge_shards(
     *,
     folder: Path,
@@ -359,7 +348,8 @@ def merge_shards(
     embedded = failed = unchanged = 0
     stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
-        refuse_other_archives_rows(store, outcomes)  # before anything is skipped as "already stored"
+        # before anything is skipped as "already stored": the status table knows files by relative name only
+        refuse_other_archives(store, [(o.scan_id, o.archive_root) for o in outcomes if o.status == "embedded"])
         it = iter(vectors)
         keep, keep_vec = [], []
         for o in outcomes:

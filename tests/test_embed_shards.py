@@ -30,7 +30,7 @@ from hctembed.embed_shards import (
     merge_shards,
     write_run_info,
 )
-from hctembed.index.store import Store
+from hctembed.index.store import Store, StoreError
 from hctembed.index.vectors import index_paths
 from hctembed.io.archive import scan_archive
 from hctembed.model.encoders import load_encoder, persist_weights
@@ -233,7 +233,7 @@ def test_merging_parts_of_another_archive_with_the_same_names_is_refused(archive
     folder = _shard_run(other, tmp_path / "x.duckdb", world=1)
     db = tmp_path / "h.duckdb"
     shutil.copy(single, db)
-    with Store(db) as store, pytest.raises(ShardError, match="already stored from"):
+    with Store(db) as store, pytest.raises(StoreError, match="already stored from"):
         merge_shards(folder=folder, store=store)
     assert _contents(db)["scan_ids"] == _contents(single)["scan_ids"]
 

@@ -270,7 +270,7 @@ def _embed_distributed(
     stored = {}
     if db.exists():  # read-only, by every rank at once; nobody writes until the merge
         with Store(db, read_only=True) as store:
-            refuse_other_archives(store, refs)
+            refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
             try:
                 stored = store.status(store.collection(model_id=encoder.model_id, fingerprint=encoder.fingerprint))
             except ModelMismatchError:
