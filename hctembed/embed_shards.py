@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 PARTS = "parts"
 MERGE_CHUNK = 2048  # outcomes per merge transaction (one DuckDB vector: ids follow the input order)
+SORT_MEMORY = "1GB"  # what sorting the parts may hold in memory before spilling to disk
 
 
 class ShardError(HctembedError, RuntimeError):
@@ -281,27 +283,41 @@ def embed_shard(
 
 
 def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.ndarray]]:
-    """Every outcome in the folder's parts in position order, in chunks of :data:`MERGE_CHUNK`, with the
-    vectors ``[n_embedded, dim]`` of the embedded ones. A position written twice (a part re-written after a
-    retry) keeps its latest outcome."""
+    """Every outcome in the folder's parts in position order, in chunks of at most :data:`MERGE_CHUNK`, with
+    the vectors ``[n_embedded, dim]`` of the embedded ones. A position written twice (a part re-written after
+    a retry) keeps its latest outcome.
+
+    The parts are sorted by an in-memory DuckDB of their own, which streams the result and spills to
+    ``folder/.merge-tmp`` beyond its memory limit, so the merge's memory does not grow with the archive.
+    """
     paths = _part_files(folder)
     if not paths:
         return
-    table = pa.concat_tables([pq.read_table(p, schema=_schema(dim)) for p in paths])
-    # parts sort by rank then sequence; within a rank later parts are newer, so the last row per position wins
-    order = np.arange(len(table))
-    positions = table.column("position").to_numpy()
-    last = {int(p): int(i) for i, p in zip(order, positions, strict=True)}
-    keep = np.array(sorted(last.values(), key=lambda i: positions[i]), dtype=np.int64)
-    table = table.take(pa.array(keep))
-    for start in range(0, len(table), MERGE_CHUNK):
-        chunk = table.slice(start, MERGE_CHUNK)
-        rows = chunk.drop_columns(["vector"]).to_pylist()
-        outcomes = [Outcome(**{**r, "meta": json.loads(r["meta"] or "{}")}) for r in rows]
-        vec = chunk.column("vector").combine_chunks()
-        valid = np.asarray(vec.is_valid())
-        values = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        yield outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values)
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET temp_directory = '{folder / '.merge-tmp'}'")
+        con.execute(f"SET memory_limit = '{SORT_MEMORY}'")  # the sort spills beyond this
+        # within a rank, later parts (higher sequence numbers in the file name) are newer
+        reader = con.sql(
+            "SELECT * EXCLUDE (filename) FROM read_parquet($files, filename = true) "
+            "QUALIFY row_number() OVER (PARTITION BY position ORDER BY filename DESC) = 1 ORDER BY position",
+            params={"files": [str(p) for p in paths]},
+        ).to_arrow_reader(MERGE_CHUNK)
+        for batch in reader:
+            for start in range(0, batch.num_rows, MERGE_CHUNK):
+                yield _outcomes(batch.slice(start, MERGE_CHUNK), dim=dim)
+    finally:
+        con.close()
+
+
+def _outcomes(batch: pa.RecordBatch, *, dim: int) -> tuple[list[Outcome], np.ndarray]:
+    columns = [name for name in batch.schema.names if name != "vector"]
+    rows = pa.Table.from_batches([batch]).select(columns).to_pylist()
+    outcomes = [Outcome(**{**r, "meta": json.loads(r["meta"] or "{}")}) for r in rows]
+    vec = batch.column("vector")
+    valid = np.asarray(vec.is_valid())
+    values = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values, dtype=np.float32)
 
 
 def _already_stored(o: Outcome, row: StatusRow | None) -> bool:
