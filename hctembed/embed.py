@@ -208,9 +208,12 @@ def register(store: Store, encoder: Encoder) -> Collection:
     )
 
 
-def record_skipped(store: Store, collection: Collection, skipped: Sequence[Skipped]) -> None:
-    """Status rows for candidates not selected; a re-run leaves rows already recorded with the same reason."""
-    known = store.status(collection)
+def record_skipped(store: Store, collection: Collection, skipped: Sequence[Skipped], *, known: dict) -> None:
+    """Status rows for candidates not selected; a re-run leaves rows already recorded with the same reason.
+
+    ``known``: the collection's status as read before (``store.status``); skipped candidates are never
+    selected ones, so the caller can keep using it for the selected scans afterwards.
+    """
     rows: dict[str, dict] = {}  # by source: one status row per candidate
     for skip in skipped:
         previous = known.get(skip.source)
@@ -252,8 +255,9 @@ def embed_archive(
     encoder = persist_weights(encoder, folder=Path(str(store.path) + ".models"))
     collection = register(store, encoder)
     refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
-    record_skipped(store, collection, skipped)
-    plan = plan_run(refs, store.status(collection), retry_failed=retry_failed)
+    known = store.status(collection)
+    record_skipped(store, collection, skipped, known=known)
+    plan = plan_run(refs, known, retry_failed=retry_failed)
     with store.transaction():
         store_outcomes(store, collection, plan.duplicates, None)
     failed = [(o.source, o.reason or "") for o in plan.duplicates] + plan.failed_before

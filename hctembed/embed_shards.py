@@ -359,10 +359,10 @@ def merge_shards(
     collection = store.collection(
         model_id=info["model_id"], fingerprint=info["fingerprint"], dim=info["dim"], preprocess=info["preprocess"]
     )
-    record_skipped(store, collection, [Skipped(**s) for s in info.get("skipped", [])])
+    stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
+    record_skipped(store, collection, [Skipped(**s) for s in info.get("skipped", [])], known=stored)
     parts = _part_files(folder)
     embedded = failed = unchanged = 0
-    stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
         # before anything is skipped as "already stored": the status table knows files by relative name only
         refuse_other_archives(store, [(o.scan_id, o.archive_root) for o in outcomes if o.status == "embedded"])

@@ -167,11 +167,15 @@ def test_labels_status_and_scans(store):
     store.set_labels([("s0", "EDH", 0.0)], origin="labels.csv")  # replaced, not duplicated
     assert store.labels(["s0"]) == {"s0": {"EDH": 0.0, "SDH": 0.0}}
     for _ in range(2):
-        store.record_status(
-            coll, source="bad.nii", scan_id=None, status="failed", reason="boom", file_size=1, file_mtime_ns=2
-        )
+        store.record_statuses(
+            coll,
+            [{"source": "bad.nii", "scan_id": None, "status": "failed", "reason": "boom", "file_size": 1,
+              "file_mtime_ns": 2}],
+        )  # fmt: skip
     row = store.status(coll)["bad.nii"]
     assert (row.status, row.reason, row.attempts) == ("failed", "boom", 2)
+    with pytest.raises(ValueError, match="twice"):
+        store.record_statuses(coll, [{"source": "x", "status": "failed"}] * 2)
     ids = store.add_embeddings(coll, scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
     assert store.scans_for_ids(coll, ids.tolist())[int(ids[0])] == {
         "scan_id": "s0",

@@ -373,31 +373,6 @@ class Store:
         ).fetchall()
         return {r[0]: StatusRow(*r) for r in rows}
 
-    def record_status(
-        self,
-        collection: Collection,
-        *,
-        source: str,
-        scan_id: str | None,
-        status: str,
-        reason: str | None,
-        file_size: int | None,
-        file_mtime_ns: int | None,
-    ) -> None:
-        self.record_statuses(
-            collection,
-            [
-                {
-                    "source": source,
-                    "scan_id": scan_id,
-                    "status": status,
-                    "reason": reason,
-                    "file_size": file_size,
-                    "file_mtime_ns": file_mtime_ns,
-                }
-            ],
-        )
-
     def record_statuses(self, collection: Collection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or update status rows (keys: source, scan_id, status, reason, file_size, file_mtime_ns) in
         one statement; each update counts one more attempt. Sources must be unique within ``rows``."""
