@@ -14,6 +14,7 @@ def synth(
     n: int = typer.Option(40, "--n", min=1, help="Number of scans (patients get 1-3 scans each)."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same archive."),
     matrix: int = typer.Option(128, "--matrix", min=32, help="In-plane voxels (512 is a real scanner)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes rendering patients (same files whatever N)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Generate synthetic head CTs with haemorrhage subtypes (EDH, SDH, IPH, IVH, SAH) and scanner variation."""
@@ -23,7 +24,12 @@ def synth(
     with progress_bar(quiet=quiet) as bar:
         task = bar.add_task("synthesising", total=n)
         records = generate_archive(
-            out, n=n, seed=seed, config=SynthConfig(matrix=matrix), progress=lambda k: bar.update(task, completed=k)
+            out,
+            n=n,
+            seed=seed,
+            config=SynthConfig(matrix=matrix),
+            progress=lambda k: bar.update(task, completed=k),
+            workers=workers,
         )
     patients = len({r.patient_id for r in records})
     stderr.print(f"wrote {len(records)} scans of {patients} patients and labels.csv to {out}")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -88,50 +90,83 @@ def generate_archive(
     seed: int,
     config: SynthConfig = SynthConfig(),
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> list[ScanRecord]:
     """Write ``n`` scans (not patients) as ``out_dir/<scan_id>.nii.gz`` and ``out_dir/labels.csv``.
 
-    Deterministic for a given ``(n, seed, config)``: same ``labels.csv`` bytes and same voxel arrays.
+    Deterministic for a given ``(n, seed, config)``: same ``labels.csv`` bytes and same voxel arrays,
+    whatever ``workers`` (patients are rendered in that many processes; each patient draws only from
+    generators seeded by ``(seed, patient)`` and ``(seed, patient, scan)``).
     ``progress`` is called after each scan with the number of scans written so far (1..n).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     lo, hi = config.scans_per_patient
     if not 1 <= lo <= hi:
         raise ValueError(f"scans_per_patient must satisfy 1 <= low <= high, got {config.scans_per_patient}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan_patients(n=n, seed=seed, config=config)
+    jobs = [(out_dir, seed, config, index, count) for index, count in plan]
     records: list[ScanRecord] = []
-    patient_index = 0
-    while len(records) < n:
-        patient_index += 1
-        patient_id = f"synth-p{patient_index:04d}"
-        prng = np.random.default_rng([seed, patient_index])
-        subtypes = choose_subtypes(rng=prng, normal_fraction=config.normal_fraction)
-        n_scans = int(prng.integers(lo, hi + 1))
-        patient = make_patient(patient_id=patient_id, subtypes=subtypes, rng=prng)
-        for scan_index in range(1, n_scans + 1):
-            if len(records) == n:
-                break
-            srng = np.random.default_rng([seed, patient_index, scan_index])
-            protocol = sample_protocol(rng=srng, config=config)
-            hu, affine = synth_scan(patient=patient, protocol=protocol, rng=srng)
-            scan_id = f"{patient_id}-s{scan_index}"
-            file = f"{scan_id}.nii.gz"
-            save_nifti(out_dir / file, hu=hu, affine=affine)
-            record = _record(
-                scan_id=scan_id,
-                patient_id=patient_id,
-                subtypes=subtypes,
-                protocol=protocol,
-                file=file,
-            )
-            records.append(record)
-            logger.debug("wrote %s (%s)", file, ",".join(sorted(subtypes)) or "normal")
-            if progress is not None:
-                progress(len(records))
+    if workers == 1 or len(jobs) < 2:
+        results = map(_write_patient, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"))
+        results = pool.map(_write_patient, jobs, chunksize=1)
+    try:
+        for patient_records in results:
+            for record in patient_records:
+                records.append(record)
+                if progress is not None:
+                    progress(len(records))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     write_labels(out_dir / "labels.csv", records=records)
-    logger.info("wrote %d synthetic scans of %d patients to %s", len(records), patient_index, out_dir)
+    logger.info("wrote %d synthetic scans of %d patients to %s", len(records), len(plan), out_dir)
+    return records
+
+
+def _patient_draws(*, seed: int, index: int, config: SynthConfig) -> tuple[np.random.Generator, frozenset[str], int]:
+    """The generator of patient ``index``, its subtypes and its scan count (drawn in this order)."""
+    prng = np.random.default_rng([seed, index])
+    subtypes = choose_subtypes(rng=prng, normal_fraction=config.normal_fraction)
+    lo, hi = config.scans_per_patient
+    return prng, subtypes, int(prng.integers(lo, hi + 1))
+
+
+def _plan_patients(*, n: int, seed: int, config: SynthConfig) -> list[tuple[int, int]]:
+    """(patient index, scans to write) until ``n`` scans are planned; the last patient may be cut short."""
+    plan, total, index = [], 0, 0
+    while total < n:
+        index += 1
+        _, _, count = _patient_draws(seed=seed, index=index, config=config)
+        count = min(count, n - total)
+        plan.append((index, count))
+        total += count
+    return plan
+
+
+def _write_patient(job: tuple[Path, int, SynthConfig, int, int]) -> list[ScanRecord]:
+    """Render and write the first ``count`` scans of patient ``index``; returns their records."""
+    out_dir, seed, config, index, count = job
+    prng, subtypes, _ = _patient_draws(seed=seed, index=index, config=config)
+    patient_id = f"synth-p{index:04d}"
+    patient = make_patient(patient_id=patient_id, subtypes=subtypes, rng=prng)
+    records = []
+    for scan_index in range(1, count + 1):
+        srng = np.random.default_rng([seed, index, scan_index])
+        protocol = sample_protocol(rng=srng, config=config)
+        hu, affine = synth_scan(patient=patient, protocol=protocol, rng=srng)
+        scan_id = f"{patient_id}-s{scan_index}"
+        file = f"{scan_id}.nii.gz"
+        save_nifti(out_dir / file, hu=hu, affine=affine)
+        records.append(_record(scan_id=scan_id, patient_id=patient_id, subtypes=subtypes, protocol=protocol, file=file))
+        logger.debug("wrote %s (%s)", file, ",".join(sorted(subtypes)) or "normal")
     return records
 
 
