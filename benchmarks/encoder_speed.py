@@ -34,7 +34,7 @@ import torch
 from hctembed.config import VIT_PRESETS, ViTConfig
 from hctembed.io.nifti import load_nifti
 from hctembed.model.encoders import load_encoder
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 from hctembed.synth import SynthConfig, make_patient, sample_protocol, save_nifti, synth_scan
 
 FOREIGN_INPUTS = {"merlin": (1, 1, 224, 224, 160), "ct-fm": (1, 1, 192, 192, 192)}

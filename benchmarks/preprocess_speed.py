@@ -7,8 +7,8 @@ Writes synthetic 512x512xN head CTs (0.45 mm in-plane; 5 mm and 1 mm slices) as 
 * ``decode zlib``  nibabel load + zlib inflate + int16 -> float32 (what MONAI's ``LoadImage`` pays);
 * ``decode``       the floor of hctembed's path: NIfTI - read + ISA-L inflate (``isal``) + int16 -> float32;
                    DICOM - ``pydicom.dcmread`` + ``pixel_array`` of every file, stacked as float32;
-* ``fast``         hctembed's embedding path (``hctembed.embed.prepare``): a ``.nii.gz`` is resampled slab by slab
-                   while a background thread inflates it (``preprocess_stream``); DICOM is
+* ``fast``         hctembed's embedding path (``hctembed.preprocessing.series.prepare``): a ``.nii.gz`` is
+                   resampled slab by slab while a background thread inflates it (``preprocess_stream``); DICOM is
                    ``load_dicom_series`` + ``preprocess`` (separable cubic spline);
 * ``whole``        NIfTI only: ``load_nifti`` (whole file first) + ``preprocess``, the path before streaming;
 * ``reference``    MONAI: ``LoadImage`` (nibabel / ``PydicomReader``) + Orientation -> Spacing(1 mm,
@@ -41,11 +41,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from hctembed.config import PreprocessConfig
-from hctembed.embed import prepare
 from hctembed.io.archive import discover
 from hctembed.io.dicom import load_dicom_series
 from hctembed.io.nifti import load_nifti
-from hctembed.preprocess import preprocess, reference_chain
+from hctembed.preprocessing import preprocess
+from hctembed.preprocessing.paper import reference_chain
+from hctembed.preprocessing.series import prepare
 from hctembed.synth import SynthConfig, make_patient, sample_protocol, save_nifti, synth_scan
 
 LPS = np.diag([-1.0, -1.0, 1.0])

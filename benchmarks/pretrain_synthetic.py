@@ -25,7 +25,8 @@ from hctembed.eval.retrieval import all_vs_all
 from hctembed.io.archive import discover, load_series
 from hctembed.io.labels import read_labels
 from hctembed.model.vit3d import ViT3D
-from hctembed.preprocess import foreground_bounds, isotropic_grid, preprocess, resample_isotropic
+from hctembed.preprocessing import preprocess
+from hctembed.preprocessing.resample import foreground_bounds, isotropic_grid, resample_isotropic
 from hctembed.pretrain import PretrainConfig, run_pretrain
 from hctembed.pretrain.mae import MAEConfig
 from hctembed.synth import generate_archive

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hctembed.config import PreprocessConfig
 from hctembed.index.choice import IndexOptions
 from hctembed.index.store import Collection, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
-from hctembed.io.archive import SeriesRef, Skipped, load_series
-from hctembed.io.nifti_stream import open_stream
+from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder, persist_weights
-from hctembed.preprocess import preprocess, preprocess_stream
+from hctembed.preprocessing import AnyPreprocessConfig
+from hctembed.preprocessing.series import prepare
 from hctembed.volume import VolumeError
 
 log = logging.getLogger(__name__)
@@ -42,31 +41,10 @@ class Prepared:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(ref: SeriesRef, *, config: PreprocessConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load and preprocess one scan: the model input ``[C, Z, Y, X]`` and PHI-free facts about the source.
-
-    A ``.nii.gz`` under the paper's preprocessing is resampled slab by slab while it is being inflated
-    (:func:`hctembed.preprocess.preprocess_stream`); everything else is loaded whole first. Raises
-    VolumeError with a readable reason.
-    """
-    stream = open_stream(ref.path) if ref.format == "nifti" and type(config) is PreprocessConfig else None
-    if stream is not None:
-        x, meta, shape_xyz, spacing_xyz = preprocess_stream(stream, config=config), stream.meta, *_shape(stream)
-    else:
-        volume = load_series(ref)
-        x, meta, shape_xyz, spacing_xyz = preprocess(volume, config=config), volume.meta, *_shape(volume)
-    facts = {**meta, "shape_xyz": list(shape_xyz), "spacing_xyz": [round(s, 4) for s in spacing_xyz]}
-    return x, facts
-
-
-def _shape(source) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    return source.shape_xyz, source.spacing_xyz
-
-
 class ScanDataset(Dataset):
     """Map-style dataset over SeriesRefs; never raises for a bad scan (returns its reason instead)."""
 
-    def __init__(self, refs: Sequence[SeriesRef], *, config: PreprocessConfig) -> None:
+    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig) -> None:
         self.refs = list(refs)
         self.config = config
 

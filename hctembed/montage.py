@@ -35,7 +35,7 @@ from hctembed.explain import (
 )
 from hctembed.io.archive import load_volume
 from hctembed.model.encoders import Encoder
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 from hctembed.volume import VolumeError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from hctembed.index.store import Collection, ModelMismatchError, Store, StoreErr
 from hctembed.index.vectors import open_index
 from hctembed.io.archive import load_volume
 from hctembed.model.encoders import Encoder, load_encoder
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 
 log = logging.getLogger(__name__)
 

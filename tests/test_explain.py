@@ -25,7 +25,7 @@ from hctembed.explain import (
 from hctembed.io.archive import load_volume
 from hctembed.model.encoders import load_encoder
 from hctembed.model.vit3d import ViT3D
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 
 TINY = ViTConfig(name="tiny-test", image_size=24, patch_size=8, dim=48, depth=2, heads=4, mlp_dim=96, register_tokens=2)
 

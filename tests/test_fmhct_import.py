@@ -13,7 +13,7 @@ from hctembed.config import PREPROCESS_PRESETS, FitPreprocessConfig, PreprocessC
 from hctembed.io.nifti import load_nifti
 from hctembed.model.checkpoint import CheckpointError, load_encoder_weights, read_card
 from hctembed.model.fmhct import import_fmhct, load_fmhct
-from hctembed.preprocess import preprocess, preprocess_reference
+from hctembed.preprocessing import preprocess, preprocess_reference
 
 DIM, PATCH, GRID, DEPTH, HEADS, MLP = 48, 4, 3, 2, 4, 96
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from hctembed.model.encoders import load_encoder
 from hctembed.model.foreign import FOREIGN, WeightsNotFound, find_weights
 from hctembed.model.merlin import MerlinConfig, MerlinImageEncoder
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 from hctembed.volume import Volume
 
 

@@ -10,12 +10,12 @@ import pytest
 from conftest import head_phantom_xyz, write_nifti
 
 from hctembed.config import PreprocessConfig
-from hctembed.embed import prepare
 from hctembed.io import nifti_stream
 from hctembed.io.archive import discover
 from hctembed.io.nifti import load_nifti
 from hctembed.io.nifti_stream import open_stream
-from hctembed.preprocess import preprocess, preprocess_stream
+from hctembed.preprocessing import preprocess, preprocess_stream
+from hctembed.preprocessing.series import prepare
 from hctembed.volume import VolumeError
 
 CONFIG = PreprocessConfig()

@@ -9,15 +9,9 @@ from conftest import head_phantom_xyz, write_nifti
 
 from hctembed.config import PreprocessConfig, Window
 from hctembed.io.nifti import load_nifti
-from hctembed.preprocess import (
-    BandedWeights,
-    apply_windows,
-    crop_start,
-    preprocess,
-    preprocess_reference,
-    resampled_shape,
-    spline_weights,
-)
+from hctembed.preprocessing import preprocess, preprocess_reference
+from hctembed.preprocessing.paper import crop_start
+from hctembed.preprocessing.resample import BandedWeights, apply_windows, resampled_shape, spline_weights
 from hctembed.volume import Volume, VolumeError
 
 SMALL = PreprocessConfig(pad_size=224, crop_size=192, out_size=48)

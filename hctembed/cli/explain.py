@@ -27,7 +27,7 @@ def explain(
     from hctembed.explain import patch_size_mm, write_explanation
     from hctembed.io.archive import load_volume
     from hctembed.model.encoders import load_encoder
-    from hctembed.preprocess import preprocess
+    from hctembed.preprocessing import preprocess
 
     setup_logging(quiet=quiet)
     if db is not None:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from hctembed.augment import MaeCropConfig, MultiCropConfig, mae_crop, multi_crop, sample_generator
 from hctembed.config import PreprocessConfig
 from hctembed.io.archive import SeriesRef, load_series
-from hctembed.preprocess import preprocess
+from hctembed.preprocessing import preprocess
 from hctembed.volume import VolumeError
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ def compute_tokens(
     file, preprocessed as at embedding time."""
     from hctembed.io.archive import load_volume
     from hctembed.model.encoders import load_encoder
-    from hctembed.preprocess import preprocess
+    from hctembed.preprocessing import preprocess
 
     info = store.model(collection.model_id)
     encoder = load_encoder(info["name"], weights=info["weights_path"]) if info["weights_path"] else None

@@ -3,7 +3,7 @@
 RAS -> 1 mm cubic-spline resample -> bounding box of HU > 0 -> three HU windows -> resize the box to
 ``out_size``³ without keeping its aspect ratio. Two implementations of one function, as for the paper
 preset: :func:`preprocess_fit_reference` (the plain MONAI chain) and :func:`preprocess_fit` (the separable
-resample of :mod:`hctembed.preprocess`, then windows and one ``interpolate`` on the box only).
+resample of :mod:`hctembed.preprocessing.resample`, then windows and one ``interpolate`` on the box only).
 Both return float32 ``[C, Z, Y, X]``.
 """
 
@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from hctembed.config import FitPreprocessConfig
+from hctembed.preprocessing.resample import apply_windows, foreground_bounds, isotropic_grid, resample_isotropic
 from hctembed.volume import Volume
 
 
 def preprocess_fit(volume: Volume, *, config: FitPreprocessConfig) -> torch.Tensor:
     """Fast path: ``volume`` (HU ``[Z, Y, X]``) -> float32 ``[C, out, out, out]`` in ``[0, 1]``."""
-    from hctembed.preprocess import apply_windows, foreground_bounds, isotropic_grid, resample_isotropic
-
     grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
     hu = resample_isotropic(volume, grid=grid)  # [Z1, Y1, X1]
     (x0, y0, z0), (x1, y1, z1) = foreground_bounds(hu, threshold=config.foreground_hu)
@@ -34,8 +33,6 @@ def preprocess_fit(volume: Volume, *, config: FitPreprocessConfig) -> torch.Tens
 def reference_fit_chain(config: FitPreprocessConfig):
     """The 'fmhct-code' preprocessing as a MONAI ``Compose`` over a channel-first MetaTensor ``[1, X, Y, Z]``."""
     from monai.transforms import Compose, CropForeground, Lambda, Orientation, Resize, Spacing
-
-    from hctembed.preprocess import apply_windows
 
     threshold = config.foreground_hu
     return Compose(

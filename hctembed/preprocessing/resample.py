@@ -1,39 +1,24 @@
-"""Volume -> model input, FM-HCT's preprocessing (Methods, 'Data preprocessing').
+"""The resampling every preprocessing shares: MONAI's isotropic grid, separable cubic-spline weights kept as
+banded blocks, the slab-wise resample, the head's bounding box and the HU windows.
 
-Two implementations of the same function:
-
-* :func:`preprocess_reference` - the plain MONAI transform chain, slow and obviously right:
-  ``Orientation(RAS) -> Spacing(1 mm, spline order 3) -> CropForeground(HU > -500) -> HU windows
-  -> ResizeWithPadOrCrop(224) -> CenterSpatialCrop(192) -> Resize(96, area)``.
-* :func:`preprocess` - the fast path used everywhere else. It composes the geometry of the whole chain
-  (orientation, spacing, foreground crop, pad, centre crop) into one separable cubic-spline resample
-  from the source voxels onto just the 1 mm points inside the final crop, applies the windows, and
-  area-averages down to the model grid. The 1 mm grid is built once (three matrix products straight from
-  the file's buffer); no reoriented or padded intermediate volume is.
-
-Both return float32 ``[C, Z, Y, X]`` (C = number of windows; Z, Y, X along S, A, R).
+MONAI's ``Spacing`` keeps the scan's own axes (only the voxel size changes), so the isotropic grid is
+axis-aligned with the RAS-oriented source in index space (:class:`IsotropicGrid`), oblique scans included,
+and the 3D cubic-spline resample is the product of three 1D spline-interpolation matrices
+(:func:`spline_weights`), applied as matrix products straight from the file's buffer.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hctembed.config import FitPreprocessConfig, MonaiPreset, PreprocessConfig, Window
+from hctembed.config import Window
 from hctembed.volume import Volume, VolumeError
 
-log = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Geometry shared by both paths
-# ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IsotropicGrid:
     """The grid MONAI's ``Spacing(pixdim=t)`` resamples onto, in the RAS volume's index space.
@@ -76,20 +61,6 @@ def resampled_shape(volume: Volume, *, spacing_mm: float) -> np.ndarray:
     return isotropic_grid(volume, spacing_mm=spacing_mm).shape
 
 
-def crop_start(*, lo: np.ndarray, hi: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Index (x, y, z) on the isotropic grid of the first voxel of the ``crop_size``³ region, given the
-    inclusive bounds ``lo, hi`` of what is kept (the head, or the whole grid).
-
-    Mirrors ResizeWithPadOrCrop (symmetric pad ``(pad - size) // 2`` before, or a centre crop starting at
-    ``size // 2 - pad // 2``) followed by CenterSpatialCrop. The start can be negative or run past the
-    grid: those voxels are padding (0 after windowing).
-    """
-    size = hi - lo + 1
-    pad = config.pad_size
-    offset = np.where(size <= pad, -((pad - size) // 2), size // 2 - pad // 2)
-    return lo + offset + (pad // 2 - config.crop_size // 2)
-
-
 def foreground_bounds(hu: torch.Tensor, *, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive (lo, hi) as (x, y, z) of the voxels of ``hu [Z, Y, X]`` above ``threshold`` (CropForeground)."""
     mask = hu > threshold
@@ -102,74 +73,6 @@ def foreground_bounds(hu: torch.Tensor, *, threshold: float) -> tuple[np.ndarray
         lo.append(int(hits[0]))
         hi.append(int(hits[-1]))
     return np.array(lo, np.int64), np.array(hi, np.int64)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fast path
-# ----------------------------------------------------------------------------------------------------
-def preprocess(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
-    """Fast paper preprocessing: a separable resample, then windows on just the voxels that are kept.
-
-    MONAI's ``Spacing`` keeps the scan's own axes (only the voxel size changes), so the isotropic grid is
-    axis-aligned with the RAS-oriented source in index space (:class:`IsotropicGrid`), oblique scans
-    included. The 3D cubic-spline resample is therefore the product of three 1D spline-interpolation
-    matrices: three matrix products straight from the file's buffer, the same interpolant as the
-    reference's ``Spacing(mode=3)`` (to float rounding) at a fraction of the cost. The head's bounding box,
-    the pad/crop and the windows then act on that grid; an area average brings it to ``out_size``.
-
-    Args:
-        volume: HU volume, array ``[Z, Y, X]`` (any strides; copied only if its axes are permuted in memory).
-    Returns:
-        float32 tensor ``[C, out, out, out]`` in ``[0, 1]``, axes ``[C, Z(S), Y(A), X(R)]``.
-    """
-    if isinstance(config, FitPreprocessConfig):  # the 'fmhct-code' preset
-        from hctembed.preprocess_fit import preprocess_fit
-
-        return preprocess_fit(volume, config=config)
-    if isinstance(config, MonaiPreset):  # another model's own chain (Merlin, CT-FM)
-        from hctembed.preprocess_monai import preprocess_monai
-
-        return preprocess_monai(volume, config=config)
-    grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
-    return finish(resample_isotropic(volume, grid=grid), grid=grid, config=config)
-
-
-def preprocess_stream(stream, *, config: PreprocessConfig) -> torch.Tensor:
-    """:func:`preprocess` of a file read slab by slab (:class:`hctembed.io.nifti_stream.NiftiStream`: its
-    RAS ``affine``, ``shape_xyz``, ``flips_zyx`` and ``slabs()``): each slab is resampled in-plane while the
-    next is inflated, so decoding and resampling overlap. Same result as ``preprocess(load_nifti(path))``."""
-    slabs = stream.slabs()
-    first = next(slabs)  # inflating has started in the background: compute the weights meanwhile
-    grid = grid_for(affine=stream.affine, shape_xyz=stream.shape_xyz, spacing_mm=config.spacing_mm)
-    nx, ny, nz = stream.shape_xyz
-    weights = memory_weights(shape_zyx=(nz, ny, nx), flips_zyx=stream.flips_zyx, grid=grid)
-    hu = resample_slabs(itertools.chain([first], slabs), weights=weights, n_slices=nz)
-    return finish(hu, grid=grid, config=config)
-
-
-def finish(hu: torch.Tensor, *, grid: IsotropicGrid, config: PreprocessConfig) -> torch.Tensor:
-    """The isotropic HU grid ``[Z1, Y1, X1]`` -> model input ``[C, out, out, out]``: head box, pad/crop,
-    windows, area average (the part of :func:`preprocess` after the resample)."""
-    if config.centre_on_head:
-        lo, hi = foreground_bounds(hu, threshold=config.foreground_hu)
-    else:
-        lo, hi = np.zeros(3, np.int64), grid.shape - 1
-    start = crop_start(lo=lo, hi=hi, config=config)
-    c = config.crop_size
-    # the part of the crop inside the kept box (the head, as CropForeground leaves it); the rest is padding (0)
-    src_lo = np.maximum(start, lo)
-    src_hi = np.minimum(start + c, hi + 1)
-    dst_lo = src_lo - start
-    windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32)
-    if np.all(src_hi > src_lo):
-        (x0, y0, z0), (x1, y1, z1), (a, b, d) = src_lo, src_hi, dst_lo
-        region = hu[z0:z1, y0:y1, x0:x1]
-        for channel, w in zip(windowed, config.windows, strict=True):  # in place: no full-size temporaries
-            window_into(channel[d : d + z1 - z0, b : b + y1 - y0, a : a + x1 - x0], region, window=w)
-    factor = c // config.out_size
-    if factor > 1:
-        windowed = F.avg_pool3d(windowed[None], kernel_size=factor)[0]
-    return windowed.contiguous()
 
 
 def resample_isotropic(volume: Volume, *, grid: IsotropicGrid) -> torch.Tensor:
@@ -298,52 +201,3 @@ def window_into(out: torch.Tensor, hu: torch.Tensor, *, window: Window) -> torch
 def apply_windows(hu: torch.Tensor, *, windows: tuple[Window, ...]) -> torch.Tensor:
     """HU ``[...]`` -> ``[len(windows), ...]``: each window's range mapped linearly onto [0, 1], clipped."""
     return torch.stack([((hu - w.low) / w.width).clamp_(0.0, 1.0) for w in windows])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference: the plain MONAI chain
-# ----------------------------------------------------------------------------------------------------
-def reference_chain(config: PreprocessConfig):
-    """The paper's preprocessing as a MONAI ``Compose`` over a channel-first MetaTensor ``[1, X, Y, Z]``."""
-    from monai.transforms import (
-        CenterSpatialCrop,
-        Compose,
-        CropForeground,
-        Lambda,
-        Orientation,
-        Resize,
-        ResizeWithPadOrCrop,
-        Spacing,
-    )
-
-    threshold = config.foreground_hu
-    steps = [
-        Orientation(axcodes="RAS"),
-        # mode=3: cubic spline (MONAI has no 3D bicubic; the paper's code uses spline order 3)
-        Spacing(pixdim=config.spacing_mm, mode=3, padding_mode="nearest"),
-    ]
-    if config.centre_on_head:
-        steps.append(CropForeground(select_fn=lambda x: x > threshold, margin=0, allow_smaller=True))
-    steps += [
-        Lambda(lambda img: apply_windows(img[0], windows=config.windows)),
-        ResizeWithPadOrCrop(spatial_size=(config.pad_size,) * 3, mode="constant"),
-        CenterSpatialCrop(roi_size=(config.crop_size,) * 3),
-        Resize(spatial_size=(config.out_size,) * 3, mode="area"),
-    ]
-    return Compose(steps)
-
-
-def preprocess_reference(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
-    """The MONAI chain on a Volume; float32 ``[C, out, out, out]`` as ``[C, Z, Y, X]`` like :func:`preprocess`."""
-    if isinstance(config, FitPreprocessConfig):  # the 'fmhct-code' preset
-        from hctembed.preprocess_fit import preprocess_fit_reference
-
-        return preprocess_fit_reference(volume, config=config)
-    from monai.data import MetaTensor
-
-    xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
-    img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
-    out = reference_chain(config)(img)
-    out = out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)
-    out = out.float()  # [C, X, Y, Z]
-    return out.permute(0, 3, 2, 1).contiguous()

@@ -1,0 +1,33 @@
+"""One candidate series (a :class:`~hctembed.io.archive.SeriesRef`) -> model input, by the fastest path its
+preprocessing and file allow: streamed while a ``.nii.gz`` inflates where the variant can stream
+(:func:`hctembed.preprocessing.can_stream`), else loaded whole first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hctembed.io.archive import SeriesRef, load_series
+from hctembed.io.nifti_stream import open_stream
+from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
+
+
+def prepare(ref: SeriesRef, *, config: AnyPreprocessConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load and preprocess one scan: the model input ``[C, Z, Y, X]`` and PHI-free facts about the source.
+
+    Raises VolumeError with a readable reason.
+    """
+    streamed = variant_of(config).stream
+    stream = open_stream(ref.path) if ref.format == "nifti" and streamed is not None else None
+    if stream is not None:
+        x, source = streamed(stream, config=config), stream
+    else:
+        volume = load_series(ref)
+        x, source = preprocess(volume, config=config), volume
+    facts = {
+        **source.meta,
+        "shape_xyz": list(source.shape_xyz),
+        "spacing_xyz": [round(s, 4) for s in source.spacing_xyz],
+    }
+    return x, facts
