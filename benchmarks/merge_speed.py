@@ -30,7 +30,7 @@ import numpy as np
 
 from hctembed.embed import Outcome, refresh_index, store_outcomes
 from hctembed.embed_shards import MERGE_CHUNK, RUN_FILE, PartWriter, merge_shards
-from hctembed.index.store import Store
+from hctembed.index.store import ModelRow, Store
 
 
 def outcomes_of(n: int, *, dim: int, seed: int = 0) -> tuple[list[Outcome], np.ndarray]:
@@ -89,15 +89,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with Store(tmp / "memory.duckdb") as store:
-            store.register_model(model_id="bench-model", name="vit-base", dim=args.dim, config={}, weights_path=None,
-                                 weights_digest=None)  # fmt: skip
+            store.models.register(ModelRow(model_id="bench-model", name="vit-base", dim=args.dim))
             coll = store.collection(model_id="bench-model", fingerprint="pp-bench", dim=args.dim, preprocess={})
             start = time.perf_counter()
             for i in range(0, args.n, MERGE_CHUNK):
                 with store.transaction():
-                    store_outcomes(store, coll, outcomes[i : i + MERGE_CHUNK], vectors[i : i + MERGE_CHUNK])
+                    store_outcomes(coll, outcomes[i : i + MERGE_CHUNK], vectors[i : i + MERGE_CHUNK])
             store.checkpoint()
-            refresh_index(store, coll)
+            refresh_index(coll)
             memory_s = time.perf_counter() - start
         folder = tmp / "shards"
         folder.mkdir()

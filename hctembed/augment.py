@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hctembed.config import PreprocessConfig
+from hctembed.errors import InputError
 
 BASE_MM = 224  # the paper resamples/pads to 224³ at 1 mm before cropping
 
@@ -32,7 +33,7 @@ def base_preprocess(*, image_size: int) -> PreprocessConfig:
     (resampled straight to 2 mm, which is 8x less work than 1 mm and an average)."""
     size = round(image_size * BASE_MM / 96)
     if size < 1:
-        raise ValueError(f"image_size {image_size} is too small")
+        raise InputError(f"image_size {image_size} is too small")
     return PreprocessConfig(
         name="pretrain-base", spacing_mm=BASE_MM / size, pad_size=size, crop_size=size, out_size=size
     )
@@ -57,9 +58,9 @@ class MultiCropConfig:
     def __post_init__(self) -> None:
         for lo, hi in (self.global_mm, self.local_mm):
             if not 0 < lo <= hi <= BASE_MM:
-                raise ValueError(f"crop range ({lo}, {hi}) mm must lie in (0, {BASE_MM}]")
+                raise InputError(f"crop range ({lo}, {hi}) mm must lie in (0, {BASE_MM}]")
         if self.n_global < 1:
-            raise ValueError("at least one global crop is needed")
+            raise InputError("at least one global crop is needed")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from hctembed.errors import InputError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -47,16 +49,16 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.crop_size > self.pad_size:
-            raise ValueError(f"crop_size {self.crop_size} > pad_size {self.pad_size}")
+            raise InputError(f"crop_size {self.crop_size} > pad_size {self.pad_size}")
         if self.crop_size % self.out_size:
-            raise ValueError(
+            raise InputError(
                 f"crop_size {self.crop_size} must be a multiple of out_size {self.out_size} "
                 "(the final resize is an area average over whole voxels)"
             )
         if self.spacing_mm <= 0:
-            raise ValueError("spacing_mm must be > 0")
+            raise InputError("spacing_mm must be > 0")
         if not self.windows:
-            raise ValueError("at least one HU window is needed")
+            raise InputError("at least one HU window is needed")
 
     @property
     def channels(self) -> int:
@@ -86,11 +88,11 @@ class FitPreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.spacing_mm <= 0:
-            raise ValueError("spacing_mm must be > 0")
+            raise InputError("spacing_mm must be > 0")
         if not self.windows:
-            raise ValueError("at least one HU window is needed")
+            raise InputError("at least one HU window is needed")
         if self.out_size < 1:
-            raise ValueError("out_size must be >= 1")
+            raise InputError("out_size must be >= 1")
 
     @property
     def channels(self) -> int:
@@ -128,11 +130,11 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+            raise InputError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
         if self.dim % self.heads:
-            raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
+            raise InputError(f"heads {self.heads} does not divide dim {self.dim}")
         if self.dim % 6:
-            raise ValueError(f"dim {self.dim} must be a multiple of 6 (3D sine-cosine position embedding)")
+            raise InputError(f"dim {self.dim} must be a multiple of 6 (3D sine-cosine position embedding)")
 
     @property
     def grid(self) -> int:
@@ -150,7 +152,7 @@ class ViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ViTConfig fields: {unknown}")
+            raise InputError(f"unknown ViTConfig fields: {unknown}")
         return cls(**data)
 
 

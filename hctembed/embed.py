@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.index.choice import IndexOptions
-from hctembed.index.store import Collection, Store, StoreError
+from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder, persist_weights
@@ -75,7 +74,7 @@ def _worker_init(_: int) -> None:
 
 @dataclass(frozen=True)
 class EmbedReport:
-    collection: Collection
+    collection: CollectionRow
     total: int
     embedded: int
     unchanged: int
@@ -83,9 +82,7 @@ class EmbedReport:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["collection"] = asdict(self.collection)
-        return d
+        return asdict(self)
 
 
 def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False) -> bool:
@@ -169,14 +166,16 @@ def plan_run(refs: Sequence[SeriesRef], status: dict, *, retry_failed: bool = Fa
 
 def register(store: Store, encoder: Encoder) -> Collection:
     """Record the encoder in ``models`` and return (creating it if new) its collection."""
-    store.register_model(
-        model_id=encoder.model_id,
-        name=encoder.name,
-        dim=encoder.dim,
-        config=encoder.model.config.to_dict(),
-        weights_path=encoder.weights_path,
-        weights_digest=encoder.weights_digest,
-        card=encoder.card,
+    store.models.register(
+        ModelRow(
+            model_id=encoder.model_id,
+            name=encoder.name,
+            dim=encoder.dim,
+            config=encoder.model.config.to_dict(),
+            weights_path=encoder.weights_path,
+            weights_digest=encoder.weights_digest,
+            card=encoder.card or {},
+        )
     )
     return store.collection(
         model_id=encoder.model_id,
@@ -186,21 +185,21 @@ def register(store: Store, encoder: Encoder) -> Collection:
     )
 
 
-def record_skipped(store: Store, collection: Collection, skipped: Sequence[Skipped], *, known: dict) -> None:
+def record_skipped(collection: Collection, skipped: Sequence[Skipped], *, known: dict) -> None:
     """Status rows for candidates not selected; a re-run leaves rows already recorded with the same reason.
 
-    ``known``: the collection's status as read before (``store.status``); skipped candidates are never
+    ``known``: the collection's status as read before (``collection.status()``); skipped candidates are never
     selected ones, so the caller can keep using it for the selected scans afterwards.
     """
-    rows: dict[str, dict] = {}  # by source: one status row per candidate
+    rows: dict[str, StatusRow] = {}  # by source: one status row per candidate
     for skip in skipped:
         previous = known.get(skip.source)
         reason = f"{skip.reason_code}: {skip.reason}"
         if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
             continue
-        rows[skip.source] = {"source": skip.source, "scan_id": skip.scan_id, "status": "skipped", "reason": reason}
-    with store.transaction():
-        store.record_statuses(collection, list(rows.values()))
+        rows[skip.source] = StatusRow(source=skip.source, scan_id=skip.scan_id, status="skipped", reason=reason)
+    with collection.store.transaction():
+        collection.record_statuses(list(rows.values()))
 
 
 def embed_archive(
@@ -230,14 +229,14 @@ def embed_archive(
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
-    encoder = persist_weights(encoder, folder=Path(str(store.path) + ".models"))
+    encoder = persist_weights(encoder, folder=store.paths.models)
     collection = register(store, encoder)
     refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
-    known = store.status(collection)
-    record_skipped(store, collection, skipped, known=known)
+    known = collection.status()
+    record_skipped(collection, skipped, known=known)
     plan = plan_run(refs, known, retry_failed=retry_failed)
     with store.transaction():
-        store_outcomes(store, collection, plan.duplicates, None)
+        store_outcomes(collection, plan.duplicates, None)
     failed = [(o.source, o.reason or "") for o in plan.duplicates] + plan.failed_before
     if progress and len(refs) > len(plan.todo):
         progress(len(refs) - len(plan.todo))
@@ -245,7 +244,7 @@ def embed_archive(
     last_checkpoint = time.perf_counter()
     for outcomes, vectors in encode_refs(plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers):
         with store.transaction():
-            store_outcomes(store, collection, outcomes, vectors, patients=patients)
+            store_outcomes(collection, outcomes, vectors, patients=patients)
         if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
             store.checkpoint()
             last_checkpoint = time.perf_counter()
@@ -254,8 +253,8 @@ def embed_archive(
         if progress:
             progress(len(outcomes))
     store.checkpoint()
-    refresh_index(store, collection, index_kind=index_kind)
-    return EmbedReport(collection, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start)
+    refresh_index(collection, index_kind=index_kind)
+    return EmbedReport(collection.row, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start)
 
 
 def encode_refs(
@@ -293,7 +292,6 @@ def encode_refs(
 
 
 def store_outcomes(
-    store: Store,
     collection: Collection,
     outcomes: Sequence[Outcome],
     vectors: np.ndarray | None,
@@ -309,34 +307,33 @@ def store_outcomes(
     good = [o for o in outcomes if o.status == "embedded"]
     bad = [o for o in outcomes if o.status != "embedded"]
     if good:
-        store.upsert_scans(
+        collection.store.scans.upsert(
             [
-                {
-                    "scan_id": o.scan_id,
-                    "patient_id": o.patient_id or patients.get(o.scan_id),
-                    "source": o.location,
-                    "archive_root": o.archive_root,
-                    "format": o.format,
-                    "meta": o.meta,
-                }
+                ScanRow(
+                    scan_id=o.scan_id,
+                    patient_id=o.patient_id or patients.get(o.scan_id),
+                    source=o.location,
+                    archive_root=o.archive_root,
+                    format=o.format,
+                    meta=o.meta,
+                )
                 for o in good
             ]
         )
-        store.add_embeddings(collection, scan_ids=[o.scan_id for o in good], vectors=vectors)
-    store.delete_embeddings(collection, scan_ids=[o.scan_id for o in bad if o.scan_id])
-    store.record_statuses(
-        collection,
+        collection.add(scan_ids=[o.scan_id for o in good], vectors=vectors)
+    collection.delete([o.scan_id for o in bad if o.scan_id])
+    collection.record_statuses(
         [
-            {
-                "source": o.source,
-                "scan_id": o.scan_id or None,
-                "status": o.status,
-                "reason": o.reason,
-                "file_size": o.file_size,
-                "file_mtime_ns": o.file_mtime_ns,
-            }
+            StatusRow(
+                source=o.source,
+                scan_id=o.scan_id or None,
+                status=o.status,
+                reason=o.reason,
+                file_size=o.file_size,
+                file_mtime_ns=o.file_mtime_ns,
+            )
             for o in outcomes
-        ],
+        ]
     )
 
 
@@ -345,7 +342,7 @@ def refuse_other_archives(store: Store, scans: Sequence[tuple[str, str]]) -> Non
 
     ``scans``: ``(scan_id, archive_root)`` pairs about to be stored.
     """
-    stored = store.archive_roots([scan_id for scan_id, _ in scans])
+    stored = store.scans.archive_roots([scan_id for scan_id, _ in scans])
     clashes = [(scan_id, stored[scan_id], root) for scan_id, root in scans if stored.get(scan_id, root) != root]
     if clashes:
         scan_id, old, new = clashes[0]
@@ -355,10 +352,10 @@ def refuse_other_archives(store: Store, scans: Sequence[tuple[str, str]]) -> Non
         )
 
 
-def refresh_index(store: Store, collection: Collection, *, index_kind: str | None = None) -> VectorIndex:
+def refresh_index(collection: Collection, *, index_kind: str | None = None) -> VectorIndex:
     """Bring the collection's FAISS index in line with DuckDB (rebuilt only when it differs).
 
     ``index_kind`` (exact | hnsw | ivf | ivfpq | auto) picks the index; ``None`` keeps the saved one's kind.
     """
     options = IndexOptions(kind=index_kind) if index_kind else None
-    return open_index(store, collection, quiet=True, options=options)
+    return open_index(collection, quiet=True, options=options)

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,7 +44,8 @@ from hctembed.embed import (
     store_outcomes,
 )
 from hctembed.errors import HctembedError
-from hctembed.index.store import Collection, StatusRow, Store
+from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
+from hctembed.index.store.parts import sorted_parts
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder
 
@@ -76,7 +76,7 @@ class ShardReport:
 
 @dataclass(frozen=True)
 class MergeReport:
-    collection: Collection
+    collection: CollectionRow
     parts: int
     embedded: int
     failed: int
@@ -290,24 +290,17 @@ def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.nd
     The parts are sorted by an in-memory DuckDB of their own, which streams the result and spills to
     ``folder/.merge-tmp`` beyond its memory limit, so the merge's memory does not grow with the archive.
     """
-    paths = _part_files(folder)
-    if not paths:
-        return
-    con = duckdb.connect()
-    try:
-        con.execute(f"SET temp_directory = '{folder / '.merge-tmp'}'")
-        con.execute(f"SET memory_limit = '{SORT_MEMORY}'")  # the sort spills beyond this
-        # within a rank, later parts (higher sequence numbers in the file name) are newer
-        reader = con.sql(
-            "SELECT * EXCLUDE (filename) FROM read_parquet($files, filename = true) "
-            "QUALIFY row_number() OVER (PARTITION BY position ORDER BY filename DESC) = 1 ORDER BY position",
-            params={"files": [str(p) for p in paths]},
-        ).to_arrow_reader(MERGE_CHUNK)
-        for batch in reader:
-            for start in range(0, batch.num_rows, MERGE_CHUNK):
-                yield _outcomes(batch.slice(start, MERGE_CHUNK), dim=dim)
-    finally:
-        con.close()
+    # within a rank, later parts (higher sequence numbers in the file name) are newer
+    batches = sorted_parts(
+        _part_files(folder),
+        key="position",
+        temp_dir=folder / ".merge-tmp",
+        memory_limit=SORT_MEMORY,
+        batch_rows=MERGE_CHUNK,
+    )
+    for batch in batches:
+        for start in range(0, batch.num_rows, MERGE_CHUNK):
+            yield _outcomes(batch.slice(start, MERGE_CHUNK), dim=dim)
 
 
 def _outcomes(batch: pa.RecordBatch, *, dim: int) -> tuple[list[Outcome], np.ndarray]:
@@ -347,20 +340,22 @@ def merge_shards(
     """
     start = time.perf_counter()
     info = read_run_info(folder)
-    store.register_model(
-        model_id=info["model_id"],
-        name=info["name"],
-        dim=info["dim"],
-        config=info["config"],
-        weights_path=info["weights_path"],
-        weights_digest=info["weights_digest"],
-        card=info["card"],
+    store.models.register(
+        ModelRow(
+            model_id=info["model_id"],
+            name=info["name"],
+            dim=info["dim"],
+            config=info["config"],
+            weights_path=info["weights_path"],
+            weights_digest=info["weights_digest"],
+            card=info["card"] or {},
+        )
     )
     collection = store.collection(
         model_id=info["model_id"], fingerprint=info["fingerprint"], dim=info["dim"], preprocess=info["preprocess"]
     )
-    stored = store.status(collection)  # each source occurs once in the parts: one read serves the whole merge
-    record_skipped(store, collection, [Skipped(**s) for s in info.get("skipped", [])], known=stored)
+    stored = collection.status()  # each source occurs once in the parts: one read serves the whole merge
+    record_skipped(collection, [Skipped(**s) for s in info.get("skipped", [])], known=stored)
     parts = _part_files(folder)
     embedded = failed = unchanged = 0
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
@@ -378,7 +373,6 @@ def merge_shards(
                 keep_vec.append(v)
         with store.transaction():
             store_outcomes(
-                store,
                 collection,
                 keep,
                 np.stack(keep_vec) if keep_vec else np.zeros((0, collection.dim), np.float32),
@@ -389,8 +383,8 @@ def merge_shards(
         if progress:
             progress(len(outcomes))
     store.checkpoint()
-    refresh_index(store, collection, index_kind=index_kind)
+    refresh_index(collection, index_kind=index_kind)
     if not keep_parts:
         for path in parts:
             path.unlink(missing_ok=True)
-    return MergeReport(collection, len(parts), embedded, failed, unchanged, time.perf_counter() - start)
+    return MergeReport(collection.row, len(parts), embedded, failed, unchanged, time.perf_counter() - start)

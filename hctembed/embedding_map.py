@@ -9,17 +9,13 @@ Few distinct values (<= 12) or text give a categorical legend; more numeric valu
 from __future__ import annotations
 
 import csv
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from hctembed.errors import HctembedError
-from hctembed.explain import save_figure
+from hctembed.pictures.embedding_map import Colouring, MapFigure, render_map
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +29,6 @@ ALIASES = {
 
 class MapError(HctembedError, ValueError):
     """The map cannot be drawn as asked (unknown colour field, no vectors, UMAP missing)."""
-
-
-@dataclass(frozen=True)
-class Colouring:
-    """Per-point values (None = unknown) and whether they form categories or a continuous scale."""
-
-    name: str
-    values: list
-    categorical: bool
-    source: str
-
-
-@dataclass(frozen=True)
-class MapFigure:
-    path: Path
-    coords: np.ndarray  # [N, 2]
-    legend: list[str]  # the drawn legend's entries (categorical), or [] with a colourbar
-    method: str
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
@@ -84,11 +62,6 @@ def _csv_columns(path: Path) -> dict[str, dict[str, str]]:
         return {row["scan_id"].strip(): row for row in reader}
 
 
-def _scan_meta(store) -> dict[str, dict]:
-    rows = store.con.execute("SELECT scan_id, meta FROM scans").fetchall()
-    return {scan_id: (json.loads(meta) if meta else {}) for scan_id, meta in rows}
-
-
 def _number(value):
     try:
         return float(value)
@@ -108,14 +81,14 @@ def colouring(store, scan_ids: list[str], *, color_by: str, labels_csv: str | Pa
             if key in columns:
                 vals = [_number(rows[s][key].strip()) if s in rows and rows[s][key].strip() else None for s in scan_ids]
                 return _classify(color_by, vals, source=f"{Path(labels_csv).name}:{key}")
-    stored = store.labels(scan_ids)
+    stored = store.labels.of(scan_ids)
     names = sorted({n for row in stored.values() for n in row})
     available += names
     if color_by in names:
         vals = [stored.get(s, {}).get(color_by) for s in scan_ids]
         vals = [None if v is None or v != v else ("positive" if v == 1 else "negative") for v in vals]
         return Colouring(color_by, vals, True, "labels table")
-    meta = _scan_meta(store)
+    meta = store.scans.meta()
     meta_keys = sorted({k for m in meta.values() for k in m})
     available += meta_keys
     for key in keys:
@@ -134,50 +107,6 @@ def _classify(name: str, values: list, *, source: str) -> Colouring:
     return Colouring(name, values, categorical, source)
 
 
-def render_map(
-    coords: np.ndarray,
-    colours: Colouring,
-    *,
-    out: str | Path,
-    title: str,
-    method: str,
-    width_px: int = 1000,
-    height_px: int = 800,
-) -> MapFigure:
-    """Scatter ``coords`` ``[N, 2]`` coloured by ``colours``; PNG of ``width_px`` x ``height_px``."""
-    dpi = 100
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    ax = fig.add_subplot()
-    ax.set_label("map")
-    fig.subplots_adjust(left=0.09, right=0.72, top=0.9, bottom=0.08)
-    values = colours.values
-    unknown = np.array([v is None for v in values])
-    legend_entries: list[str] = []
-    if colours.categorical:
-        cats = sorted({v for v in values if v is not None}, key=lambda v: (isinstance(v, str), v))
-        cmap = colormaps["tab10" if len(cats) <= 10 else "tab20"]
-        for i, cat in enumerate(cats):
-            sel = np.array([v == cat for v in values])
-            label = f"{cat:g}" if isinstance(cat, float) else str(cat)
-            ax.scatter(*coords[sel].T, s=30, color=cmap(i), label=f"{label} (n={int(sel.sum())})")
-    else:
-        nums = np.array([np.nan if v is None else float(v) for v in values])
-        sc = ax.scatter(*coords[~unknown].T, c=nums[~unknown], s=30, cmap="viridis")
-        fig.colorbar(sc, ax=ax, label=colours.name)
-    if unknown.any():
-        ax.scatter(*coords[unknown].T, s=30, color="lightgrey", marker="x", label=f"unknown (n={int(unknown.sum())})")
-    if colours.categorical or unknown.any():
-        legend = ax.legend(title=colours.name, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9)
-        legend_entries = [t.get_text() for t in legend.get_texts()]
-    axis = "PC" if method == "pca" else "UMAP "
-    ax.set_xlabel(f"{axis}1")
-    ax.set_ylabel(f"{axis}2")
-    ax.set_title(f"{title}\n{len(coords)} scans, {method.upper()}, coloured by {colours.name} ({colours.source})")
-    ax.grid(alpha=0.3)
-    save_figure(fig, out)
-    return MapFigure(path=Path(out), coords=coords, legend=legend_entries, method=method)
-
-
 def embedding_map(
     store,
     *,
@@ -189,7 +118,7 @@ def embedding_map(
 ) -> MapFigure:
     """Project a collection's vectors to 2D and draw them coloured by ``color_by``."""
     collection = store.resolve_collection(model_id=model)
-    _, x, scan_ids = store.vectors(collection)
+    _, x, scan_ids = collection.vectors()
     coords = project(x, method=method)
     colours = colouring(store, scan_ids, color_by=color_by, labels_csv=labels_csv)
     return render_map(coords, colours, out=out, title=f"embeddings of {collection.model_id}", method=method)

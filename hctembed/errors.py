@@ -1,5 +1,20 @@
-"""The base class of errors a user can act on: the CLI prints their message, not a traceback."""
+"""The errors a user can act on: the CLI prints their message as one line (exit status 2), not a traceback.
+
+Anything else that escapes a command is a bug and keeps its traceback. Subclasses also derive from the builtin
+a caller would expect (``ValueError``, ``KeyError``), so ``except ValueError`` keeps working in Python code.
+"""
 
 
 class HctembedError(Exception):
     """An error whose message tells the user what is wrong and what to do."""
+
+
+class InputError(HctembedError, ValueError):
+    """Bad input from the user: a file's content, an option's value, a configuration."""
+
+
+class UnknownNameError(HctembedError, KeyError):
+    """A name (model, view, label column, scan id) that is not known; the message lists what is."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

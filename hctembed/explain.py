@@ -31,21 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 
 from hctembed.config import PreprocessConfig, ViTConfig, Window
+from hctembed.errors import InputError
 from hctembed.model.vit3d import ViT3D
+from hctembed.pictures.attention import render_distance_plot, render_overlays
 
 log = logging.getLogger(__name__)
-
-VIEWS = ("axial", "coronal", "sagittal")
-#: Image-edge letters (top, bottom, left, right) of each view in the radiological convention.
-ORIENTATION = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
-_WINDOW_NAMES = {(40.0, 80.0): "brain", (80.0, 200.0): "subdural", (600.0, 2800.0): "bone"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,7 +51,7 @@ def model_voxel_mm(preprocess: PreprocessConfig) -> float:
 def patch_size_mm(*, vit: ViTConfig, preprocess: PreprocessConfig) -> float:
     """Patch pitch in mm (vit-base with the paper preset: 12 voxels x 2 mm = 24 mm)."""
     if vit.image_size != preprocess.out_size:
-        raise ValueError(f"model takes {vit.image_size}³ input but preprocessing gives {preprocess.out_size}³")
+        raise InputError(f"model takes {vit.image_size}³ input but preprocessing gives {preprocess.out_size}³")
     return vit.patch_size * model_voxel_mm(preprocess)
 
 
@@ -163,166 +155,6 @@ def explain(model: ViT3D, image: torch.Tensor, *, patch_mm: float) -> Explanatio
         distance=attention_distance(maps, num_prefix=p, grid=g, patch_mm=patch_mm)[0],
         patch_mm=patch_mm,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Slices and figures
-# ----------------------------------------------------------------------------------------------------
-def display_slice(volume: np.ndarray, *, view: str, index: int) -> np.ndarray:
-    """A slice of ``[Z, Y, X]`` (RAS index order) oriented for display with ``imshow(origin="upper")``.
-
-    Axial ``[Y, X]``: anterior up, patient right on the image left. Coronal ``[Z, X]``: superior up, right on
-    the left. Sagittal ``[Z, Y]``: superior up, anterior on the left. All three are the raw slice flipped
-    on both axes, because every RAS axis increases towards the image's top or left.
-    """
-    if view == "axial":
-        s = volume[index]
-    elif view == "coronal":
-        s = volume[:, index, :]
-    elif view == "sagittal":
-        s = volume[:, :, index]
-    else:
-        raise ValueError(f"unknown view {view!r}; use one of {VIEWS}")
-    return s[::-1, ::-1]
-
-
-def display_point(voxel: tuple[int, int, int], *, shape: tuple[int, int, int], view: str) -> tuple[int, int]:
-    """Where voxel ``(z, y, x)`` appears in :func:`display_slice` of ``view``: ``(row, col)``."""
-    z, y, x = voxel
-    nz, ny, nx = shape
-    rows_cols = {
-        "axial": (ny - 1 - y, nx - 1 - x),
-        "coronal": (nz - 1 - z, nx - 1 - x),
-        "sagittal": (nz - 1 - z, ny - 1 - y),
-    }
-    return rows_cols[view]
-
-
-def slice_index(voxel: tuple[int, int, int], *, view: str) -> int:
-    """The slice of ``view`` through voxel ``(z, y, x)``: z for axial, y for coronal, x for sagittal."""
-    return voxel[VIEWS.index(view)]
-
-
-def overlay_alpha(strength: np.ndarray) -> np.ndarray:
-    """Opacity of a heat overlay from the map's strength in [0, 1]: clear below 25 %, at most 0.65, so the
-    anatomy stays readable outside the attended regions."""
-    return 0.65 * np.clip((strength - 0.25) / 0.75, 0.0, 1.0)
-
-
-def window_name(window: Window) -> str:
-    name = _WINDOW_NAMES.get((float(window.centre), float(window.width)), "window")
-    return f"{name} (C {window.centre:g} / W {window.width:g} HU)"
-
-
-def mark_orientation(ax, view: str) -> None:
-    """Letters at the image edges: A/P, R/L, S/I."""
-    top, bottom, left, right = ORIENTATION[view]
-    style = {"color": "yellow", "fontsize": 9, "fontweight": "bold", "transform": ax.transAxes}
-    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
-    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
-    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
-    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
-
-
-def save_figure(fig: Figure, out) -> dict[str, tuple[int, int, int, int]]:
-    """Render with Agg and write PNG to ``out`` (path or binary file); returns each labelled axes' pixel box
-    ``(left, top, right, bottom)`` in the saved image (axes labelled with ``ax.set_label``)."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    height = fig.bbox.height
-    boxes = {}
-    for ax in fig.axes:
-        if ax.get_label() and not ax.get_label().startswith("<"):
-            x0, y0, x1, y1 = ax.get_window_extent().extents
-            boxes[ax.get_label()] = (round(x0), round(height - y1), round(x1), round(height - y0))
-    if isinstance(out, str | Path):
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=fig.dpi)
-    return boxes
-
-
-def render_overlays(
-    image: np.ndarray,
-    heat: np.ndarray,
-    *,
-    windows: tuple[Window, ...],
-    title: str,
-    out,
-    colorbar_label: str = "attention (fraction of its maximum)",
-    normalise: bool = True,
-    through: str = "peak",
-    width_px: int = 1200,
-) -> dict[str, tuple[int, int, int, int]]:
-    """Heat map over the image: one row per window, columns axial / coronal / sagittal through the peak.
-
-    ``image`` ``[C, S, S, S]`` (the model input), ``heat`` ``[S, S, S]`` on the same grid; the slices pass
-    through the map's peak (``through="peak"``) or the volume's centre (``"centre"``). The PNG is
-    ``width_px`` x ``width_px + 100`` pixels. Returns panel boxes keyed ``"<window index>/<view>"``.
-    """
-    n_rows = len(windows)
-    dpi = 100
-    fig = Figure(figsize=(width_px / dpi, (width_px + 100) / dpi), dpi=dpi, facecolor="black")
-    fig.subplots_adjust(left=0.06, right=0.88, top=0.92, bottom=0.02, wspace=0.04, hspace=0.08)
-    h = heat.astype(np.float64)
-    strength = (h - h.min()) / (np.ptp(h) or 1.0)  # [0, 1]: the overlay's opacity follows the map
-    norm = Normalize(0.0, 1.0) if normalise else Normalize(float(h.min()), float(h.max()))
-    cmap = colormaps["jet"]
-    peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape))
-    centre = peak if through == "peak" else tuple(n // 2 for n in heat.shape)
-    axes = fig.subplots(n_rows, 3, squeeze=False)
-    for r, window in enumerate(windows):
-        for c, view in enumerate(VIEWS):
-            ax = axes[r][c]
-            ax.set_label(f"{r}/{view}")
-            index = slice_index(centre, view=view)
-            ax.imshow(display_slice(image[r], view=view, index=index), cmap="gray", vmin=0, vmax=1)
-            rgba = cmap(norm(display_slice(strength if normalise else h, view=view, index=index)))
-            rgba[..., 3] = overlay_alpha(display_slice(strength, view=view, index=index))
-            ax.imshow(rgba)
-            if through == "peak":
-                row, col = display_point(peak, shape=heat.shape, view=view)
-                ax.plot(col, row, marker="+", color="white", markersize=12, mew=1.5)
-            mark_orientation(ax, view)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"{view} (slice {index + 1} of {heat.shape[0]})", color="white", fontsize=11)
-            if c == 0:
-                ax.set_ylabel(window_name(window), color="white", fontsize=10)
-    mappable = ScalarMappable(norm=norm, cmap=cmap)
-    cax = fig.add_axes((0.90, 0.1, 0.02, 0.75))
-    bar = fig.colorbar(mappable, cax=cax)
-    bar.set_label(colorbar_label, color="white")
-    bar.ax.tick_params(colors="white")
-    fig.suptitle(
-        title
-        + ("\n+ = peak; " if through == "peak" else "\nslices through the centre; ")
-        + "colour where the map exceeds 25 % of its range; "
-        + "radiological convention (patient right on image left)",
-        color="white",
-    )
-    return save_figure(fig, out)
-
-
-def render_distance_plot(distance: np.ndarray, *, out, title: str, width_px: int = 900, height_px: int = 600) -> None:
-    """Mean attention distance (mm) of every head per layer (dots) and their mean (line); ``distance`` ``[L, H, N]``."""
-    per_head = distance.mean(axis=-1)  # [L, H]
-    layers = np.arange(1, per_head.shape[0] + 1)
-    dpi = 100
-    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
-    ax = fig.add_subplot()
-    ax.set_label("distance")
-    for h in range(per_head.shape[1]):
-        ax.scatter(layers, per_head[:, h], s=28, alpha=0.8, label=f"head {h + 1}" if per_head.shape[1] <= 16 else None)
-    ax.plot(layers, per_head.mean(axis=1), color="black", lw=2, label="mean over heads")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean attention distance (mm)")
-    ax.set_xticks(layers)
-    ax.set_title(title, fontsize=11)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="best")
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.1)
-    save_figure(fig, out)
 
 
 def write_explanation(expl: Explanation, *, out_dir: Path, windows: tuple[Window, ...], title: str) -> dict[str, Path]:

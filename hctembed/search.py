@@ -38,17 +38,17 @@ class Hit:
         }
 
 
-def stored_encoder(store: Store, collection: Collection) -> Encoder:
+def stored_encoder(collection: Collection) -> Encoder:
     """Reload the encoder a collection was embedded with; refuses if the weights changed on disk."""
-    row = store.model(collection.model_id)
-    if not row["weights_path"]:
+    row = collection.model()
+    if not row.weights_path:
         raise StoreError(f"model {collection.model_id} has no weights file recorded; cannot embed a query")
-    if not Path(row["weights_path"]).exists():
-        raise StoreError(f"weights of {collection.model_id} not found at {row['weights_path']}")
-    encoder = load_encoder(row["name"], weights=row["weights_path"])
+    if not Path(row.weights_path).exists():
+        raise StoreError(f"weights of {collection.model_id} not found at {row.weights_path}")
+    encoder = load_encoder(row.name, weights=row.weights_path)
     if encoder.model_id != collection.model_id:
         raise ModelMismatchError(
-            f"weights at {row['weights_path']} are now model {encoder.model_id}, but the index holds "
+            f"weights at {row.weights_path} are now model {encoder.model_id}, but the index holds "
             f"model {collection.model_id}"
         )
     if encoder.fingerprint != collection.fingerprint:
@@ -67,28 +67,29 @@ def embed_file(encoder: Encoder, path: str | Path) -> np.ndarray:
 
 def search_file(store: Store, *, path: str | Path, k: int = 10, model: str | None = None) -> list[Hit]:
     collection = store.resolve_collection(model_id=model)
-    encoder = stored_encoder(store, collection)
+    encoder = stored_encoder(collection)
     xq = embed_file(encoder, path)
-    return _search(store, collection, xq, k=k, exclude_id=None, fingerprint=encoder.fingerprint)
+    return _search(collection, xq, k=k, exclude_id=None, fingerprint=encoder.fingerprint)
 
 
 def search_id(store: Store, *, scan_id: str, k: int = 10, model: str | None = None) -> list[Hit]:
     """Neighbours of a stored scan (the scan itself excluded)."""
     collection = store.resolve_collection(model_id=model)
-    vid, xq = store.vector_of(collection, scan_id=scan_id)
-    return _search(store, collection, xq, k=k, exclude_id=vid, fingerprint=collection.fingerprint)
+    vid, xq = collection.vector_of(scan_id)
+    return _search(collection, xq, k=k, exclude_id=vid, fingerprint=collection.fingerprint)
 
 
-def _search(store, collection, xq, *, k, exclude_id, fingerprint) -> list[Hit]:
-    index = open_index(store, collection)
+def _search(collection: Collection, xq, *, k, exclude_id, fingerprint) -> list[Hit]:
+    index = open_index(collection)
     extra = 1 if exclude_id is not None else 0
     result = index.search(xq[None], k=k + extra, model_id=collection.model_id, fingerprint=fingerprint)
     pairs = [(float(s), int(i)) for s, i in zip(result.D[0], result.I[0], strict=True) if i >= 0 and i != exclude_id]
     pairs = pairs[:k]
-    rows = store.scans_for_ids(collection, [i for _, i in pairs])
-    labels = store.labels([rows[i]["scan_id"] for _, i in pairs if i in rows])
+    rows = collection.hits([i for _, i in pairs])
+    labels = collection.store.labels.of([rows[i].scan_id for _, i in pairs if i in rows])
     hits = []
     for rank, (score, vid) in enumerate(pairs, start=1):
-        row = rows.get(vid, {"scan_id": f"<id {vid}>", "patient_id": None})
-        hits.append(Hit(rank, score, vid, row["scan_id"], row["patient_id"], labels.get(row["scan_id"], {})))
+        row = rows.get(vid)
+        scan_id, patient_id = (row.scan_id, row.patient_id) if row else (f"<id {vid}>", None)
+        hits.append(Hit(rank, score, vid, scan_id, patient_id, labels.get(scan_id, {})))
     return hits

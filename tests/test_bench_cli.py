@@ -14,7 +14,6 @@ from hctembed.eval.classification import roc_auc
 from hctembed.eval.retrieval import all_vs_all
 from hctembed.index.store import Store
 from hctembed.io.labels import read_labels
-from hctembed.probe.scores import read_scores
 
 runner = CliRunner()
 
@@ -70,7 +69,7 @@ def test_bench_retrieval_two_models_writes_report(two_models, tmp_path):
     # values agree with the library on the same vectors
     table = read_labels(root / "labels.csv")
     with Store(db, read_only=True) as store:
-        _, x, scan_ids = store.vectors(store.resolve_collection(model_id=m1))
+        _, x, scan_ids = store.resolve_collection(model_id=m1).vectors()
     order = np.argsort(scan_ids)
     ref = all_vs_all(x[order], table.for_scans(sorted(scan_ids)), label_names=table.names)
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
@@ -159,11 +158,9 @@ def test_probe_train_apply_writes_scores(two_models, tmp_path):
     assert applied["probe_id"] == trained["probe_id"] and applied["scored"] == 24
     doc = json.loads(probe_file.read_text())
     with Store(db, read_only=True) as store:
-        scores = read_scores(store, probe_id=applied["probe_id"])
-        _, x, scan_ids = store.vectors(store.resolve_collection(model_id=m0))
-        assert store.con.execute("SELECT task FROM probes WHERE probe_id = ?", [applied["probe_id"]]).fetchall() == [
-            ("SDH",)
-        ]
+        scores = store.probes.scores(applied["probe_id"])
+        _, x, scan_ids = store.resolve_collection(model_id=m0).vectors()
+        assert store.db.rows("SELECT task FROM probes WHERE probe_id = ?", [applied["probe_id"]]) == [("SDH",)]
     z = x.astype(np.float64) @ np.asarray(doc["coef"]) + doc["intercept"]
     np.testing.assert_allclose([scores[s] for s in scan_ids], 1 / (1 + np.exp(-z)), rtol=1e-6)
     assert roc_auc(np.ones(1), np.ones(1)) != roc_auc(np.ones(1), np.ones(1))  # NaN on one class

@@ -29,15 +29,15 @@ def test_io_index_eval_work_without_torch(tmp_path):
         import hctembed.io.archive, hctembed.io.nifti, hctembed.io.labels, hctembed.io.dicom
         import hctembed.io.dicom_series, hctembed.io.manifest, hctembed.io.datasets, hctembed.io.pseudonym
         import hctembed.index.store, hctembed.index.vectors
-        import hctembed.eval.retrieval, hctembed.eval.bench, hctembed.eval.stats, hctembed.eval.splits
+        import hctembed.eval.retrieval, hctembed.eval.stats, hctembed.eval.splits
         import hctembed.eval.classification, hctembed.eval.report, hctembed.eval.protocols
-        from hctembed.index.store import Store
+        from hctembed.index.store import ModelRow, Store
         with Store({str(tmp_path / "x.duckdb")!r}) as s:
-            s.register_model(model_id="m", name="n", dim=4, config={{}}, weights_path=None, weights_digest=None)
+            s.models.register(ModelRow(model_id="m", name="n", dim=4))
             c = s.collection(model_id="m", fingerprint="f", dim=4)
-            s.add_embeddings(c, scan_ids=["a"], vectors=np.ones((1, 4), np.float32))
+            c.add(scan_ids=["a"], vectors=np.ones((1, 4), np.float32))
             from hctembed.index.vectors import open_index
-            assert open_index(s, c).ntotal == 1
+            assert open_index(c).ntotal == 1
         print("ok")
     """)
     result = _run_blocked(code, blocked=("torch", "monai", "typer"))
@@ -50,3 +50,26 @@ def test_only_cli_imports_typer():
         if "cli" in path.relative_to(ROOT / "hctembed").parts:
             continue
         assert "import typer" not in path.read_text(), path
+
+
+def test_pictures_draw_without_torch(tmp_path):
+    """Slices, montages, the embedding map and report plots need numpy and matplotlib only."""
+    out = tmp_path / "m.png"
+    code = textwrap.dedent(f"""
+        import numpy as np
+        import hctembed.pictures.slices, hctembed.pictures.attention, hctembed.pictures.report_plots
+        from hctembed.config import Window
+        from hctembed.pictures.embedding_map import Colouring, render_map
+        from hctembed.pictures.montage import ScanPanel, render_montage
+        rng = np.random.default_rng(0)
+        panel = ScanPanel(title="q", scan_id="s", score=None, labels=(), image=rng.random((1, 8, 8, 8)),
+                          attention=rng.random((8, 8, 8)))
+        boxes = render_montage([panel], out={str(out)!r}, windows=(Window(40, 80),), panel_px=80)
+        fig = render_map(rng.random((5, 2)), Colouring("SDH", [0, 1, 0, 1, None], True, "labels"),
+                         out={str(tmp_path / "map.png")!r}, title="t", method="pca")
+        print(len(boxes), fig.legend)
+    """)
+    result = _run_blocked(code, blocked=("torch", "monai", "typer"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "4"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

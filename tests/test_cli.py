@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from hctembed.cli.app import app
 from hctembed.eval.retrieval import all_vs_all
 from hctembed.index.store import Store
-from hctembed.index.vectors import index_paths
 from hctembed.io.labels import read_labels
 
 runner = CliRunner()
@@ -50,17 +49,17 @@ def db(archive, tmp_path_factory) -> Path:
 def test_embed_stores_every_good_scan_and_indexes_them(db, archive):
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        ids, x, scan_ids = store.vectors(coll)
+        ids, x, scan_ids = coll.vectors()
         assert sorted(scan_ids) == sorted(p.name[: -len(".nii.gz")] for p in archive.glob("synth-*.nii.gz"))
         np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
-        assert store.failures(coll)[0][0] == "broken.nii.gz"
+        assert coll.failures()[0][0] == "broken.nii.gz"
         # patient ids and labels came from ARCHIVE/labels.csv
-        rows = store.scans_for_ids(coll, ids.tolist())
-        assert all(r["patient_id"].startswith("synth-p") for r in rows.values())
-        assert set(store.labels()[scan_ids[0]]) >= {"EDH", "SDH", "IPH", "IVH", "SAH"}
-        model = store.model(coll.model_id)
-        assert Path(model["weights_path"]).exists()  # random init persisted for later queries
-    index_path, manifest_path = index_paths(db, coll)
+        rows = coll.hits(ids.tolist())
+        assert all(r.patient_id.startswith("synth-p") for r in rows.values())
+        assert set(store.labels.of()[scan_ids[0]]) >= {"EDH", "SDH", "IPH", "IVH", "SAH"}
+        model = store.models.get(coll.model_id)
+        assert Path(model.weights_path).exists()  # random init persisted for later queries
+    index_path, manifest_path = coll.index_files()
     index = faiss.read_index(str(index_path))
     assert index.ntotal == len(ids)
     assert json.loads(manifest_path.read_text())["ntotal"] == len(ids)
@@ -68,21 +67,21 @@ def test_embed_stores_every_good_scan_and_indexes_them(db, archive):
 
 def test_rerun_is_idempotent(db, archive):
     with Store(db, read_only=True) as store:
-        before = store.vectors(store.resolve_collection())
+        before = store.resolve_collection().vectors()
     result = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--json", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["embedded"] == 0 and summary["unchanged"] == 10 and summary["failed"] == 1
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        after = store.vectors(coll)
-        assert store.status(coll)["broken.nii.gz"].attempts == 1  # unchanged since it failed: not retried
+        after = coll.vectors()
+        assert coll.status()["broken.nii.gz"].attempts == 1  # unchanged since it failed: not retried
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
     retry = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--retry-failed", "--quiet")
     assert retry.exit_code == 0, retry.output
     with Store(db, read_only=True) as store:
-        assert store.status(store.resolve_collection())["broken.nii.gz"].attempts == 2
+        assert store.resolve_collection().status()["broken.nii.gz"].attempts == 2
 
 
 def test_search_by_file_finds_itself_first(db, archive):
@@ -102,7 +101,7 @@ def test_search_by_file_finds_itself_first(db, archive):
 
 def test_search_by_id_matches_numpy_brute_force(db):
     with Store(db, read_only=True) as store:
-        _, x, scan_ids = store.vectors(store.resolve_collection())
+        _, x, scan_ids = store.resolve_collection().vectors()
     q = 2
     result = invoke("search", "--id", scan_ids[q], "--db", db, "-k", "5", "--json")
     assert result.exit_code == 0, result.output
@@ -125,7 +124,7 @@ def test_bench_retrieval_matches_library(db, archive, tmp_path):
     assert [r["label"] for r in rows] == ["EDH", "SDH", "IPH", "IVH", "SAH", "mean"]
     table = read_labels(labels)
     with Store(db, read_only=True) as store:
-        _, x, scan_ids = store.vectors(store.resolve_collection())
+        _, x, scan_ids = store.resolve_collection().vectors()
     patients = dict(zip(table.scan_ids, table.patient_ids, strict=True))
     expected = all_vs_all(
         x,
@@ -153,8 +152,8 @@ def test_index_file_deleted_is_rebuilt_on_search(db, tmp_path):
     shutil.copytree(str(db) + ".faiss", str(copy) + ".faiss")
     with Store(copy, read_only=True) as store:
         coll = store.resolve_collection()
-        scan = store.vectors(coll)[2][0]
-    index_path, _ = index_paths(copy, coll)
+        scan = coll.vectors()[2][0]
+    index_path, _ = coll.index_files()
     index_path.write_bytes(index_path.read_bytes()[:64])  # truncated
     result = invoke("search", "--id", scan, "--db", copy, "-k", "3", "--json")
     assert result.exit_code == 0, result.output
@@ -194,11 +193,11 @@ def test_demo_command_runs_every_stage(tmp_path):
 def test_search_hits_point_back_to_their_files(db, archive):
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        ids = store.ids(coll)
-        rows = store.scans_for_ids(coll, ids.tolist())
+        ids = coll.ids()
+        rows = coll.hits(ids.tolist())
     for row in rows.values():
-        assert Path(row["path"]) == archive.resolve() / row["source"]
-        assert Path(row["path"]).exists()
+        assert Path(row.path) == archive.resolve() / row.source
+        assert Path(row.path).exists()
 
 
 def test_a_changed_file_that_now_fails_loses_its_vector(tmp_path):
@@ -212,9 +211,9 @@ def test_a_changed_file_that_now_fails_loses_its_vector(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["failed"] == 1
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        _, _, scan_ids = store.vectors(coll)
+        _, _, scan_ids = coll.vectors()
         assert victim.name[: -len(".nii.gz")] not in scan_ids and len(scan_ids) == 2
-    assert faiss.read_index(str(index_paths(db, coll)[0])).ntotal == 2
+    assert faiss.read_index(str(coll.index_files()[0])).ntotal == 2
 
 
 def test_two_archives_with_the_same_file_names_are_refused(tmp_path):
@@ -225,4 +224,4 @@ def test_two_archives_with_the_same_file_names_are_refused(tmp_path):
     result = invoke("embed", tmp_path / "c", "--db", db, "--model", "vit-micro", "--workers", "0", "-q")
     assert result.exit_code == 2 and "already stored from" in " ".join(result.stderr.split())
     with Store(db, read_only=True) as store:
-        assert store.count(store.resolve_collection()) == 2  # nothing of b was lost
+        assert store.resolve_collection().count() == 2  # nothing of b was lost

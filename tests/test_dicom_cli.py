@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.index.store import Store
-from hctembed.index.vectors import index_paths
 
 runner = CliRunner()
 
@@ -68,15 +67,15 @@ def test_scan_writes_a_manifest_and_embed_reads_it(tmp_path, secret):
     assert (summary["embedded"], summary["skipped"], summary["failed"]) == (4, 2, 0)
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        status = store.status(coll)
+        status = coll.status()
         assert sorted(s.status for s in status.values()) == ["embedded"] * 4 + ["skipped"] * 2
         assert {s.reason.split(":")[0] for s in status.values() if s.status == "skipped"} == {
             "not_ct",
             "too_few_slices",
         }
-        ids, _, scan_ids = store.vectors(coll)
+        ids, _, scan_ids = coll.vectors()
         assert all(s.startswith("se-") for s in scan_ids)
-        patients = {r["patient_id"] for r in store.scans_for_ids(coll, ids.tolist()).values()}
+        patients = {r.patient_id for r in coll.hits(ids.tolist()).values()}
         assert len(patients) == 2 and all(p.startswith("pt-") for p in patients)
     # the same archive embedded directly (not via the manifest) gives the same ids: pseudonyms are stable
     again = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--json", "--quiet")
@@ -108,7 +107,7 @@ def test_no_phi_anywhere_in_outputs(tmp_path, secret):
         assert result.exit_code == 0, result.output
         outputs.append(result.stdout + result.stderr)
     with Store(out / "h.duckdb", read_only=True) as store:
-        scan_id = store.vectors(store.resolve_collection())[2][0]
+        scan_id = store.resolve_collection().vectors()[2][0]
     for args in (
         ("search", "--id", scan_id, "--db", out / "h.duckdb", "--json"),
         ("search", archive / "study1" / "series", "--db", out / "h.duckdb"),
@@ -195,22 +194,22 @@ def test_kill_9_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with Store(db, read_only=True) as store:
-        partial = store.count(store.resolve_collection())
+        partial = store.resolve_collection().count()
     assert 0 < partial < 10, f"the kill landed outside the run ({partial} rows)"
     subprocess.run([*cmd, str(db)], env=env, check=True, capture_output=True)
     with Store(tmp_path / "straight.duckdb", read_only=True) as a, Store(db, read_only=True) as b:
         ca, cb = a.resolve_collection(), b.resolve_collection()
-        _, xa, scans_a = a.vectors(ca)
-        ids_b, xb, scans_b = b.vectors(cb)
+        _, xa, scans_a = ca.vectors()
+        ids_b, xb, scans_b = cb.vectors()
         assert ca.model_id == cb.model_id
         assert sorted(scans_a) == sorted(scans_b) and len(scans_b) == 10
         order_a, order_b = np.argsort(scans_a), np.argsort(scans_b)
         np.testing.assert_allclose(xa[order_a], xb[order_b], atol=1e-6)
         assert len(set(ids_b.tolist())) == len(ids_b)
         # the whole status table, attempts included, is what an uninterrupted run leaves
-        assert a.status(ca) == b.status(cb)
-        assert sorted(s.status for s in b.status(cb).values()) == ["embedded"] * 10 + ["failed", "skipped"]
-        index = faiss.read_index(str(index_paths(db, cb)[0]))
+        assert ca.status() == cb.status()
+        assert sorted(s.status for s in cb.status().values()) == ["embedded"] * 10 + ["failed", "skipped"]
+        index = faiss.read_index(str(cb.index_files()[0]))
         assert index.ntotal == len(ids_b)
 
 
@@ -249,7 +248,7 @@ def test_rsna_layout_gives_series_labels_that_embed_ids_match(tmp_path, secret):
     result = invoke("embed", root, "--db", db, "--model", "vit-micro", "--workers", "0", "--labels", labels, "--quiet")
     assert result.exit_code == 0, result.output
     with Store(db, read_only=True) as store:
-        assert set(store.labels()) == {r["scan_id"] for r in rows}
+        assert set(store.labels.of()) == {r["scan_id"] for r in rows}
 
 
 def test_cq500_layout_majority_vote(tmp_path, secret):

@@ -31,7 +31,6 @@ from hctembed.embed_shards import (
     write_run_info,
 )
 from hctembed.index.store import Store, StoreError
-from hctembed.index.vectors import index_paths
 from hctembed.io.archive import scan_archive
 from hctembed.model.encoders import load_encoder, persist_weights
 
@@ -55,9 +54,9 @@ def archive(tmp_path_factory) -> Path:
 def _contents(db: Path) -> dict:
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        ids, vectors, scan_ids = store.vectors(coll)
-        status = {k: (v.scan_id, v.status, v.reason, v.attempts) for k, v in store.status(coll).items()}
-        scans = store.con.execute("SELECT scan_id, patient_id, source, archive_root, format FROM scans").fetchall()
+        ids, vectors, scan_ids = coll.vectors()
+        status = {k: (v.scan_id, v.status, v.reason, v.attempts) for k, v in coll.status().items()}
+        scans = store.db.rows("SELECT scan_id, patient_id, source, archive_root, format FROM scans")
     return {"ids": ids, "vectors": vectors, "scan_ids": scan_ids, "status": status, "scans": sorted(scans)}
 
 
@@ -106,7 +105,7 @@ def test_sharded_run_equals_single_process(archive, single, tmp_path, world):
     np.testing.assert_allclose(a["vectors"], b["vectors"], atol=1e-6)
     assert a["status"] == b["status"] and a["scans"] == b["scans"]
     assert not list((folder / "parts").glob("*.parquet")), "merged parts are removed"
-    index = faiss.read_index(str(index_paths(db, store_collection(db))[0]))
+    index = faiss.read_index(str(store_collection(db).index_files()[0]))
     assert index.ntotal == 7
 
 
@@ -156,7 +155,7 @@ def test_rerun_after_merge_embeds_nothing_new(archive, single, tmp_path):
     shutil.copytree(Path(str(single) + ".models"), Path(str(db) + ".models"))
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        stored = store.status(coll)
+        stored = coll.status()
     folder = tmp_path / "shards"
     found = scan_archive(archive)
     encoder = load_encoder("vit-micro")
@@ -200,7 +199,7 @@ def test_unmerged_parts_of_another_run_must_be_merged_first(archive, single, tmp
             write_run_info(folder, skipped=[], **kw)
     with Store(db) as store:  # what the distributed command does: keep the earlier run's work
         merge_shards(folder=folder, store=store)
-        stored = store.status(store.resolve_collection())
+        stored = store.resolve_collection().status()
     _shard_run(archive, db, world=3, stored=stored)  # the new run, with the rest left to do
     with Store(db) as store:
         merge_shards(folder=folder, store=store)

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hctembed.cli.app import app
+from hctembed.index.precomputed import VectorsFileError, read_vectors
 from hctembed.index.store import Store
-from hctembed.model.precomputed import VectorsFileError, read_vectors
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def test_import_vectors_npy_and_parquet_land_as_collections(tmp_path):
         out.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert out[0]["dim"] == 1408 and out[1]["dim"] == 64 and out[0]["model_id"].startswith("precomputed-google-ct-")
     with Store(db, read_only=True) as store:
-        _, stored, scan_ids = store.vectors(store.resolve_collection(model_id=out[0]["model_id"]))
+        _, stored, scan_ids = store.resolve_collection(model_id=out[0]["model_id"]).vectors()
     order = [ids.index(s) for s in scan_ids]
     np.testing.assert_allclose(stored, x[order] / np.linalg.norm(x[order], axis=1, keepdims=True), rtol=1e-5)
     assert len(stored) == 12

@@ -16,7 +16,6 @@ from hctembed.explain import (
     attention_distance,
     attention_rollout,
     cls_attention,
-    display_slice,
     explain,
     patch_size_mm,
     upsample,
@@ -25,6 +24,7 @@ from hctembed.explain import (
 from hctembed.io.archive import load_volume
 from hctembed.model.encoders import load_encoder
 from hctembed.model.vit3d import ViT3D
+from hctembed.pictures.slices import display_slice
 from hctembed.preprocessing import preprocess
 
 TINY = ViTConfig(name="tiny-test", image_size=24, patch_size=8, dim=48, depth=2, heads=4, mlp_dim=96, register_tokens=2)
@@ -175,7 +175,7 @@ def test_figures_have_their_size_and_show_the_head(phantom_file, tmp_path):
     assert saved["patch_mm"] == 32.0 and len(saved["layers"]) == 4 and len(saved["layers"][0]["heads_mm"]) == 4
     assert saved["layers"][2]["mean_mm"] == pytest.approx(expl.distance[2].mean(), abs=1e-3)
 
-    from hctembed.explain import render_overlays
+    from hctembed.pictures.attention import render_overlays
 
     boxes = render_overlays(
         expl.image, expl.upsampled("distance"), windows=enc.preprocess.windows, title="t", out=tmp_path / "c.png",

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from hctembed.cli.app import app
 from hctembed.index import choice
 from hctembed.index.choice import IndexOptions, factory_for
-from hctembed.index.store import Store
-from hctembed.index.vectors import index_paths, open_index
+from hctembed.index.store import ModelRow, Store
+from hctembed.index.vectors import open_index
 
 N, DIM = 5000, 64
 
@@ -33,11 +33,11 @@ def vectors():
 
 def _store(path, x):
     store = Store(path)
-    store.register_model(
-        model_id="m-1", name="vit-micro", dim=x.shape[1], config={}, weights_path=None, weights_digest="d"
+    store.models.register(
+        ModelRow(model_id="m-1", name="vit-micro", dim=x.shape[1], config={}, weights_path=None, weights_digest="d")
     )
     coll = store.collection(model_id="m-1", fingerprint="pp", dim=x.shape[1])
-    store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(len(x))], vectors=x)
+    coll.add(scan_ids=[f"s{i}" for i in range(len(x))], vectors=x)
     return store, coll
 
 
@@ -52,10 +52,10 @@ def _numpy_recall(index, ids, x, queries, k=10):
 def test_each_kind_has_the_recall_its_manifest_claims(tmp_path, vectors, kind):
     store, coll = _store(tmp_path / "h.duckdb", vectors)
     with store:
-        index = open_index(store, coll, options=IndexOptions(kind=kind))
-        _, manifest_path = index_paths(store.path, coll)
+        index = open_index(coll, options=IndexOptions(kind=kind))
+        _, manifest_path = coll.index_files()
         manifest = json.loads(manifest_path.read_text())
-        ids = store.ids(coll)
+        ids = coll.ids()
         assert manifest["kind"] == kind and manifest["requested"] == kind and index.kind == kind
         assert manifest["factory"] == factory_for(kind, n=N, dim=DIM) == index.factory
         assert manifest["ntotal"] == N
@@ -73,7 +73,7 @@ def test_each_kind_has_the_recall_its_manifest_claims(tmp_path, vectors, kind):
         # reloading applies the saved search parameters: same answers, no rebuild
         before = index.search(queries[:20], k=10, model_id="m-1", fingerprint="pp").I
         mtime = manifest_path.stat().st_mtime_ns
-        again = open_index(store, coll)
+        again = open_index(coll)
         assert manifest_path.stat().st_mtime_ns == mtime and again.kind == kind
         np.testing.assert_array_equal(again.search(queries[:20], k=10, model_id="m-1", fingerprint="pp").I, before)
 
@@ -81,8 +81,8 @@ def test_each_kind_has_the_recall_its_manifest_claims(tmp_path, vectors, kind):
 def test_auto_picks_exact_on_a_small_collection(tmp_path, vectors):
     store, coll = _store(tmp_path / "h.duckdb", vectors)
     with store:
-        index = open_index(store, coll, options=IndexOptions(kind="auto"))
-        manifest = json.loads(index_paths(store.path, coll)[1].read_text())
+        index = open_index(coll, options=IndexOptions(kind="auto"))
+        manifest = json.loads(coll.index_files()[1].read_text())
     assert index.kind == "exact" and manifest["kind"] == "exact" and manifest["requested"] == "auto"
     assert manifest["recall_at_10"] == 1.0 and manifest["exact_p50_ms"] > 0 and "auto" in manifest["note"]
 
@@ -92,9 +92,9 @@ def test_auto_above_its_threshold_only_leaves_exact_for_a_faster_index_at_099(tm
     x = vectors[:3000]
     store, coll = _store(tmp_path / "h.duckdb", x)
     with store:
-        index = open_index(store, coll, options=IndexOptions(kind="auto"))
-        manifest = json.loads(index_paths(store.path, coll)[1].read_text())
-        measured = _numpy_recall(index, store.ids(coll), x, _unit(np.random.default_rng(98), 300, DIM))
+        index = open_index(coll, options=IndexOptions(kind="auto"))
+        manifest = json.loads(coll.index_files()[1].read_text())
+        measured = _numpy_recall(index, coll.ids(), x, _unit(np.random.default_rng(98), 300, DIM))
     assert manifest["requested"] == "auto" and manifest["kind"] == index.kind
     if index.kind == "exact":
         assert measured == 1.0 and "no approximate index" in manifest["note"]
@@ -106,10 +106,10 @@ def test_auto_above_its_threshold_only_leaves_exact_for_a_faster_index_at_099(tm
 def test_stale_approximate_index_is_rebuilt_with_its_kind(tmp_path, vectors, caplog):
     store, coll = _store(tmp_path / "h.duckdb", vectors[:2000])
     with store:
-        open_index(store, coll, options=IndexOptions(kind="hnsw"))
-        (new_id,) = store.add_embeddings(coll, scan_ids=["late"], vectors=vectors[4000:4001])
-        index = open_index(store, coll)  # no kind asked: keep hnsw
-        manifest = json.loads(index_paths(store.path, coll)[1].read_text())
+        open_index(coll, options=IndexOptions(kind="hnsw"))
+        (new_id,) = coll.add(scan_ids=["late"], vectors=vectors[4000:4001])
+        index = open_index(coll)  # no kind asked: keep hnsw
+        manifest = json.loads(coll.index_files()[1].read_text())
     assert "rebuilding" in caplog.text and "stale" in caplog.text
     assert index.kind == "hnsw" and manifest["kind"] == "hnsw" and manifest["ntotal"] == 2001
     hit = index.search(vectors[4000:4001], k=1, model_id="m-1", fingerprint="pp").I[0, 0]
@@ -119,15 +119,15 @@ def test_stale_approximate_index_is_rebuilt_with_its_kind(tmp_path, vectors, cap
 def test_asking_for_another_kind_rebuilds_and_old_manifests_still_load(tmp_path, vectors, caplog):
     store, coll = _store(tmp_path / "h.duckdb", vectors[:500])
     with store:
-        open_index(store, coll)
-        _, manifest_path = index_paths(store.path, coll)
+        open_index(coll)
+        _, manifest_path = coll.index_files()
         # a manifest written before index choice: none of the new fields
         old = {k: v for k, v in json.loads(manifest_path.read_text()).items() if k in _OLD_FIELDS}
         manifest_path.write_text(json.dumps(old))
         caplog.clear()
-        assert open_index(store, coll).kind == "exact"
+        assert open_index(coll).kind == "exact"
         assert "rebuilding" not in caplog.text
-        index = open_index(store, coll, options=IndexOptions(kind="ivf"))
+        index = open_index(coll, options=IndexOptions(kind="ivf"))
         assert "index kind ivf requested" in caplog.text and index.kind == "ivf"
         assert json.loads(manifest_path.read_text())["factory"] == "IDMap2,IVF12,Flat"
 

@@ -10,7 +10,7 @@ from matplotlib.image import imread
 from sklearn.decomposition import PCA
 
 from hctembed.embedding_map import MapError, colouring, embedding_map, pca_2d, project
-from hctembed.index.store import Store
+from hctembed.index.store import ModelRow, ScanRow, Store
 
 N, DIM = 40, 16
 
@@ -22,17 +22,19 @@ def store(tmp_path):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     scan_ids = [f"s{i:02d}" for i in range(N)]
     with Store(tmp_path / "m.duckdb") as st:
-        st.register_model(model_id="m-1", name="vit-micro", dim=DIM, config={}, weights_path=None, weights_digest="d")
+        st.models.register(
+            ModelRow(model_id="m-1", name="vit-micro", dim=DIM, config={}, weights_path=None, weights_digest="d")
+        )
         coll = st.collection(model_id="m-1", fingerprint="pp-x", dim=DIM)
-        st.add_embeddings(coll, scan_ids=scan_ids, vectors=x)
-        st.upsert_scans(
+        coll.add(scan_ids=scan_ids, vectors=x)
+        st.scans.upsert(
             [
-                {"scan_id": s, "format": "nifti", "meta": {"spacing_xyz": [0.5, 0.5, [1.0, 2.5, 5.0][i % 3]]}}
+                ScanRow(scan_id=s, format="nifti", meta={"spacing_xyz": [0.5, 0.5, [1.0, 2.5, 5.0][i % 3]]})
                 for i, s in enumerate(scan_ids)
             ]
         )
         # SDH: positive / negative, and unknown for the last 5 scans
-        st.set_labels([(s, "SDH", float(i % 2)) for i, s in enumerate(scan_ids[:-5])], origin="test")
+        st.labels.set([(s, "SDH", float(i % 2)) for i, s in enumerate(scan_ids[:-5])], origin="test")
         yield st, x, scan_ids
 
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.index.store import Store
-from hctembed.montage import render_montage, search_panels
+from hctembed.panels import search_panels
+from hctembed.pictures.montage import render_montage
 from hctembed.search import search_id, stored_encoder
 
 runner = CliRunner()
@@ -44,16 +45,16 @@ def db(archive, tmp_path_factory) -> Path:
 
 def stored_ids(db) -> list[str]:
     with Store(db, read_only=True) as store:
-        return store.vectors(store.resolve_collection())[2]
+        return store.resolve_collection().vectors()[2]
 
 
 def test_montage_png_shows_every_scan(db):
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
-        query = store.vectors(coll)[2][0]
+        query = coll.vectors()[2][0]
         hits = search_id(store, scan_id=query, k=3)
-        encoder = stored_encoder(store, coll)
-        panels = search_panels(store, coll, encoder, hits, query_scan_id=query)
+        encoder = stored_encoder(coll)
+        panels = search_panels(coll, encoder, hits, query_scan_id=query)
     assert [p.scan_id for p in panels] == [query] + [h.scan_id for h in hits]
     assert all(p.missing is None and p.image.shape == (3, 48, 48, 48) for p in panels)
     assert f"cosine {hits[0].score:.4f}" in panels[1].caption()

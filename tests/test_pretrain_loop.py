@@ -152,7 +152,7 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     with Store(db, read_only=True) as store:
-        card = store.model(store.resolve_collection().model_id)["card"]
+        card = store.models.get(store.resolve_collection().model_id).card
     assert card["method"] == "dino" and card["data_count"] == 4 and card["epochs"] == 1 and card["steps"] == 1
     assert card["fingerprint"].startswith("pp-") and card["exported_from"] == "teacher"
     bad = runner.invoke(app, ["pretrain", str(archive), "--method", "simclr", "--out", str(tmp_path / "x")])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hctembed.eval.classification import evaluate_task, fit_linear_probe
-from hctembed.index.store import SCHEMA_VERSION, Store
+from hctembed.index.store import SCHEMA_VERSION, ProbeRow, Store
 from hctembed.model.checkpoint import CheckpointError
 from hctembed.probe.attentive import (
     AttentiveConfig,
@@ -21,7 +21,6 @@ from hctembed.probe.attentive import (
     train_attentive,
 )
 from hctembed.probe.linear_file import load_linear, save_linear
-from hctembed.probe.scores import read_scores, register_probe, write_scores
 from hctembed.probe.tokens import read_tokens_file
 
 
@@ -100,17 +99,14 @@ def test_linear_file_roundtrip_and_strictness(tmp_path):
 def test_probe_tables_and_scores_in_duckdb(tmp_path):
     with Store(tmp_path / "x.duckdb") as store:
         assert store.schema_version() == SCHEMA_VERSION >= 3
-        register_probe(store, probe_id="p1", kind="linear", model_id="m", task="SDH", path=None, config={}, metrics={})
-        assert (
-            write_scores(
-                store, probe_id="p1", model_id="m", task="SDH", scan_ids=["a", "b"], scores=np.array([0.2, 0.9])
-            )
-            == 2
-        )
-        write_scores(store, probe_id="p1", model_id="m", task="SDH", scan_ids=["b"], scores=np.array([0.5]))
-        assert read_scores(store, probe_id="p1") == {"a": 0.2, "b": 0.5}
+        store.probes.register(ProbeRow(probe_id="p1", kind="linear", model_id="m", task="SDH", path=None))
+        assert store.probes.exists("p1") and not store.probes.exists("p2")
+        write = store.probes.write_scores
+        assert write(probe_id="p1", model_id="m", task="SDH", scan_ids=["a", "b"], scores=np.array([0.2, 0.9])) == 2
+        write(probe_id="p1", model_id="m", task="SDH", scan_ids=["b"], scores=np.array([0.5]))
+        assert store.probes.scores("p1") == {"a": 0.2, "b": 0.5}
         with pytest.raises(ValueError, match="2 scan ids"):
-            write_scores(store, probe_id="p1", model_id="m", task="SDH", scan_ids=["a", "b"], scores=np.zeros(3))
+            write(probe_id="p1", model_id="m", task="SDH", scan_ids=["a", "b"], scores=np.zeros(3))
 
 
 def test_tokens_file_alignment(tmp_path):

@@ -12,8 +12,17 @@ import faiss
 import numpy as np
 import pytest
 
-from hctembed.index.store import SCHEMA_VERSION, ModelMismatchError, Store, StoreError
-from hctembed.index.vectors import build_index, index_paths, open_index
+from hctembed.index.store import (
+    SCHEMA_VERSION,
+    HitRow,
+    ModelMismatchError,
+    ModelRow,
+    ScanRow,
+    StatusRow,
+    Store,
+    StoreError,
+)
+from hctembed.index.vectors import build_index, open_index
 
 
 def _unit(rng, n, d):
@@ -24,7 +33,9 @@ def _unit(rng, n, d):
 @pytest.fixture
 def store(tmp_path):
     with Store(tmp_path / "t.duckdb") as s:
-        s.register_model(model_id="m-1", name="vit-micro", dim=8, config={}, weights_path=None, weights_digest="d1")
+        s.models.register(
+            ModelRow(model_id="m-1", name="vit-micro", dim=8, config={}, weights_path=None, weights_digest="d1")
+        )
         yield s
 
 
@@ -33,7 +44,7 @@ def test_schema_is_versioned(tmp_path):
     with Store(path) as s:
         assert s.schema_version() == SCHEMA_VERSION
     with Store(path) as s:  # reopening migrates nothing twice
-        assert s.con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+        assert s.db.one("SELECT count(*) FROM schema_version")[0] == SCHEMA_VERSION
     con = duckdb.connect(str(path))
     con.execute("INSERT INTO schema_version (version) VALUES (99)")
     con.close()
@@ -45,32 +56,32 @@ def test_vectors_round_trip_and_ids_are_monotonic(store):
     rng = np.random.default_rng(0)
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
     x = _unit(rng, 5, 8)
-    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(5)], vectors=x)
+    ids = coll.add(scan_ids=[f"s{i}" for i in range(5)], vectors=x)
     assert ids.dtype == np.int64 and list(ids) == sorted(ids) and len(set(ids)) == 5
-    got_ids, got_x, got_scans = store.vectors(coll)
+    got_ids, got_x, got_scans = coll.vectors()
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_array_equal(got_x, x)
     assert got_scans == [f"s{i}" for i in range(5)]
     # re-embedding a scan replaces its vector with a new, larger id; old ids are never reused
-    new = store.add_embeddings(coll, scan_ids=["s1"], vectors=x[:1])
+    new = coll.add(scan_ids=["s1"], vectors=x[:1])
     assert new[0] > ids.max()
-    assert store.count(coll) == 5
-    assert store.vector_of(coll, scan_id="s1")[0] == new[0]
+    assert coll.count() == 5
+    assert coll.vector_of("s1")[0] == new[0]
     # a second collection draws from the same sequence
     other = store.collection(model_id="m-1", fingerprint="pp-b", dim=8)
-    assert store.add_embeddings(other, scan_ids=["s0"], vectors=x[:1])[0] > new[0]
+    assert other.add(scan_ids=["s0"], vectors=x[:1])[0] > new[0]
 
 
 def test_duckdb_array_inner_product_matches_numpy(store):
     rng = np.random.default_rng(1)
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
     x = _unit(rng, 20, 8)
-    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(20)], vectors=x)
+    ids = coll.add(scan_ids=[f"s{i}" for i in range(20)], vectors=x)
     q = x[3]
-    rows = store.con.execute(
+    rows = store.db.rows(
         f"SELECT id, array_inner_product(vector, ?::FLOAT[8]) AS s FROM {coll.table} ORDER BY s DESC LIMIT 5",
         [q.tolist()],
-    ).fetchall()
+    )
     order = np.argsort(-(x @ q))[:5]
     assert [r[0] for r in rows] == ids[order].tolist()
     np.testing.assert_allclose([r[1] for r in rows], (x @ q)[order], rtol=1e-5)
@@ -80,8 +91,8 @@ def test_faiss_matches_brute_force(store):
     rng = np.random.default_rng(2)
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
     x = _unit(rng, 200, 8)
-    ids = store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(200)], vectors=x)
-    index = open_index(store, coll)
+    ids = coll.add(scan_ids=[f"s{i}" for i in range(200)], vectors=x)
+    index = open_index(coll)
     xq = _unit(rng, 7, 8)
     result = index.search(xq, k=10, model_id="m-1", fingerprint="pp-a")
     scores = xq @ x.T
@@ -93,8 +104,8 @@ def test_faiss_matches_brute_force(store):
 
 def test_query_from_another_model_is_refused(store):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.add_embeddings(coll, scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
-    index = open_index(store, coll)
+    coll.add(scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
+    index = open_index(coll)
     with pytest.raises(ModelMismatchError, match=r"model m-2 / preprocessing pp-a.*model m-1 / preprocessing pp-a"):
         index.search(np.ones((1, 8)), k=1, model_id="m-2", fingerprint="pp-a")
     with pytest.raises(ModelMismatchError, match="pp-z"):
@@ -104,7 +115,7 @@ def test_query_from_another_model_is_refused(store):
     with pytest.raises(ModelMismatchError, match="stored: m-1 / pp-a"):
         store.collection(model_id="m-2", fingerprint="pp-a")
     with pytest.raises(ModelMismatchError):
-        store.add_embeddings(coll, scan_ids=["s1"], vectors=np.ones((1, 4), np.float32))
+        coll.add(scan_ids=["s1"], vectors=np.ones((1, 4), np.float32))
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "garbage", "stale", "manifest"])
@@ -112,9 +123,9 @@ def test_index_is_rebuilt_from_duckdb(store, damage, caplog):
     rng = np.random.default_rng(3)
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
     x = _unit(rng, 30, 8)
-    store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(30)], vectors=x)
-    open_index(store, coll)
-    index_path, manifest_path = index_paths(store.path, coll)
+    coll.add(scan_ids=[f"s{i}" for i in range(30)], vectors=x)
+    open_index(coll)
+    index_path, manifest_path = coll.index_files()
     assert index_path.exists() and manifest_path.exists()
     if damage == "delete":
         index_path.unlink()
@@ -123,11 +134,11 @@ def test_index_is_rebuilt_from_duckdb(store, damage, caplog):
     elif damage == "garbage":
         index_path.write_bytes(b"\x00" * 500)
     elif damage == "stale":
-        store.add_embeddings(coll, scan_ids=["extra"], vectors=x[:1])
+        coll.add(scan_ids=["extra"], vectors=x[:1])
     else:
         manifest_path.write_text("{not json")
-    index = open_index(store, coll)
-    ids = store.ids(coll)
+    index = open_index(coll)
+    ids = coll.ids()
     assert index.ntotal == len(ids)
     faiss_ids = faiss.vector_to_array(index.index.id_map)
     np.testing.assert_array_equal(np.sort(faiss_ids), ids)
@@ -140,12 +151,12 @@ def test_index_is_rebuilt_from_duckdb(store, damage, caplog):
 
 def test_valid_index_is_reused_not_rebuilt(store, caplog):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.add_embeddings(coll, scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
-    open_index(store, coll)
-    index_path, _ = index_paths(store.path, coll)
+    coll.add(scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
+    open_index(coll)
+    index_path, _ = coll.index_files()
     before = index_path.stat().st_mtime_ns
     caplog.clear()
-    open_index(store, coll)
+    open_index(coll)
     assert index_path.stat().st_mtime_ns == before
     assert "rebuilding" not in caplog.text
 
@@ -159,39 +170,32 @@ def test_build_index_on_empty_collection():
 
 def test_labels_status_and_scans(store):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.upsert_scans(
-        [{"scan_id": "s0", "patient_id": None, "source": "s0.nii.gz", "format": "nifti", "meta": {"a": 1}}]
-    )
-    store.set_patients({"s0": "p0"})
-    store.set_labels([("s0", "EDH", 1.0), ("s0", "SDH", 0.0)], origin="labels.csv")
-    store.set_labels([("s0", "EDH", 0.0)], origin="labels.csv")  # replaced, not duplicated
-    assert store.labels(["s0"]) == {"s0": {"EDH": 0.0, "SDH": 0.0}}
+    store.scans.upsert([ScanRow(scan_id="s0", patient_id=None, source="s0.nii.gz", format="nifti", meta={"a": 1})])
+    store.scans.set_patients({"s0": "p0"})
+    store.labels.set([("s0", "EDH", 1.0), ("s0", "SDH", 0.0)], origin="labels.csv")
+    store.labels.set([("s0", "EDH", 0.0)], origin="labels.csv")  # replaced, not duplicated
+    assert store.labels.of(["s0"]) == {"s0": {"EDH": 0.0, "SDH": 0.0}}
     for _ in range(2):
-        store.record_statuses(
-            coll,
-            [{"source": "bad.nii", "scan_id": None, "status": "failed", "reason": "boom", "file_size": 1,
-              "file_mtime_ns": 2}],
-        )  # fmt: skip
-    row = store.status(coll)["bad.nii"]
+        coll.record_statuses(
+            [StatusRow(source="bad.nii", scan_id=None, status="failed", reason="boom", file_size=1, file_mtime_ns=2)]
+        )
+    row = coll.status()["bad.nii"]
     assert (row.status, row.reason, row.attempts) == ("failed", "boom", 2)
     with pytest.raises(ValueError, match="twice"):
-        store.record_statuses(coll, [{"source": "x", "status": "failed"}] * 2)
-    ids = store.add_embeddings(coll, scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
-    assert store.scans_for_ids(coll, ids.tolist())[int(ids[0])] == {
-        "scan_id": "s0",
-        "patient_id": "p0",
-        "source": "s0.nii.gz",
-        "path": None,
-    }
+        coll.record_statuses([StatusRow(source="x", scan_id=None, status="failed")] * 2)
+    ids = coll.add(scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
+    assert coll.hits(ids.tolist())[int(ids[0])] == HitRow(
+        id=int(ids[0]), scan_id="s0", patient_id="p0", source="s0.nii.gz", path=None
+    )
 
 
 def test_failed_transaction_keeps_what_was_stored(store):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.add_embeddings(coll, scan_ids=["keep"], vectors=np.ones((1, 8), np.float32))
+    coll.add(scan_ids=["keep"], vectors=np.ones((1, 8), np.float32))
     with pytest.raises(RuntimeError), store.transaction():
-        store.add_embeddings(coll, scan_ids=["lost"], vectors=np.ones((1, 8), np.float32))
+        coll.add(scan_ids=["lost"], vectors=np.ones((1, 8), np.float32))
         raise RuntimeError("crash mid-batch")
-    assert store.vectors(coll)[2] == ["keep"]
+    assert coll.vectors()[2] == ["keep"]
 
 
 def test_second_writer_gets_a_clear_message(tmp_path):
@@ -227,7 +231,7 @@ def test_read_only_open_of_missing_db_is_clear(tmp_path):
 
 def test_version_1_database_is_migrated_in_place(tmp_path):
     """A file written by schema v1 gains v2's column and keeps its rows."""
-    from hctembed.index.store import MIGRATIONS
+    from hctembed.index.store.migrations import MIGRATIONS
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
@@ -239,7 +243,7 @@ def test_version_1_database_is_migrated_in_place(tmp_path):
     con.close()
     with Store(path) as store:
         assert store.schema_version() == SCHEMA_VERSION
-        rows = store.con.execute("SELECT scan_id, source, archive_root FROM scans").fetchall()
+        rows = store.db.rows("SELECT scan_id, source, archive_root FROM scans")
     assert rows == [("old", "old.nii.gz", None)]
 
 
@@ -249,11 +253,13 @@ def test_an_index_left_by_another_database_is_not_reused(tmp_path):
     rng = np.random.default_rng(5)
     for attempt in range(2):
         with Store(path) as store:
-            store.register_model(model_id="m", name="n", dim=8, config={}, weights_path=None, weights_digest="d")
+            store.models.register(
+                ModelRow(model_id="m", name="n", dim=8, config={}, weights_path=None, weights_digest="d")
+            )
             coll = store.collection(model_id="m", fingerprint="f", dim=8)
             x = _unit(rng, 4, 8)
-            store.add_embeddings(coll, scan_ids=[f"s{i}" for i in range(4)], vectors=x)
-            index = open_index(store, coll)
+            coll.add(scan_ids=[f"s{i}" for i in range(4)], vectors=x)
+            index = open_index(coll)
             result = index.search(x[:1], k=1, model_id="m", fingerprint="f")
             assert result.D[0, 0] == pytest.approx(1.0, abs=1e-5), attempt
         if attempt == 0:
@@ -262,6 +268,6 @@ def test_an_index_left_by_another_database_is_not_reused(tmp_path):
 
 def test_delete_embeddings(store):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.add_embeddings(coll, scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
-    assert store.delete_embeddings(coll, scan_ids=["a", "zzz"]) == 1
-    assert store.vectors(coll)[2] == ["b"]
+    coll.add(scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
+    assert coll.delete(["a", "zzz"]) == 1
+    assert coll.vectors()[2] == ["b"]

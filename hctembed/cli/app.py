@@ -9,6 +9,7 @@ from hctembed.cli import (
     datasets,
     demo,
     embed,
+    finetune,
     import_fmhct,
     import_vectors,
     pretrain,
@@ -39,6 +40,7 @@ app.add_typer(datasets.app, name="datasets")
 app.add_typer(probe.app, name="probe")
 app.command("import-vectors")(friendly_errors(import_vectors.import_vectors))
 app.command("pretrain")(friendly_errors(pretrain.pretrain))
+app.command("finetune")(friendly_errors(finetune.finetune))
 app.command("import-fmhct")(friendly_errors(import_fmhct.import_fmhct))
 app.command("demo")(friendly_errors(demo.demo))
 

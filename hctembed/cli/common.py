@@ -6,11 +6,13 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +24,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hctembed.errors import HctembedError
+from hctembed.json_values import json_safe
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -75,21 +78,13 @@ def print_json_lines(rows: Iterable[dict[str, Any]]) -> None:
         print(json.dumps(json_safe(row)), flush=True)
 
 
-def json_safe(value: Any) -> Any:
-    """Plain JSON values: NaN/inf become null, numpy scalars and arrays become numbers and lists."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "tolist"):
-        return json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+# I/O failures a user can act on (a path that is wrong, unreadable, or a disk that is full)
+USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def friendly_errors(command):
-    """Turn errors a user can act on into one red line on stderr and exit status 2."""
+    """Turn errors a user can act on (:class:`HctembedError`, named I/O failures) into one red line on stderr and
+    exit status 2. Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -97,30 +92,21 @@ def friendly_errors(command):
 
         try:
             return command(*args, **kwargs)
-        except (HctembedError, FileNotFoundError, KeyError, ValueError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            stderr.print(f"[red]error:[/] {message}")
+        except (HctembedError, *USER_OS_ERRORS) as exc:
+            stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
-def run_command(command, **kwargs):
-    """Call a typer command function from Python, filling every option not given with its CLI default.
+class BarProgress:
+    """:class:`hctembed.workflows.progress.Progress` drawn as rich bars on stderr (nothing when ``quiet``)."""
 
-    Lets ``demo`` chain commands without repeating (or breaking on) their full option lists.
-    """
-    import inspect
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
 
-    from typer.models import ArgumentInfo, OptionInfo
-
-    target = inspect.unwrap(command)
-    for name, param in inspect.signature(target).parameters.items():
-        if name in kwargs:
-            continue
-        default = param.default
-        if isinstance(default, OptionInfo | ArgumentInfo):
-            if default.default is ...:
-                raise TypeError(f"{target.__name__}() needs {name}")
-            kwargs[name] = default.default
-    return command(**kwargs)
+    @contextmanager
+    def task(self, description: str, *, total: int | None) -> Iterator:
+        with progress_bar(quiet=self.quiet) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda k: bar.advance(task, k)

@@ -1,4 +1,6 @@
-"""``hctembed demo``: synth -> embed -> search -> bench on a small synthetic archive, narrated."""
+"""``hctembed demo``: synth -> pretrain -> embed -> search -> bench on a small synthetic archive, narrated.
+
+Each step calls the library workflow directly (the same functions the commands call)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import run_command, stderr
+from hctembed.cli.common import BarProgress, stderr
 
 
 def demo(
@@ -21,48 +23,72 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="Delete OUT first."),
 ) -> None:
     """Run the whole path on synthetic data, a few minutes on 2 cores."""
-    from hctembed.cli.bench import retrieval
-    from hctembed.cli.embed import embed
-    from hctembed.cli.search import search
-    from hctembed.cli.synth import synth
+    from hctembed.cli.bench import show_results
+    from hctembed.cli.embed import print_summary
+    from hctembed.cli.search import print_hits
+    from hctembed.index.store import Store
+    from hctembed.search import search_file
+    from hctembed.workflows.bench import BenchInputs, RetrievalRequest, run_retrieval, write_results
+    from hctembed.workflows.embed import EmbedRequest, run_embed
 
     if fresh and out.exists():
         shutil.rmtree(out)
-    archive, db = out / "archive", out / "hctembed.duckdb"
+    archive, db, progress = out / "archive", out / "hctembed.duckdb", BarProgress()
     stderr.rule("1/4  synthesise a head-CT archive")
-    if (archive / "labels.csv").exists():
-        stderr.print(f"reusing {archive} (use --fresh to regenerate)")
-    else:
-        run_command(synth, out=archive, n=n, seed=0, matrix=128)
+    _synthesise(archive, n=n)
     stderr.rule("2/4  pretrain a tiny encoder (DINO), then embed (paper preprocessing -> 3D ViT -> DuckDB + FAISS)")
     if weights is None and pretrain_steps > 0:
-        from hctembed.cli.pretrain import pretrain
-
-        weights = out / "encoder" / "encoder.safetensors"
-        if weights.exists():
-            stderr.print(f"reusing the pretrained encoder {weights}")
-        else:
-            stderr.print(
-                f"self-supervised DINO on the archive itself for {pretrain_steps} steps (2 global + 2 local crops "
-                "per scan, no labels): enough for neighbours to follow the images' content a little; "
-                "`hctembed pretrain` runs the real thing"
-            )
-            epochs = -(-pretrain_steps // max(1, n // 2))  # the schedules span about the steps run
-            run_command(
-                pretrain, archive=archive, method="dino", config=model, out=out / "encoder", epochs=epochs,
-                max_steps=pretrain_steps, batch_size=2, local_crops=2, prototypes=1024, lr=1e-3, device="cpu",
-            )  # fmt: skip
+        weights = _pretrain(archive, out / "encoder", model=model, steps=pretrain_steps, n=n)
     if weights is None:
         stderr.print(
             "[yellow]note:[/] the encoder is random-initialised (no pretrained weights ship with hctembed); "
             "neighbours reflect image statistics, not learned anatomy"
         )
-    run_command(embed, archive=archive, db=db, model=model, weights=weights)
+    print_summary(run_embed(EmbedRequest(archive=archive, db=db, model=model, weights=weights), progress=progress),
+                  as_json=False)  # fmt: skip
     stderr.rule("3/4  search: the 5 scans most like the first scan")
     first = sorted(archive.glob("*.nii.gz"))[0]
-    run_command(search, query=first, db=db, k=5)
+    with Store(db, read_only=True) as store:
+        print_hits(search_file(store, path=first, k=5), title=f"top 5 for {first}")
     stderr.rule("4/4  all-vs-all retrieval benchmark per haemorrhage subtype")
-    run_command(
-        retrieval, db=[db], labels=archive / "labels.csv", exclude_same_patient=True, out=out / "retrieval.json"
-    )
+    request = RetrievalRequest(BenchInputs(dbs=(db,), labels=archive / "labels.csv"), exclude_same_patient=True)
+    results = run_retrieval(request)
+    write_results(results, out_dir=None, out=out / "retrieval.json")
+    show_results(results, out_dir=None, as_json=False)
     stderr.print(f"done: database {db}, results {out / 'retrieval.json'}")
+
+
+def _synthesise(archive: Path, *, n: int) -> None:
+    from hctembed.synth import SynthConfig, generate_archive
+
+    if (archive / "labels.csv").exists():
+        stderr.print(f"reusing {archive} (use --fresh to regenerate)")
+        return
+    with BarProgress().task("synthesising", total=n) as advance:
+        done = [0]
+
+        def report(k: int) -> None:
+            advance(k - done[0])
+            done[0] = k
+
+        generate_archive(archive, n=n, seed=0, config=SynthConfig(matrix=128), progress=report)
+
+
+def _pretrain(archive: Path, run_dir: Path, *, model: str, steps: int, n: int) -> Path:
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.workflows.pretrain import pretrain_archive
+
+    weights = run_dir / "encoder.safetensors"
+    if weights.exists():
+        stderr.print(f"reusing the pretrained encoder {weights}")
+        return weights
+    stderr.print(
+        f"self-supervised DINO on the archive itself for {steps} steps (2 global + 2 local crops per scan, no "
+        "labels): enough for neighbours to follow the images' content a little; `hctembed pretrain` runs the real thing"
+    )
+    config = PretrainConfig(
+        method="dino", model=model, epochs=-(-steps // max(1, n // 2)),  # the schedules span about the steps run
+        max_steps=steps, batch_size=2, local_crops=2, prototypes=1024, lr=1e-3,
+    )  # fmt: skip
+    result = pretrain_archive(archive, config=config, out=run_dir, device="cpu")
+    return result.encoder_path if result is not None else weights

@@ -37,7 +37,7 @@ def explain(
         from hctembed.search import stored_encoder
 
         with Store(db, read_only=True) as store:
-            encoder = stored_encoder(store, store.resolve_collection(model_id=model))
+            encoder = stored_encoder(store.resolve_collection(model_id=model))
     else:
         encoder = load_encoder(model or "vit-base", weights=weights, seed=seed)
         if weights is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hctembed.cli.common import print_table, setup_logging
+from hctembed.errors import InputError
 
 
 def import_fmhct(
@@ -23,7 +24,7 @@ def import_fmhct(
 
     setup_logging(quiet=quiet)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end in .safetensors, got {out.name}")
+        raise InputError(f"--out must end in .safetensors, got {out.name}")
     digest = convert(checkpoint, out, heads=heads, entry=entry)
     rows = {"encoder": str(out), "weights_digest": digest, "preprocess": "fmhct-code"}
     print_table([{"field": k, "value": v} for k, v in rows.items()], title="import-fmhct")

@@ -16,9 +16,9 @@ def import_vectors(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Import vectors made elsewhere; benchmarks then compare them with --model precomputed-NAME-..."""
+    from hctembed.index.precomputed import import_vectors as run
+    from hctembed.index.precomputed import read_vectors
     from hctembed.index.store import Store
-    from hctembed.model.precomputed import import_vectors as run
-    from hctembed.model.precomputed import read_vectors
 
     setup_logging(quiet=quiet)
     imported = read_vectors(file, name=name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_table, setup_logging, stderr
+from hctembed.cli.common import print_table, setup_logging
 
 
 def pretrain(
@@ -36,20 +36,10 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
-    import torch
-
-    from hctembed import distributed as ddp
-    from hctembed.io.archive import scan_archive
-    from hctembed.io.manifest import is_manifest, read_manifest
-    from hctembed.pretrain import PretrainConfig, PretrainError, run_pretrain
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.workflows.pretrain import pretrain_archive
 
     setup_logging(quiet=quiet)
-    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise PretrainError("--device cuda but no CUDA device is available")
-    found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
-    if not found.selected:
-        raise PretrainError(f"no usable scans in {archive}")
     run = PretrainConfig(
         method=method,
         model=config,
@@ -64,17 +54,8 @@ def pretrain(
         seed=seed,
         num_workers=workers,
     )
-    dev = ddp.init_from_env(use_cuda=use_cuda)
-    rank, world = ddp.rank_world()
-    try:
-        if rank == 0:
-            stderr.print(
-                f"{len(found.selected)} scans in {archive}; {method} on {config}, {world} process(es) on {dev.type}"
-            )
-        result = run_pretrain(refs=found.selected, config=run, out=out, resume=resume, device=dev, cache_dir=cache)
-    finally:
-        ddp.shutdown()
-    if rank == 0:
+    result = pretrain_archive(archive, config=run, out=out, resume=resume, cache_dir=cache, device=device)
+    if result is not None:  # rank 0
         rows = {
             "out": str(out),
             "encoder": str(result.encoder_path),

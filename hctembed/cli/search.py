@@ -36,9 +36,13 @@ def search(
             hits = search_id(store, scan_id=scan_id, k=k, model=model)
         if montage is not None or html_page is not None:
             _pictures(store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page)
-    rows = [h.to_dict() for h in hits]
+    print_hits(hits, title=f"top {k} for {query or scan_id}", as_json=as_json)
+
+
+def print_hits(hits, *, title: str, as_json: bool = False) -> None:
+    """Hits as JSON lines, or as a table of rank, score, scan, patient and positive labels."""
     if as_json:
-        print_json_lines(rows)
+        print_json_lines([h.to_dict() for h in hits])
         return
     table = [
         {
@@ -50,17 +54,18 @@ def search(
         }
         for h in hits
     ]
-    print_table(table, title=f"top {k} for {query or scan_id}")
+    print_table(table, title=title)
 
 
 def _pictures(store, hits, *, query, scan_id, model, montage, html_page) -> None:
     from hctembed.cli.common import stderr
-    from hctembed.montage import render_html, render_montage, search_panels
+    from hctembed.panels import search_panels
+    from hctembed.pictures.montage import render_html, render_montage
     from hctembed.search import stored_encoder
 
     collection = store.resolve_collection(model_id=model)
-    encoder = stored_encoder(store, collection)
-    panels = search_panels(store, collection, encoder, hits, query_path=query, query_scan_id=scan_id)
+    encoder = stored_encoder(collection)
+    panels = search_panels(collection, encoder, hits, query_path=query, query_scan_id=scan_id)
     title = f"top {len(hits)} for {query.name if query else scan_id} ({collection.model_id})"
     if montage is not None:
         render_montage(panels, out=montage, windows=encoder.preprocess.windows, title=title)

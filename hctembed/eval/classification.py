@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import rankdata
 
+from hctembed.errors import InputError
 from hctembed.eval.retrieval import average_precision
 from hctembed.eval.stats import Estimate, _percentiles, bootstrap_metric
 
@@ -61,7 +62,7 @@ def balanced_indices(y: np.ndarray, *, n: int, rng: np.random.Generator) -> np.n
     y = np.asarray(y) > 0.5
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     if pos.size == 0 or neg.size == 0:
-        raise ValueError("balanced sampling needs at least one positive and one negative")
+        raise InputError("balanced sampling needs at least one positive and one negative")
     idx = np.concatenate([rng.choice(pos, n // 2), rng.choice(neg, n - n // 2)])
     return rng.permutation(idx)
 
@@ -81,7 +82,7 @@ def knn_proba(
     Returns ``(classes [C], proba [M, C])``: the weighted vote share of each class (rows sum to 1).
     ``weights``: 'temperature' (exp(sim / T), DINO) or 'uniform'."""
     if weights not in ("temperature", "uniform"):
-        raise ValueError(f"weights must be 'temperature' or 'uniform', not {weights!r}")
+        raise InputError(f"weights must be 'temperature' or 'uniform', not {weights!r}")
     train_x = _unit(train_x)
     test_x = _unit(test_x)
     classes, codes = np.unique(np.asarray(train_y), return_inverse=True)
@@ -143,7 +144,7 @@ def fit_linear_probe(x: np.ndarray, y: np.ndarray, *, C: float = 1.0, seed: int 
 
     y = (np.asarray(y) > 0.5).astype(int)
     if np.unique(y).size < 2:
-        raise ValueError("a linear probe needs positives and negatives in its training data")
+        raise InputError("a linear probe needs positives and negatives in its training data")
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
     clf.fit(np.asarray(x, dtype=np.float64), y)
     return LinearProbe(coef=clf.coef_[0].astype(np.float64), intercept=float(clf.intercept_[0]), C=C)
@@ -230,7 +231,7 @@ def fewshot_indices(y: np.ndarray, *, k: int, rng: np.random.Generator) -> np.nd
     y = np.asarray(y) > 0.5
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     if pos.size < k or neg.size < k:
-        raise ValueError(f"K={k} needs {k} positives and {k} negatives; training split has {pos.size} and {neg.size}")
+        raise InputError(f"K={k} needs {k} positives and {k} negatives; training split has {pos.size} and {neg.size}")
     return np.sort(np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]))
 
 
@@ -242,6 +243,7 @@ class FewShotPoint:
     auc_per_draw: list[float]
     ap_per_draw: list[float]
     skip_reason: str | None = None
+    mean_scores: np.ndarray | None = None  # test scores averaged over the draws (for paired tests); not saved
 
     def to_dict(self) -> dict:
         return {
@@ -278,11 +280,12 @@ def fewshot_curve(
             points.append(FewShotPoint(k, None, None, [], [], test_reason))
             continue
         rng = np.random.default_rng([seed, k])
-        draws_auc, draws_ap, boot_auc, boot_ap = [], [], [], []
+        draws_auc, draws_ap, boot_auc, boot_ap, score_sum = [], [], [], [], np.zeros(yt.size)
         try:
             for d in range(n_draws):
                 pick = train[fewshot_indices(y[train], k=k, rng=rng)]
                 scores = np.asarray(fit_score(x[pick], y[pick], x[test]), dtype=np.float64)
+                score_sum += scores
                 draws_auc.append(roc_auc(yt, scores))
                 draws_ap.append(ap_score(yt, scores))
                 boot_auc.extend(_boot_values(roc_auc, yt, scores, n_resamples, seed + d))
@@ -298,6 +301,7 @@ def fewshot_curve(
                 _pooled(draws_ap, boot_ap, n_resamples * n_draws, test.size),
                 draws_auc,
                 draws_ap,
+                mean_scores=score_sum / n_draws,
             )
         )
     return points

@@ -10,18 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from hctembed.errors import HctembedError
 from hctembed.eval import stats
 from hctembed.eval.classification import (
-    FEWSHOT_KS,
     FitScore,
     ap_score,
     evaluate_task,
-    fewshot_curve,
     roc_auc,
 )
 from hctembed.eval.retrieval import DEFINITION as RETRIEVAL_DEFINITION
@@ -37,9 +34,13 @@ class EvaluationError(HctembedError, ValueError):
 
 
 @dataclass(frozen=True)
-class Source:
-    db: Path
-    model: str | None = None  # model id (prefix); None = the only collection
+class ModelVectors:
+    """One model's stored vectors, read by the caller (see :func:`hctembed.workflows.aligned.load_aligned`)."""
+
+    name: str  # unique among the models compared
+    vectors: dict[str, np.ndarray]  # scan id -> [D]
+    patients: dict[str, str]  # scan id -> patient id, as stored
+    info: dict  # where the vectors came from (db, model_id, collection_id)
 
 
 @dataclass(frozen=True)
@@ -55,32 +56,19 @@ class Aligned:
     sources: list[dict]
 
 
-def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:
-    """Read each source's vectors and keep the scans every source has and that carry a label."""
-    from hctembed.index.store import Store
-
-    if not sources:
+def align(models: Sequence[ModelVectors], *, labels: LabelTable) -> Aligned:
+    """Keep the scans every model has a vector for and that carry a label; patients from the labels first."""
+    if not models:
         raise EvaluationError("no model to evaluate")
-    per_source, model_ids, info, stored_patients = [], [], [], {}
-    for src in sources:
-        with Store(src.db, read_only=True) as store:
-            coll = store.resolve_collection(model_id=src.model)
-            ids, x, scan_ids = store.vectors(coll)
-            for row in store.scans_for_ids(coll, ids.tolist()).values():
-                if row["patient_id"]:
-                    stored_patients.setdefault(row["scan_id"], row["patient_id"])
-        per_source.append(dict(zip(scan_ids, x, strict=True)))
-        name = coll.model_id if coll.model_id not in model_ids else f"{coll.model_id}@{src.db}"
-        model_ids.append(name)
-        info.append({"db": str(src.db), "model_id": coll.model_id, "collection_id": coll.collection_id})
     labelled = {s for s, row in zip(labels.scan_ids, labels.values, strict=True) if not np.all(np.isnan(row))}
     common = set(labelled)
-    for vecs in per_source:
-        common &= set(vecs)
-    for name, vecs in zip(model_ids, per_source, strict=True):
-        left_out = len(set(vecs) - common)
+    for m in models:
+        common &= set(m.vectors)
+    for m in models:
+        left_out = len(set(m.vectors) - common)
         if left_out:
-            log.warning("%s: %d embedded scans are left out (no label, or missing from another model)", name, left_out)
+            log.warning("%s: %d embedded scans are left out (no label, or missing from another model)", m.name,
+                        left_out)  # fmt: skip
     if not common:
         raise EvaluationError("no scan has a label and a vector in every model: do the scan ids match?")
     unembedded = len(labelled - common)
@@ -90,15 +78,18 @@ def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:
         )
     scan_ids = sorted(common)
     from_labels = labels.patients()
-    patients = [from_labels.get(s) or stored_patients.get(s) for s in scan_ids]
+    stored: dict[str, str] = {}
+    for m in models:
+        for s, p in m.patients.items():
+            stored.setdefault(s, p)
     return Aligned(
-        model_ids=model_ids,
-        x=[np.stack([vecs[s] for s in scan_ids]).astype(np.float32) for vecs in per_source],
+        model_ids=[m.name for m in models],
+        x=[np.stack([m.vectors[s] for s in scan_ids]).astype(np.float32) for m in models],
         scan_ids=scan_ids,
-        patient_ids=patients,
+        patient_ids=[from_labels.get(s) or stored.get(s) for s in scan_ids],
         y=labels.for_scans(scan_ids),
         names=list(labels.names),
-        sources=info,
+        sources=[m.info for m in models],
     )
 
 
@@ -303,47 +294,4 @@ def compare_classification(
         "n_permutations": n_permutations,
         "seed": seed,
         "rows": rows,
-    }
-
-
-def compare_fewshot(
-    data: Aligned,
-    *,
-    fit_score: Callable[[int], FitScore],
-    split: Split,
-    ks: Sequence[int] = FEWSHOT_KS,
-    n_draws: int = 5,
-    n_resamples: int = 100,
-    seed: int = 0,
-    probe: str = "linear",
-) -> dict:
-    """Few-shot curves per task and model (see :func:`hctembed.eval.classification.fewshot_curve`)."""
-    curves = []
-    for m, mid in enumerate(data.model_ids):
-        for t, name in enumerate(data.names):
-            points = fewshot_curve(
-                fit_score(m),
-                data.x[m],
-                data.y[:, t],
-                train=split.train,
-                test=split.test,
-                ks=ks,
-                n_draws=n_draws,
-                n_resamples=n_resamples,
-                seed=seed,
-            )
-            curves.append({"task": name, "model": mid, "points": [p.to_dict() for p in points]})
-    return {
-        "protocol": "fewshot",
-        "probe": probe,
-        "statistics": stats.DEFINITION,
-        "models": data.model_ids,
-        "sources": data.sources,
-        "n_scans": len(data.scan_ids),
-        "split": split.to_dict(),
-        "ks": list(ks),
-        "n_draws": n_draws,
-        "n_resamples": n_resamples,
-        "seed": seed,
-        "curves": curves,
     }

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hctembed.errors import InputError
+
 
 @dataclass(frozen=True)
 class Split:
@@ -40,12 +42,12 @@ def patient_split(
     """Split scans by patient. ``patient_ids [N]``: one id per scan (several scans may share one)."""
     ratios = tuple(float(r) for r in ratios)
     if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise ValueError(f"ratios must be three non-negative numbers, got {ratios}")
+        raise InputError(f"ratios must be three non-negative numbers, got {ratios}")
     total = sum(ratios)
     target = np.array(ratios) / total
     ids = np.asarray([str(p) for p in patient_ids], dtype=object)
     if any(p in ("", "None") for p in ids):
-        raise ValueError("every scan needs a patient id for a patient-level split")
+        raise InputError("every scan needs a patient id for a patient-level split")
     patients = sorted(set(ids.tolist()))  # sorted first: independent of scan order
     order = np.random.default_rng(seed).permutation(len(patients))
     by_patient: dict[str, list[int]] = {}

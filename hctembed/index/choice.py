@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 
+from hctembed.errors import InputError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("exact", "hnsw", "ivf", "ivfpq", "auto")
@@ -52,7 +54,7 @@ class IndexOptions:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise InputError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def factory_for(kind: str, *, n: int, dim: int) -> str:
     if kind == "ivfpq":
         m, bits = pq_for(n, dim)
         return f"IDMap2,IVF{nlist_for(n)},PQ{m}x{bits}np,RFlat"
-    raise ValueError(f"no factory for index kind {kind!r}")
+    raise InputError(f"no factory for index kind {kind!r}")
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:

@@ -1,11 +1,12 @@
 """FAISS inner-product index: a derived, rebuildable cache of one collection's vectors.
 
-Files, beside the DuckDB file: ``<db>.faiss/c<collection_id>.faiss`` and its manifest ``.json``
-(dim, metric, model_id, fingerprint, ntotal, sha256 of the index file, digest of the id set, and the index
-kind with its search parameters and the recall@10 and latency measured when it was built; see
-:mod:`hctembed.index.choice`). Writes are atomic (temporary file, fsync, rename). :func:`open_index` checks
-the manifest against DuckDB and rebuilds - with the same kind - when the index is missing, stale (other
-ids) or corrupt (checksum or read failure), or when another kind is asked for.
+Files, beside the DuckDB file (:class:`hctembed.index.store.SidecarPaths`):
+``<db>.faiss/c<collection_id>.faiss`` and its manifest ``.json`` (dim, metric, model_id, fingerprint, ntotal,
+sha256 of the index file, digest of the id set, and the index kind with its search parameters and the
+recall@10 and latency measured when it was built; see :mod:`hctembed.index.choice`). Writes are atomic
+(temporary file, fsync, rename). :func:`open_index` checks the manifest against DuckDB and rebuilds - with the
+same kind - when the index is missing, stale (other ids) or corrupt (checksum or read failure), or when
+another kind is asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import faiss
 import numpy as np
 
 from hctembed.index.choice import EXACT_FACTORY, KINDS, BuiltIndex, IndexOptions, build, set_search_params
-from hctembed.index.store import Collection, ModelMismatchError, Store
+from hctembed.index.store import Collection, ModelMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,6 @@ def build_index(
 
 def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
-
-
-def index_paths(db_path: Path, collection: Collection) -> tuple[Path, Path]:
-    folder = Path(str(db_path) + ".faiss")
-    stem = f"c{collection.collection_id}"
-    return folder / f"{stem}.faiss", folder / f"{stem}.json"
 
 
 def _sha256_file(path: Path) -> str:
@@ -227,7 +222,6 @@ class IndexInvalid(RuntimeError):
 
 
 def open_index(
-    store: Store,
     collection: Collection,
     *,
     rebuild: bool = False,
@@ -241,8 +235,9 @@ def open_index(
     rebuilt. A rebuild is logged as a warning, naming why, unless ``quiet`` (after an embedding run, a
     stale index is expected). On a machine with a GPU, exact and IVF-Flat indices are searched there.
     """
-    index_path, manifest_path = index_paths(store.path, collection)
-    ids = store.ids(collection)
+    index_path, manifest_path = collection.index_files()
+    store_id = collection.store.store_id
+    ids = collection.ids()
     reason = "rebuild requested" if rebuild else None
     if options is None:
         options = IndexOptions(kind=_requested_kind(manifest_path))
@@ -258,7 +253,7 @@ def open_index(
                     f"it holds model {manifest.model_id} / {manifest.fingerprint}, "
                     f"not {collection.model_id} / {collection.fingerprint}"
                 )
-            elif manifest.store_id != store.store_id:
+            elif manifest.store_id != store_id:
                 reason = "it was built from another database file"
             elif manifest.ntotal != len(ids) or manifest.ids_digest != ids_digest(ids):
                 reason = f"stale ({manifest.ntotal} vectors indexed, {len(ids)} in the database)"
@@ -270,7 +265,7 @@ def open_index(
             reason = str(exc)
     if reason != "missing" and not quiet:
         log.warning("rebuilding FAISS index %s from the database: %s", index_path, reason)
-    ids, xb, _ = store.vectors(collection)
+    ids, xb, _ = collection.vectors()
     built = build(ids, np.ascontiguousarray(xb, dtype=np.float32), options=options)
     if built.kind != "exact" or options.kind != "exact":
         log.info(
@@ -294,7 +289,7 @@ def open_index(
             index_path=index_path,
             manifest_path=manifest_path,
             ids=ids,
-            store_id=store.store_id,
+            store_id=store_id,
             built=built,
             requested=options.kind,
         )

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from hctembed.errors import InputError
 from hctembed.io.archive import scan_archive
 from hctembed.io.pseudonym import Pseudonymizer
 from hctembed.io.selection import SelectionConfig
@@ -80,7 +81,7 @@ def rsna_labels(
             ident, label = row["ID"], row["Label"]
             image, _, subtype = ident.rpartition("_")
             if subtype not in RSNA_SUBTYPES:
-                raise ValueError(f"{table}: unknown subtype {subtype!r} in {ident}")
+                raise InputError(f"{table}: unknown subtype {subtype!r} in {ident}")
             image_labels[image][RSNA_SUBTYPES[subtype]] = int(label)
     found = scan_archive(path, pseudonyms=pseudonyms, selection=selection)
     columns = list(RSNA_SUBTYPES.values())
@@ -120,7 +121,7 @@ def cq500_labels(
         fields = reader.fieldnames or []
         findings = [c for c in CQ500_FINDINGS if all(f"R{r}:{c}" in fields for r in (1, 2, 3))]
         if not findings:
-            raise ValueError(f"{reads}: no R1:/R2:/R3: reader columns for {list(CQ500_FINDINGS)}")
+            raise InputError(f"{reads}: no R1:/R2:/R3: reader columns for {list(CQ500_FINDINGS)}")
         for row in reader:
             number = _cq500_number(row.get("name", ""))
             if number is None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hctembed.errors import InputError
+
 ID_COLUMNS = ("scan_id", "patient_id")
 
 
@@ -45,22 +47,22 @@ def read_labels(path: str | Path, *, columns: list[str] | None = None) -> LabelT
         fields = reader.fieldnames or []
         rows = list(reader)
     if "scan_id" not in fields:
-        raise ValueError(f"{path}: no scan_id column (columns: {fields})")
+        raise InputError(f"{path}: no scan_id column (columns: {fields})")
     candidates = [c for c in fields if c not in ID_COLUMNS]
     if columns is None:
         columns = [c for c in candidates if _is_binary([r[c] for r in rows])]
     else:
         missing = [c for c in columns if c not in fields]
         if missing:
-            raise ValueError(f"{path}: no column(s) {missing}")
+            raise InputError(f"{path}: no column(s) {missing}")
         not_binary = [c for c in columns if not _is_binary([r[c] for r in rows])]
         if not_binary:
-            raise ValueError(f"{path}: column(s) {not_binary} hold values other than 0/1")
+            raise InputError(f"{path}: column(s) {not_binary} hold values other than 0/1")
     scan_ids = [r["scan_id"].strip() for r in rows]
     seen: set[str] = set()
     dupes = {s for s in scan_ids if s in seen or seen.add(s)}
     if dupes:
-        raise ValueError(f"{path}: duplicate scan ids, e.g. {sorted(dupes)[:3]}")
+        raise InputError(f"{path}: duplicate scan ids, e.g. {sorted(dupes)[:3]}")
     values = np.array(
         [[float(r[c]) if r[c].strip() != "" else np.nan for c in columns] for r in rows], dtype=np.float64
     ).reshape(len(rows), len(columns))

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hctembed.errors import InputError
 from hctembed.io.archive import ArchiveScan, SeriesRef, Skipped
 
 FACT_COLUMNS = (
@@ -112,7 +113,7 @@ def read_manifest(path: Path) -> ArchiveScan:
     try:
         rows = pq.read_table(path, schema=SCHEMA).to_pylist()
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not an hctembed manifest ({exc})") from None
+        raise InputError(f"{path} is not an hctembed manifest ({exc})") from None
     selected, skipped = [], []
     for r in rows:
         facts = json.loads(r["facts"] or "{}")

@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from hctembed.errors import InputError
+
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "HCTEMBED_SECRET"
@@ -33,7 +35,7 @@ def load_or_create_secret(path: Path) -> bytes:
     if path.exists():
         data = path.read_bytes()
         if len(data) < 16:
-            raise ValueError(f"pseudonym secret {path} is shorter than 16 bytes; delete it or restore it")
+            raise InputError(f"pseudonym secret {path} is shorter than 16 bytes; delete it or restore it")
         return data
     path.parent.mkdir(parents=True, exist_ok=True)
     data = secrets.token_bytes(32)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hctembed.config import PREPROCESS_PRESETS, VIT_PRESETS, FitPreprocessConfig, PreprocessConfig, ViTConfig
+from hctembed.errors import InputError, UnknownNameError
 from hctembed.model.checkpoint import load_encoder_weights, read_card, save_encoder, weights_digest
 from hctembed.model.vit3d import ViT3D
 
@@ -95,12 +96,12 @@ def load_encoder(
         )
     if name not in REGISTRY:
         known = sorted(REGISTRY) + sorted(FOREIGN)
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(known)}")
+        raise UnknownNameError(f"unknown model {name!r}; known: {', '.join(known)}")
     spec = REGISTRY[name]
     if weights is not None:
         model, sha = load_encoder_weights(weights)
         if model.config.image_size != spec.preprocess.out_size:
-            raise ValueError(
+            raise InputError(
                 f"{weights} takes {model.config.image_size}³ input but model {name} preprocesses to "
                 f"{spec.preprocess.out_size}³; pass the matching --model"
             )
@@ -109,7 +110,7 @@ def load_encoder(
         preset = card.get("preprocess")
         if preset and preset != "paper":  # e.g. imported FM-HCT weights: 'fmhct-code'
             if preset not in PREPROCESS_PRESETS:
-                raise ValueError(f"{weights} asks for preprocessing {preset!r}; known: {', '.join(PREPROCESS_PRESETS)}")
+                raise InputError(f"{weights} asks for preprocessing {preset!r}; known: {', '.join(PREPROCESS_PRESETS)}")
             spec = replace(spec, preprocess=replace(PREPROCESS_PRESETS[preset], out_size=model.config.image_size))
     else:
         with torch.random.fork_rng(devices=[]):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hctembed.config import MonaiPreset
+from hctembed.errors import UnknownNameError
 
 MERLIN_PREPROCESS = MonaiPreset(
     name="merlin",
@@ -120,7 +121,7 @@ def merlin_state_from_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, to
         elif not key.startswith(TEXT_PREFIXES):
             other.append(key)
     if other:
-        raise KeyError(f"unexpected keys in the Merlin checkpoint: {sorted(other)[:10]}")
+        raise UnknownNameError(f"unexpected keys in the Merlin checkpoint: {sorted(other)[:10]}")
     if not image:
-        raise KeyError(f"no keys under {CHECKPOINT_PREFIX!r}: not a Merlin checkpoint")
+        raise UnknownNameError(f"no keys under {CHECKPOINT_PREFIX!r}: not a Merlin checkpoint")
     return image

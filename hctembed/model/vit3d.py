@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hctembed.config import ViTConfig
+from hctembed.errors import InputError
 from hctembed.model.pos_embed import sincos_3d
 
 
@@ -110,7 +111,7 @@ class ViT3D(nn.Module):
         """Input ``[B, C, Z, Y, X]`` -> embedded tokens ``[B, prefix + N, D]`` before the blocks."""
         size = self.config.image_size
         if x.ndim != 5 or tuple(x.shape[1:]) != (self.config.in_channels, size, size, size):
-            raise ValueError(
+            raise InputError(
                 f"expected input [B, {self.config.in_channels}, {size}, {size}, {size}], got {list(x.shape)}"
             )
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, D]

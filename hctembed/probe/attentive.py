@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
-from hctembed.errors import HctembedError
+from hctembed.errors import HctembedError, InputError
 from hctembed.eval.classification import balanced_indices
 from hctembed.model.checkpoint import load_state_strict
 
@@ -43,7 +43,7 @@ class AttentiveConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
-            raise ValueError(f"token dim {self.dim} is not divisible by heads {self.heads}")
+            raise InputError(f"token dim {self.dim} is not divisible by heads {self.heads}")
 
 
 class AttentiveProbe(nn.Module):

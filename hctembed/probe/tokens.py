@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hctembed.index.store import Collection, Store
+from hctembed.index.store import Collection
 from hctembed.probe.attentive import ProbeError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ def read_tokens_file(path: str | Path, scan_ids: Sequence[str]) -> np.ndarray:
 
 
 def compute_tokens(
-    store: Store,
     collection: Collection,
     scan_ids: Sequence[str],
     *,
@@ -51,26 +50,26 @@ def compute_tokens(
     from hctembed.model.encoders import load_encoder
     from hctembed.preprocessing import preprocess
 
-    info = store.model(collection.model_id)
-    encoder = load_encoder(info["name"], weights=info["weights_path"]) if info["weights_path"] else None
+    info = collection.model()
+    encoder = load_encoder(info.name, weights=info.weights_path) if info.weights_path else None
     if encoder is None or encoder.model_id != collection.model_id:
         raise ProbeError(
-            f"cannot rebuild encoder {collection.model_id} from its stored weights ({info['weights_path']}); "
+            f"cannot rebuild encoder {collection.model_id} from its stored weights ({info.weights_path}); "
             "pass precomputed tokens with --tokens"
         )
     if encoder.fingerprint != collection.fingerprint:
         raise ProbeError(f"encoder preprocessing {encoder.fingerprint} != stored {collection.fingerprint}")
     if not hasattr(encoder.model, "embed"):
         raise ProbeError(f"model {encoder.name} exposes no patch tokens; pass precomputed tokens with --tokens")
-    ids, _, stored_ids = store.vectors(collection)
+    ids, _, stored_ids = collection.vectors()
     by_scan = dict(zip(stored_ids, ids.tolist(), strict=True))
     missing = [s for s in scan_ids if s not in by_scan]
     if missing:
         raise ProbeError(f"{len(missing)} scans have no vector for {collection.model_id}, e.g. {missing[:3]}")
-    rows = store.scans_for_ids(collection, [by_scan[s] for s in scan_ids])
+    rows = collection.hits([by_scan[s] for s in scan_ids])
     out = []
     for s in scan_ids:
-        path = rows[by_scan[s]]["path"]
+        path = rows[by_scan[s]].path
         if path is None or not Path(path).exists():
             raise ProbeError(f"scan {s}: its file ({path}) is not available; pass precomputed tokens with --tokens")
         x = preprocess(load_volume(path), config=encoder.preprocess)

@@ -20,6 +20,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from hctembed.errors import InputError
+
 from .lesions import SUBTYPES
 from .patient import choose_subtypes, make_patient
 from .protocol import ScanProtocol, SynthConfig, sample_protocol, synth_scan
@@ -100,12 +102,12 @@ def generate_archive(
     ``progress`` is called after each scan with the number of scans written so far (1..n).
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise InputError(f"n must be >= 0, got {n}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise InputError(f"workers must be >= 1, got {workers}")
     lo, hi = config.scans_per_patient
     if not 1 <= lo <= hi:
-        raise ValueError(f"scans_per_patient must satisfy 1 <= low <= high, got {config.scans_per_patient}")
+        raise InputError(f"scans_per_patient must satisfy 1 <= low <= high, got {config.scans_per_patient}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _plan_patients(n=n, seed=seed, config=config)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hctembed.errors import InputError
+
 from .anatomy import PARENCHYMA, HeadAnatomy, Tissue
 
 __all__ = [
@@ -252,7 +254,7 @@ def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator) 
             cisterns=cisterns,
             sylvian_sides=sylvian,
         )
-    raise ValueError(f"unknown haemorrhage subtype {kind!r}; expected one of {SUBTYPES}")
+    raise InputError(f"unknown haemorrhage subtype {kind!r}; expected one of {SUBTYPES}")
 
 
 def _sample_iph(*, anatomy: HeadAnatomy, rng: np.random.Generator, side: int) -> ParenchymalBleed:

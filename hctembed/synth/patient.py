@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hctembed.errors import InputError
+
 from .anatomy import HeadAnatomy, Tissue, TissueHU, sample_anatomy
 from .lesions import SUBTYPES, Lesion, sample_lesion
 
@@ -38,7 +40,7 @@ def make_patient(*, patient_id: str, subtypes: frozenset[str], rng: np.random.Ge
     """Draw a head and the requested haemorrhage subtypes (a subset of :data:`SUBTYPES`; empty = normal)."""
     unknown = set(subtypes) - set(SUBTYPES)
     if unknown:
-        raise ValueError(f"unknown haemorrhage subtypes {sorted(unknown)}; expected a subset of {SUBTYPES}")
+        raise InputError(f"unknown haemorrhage subtypes {sorted(unknown)}; expected a subset of {SUBTYPES}")
     anatomy = sample_anatomy(rng=rng)
     seeds = rng.integers(0, 2**63 - 1, size=len(SUBTYPES))
     lesions = tuple(

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from hctembed.errors import HctembedError
+from hctembed.index.store import ModelRow, Store
+from hctembed.index.vectors import open_index
 
 FINGERPRINT = "external"
 
@@ -66,25 +68,23 @@ def read_vectors(path: str | Path, *, name: str) -> Imported:
     return Imported(f"precomputed-{name}-{digest[:12]}", scan_ids, vectors, digest)
 
 
-def import_vectors(store, imported: Imported, *, name: str, source: str) -> int:
+def import_vectors(store: Store, imported: Imported, *, name: str, source: str) -> int:
     """Write ``imported`` as its own collection (model ``precomputed``); returns the number of vectors."""
-    from hctembed.index.vectors import open_index
-
     dim = int(imported.vectors.shape[1])
     with store.transaction():
-        store.register_model(
-            model_id=imported.model_id,
-            name="precomputed",
-            dim=dim,
-            config={"name": name, "source": source},
-            weights_path=None,
-            weights_digest=imported.digest,
-            card={"origin": "external vectors", "file": source},
+        store.models.register(
+            ModelRow(
+                model_id=imported.model_id,
+                name="precomputed",
+                dim=dim,
+                config={"name": name, "source": source},
+                weights_path=None,
+                weights_digest=imported.digest,
+                card={"origin": "external vectors", "file": source},
+            )
         )
         coll = store.collection(model_id=imported.model_id, fingerprint=FINGERPRINT, dim=dim, preprocess={})
-        known = store.con.execute("SELECT scan_id FROM scans").fetchall()
-        new = sorted(set(imported.scan_ids) - {r[0] for r in known})
-        store.upsert_scans([{"scan_id": s, "format": "external"} for s in new])
-        store.add_embeddings(coll, scan_ids=imported.scan_ids, vectors=imported.vectors)
-    open_index(store, coll, quiet=True)
+        store.scans.add_missing(imported.scan_ids, format="external")
+        coll.add(scan_ids=imported.scan_ids, vectors=imported.vectors)
+    open_index(coll, quiet=True)
     return len(imported.scan_ids)

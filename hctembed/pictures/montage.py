@@ -1,10 +1,8 @@
 """Search results as pictures: the query and its neighbours side by side, as a PNG or an offline HTML page.
 
 Each scan is one column: its mid axial, coronal and sagittal slices in the brain window, then the axial
-slice through its most attended region (the last layer's CLS attention, averaged over heads, upsampled to
-the model grid) with that attention drawn over it. Slices come from the preprocessed model input, so the
-attention and the image share one grid. Orientation is radiological (see :mod:`hctembed.explain`).
-A scan whose file cannot be found or read gets a placeholder column that says why.
+slice through its most attended region with that attention drawn over it. A scan whose file cannot be found or
+read gets a placeholder column that says why. Panels are made by :mod:`hctembed.panels`; no torch here.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,24 +18,16 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from hctembed.errors import HctembedError
-from hctembed.explain import (
+from hctembed.errors import InputError
+from hctembed.pictures.slices import (
     VIEWS,
     display_point,
     display_slice,
-    explain,
     mark_orientation,
     overlay_alpha,
-    patch_size_mm,
     save_figure,
     window_name,
 )
-from hctembed.io.archive import load_volume
-from hctembed.model.encoders import Encoder
-from hctembed.preprocessing import preprocess
-from hctembed.volume import VolumeError
-
-log = logging.getLogger(__name__)
 
 ROWS = (*(f"mid {v}" for v in VIEWS), "most attended")
 
@@ -68,31 +57,6 @@ def positive_labels(labels: dict[str, float]) -> tuple[str, ...]:
     return tuple(sorted(name for name, v in labels.items() if v == 1))
 
 
-def scan_panel(
-    encoder: Encoder,
-    path: str | Path | None,
-    *,
-    title: str,
-    scan_id: str,
-    score: float | None = None,
-    labels: Sequence[str] = (),
-) -> ScanPanel:
-    """Load, preprocess and explain one scan; a missing or unreadable file gives a placeholder panel."""
-    base = {"title": title, "scan_id": scan_id, "score": score, "labels": tuple(labels)}
-    if path is None:
-        return ScanPanel(**base, missing="file location not recorded")
-    path = Path(path)
-    if not path.exists():
-        return ScanPanel(**base, missing=f"file not found: {path}")
-    try:
-        x = preprocess(load_volume(path), config=encoder.preprocess)
-    except (VolumeError, HctembedError, OSError) as exc:
-        return ScanPanel(**base, missing=f"cannot read {path.name}: {exc}")
-    pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
-    expl = explain(encoder.model, x, patch_mm=pmm)
-    return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
-
-
 def render_montage(
     panels: Sequence[ScanPanel], *, out, windows, panel_px: int = 240, title: str | None = None, header: bool = True
 ) -> dict[str, tuple[int, int, int, int]]:
@@ -103,7 +67,7 @@ def render_montage(
     ``(left, top, right, bottom)`` of every image, keyed ``"<column>/<row name>"``.
     """
     if not panels:
-        raise ValueError("nothing to draw: no panels")
+        raise InputError("nothing to draw: no panels")
     dpi = 100
     cols, rows = len(panels), len(ROWS)
     head_px = 160 if header else 90
@@ -208,36 +172,3 @@ image left); last row: axial slice through the most attended region (last-layer 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out
-
-
-def search_panels(
-    store, collection, encoder: Encoder, hits: Sequence, *, query_path: str | Path | None = None,
-    query_scan_id: str | None = None,
-) -> list[ScanPanel]:  # fmt: skip
-    """Panels for a search: the query (a file, or a stored scan id) then one per hit, files found through
-    ``store.scans_for_ids(...)[id]["path"]``."""
-    if query_path is not None:
-        name = Path(query_path).name
-        scan_id = name.removesuffix(".gz").removesuffix(".nii")
-        path: str | Path | None = query_path
-    else:
-        scan_id = query_scan_id
-        vid, _ = store.vector_of(collection, scan_id=scan_id)
-        path = store.scans_for_ids(collection, [vid]).get(vid, {}).get("path")
-    query_labels = positive_labels(store.labels([scan_id]).get(scan_id, {}))
-    panels = [scan_panel(encoder, path, title="query", scan_id=scan_id, labels=query_labels)]
-    rows = store.scans_for_ids(collection, [h.id for h in hits])
-    for h in hits:
-        panels.append(
-            scan_panel(
-                encoder,
-                rows.get(h.id, {}).get("path"),
-                title=f"#{h.rank}",
-                scan_id=h.scan_id,
-                score=h.score,
-                labels=positive_labels(h.labels),
-            )
-        )
-        if panels[-1].missing:
-            log.warning("%s: %s", h.scan_id, panels[-1].missing)
-    return panels

@@ -1,0 +1,116 @@
+"""Few-shot curves of several models on the same scans (FM-HCT Fig. 2): K positives + K negatives per task,
+several draws, AUC and AP on the test part, and paired permutation P values against the first model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from hctembed.eval import stats
+from hctembed.eval.classification import FEWSHOT_KS, FitScore, ap_score, fewshot_curve, roc_auc
+from hctembed.eval.protocols import Aligned, _mean_over_tasks
+from hctembed.eval.splits import Split
+
+
+def compare_fewshot(
+    data: Aligned,
+    *,
+    fit_score: Callable[[int], FitScore],
+    split: Split,
+    ks: Sequence[int] = FEWSHOT_KS,
+    n_draws: int = 5,
+    n_resamples: int = 100,
+    seed: int = 0,
+    probe: str = "linear",
+    n_permutations: int = 1000,
+) -> dict:
+    """Few-shot curves per task and model (see :func:`hctembed.eval.classification.fewshot_curve`), and a
+    ``mean`` curve over the tasks every model could be scored on. P values against the first model: two-sided
+    paired permutation tests on the test scans' scores averaged over the draws (per task, and for the mean)."""
+    points: dict[tuple[int, int], list] = {}
+    for m in range(len(data.model_ids)):
+        for t in range(len(data.names)):
+            points[m, t] = fewshot_curve(
+                fit_score(m),
+                data.x[m],
+                data.y[:, t],
+                train=split.train,
+                test=split.test,
+                ks=ks,
+                n_draws=n_draws,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+    curves = []
+    for m, mid in enumerate(data.model_ids):
+        for t, name in enumerate(data.names):
+            test = split.test[~np.isnan(data.y[split.test, t])]
+            rows = []
+            for i, pt in enumerate(points[m, t]):
+                row = pt.to_dict()
+                ref = points[0, t][i]
+                if m > 0 and pt.mean_scores is not None and ref.mean_scores is not None:
+                    row["p_values"] = _paired_p(data.y[test, t], ref.mean_scores, pt.mean_scores, n_permutations, seed)
+                rows.append(row)
+            curves.append({"task": name, "model": mid, "points": rows})
+    curves += _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed)
+    return {
+        "protocol": "fewshot",
+        "probe": probe,
+        "statistics": stats.DEFINITION,
+        "models": data.model_ids,
+        "sources": data.sources,
+        "n_scans": len(data.scan_ids),
+        "split": split.to_dict(),
+        "ks": list(ks),
+        "n_draws": n_draws,
+        "n_resamples": n_resamples,
+        "n_permutations": n_permutations,
+        "seed": seed,
+        "curves": curves,
+    }
+
+
+def _paired_p(y, a, b, n_permutations: int, seed: int) -> dict[str, float | None]:
+    out = {}
+    for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
+        p = stats.paired_permutation_test_scores(fn, y, a, b, n_permutations=n_permutations, seed=seed).p_value
+        out[metric_name] = None if np.isnan(p) else float(p)
+    return out
+
+
+def _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed) -> list[dict]:
+    """Per model, the mean over tasks at each K (the tasks every model has a score for at that K)."""
+    test = split.test
+    n_models = len(data.model_ids)
+    curves = [{"task": "mean", "model": mid, "points": []} for mid in data.model_ids]
+    for i, k in enumerate(ks):
+        tasks = [t for t in range(len(data.names)) if all(points[m, t][i].mean_scores is not None
+                                                          for m in range(n_models))]  # fmt: skip
+        for m in range(n_models):
+            row: dict = {"K": k, "AUC": None, "AP": None, "tasks": [data.names[t] for t in tasks]}
+            if not tasks:
+                curves[m]["points"].append(row | {"skip_reason": f"K={k}: no task could be scored by every model"})
+                continue
+            y_all = data.y[np.ix_(test, tasks)]
+            matrices = []
+            for mm in range(n_models):
+                s = np.full(y_all.shape, np.nan)
+                for j, t in enumerate(tasks):
+                    s[~np.isnan(y_all[:, j]), j] = points[mm, t][i].mean_scores
+                matrices.append(s)
+            for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
+                per_task = [np.mean(points[m, t][i].to_dict()[f"{metric_name}_per_draw"]) for t in tasks]
+                est = stats.bootstrap_metric(_mean_over_tasks(fn), y_all, matrices[m], n_resamples=n_resamples,
+                                             seed=seed).to_dict()  # fmt: skip
+                row[metric_name] = est | {"value": float(np.mean(per_task))}
+            if m > 0:
+                row["p_values"] = {}
+                for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
+                    p = stats.paired_permutation_test_scores(
+                        _mean_over_tasks(fn), y_all, matrices[0], matrices[m], n_permutations=n_permutations, seed=seed
+                    ).p_value
+                    row["p_values"][metric_name] = None if np.isnan(p) else float(p)
+            curves[m]["points"].append(row | {"skip_reason": None})
+    return curves

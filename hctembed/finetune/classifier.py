@@ -1,0 +1,48 @@
+"""The fine-tuned network: an encoder (ViT3D) and a classification layer with two logits per task on its CLS
+token (cross-entropy, as the paper's classifiers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hctembed.config import VIT_PRESETS
+from hctembed.model.vit3d import ViT3D
+
+
+class Classifier(nn.Module):
+    """``x [B, C, Z, Y, X]`` -> logits ``[B, T, 2]``."""
+
+    def __init__(self, backbone: ViT3D, *, n_tasks: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_tasks = n_tasks
+        self.head = nn.Linear(backbone.config.dim, 2 * n_tasks)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)).view(x.shape[0], self.n_tasks, 2)
+
+    @torch.no_grad()
+    def positive_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` probability of the positive class."""
+        return self(x).softmax(-1)[..., 1]
+
+
+def build_classifier(*, model: str, weights: Path | None, n_tasks: int, seed: int) -> tuple[Classifier, dict]:
+    """A classifier on ``weights`` (strictly loaded; the file decides the architecture) or on a random ``model``
+    encoder; returns it with a description of its initialisation."""
+    from hctembed.model.checkpoint import load_encoder_weights
+
+    torch.manual_seed(seed)
+    if weights is not None:
+        backbone, digest = load_encoder_weights(weights)
+        init = {"init": "weights", "weights": str(Path(weights).resolve()), "weights_digest": digest}
+    else:
+        backbone = ViT3D(VIT_PRESETS[model])
+        init = {"init": "scratch", "seed": seed}
+    torch.manual_seed(seed + 1)  # the head's initialisation does not depend on the backbone's
+    return Classifier(backbone, n_tasks=n_tasks), init | {"model": backbone.config.name}

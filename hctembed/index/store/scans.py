@@ -1,0 +1,71 @@
+"""The ``scans`` table: PHI-free facts per scan, shared by every collection."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from hctembed.index.store.connection import Database
+from hctembed.index.store.rows import ScanRow
+
+
+class ScansRepo:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def upsert(self, rows: Sequence[ScanRow]) -> None:
+        """Insert or update scans; a known patient id is kept when the new row has none."""
+        if not rows:
+            return
+        table = pa.table(
+            {
+                "scan_id": [r.scan_id for r in rows],
+                "patient_id": pa.array([r.patient_id for r in rows], pa.string()),
+                "source": pa.array([r.source for r in rows], pa.string()),
+                "archive_root": pa.array([r.archive_root for r in rows], pa.string()),
+                "format": pa.array([r.format for r in rows], pa.string()),
+                "meta": [json.dumps(r.meta or {}) for r in rows],
+            }
+        )
+        with self.db.bulk("_scans_in", table):
+            self.db.run(
+                "INSERT INTO scans (scan_id, patient_id, source, archive_root, format, meta) "
+                "SELECT scan_id, patient_id, source, archive_root, format, meta FROM _scans_in "
+                "ON CONFLICT (scan_id) DO UPDATE SET "
+                "patient_id = coalesce(excluded.patient_id, scans.patient_id), source = excluded.source, "
+                "archive_root = excluded.archive_root, format = excluded.format, meta = excluded.meta"
+            )
+
+    def add_missing(self, scan_ids: Sequence[str], *, format: str) -> int:
+        """Rows for scans not stored yet (only their id and ``format``); returns how many were added."""
+        known = {r[0] for r in self.db.rows("SELECT scan_id FROM scans")}
+        new = sorted(set(scan_ids) - known)
+        self.upsert([ScanRow(scan_id=s, format=format) for s in new])
+        return len(new)
+
+    def set_patients(self, mapping: dict[str, str]) -> None:
+        """Fill ``patient_id`` of known scans (from a labels file)."""
+        if not mapping:
+            return
+        table = pa.table({"scan_id": list(mapping), "patient_id": list(mapping.values())})
+        with self.db.bulk("_pat_in", table):
+            self.db.run("UPDATE scans SET patient_id = p.patient_id FROM _pat_in p WHERE scans.scan_id = p.scan_id")
+
+    def archive_roots(self, scan_ids: Sequence[str]) -> dict[str, str]:
+        """``{scan_id: archive_root}`` for stored scans among ``scan_ids`` that record their archive."""
+        if not scan_ids:
+            return {}
+        with self.db.bulk("_roots_in", pa.table({"scan_id": list(scan_ids)})):
+            rows = self.db.rows(
+                "SELECT s.scan_id, s.archive_root FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
+                "WHERE s.archive_root IS NOT NULL"
+            )
+        return {r[0]: r[1] for r in rows}
+
+    def meta(self) -> dict[str, dict[str, Any]]:
+        """``{scan_id: meta}`` of every stored scan (the protocol facts recorded at embedding time)."""
+        rows = self.db.rows("SELECT scan_id, meta FROM scans")
+        return {scan_id: (json.loads(meta) if meta else {}) for scan_id, meta in rows}

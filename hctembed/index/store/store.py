@@ -1,0 +1,106 @@
+"""The store: one DuckDB file, the source of truth for scans, models, vectors, labels, statuses and probes.
+
+``Store`` opens the file (migrating it when opened for writing), holds one repository per table group
+(``models``, ``scans``, ``labels``, ``probes``) and hands out :class:`Collection` objects bound to it for
+everything about vectors. Only this package executes SQL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hctembed.index.store.collection import Collection
+from hctembed.index.store.connection import Database
+from hctembed.index.store.errors import ModelMismatchError, StoreError
+from hctembed.index.store.labels import LabelsRepo
+from hctembed.index.store.migrations import SCHEMA_VERSION, migrate, schema_version
+from hctembed.index.store.models import CollectionsRepo, ModelsRepo
+from hctembed.index.store.paths import SidecarPaths
+from hctembed.index.store.probes import ProbesRepo
+from hctembed.index.store.scans import ScansRepo
+
+
+class Store:
+    """A database file opened for reading or writing; use as a context manager."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.db = Database(path, read_only=read_only)
+        self.path = self.db.path
+        self.read_only = read_only
+        self.paths = SidecarPaths(self.path)
+        try:
+            if not read_only:
+                migrate(self.db, path=self.path)
+            elif self.schema_version() < SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema v{self.schema_version()}; open it once for writing")
+        except BaseException:
+            self.db.close()
+            raise
+        self.models = ModelsRepo(self.db)
+        self.scans = ScansRepo(self.db)
+        self.labels = LabelsRepo(self.db)
+        self.probes = ProbesRepo(self.db)
+        self._collections = CollectionsRepo(self.db)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def transaction(self):
+        """All writes inside commit together or not at all (see :meth:`Database.transaction`)."""
+        return self.db.transaction()
+
+    def checkpoint(self) -> None:
+        self.db.checkpoint()
+
+    def schema_version(self) -> int:
+        return schema_version(self.db)
+
+    @property
+    def store_id(self) -> str:
+        """This database file's random identity (created with it; survives copies of the file)."""
+        row = self.db.one("SELECT value FROM store_info WHERE key = 'store_id'")
+        if row is None:
+            raise StoreError(f"{self.path} has no store identity; open it once for writing")
+        return str(row[0])
+
+    # -- collections --------------------------------------------------------------------------------------
+    def collection(
+        self, *, model_id: str, fingerprint: str, dim: int | None = None, preprocess: dict[str, Any] | None = None
+    ) -> Collection:
+        """The collection for (model, fingerprint); created (with its vector table) when ``dim`` is given."""
+        row = self._collections.find(model_id=model_id, fingerprint=fingerprint)
+        if row is not None:
+            if dim is not None and row.dim != dim:
+                raise ModelMismatchError(f"collection {model_id}/{fingerprint} has dim {row.dim}, not {dim}")
+            return Collection(self, row)
+        if dim is None:
+            stored = ", ".join(f"{c.model_id} / {c.fingerprint}" for c in self.collections()) or "none"
+            raise ModelMismatchError(
+                f"no vectors for model {model_id} with preprocessing {fingerprint} in {self.path}; stored: {stored}"
+            )
+        return Collection(
+            self, self._collections.create(model_id=model_id, fingerprint=fingerprint, dim=dim, preprocess=preprocess)
+        )
+
+    def collections(self) -> list[Collection]:
+        return [Collection(self, row) for row in self._collections.all()]
+
+    def resolve_collection(self, *, model_id: str | None = None) -> Collection:
+        """The only collection, or the one of ``model_id`` (a prefix); a clear error when that is ambiguous."""
+        every = self.collections()
+        chosen = every
+        if model_id is not None:
+            chosen = [c for c in every if c.model_id == model_id or c.model_id.startswith(model_id)]
+        if len(chosen) == 1:
+            return chosen[0]
+        stored = ", ".join(c.model_id for c in every) or "none"
+        if not chosen:
+            raise StoreError(f"no embeddings for model {model_id or '(any)'} in {self.path}; stored: {stored}")
+        raise StoreError(f"{self.path} holds several models ({stored}); choose one with --model")

@@ -1,0 +1,79 @@
+"""Panels for search pictures: each scan loaded, preprocessed as at embedding time and explained (last-layer CLS
+attention upsampled to the model grid), so the attention and the image share one grid. Drawn by
+:mod:`hctembed.pictures.montage`. Orientation is radiological (see :mod:`hctembed.pictures.slices`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hctembed.errors import HctembedError
+from hctembed.explain import explain, patch_size_mm
+from hctembed.io.archive import load_volume
+from hctembed.model.encoders import Encoder
+from hctembed.pictures.montage import ScanPanel, positive_labels
+from hctembed.preprocessing import preprocess
+from hctembed.volume import VolumeError
+
+log = logging.getLogger(__name__)
+
+
+def scan_panel(
+    encoder: Encoder,
+    path: str | Path | None,
+    *,
+    title: str,
+    scan_id: str,
+    score: float | None = None,
+    labels: Sequence[str] = (),
+) -> ScanPanel:
+    """Load, preprocess and explain one scan; a missing or unreadable file gives a placeholder panel."""
+    base = {"title": title, "scan_id": scan_id, "score": score, "labels": tuple(labels)}
+    if path is None:
+        return ScanPanel(**base, missing="file location not recorded")
+    path = Path(path)
+    if not path.exists():
+        return ScanPanel(**base, missing=f"file not found: {path}")
+    try:
+        x = preprocess(load_volume(path), config=encoder.preprocess)
+    except (VolumeError, HctembedError, OSError) as exc:
+        return ScanPanel(**base, missing=f"cannot read {path.name}: {exc}")
+    pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
+    expl = explain(encoder.model, x, patch_mm=pmm)
+    return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
+
+
+def search_panels(
+    collection, encoder: Encoder, hits: Sequence, *, query_path: str | Path | None = None,
+    query_scan_id: str | None = None,
+) -> list[ScanPanel]:  # fmt: skip
+    """Panels for a search: the query (a file, or a stored scan id) then one per hit, files found through
+    ``collection.hits(...)[id].path``."""
+    if query_path is not None:
+        name = Path(query_path).name
+        scan_id = name.removesuffix(".gz").removesuffix(".nii")
+        path: str | Path | None = query_path
+    else:
+        scan_id = query_scan_id
+        vid, _ = collection.vector_of(scan_id)
+        row = collection.hits([vid]).get(vid)
+        path = row.path if row else None
+    query_labels = positive_labels(collection.store.labels.of([scan_id]).get(scan_id, {}))
+    panels = [scan_panel(encoder, path, title="query", scan_id=scan_id, labels=query_labels)]
+    rows = collection.hits([h.id for h in hits])
+    for h in hits:
+        panels.append(
+            scan_panel(
+                encoder,
+                rows[h.id].path if h.id in rows else None,
+                title=f"#{h.rank}",
+                scan_id=h.scan_id,
+                score=h.score,
+                labels=positive_labels(h.labels),
+            )
+        )
+        if panels[-1].missing:
+            log.warning("%s: %s", h.scan_id, panels[-1].missing)
+    return panels

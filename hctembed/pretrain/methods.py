@@ -1,0 +1,177 @@
+"""Self-supervised methods as objects the training loop drives without knowing which one it runs.
+
+A method builds its modules, computes the loss of one micro-batch, acts around the optimiser step (DINO: freeze
+the last layer early, EMA teacher, centre update), saves and restores its state, and names the backbone to
+export. A new method plugs in by subclassing :class:`Method` and adding itself to :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hctembed import distributed as ddp
+from hctembed.config import VIT_PRESETS
+from hctembed.model.vit3d import ViT3D
+from hctembed.pretrain.dino import (
+    DINOHead,
+    DINOHeadConfig,
+    DINOLoss,
+    DINOStudent,
+    cancel_last_layer_grads,
+    ema_update,
+    make_teacher,
+)
+from hctembed.pretrain.mae import MAE3D
+from hctembed.pretrain.schedules import Schedules, build_schedules
+from hctembed.pretrain.settings import PretrainConfig, PretrainError
+
+
+class Method:
+    """The part of a pretraining run that differs between methods; the loop calls these in order per step:
+    ``loss`` for each micro-batch, ``before_optimizer_step``, the optimiser step, ``after_optimizer_step``."""
+
+    name: ClassVar[str]
+    base_lr: ClassVar[float]  # peak lr for an effective batch of 256 (scaled linearly)
+    exported_from: ClassVar[str]  # which network becomes the encoder (for the model card)
+
+    def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
+        self.config = config
+        self.device = device
+        self.generator = generator  # per-rank random stream (MAE masks); checkpointed by the loop
+        self.module: nn.Module = nn.Identity()  # trained by gradients
+
+    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
+        raise NotImplementedError
+
+    def schedules(self, *, steps_per_epoch: int, total_steps: int, peak_lr: float) -> Schedules:
+        """Per-step values (lr, weight decay, and whatever the method reads in ``values``)."""
+        c = self.config
+        temp_warmup = min(round(c.teacher_temp_warmup_epochs * steps_per_epoch), (3 * total_steps) // 10)
+        return build_schedules(
+            method=self.name,
+            total_steps=total_steps,
+            peak_lr=peak_lr,
+            min_lr=min(c.min_lr, peak_lr),
+            warmup_steps=self.warmup_steps(steps_per_epoch=steps_per_epoch, total_steps=total_steps),
+            weight_decay=c.weight_decay,
+            momentum_teacher=c.momentum_teacher,
+            warmup_teacher_temp=c.warmup_teacher_temp,
+            teacher_temp=c.teacher_temp,
+            teacher_temp_warmup_steps=temp_warmup,
+        )
+
+    def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
+        """The loss of one micro-batch; ``trainable`` is ``module`` or its DDP wrapper (use it for the forward)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, *, epoch: int) -> None:
+        """After the gradients of every micro-batch are in, before the optimiser uses them."""
+
+    def after_optimizer_step(self, *, values: dict[str, float]) -> None:
+        """After the optimiser step (EMA updates and running statistics)."""
+
+    def state(self) -> dict[str, Any]:
+        """Tensors to checkpoint (``student``: the trained module, plus any the method keeps)."""
+        return {"student": self.module.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["student"])
+
+    def backbone(self) -> ViT3D:
+        """The network exported as the encoder."""
+        raise NotImplementedError
+
+
+class DINOMethod(Method):
+    """Self-distillation: a student on all crops matches an EMA teacher on the global crops (centred, sharpened)."""
+
+    name = "dino"
+    base_lr = 3e-4
+    exported_from = "teacher"
+
+    def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
+        super().__init__(config, device=device, generator=generator)
+        vit = VIT_PRESETS[config.model]
+        head_config = DINOHeadConfig(
+            out_dim=config.prototypes, hidden_dim=config.head_hidden, bottleneck_dim=config.bottleneck
+        )
+        self.module = DINOStudent(ViT3D(vit), DINOHead(vit.dim, head_config)).to(device)
+        self.teacher = make_teacher(self.module)
+        self.criterion = DINOLoss(out_dim=config.prototypes, n_global=2).to(device)
+        self._centre_sum: torch.Tensor | None = None
+        self._micro = 0
+
+    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
+        return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
+
+    def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
+        views = [v.to(self.device, non_blocking=True) for v in batch]
+        with torch.no_grad():
+            t_out = self.teacher(torch.cat(views[:2]))
+        s_out = trainable(torch.cat(views))
+        loss = self.criterion(s_out, t_out, teacher_temp=values["teacher_temp"])
+        centre = DINOLoss.batch_center(t_out)
+        self._centre_sum = centre if self._centre_sum is None else self._centre_sum + centre
+        self._micro += 1
+        return loss
+
+    def before_optimizer_step(self, *, epoch: int) -> None:
+        if epoch < self.config.freeze_last_layer_epochs:
+            cancel_last_layer_grads(self.module.head)
+
+    def after_optimizer_step(self, *, values: dict[str, float]) -> None:
+        ema_update(teacher=self.teacher, student=self.module, momentum=values["momentum"])
+        self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))
+        self._centre_sum, self._micro = None, 0
+
+    def state(self) -> dict[str, Any]:
+        # "loss" holds the DINO centre
+        return super().state() | {"teacher": self.teacher.state_dict(), "loss": self.criterion.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.teacher.load_state_dict(state["teacher"])
+        self.criterion.load_state_dict(state["loss"])
+
+    def backbone(self) -> ViT3D:
+        return self.teacher.backbone
+
+
+class MAEMethod(Method):
+    """Masked autoencoding: the encoder sees a quarter of the patches, a light decoder predicts the rest (MSE)."""
+
+    name = "mae"
+    base_lr = 1.5e-3
+    exported_from = "encoder"
+
+    def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
+        super().__init__(config, device=device, generator=generator)
+        self.module = MAE3D(ViT3D(VIT_PRESETS[config.model]), config.mae).to(device)
+
+    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
+        return round(0.05 * total_steps)
+
+    def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
+        loss, _, _ = trainable(batch.to(self.device, non_blocking=True), generator=self.generator)
+        return loss
+
+    def backbone(self) -> ViT3D:
+        return self.module.encoder
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DINOMethod, MAEMethod)}
+
+
+def method_class(name: str) -> type[Method]:
+    """The method called ``name``, or a PretrainError that lists the known ones."""
+    if name not in METHODS:
+        raise PretrainError(f"unknown method {name!r}; use {' or '.join(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> Method:
+    """The method ``config.method`` names, its modules built on ``device``."""
+    return method_class(config.method)(config, device=device, generator=generator)

@@ -1,0 +1,59 @@
+"""The settings of a pretraining run (defaults: the paper's) and its error type."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from hctembed.config import VIT_PRESETS
+from hctembed.errors import HctembedError
+from hctembed.pretrain.mae import MAEConfig
+
+# settings that may differ between a run and its resumption (they do not change the maths)
+RESUME_FREE = ("max_steps", "checkpoint_every", "num_workers", "log_every", "amp")
+
+
+class PretrainError(HctembedError):
+    """A pretraining run that cannot start or resume (too few scans, a mismatched checkpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every setting of a run (defaults: the paper's). ``lr`` None -> base lr x effective batch / 256."""
+
+    method: str = "dino"
+    model: str = "vit-base"
+    epochs: int = 100
+    max_steps: int | None = None
+    batch_size: int = 2  # per process and micro-batch
+    accumulate: int = 1
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5.0  # DINO; MAE warms up over 5 % of the steps
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    momentum_teacher: float = 0.996
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup_epochs: float = 30.0
+    local_crops: int = 3
+    prototypes: int = 65536
+    head_hidden: int = 2048
+    bottleneck: int = 256
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    checkpoint_every: int = 100
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only (CPU runs in fp32)
+    num_workers: int = 0
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model not in VIT_PRESETS:
+            raise PretrainError(f"unknown model {self.model!r}; known: {', '.join(VIT_PRESETS)}")
+        if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every) < 1:
+            raise PretrainError("epochs, batch size, accumulate and checkpoint interval must be >= 1")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)

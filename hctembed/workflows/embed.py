@@ -1,0 +1,180 @@
+"""Embed an archive into a database, from a typed request: find the scans (or read a manifest), import labels,
+load the encoder, embed, record every outcome, build the index. ``hctembed embed`` is this plus printing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hctembed.errors import InputError
+from hctembed.io.archive import ArchiveScan, Skipped
+from hctembed.io.labels import LabelTable
+from hctembed.workflows.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """What ``hctembed embed`` is asked to do; every field has the CLI option's meaning and default."""
+
+    archive: Path  # folder, one file, or a manifest.parquet
+    db: Path
+    model: str = "vit-base"
+    weights: Path | None = None
+    seed: int = 0
+    random_init: bool = False
+    labels: Path | None = None  # default: ARCHIVE/labels.csv when present
+    batch_size: int = 2
+    retry_failed: bool = False
+    workers: int = 1
+    secret: Path | None = None
+    index: str | None = None
+    device: str = "auto"
+    checkpoint_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        from hctembed.index.choice import KINDS
+
+        if self.index is not None and self.index not in KINDS:
+            raise InputError(f"--index must be one of {', '.join(KINDS)}, not {self.index!r}")
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    """What a run did: counts, the model it stored, and every failure and skip with its reason."""
+
+    db: Path
+    model_id: str
+    fingerprint: str
+    scans: int
+    embedded: int
+    unchanged: int
+    failed: list[tuple[str, str]]  # (source, reason)
+    skipped: list[Skipped]
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)  # ranks, rank_seconds, merge_seconds, parts
+
+    def counts(self) -> dict[str, Any]:
+        """The one-row summary (what ``embed`` prints as its table)."""
+        head = {"db": str(self.db), "model_id": self.model_id, "fingerprint": self.fingerprint}
+        tail = {
+            "scans": self.scans,
+            "embedded": self.embedded,
+            "unchanged": self.unchanged,
+            "failed": len(self.failed),
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 2),
+        }
+        return head | tail | self.extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.counts() | {
+            "failures": [{"source": s, "reason": r} for s, r in self.failed],
+            "skips": [{"source": k.source, "code": k.reason_code, "reason": k.reason} for k in self.skipped],
+        }
+
+
+def find_scans(archive: Path, *, secret: Path | None, progress: Progress = NO_PROGRESS) -> ArchiveScan:
+    """The archive's candidates: read from a manifest, or found by reading headers."""
+    from hctembed.io.archive import scan_archive
+    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.io.pseudonym import Pseudonymizer
+
+    if is_manifest(archive):
+        return read_manifest(archive)
+    with progress.task("reading headers", total=None) as advance:
+        seen = [0]
+
+        def report(k: int) -> None:
+            advance(k - seen[0])
+            seen[0] = k
+
+        return scan_archive(archive, pseudonyms=Pseudonymizer.from_file(secret) if secret else None, progress=report)
+
+
+def labels_of(archive: Path, labels: Path | None) -> tuple[LabelTable | None, str | None]:
+    """The label table to import (``labels``, else ``ARCHIVE/labels.csv`` when present) and its file name."""
+    from hctembed.io.labels import read_labels
+
+    if labels is None and archive.is_dir() and (archive / "labels.csv").exists():
+        labels = archive / "labels.csv"
+    return (read_labels(labels), labels.name) if labels else (None, None)
+
+
+def import_labels(store, table: LabelTable | None, origin: str | None) -> None:
+    """Every known (scan, label, value) of ``table`` into the store's labels."""
+    if table is None:
+        return
+    store.labels.set(
+        (
+            (s, name, v)
+            for s, row in zip(table.scan_ids, table.values, strict=True)
+            for name, v in zip(table.names, row, strict=True)
+            if v == v
+        ),
+        origin=str(origin),
+    )
+
+
+def load_request_encoder(request: EmbedRequest, *, device: str | None = None):
+    """The request's encoder on its device (``auto``: CUDA when torch sees one)."""
+    import torch
+
+    from hctembed.model.encoders import load_encoder
+
+    encoder = load_encoder(
+        request.model, weights=request.weights, seed=request.seed, random_init=request.random_init or None
+    )
+    device = device or request.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: torch sees no CUDA device")
+    return encoder.to(device)
+
+
+def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> EmbedSummary:
+    """Embed ``request.archive`` into ``request.db`` in this process; re-runs skip unchanged scans."""
+    from hctembed.embed import embed_archive
+    from hctembed.index.store import Store
+
+    found = find_scans(request.archive, secret=request.secret, progress=progress)
+    refs = found.selected
+    table, origin = labels_of(request.archive, request.labels)
+    encoder = load_request_encoder(request)
+    log.info(
+        "%d scans selected, %d skipped in %s; model %s, preprocessing %s",
+        len(refs), len(found.skipped), request.archive, encoder.model_id, encoder.fingerprint,
+    )  # fmt: skip
+    with Store(request.db) as store:
+        import_labels(store, table, origin)
+        with progress.task("embedding", total=len(refs)) as advance:
+            report = embed_archive(
+                refs=refs,
+                encoder=encoder,
+                store=store,
+                batch_size=request.batch_size,
+                num_workers=request.workers,
+                patients=table.patients() if table else None,
+                skipped=found.skipped,
+                retry_failed=request.retry_failed,
+                progress=advance,
+                index_kind=request.index,
+                checkpoint_seconds=request.checkpoint_seconds,
+            )
+        if table is not None:
+            store.scans.set_patients(table.patients())
+    return EmbedSummary(
+        db=request.db,
+        model_id=report.collection.model_id,
+        fingerprint=report.collection.fingerprint,
+        scans=report.total,
+        embedded=report.embedded,
+        unchanged=report.unchanged,
+        failed=list(report.failed),
+        skipped=list(found.skipped),
+        seconds=report.seconds,
+    )

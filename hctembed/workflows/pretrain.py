@@ -1,0 +1,50 @@
+"""Pretrain an encoder on an archive: find its scans, join the process group torchrun set up (if any), and run
+the method's loop (:func:`hctembed.pretrain.run_pretrain`). ``hctembed pretrain`` is this plus printing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hctembed.pretrain import PretrainConfig, PretrainError, PretrainResult
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_archive(
+    archive: Path,
+    *,
+    config: PretrainConfig,
+    out: Path,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+) -> PretrainResult | None:
+    """Run ``config`` on the archive's scans (a folder, a file or a manifest); rank 0 returns the result, the
+    other ranks of a torchrun job ``None``. ``device``: cpu or cuda (default: cuda when torch sees one)."""
+    import torch
+
+    from hctembed import distributed as ddp
+    from hctembed.io.archive import scan_archive
+    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.pretrain import run_pretrain
+
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise PretrainError("--device cuda but no CUDA device is available")
+    found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
+    if not found.selected:
+        raise PretrainError(f"no usable scans in {archive}")
+    dev = ddp.init_from_env(use_cuda=use_cuda)
+    rank, world = ddp.rank_world()
+    try:
+        if rank == 0:
+            log.info(
+                "%d scans in %s; %s on %s, %d process(es) on %s",
+                len(found.selected), archive, config.method, config.model, world, dev.type,
+            )  # fmt: skip
+        refs = found.selected
+        result = run_pretrain(refs=refs, config=config, out=out, resume=resume, device=dev, cache_dir=cache_dir)
+    finally:
+        ddp.shutdown()
+    return result if rank == 0 else None
