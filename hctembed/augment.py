@@ -163,3 +163,27 @@ def sample_generator(*, seed: int, epoch: int, index: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
     return g
+
+
+CROP_MM = 192.0  # the paper's centre crop of the 224 mm base
+
+
+def input_from_base(
+    base: torch.Tensor, *, image_size: int, g: torch.Generator | None = None, jitter: float = 0.25,
+    flip_p: float = 0.5,
+) -> torch.Tensor:  # fmt: skip
+    """``base [C, S, S, S]`` (224 mm) -> model input ``[C, image_size]³``: the centre 192 mm resized, as at embedding
+    time (``g`` None); with ``g``, the crop shifted by up to ``jitter`` of its margin per axis and flipped left-right
+    with probability ``flip_p`` (fine-tuning augmentation)."""
+    s = base.shape[1]
+    crop = round(s * CROP_MM / BASE_MM)
+    centre = (s - crop) // 2
+    starts = [centre] * 3
+    if g is not None:
+        reach = int((s - crop) // 2 * jitter)
+        starts = [centre + int(torch.randint(-reach, reach + 1, (), generator=g)) for _ in range(3)]
+    z, y, x = starts
+    out = resize(base[:, z : z + crop, y : y + crop, x : x + crop], size=image_size)
+    if g is not None and float(torch.rand((), generator=g)) < flip_p:
+        out = out.flip(3)  # X is the patient's left-right axis in RAS order
+    return out.contiguous()

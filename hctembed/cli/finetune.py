@@ -25,7 +25,8 @@ def result_rows(results: dict) -> list[dict]:
     """One flat row per task: AUC and AP with their CIs, or why they are missing."""
     rows = []
     for r in results["rows"]:
-        row = {"task": r["task"], "n_train": r["n_train"], "n_test": r["n_test"], "positives": r["n_test_positive"]}
+        row = {"task": r["task"], "n_train": r["n_train"], "n_test": r.get("n_test"),
+               "positives": r.get("n_test_positive")}  # fmt: skip
         for m in ("AUC", "AP"):
             e = r.get(m) or {}
             row |= {m: e.get("value"), f"{m}_low": e.get("low"), f"{m}_high": e.get("high")}

@@ -33,7 +33,11 @@ def pretrain(
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers cutting views."),
     cache: Path | None = typer.Option(None, "--cache", help="Preprocessed-volume cache (default OUT/cache)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    monitor_labels: Path | None = typer.Option(
+        None, "--monitor-labels", help="labels CSV: log kNN AUC and retrieval mAP on labelled scans every N steps."
+    ),
+    monitor_every: int = typer.Option(50, "--monitor-every", min=1, help="Steps between labelled monitors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
     from hctembed.pretrain import PretrainConfig
@@ -53,8 +57,11 @@ def pretrain(
         prototypes=prototypes,
         seed=seed,
         num_workers=workers,
+        monitor_every=monitor_every,
     )
-    result = pretrain_archive(archive, config=run, out=out, resume=resume, cache_dir=cache, device=device)
+    result = pretrain_archive(
+        archive, config=run, out=out, resume=resume, cache_dir=cache, device=device, monitor_labels=monitor_labels
+    )
     if result is not None:  # rank 0
         rows = {
             "out": str(out),

@@ -15,31 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hctembed.augment import resize, sample_generator
+from hctembed.augment import input_from_base, sample_generator
 from hctembed.eval.classification import balanced_indices
 from hctembed.pretrain.cache import read_base
-
-CROP_MM, BASE_MM = 192.0, 224.0
-
-
-def finetune_input(
-    base: torch.Tensor, *, image_size: int, g: torch.Generator | None = None, jitter: float = 0.25,
-    flip_p: float = 0.5,
-) -> torch.Tensor:  # fmt: skip
-    """``base [C, S, S, S]`` -> model input ``[C, image_size]³``: the centre 192 mm (``g`` None), or a crop
-    shifted by up to ``jitter`` of the margin per axis and flipped left-right with probability ``flip_p``."""
-    s = base.shape[1]
-    crop = round(s * CROP_MM / BASE_MM)
-    centre = (s - crop) // 2
-    starts = [centre] * 3
-    if g is not None:
-        reach = int((s - crop) // 2 * jitter)
-        starts = [centre + int(torch.randint(-reach, reach + 1, (), generator=g)) for _ in range(3)]
-    z, y, x = starts
-    out = resize(base[:, z : z + crop, y : y + crop, x : x + crop], size=image_size)
-    if g is not None and float(torch.rand((), generator=g)) < flip_p:
-        out = out.flip(3)  # X is the patient's left-right axis in RAS order
-    return out.contiguous()
 
 
 def epoch_sample(y: np.ndarray, *, n: int, seed: int, epoch: int) -> np.ndarray:
@@ -69,7 +47,7 @@ class LabelledInputs(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         position, index = self.order[k]
         g = sample_generator(seed=self.seed, epoch=self.epoch, index=position) if self.train else None
-        x = finetune_input(
+        x = input_from_base(
             read_base(self.paths[index]), image_size=self.image_size, g=g, jitter=self.jitter, flip_p=self.flip_p
         )
         return x, self.y[index]

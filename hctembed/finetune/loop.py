@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from hctembed.finetune.classifier import Classifier, build_classifier
 from hctembed.finetune.data import LabelledInputs, epoch_sample
 from hctembed.finetune.settings import RESUME_FREE, FinetuneConfig, FinetuneError
+from hctembed.pictures.training_curves import plot_training_curves
 from hctembed.pretrain.schedules import cosine_schedule
 from hctembed.pretrain.state import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
@@ -144,6 +145,7 @@ def train_classifier(
                          f" val AUC {last['val_auc']}" if "val_auc" in last else "")  # fmt: skip
             if out is not None and (step % config.checkpoint_every == 0 or step == stop):
                 _checkpoint(out, model, optimizer, config=config, step=step, train=train, init=init)
+                plot_training_curves(out / LOG_FILE, out / "curves.png", title=f"fine-tuning from {init['init']}")
     finally:
         if log_file is not None:
             log_file.close()

@@ -31,9 +31,11 @@ from hctembed.augment import MaeCropConfig, MultiCropConfig, base_preprocess
 from hctembed.config import VIT_PRESETS
 from hctembed.model.encoders import REGISTRY
 from hctembed.model.vit3d import ViT3D
+from hctembed.pictures.training_curves import plot_training_curves
 from hctembed.pretrain.cache import ViewDataset, build_cache, collate_views, epoch_order
 from hctembed.pretrain.export import export_backbone
 from hctembed.pretrain.methods import Method, build_method, method_class
+from hctembed.pretrain.monitors import LabelMonitor, collapse_warning
 from hctembed.pretrain.settings import RESUME_FREE, PretrainConfig, PretrainError
 from hctembed.pretrain.state import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
+CURVES_FILE = "curves.png"
 __all__ = ["PretrainConfig", "PretrainError", "PretrainResult", "run_pretrain"]
 
 
@@ -95,6 +98,7 @@ class _Run:
     world: int
     card: dict[str, Any]
     out: Path
+    monitor: LabelMonitor | None = None
 
 
 def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: int, eff_batch: int, base_cfg):
@@ -121,8 +125,11 @@ def run_pretrain(
     resume: bool = False,
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
+    monitor_labels=None,
 ) -> PretrainResult:
-    """Pretrain on the scans ``refs`` (SeriesRefs); writes checkpoints, ``log.jsonl`` and the encoder to ``out``."""
+    """Pretrain on the scans ``refs`` (SeriesRefs); writes checkpoints, ``log.jsonl``, ``curves.png`` and the
+    encoder to ``out``. ``monitor_labels`` (a LabelTable): every ``config.monitor_every`` steps, kNN AUC and
+    retrieval mAP of the current backbone on labelled cached scans are logged (never trained on)."""
     method_cls = method_class(config.method)  # an unknown method fails before any work
     device = torch.device(device)
     rank, world = ddp.rank_world()
@@ -158,6 +165,7 @@ def run_pretrain(
         card=_card(config, method=method, n_scans=len(scans), total_steps=total_steps, eff_batch=eff_batch,
                    base_cfg=base_cfg),
         out=out,
+        monitor=LabelMonitor.of(scans, monitor_labels, every=config.monitor_every) if monitor_labels else None,
     )  # fmt: skip
     sched = method.schedules(steps_per_epoch=steps_per_epoch, total_steps=total_steps, peak_lr=peak_lr)
     step = _resume(run) if resume else 0
@@ -220,7 +228,7 @@ def _train(run: _Run, sched, *, start: int) -> tuple[int, dict[str, Any]]:
     use_amp = device.type == "cuda" and c.amp
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     log_file = (run.out / LOG_FILE).open("a") if run.rank == 0 else None
-    step, last, batches, started = start, {}, None, time.perf_counter()
+    step, last, batches, started, warned = start, {}, None, time.perf_counter(), set()
     try:
         while step < stop:
             epoch, in_epoch = divmod(step, run.steps_per_epoch)
@@ -249,6 +257,7 @@ def _train(run: _Run, sched, *, start: int) -> tuple[int, dict[str, Any]]:
             step += 1
             mean_loss = float(ddp.all_reduce_mean(loss_sum / c.accumulate))
             last = {"step": step, "epoch": epoch, "loss": mean_loss, **values}
+            last |= _monitor(run, values, step=step, warned=warned)
             if run.rank == 0 and (step % c.log_every == 0 or step == stop):
                 last["seconds"] = round(time.perf_counter() - started, 3)
                 log_file.write(json.dumps(last) + "\n")
@@ -258,10 +267,26 @@ def _train(run: _Run, sched, *, start: int) -> tuple[int, dict[str, Any]]:
                          values["lr"], temp)  # fmt: skip
             if step % c.checkpoint_every == 0 or step == stop:
                 _checkpoint(run, step)
+                if run.rank == 0:
+                    plot_training_curves(run.out / LOG_FILE, run.out / CURVES_FILE, title=f"{c.method} {c.model}")
     finally:
         if log_file is not None:
             log_file.close()
     return step, last
+
+
+def _monitor(run: _Run, values: dict[str, Any], *, step: int, warned: set[str]) -> dict[str, Any]:
+    """The method's per-step numbers, the labelled monitor when due, and a collapse warning (once per kind, after
+    the first tenth of the run)."""
+    stats = run.method.monitor_stats()
+    if run.monitor is not None and run.rank == 0 and (step % run.monitor.every == 0 or step == 1):
+        stats |= run.monitor(run.method.backbone(), device=run.device)
+    found = collapse_warning(stats, dim=VIT_PRESETS[run.config.model].dim) if step > run.total_steps // 10 else None
+    if found and found[0] not in warned and run.rank == 0:
+        warned.add(found[0])
+        log.warning("step %d: collapse? %s", step, found[1])
+        stats["warning"] = found[1]
+    return stats
 
 
 def _checkpoint(run: _Run, step: int) -> None:

@@ -25,6 +25,7 @@ from hctembed.pretrain.dino import (
     make_teacher,
 )
 from hctembed.pretrain.mae import MAE3D
+from hctembed.pretrain.monitors import dino_stats
 from hctembed.pretrain.schedules import Schedules, build_schedules
 from hctembed.pretrain.settings import PretrainConfig, PretrainError
 
@@ -73,6 +74,10 @@ class Method:
     def after_optimizer_step(self, *, values: dict[str, float]) -> None:
         """After the optimiser step (EMA updates and running statistics)."""
 
+    def monitor_stats(self) -> dict[str, float]:
+        """Numbers of the last micro-batch that show learning or collapse (logged with the loss)."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """Tensors to checkpoint (``student``: the trained module, plus any the method keeps)."""
         return {"student": self.module.state_dict()}
@@ -103,6 +108,7 @@ class DINOMethod(Method):
         self.criterion = DINOLoss(out_dim=config.prototypes, n_global=2).to(device)
         self._centre_sum: torch.Tensor | None = None
         self._micro = 0
+        self._stats: dict[str, float] = {}
 
     def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
         return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
@@ -110,9 +116,14 @@ class DINOMethod(Method):
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
         views = [v.to(self.device, non_blocking=True) for v in batch]
         with torch.no_grad():
-            t_out = self.teacher(torch.cat(views[:2]))
+            t_cls = self.teacher.backbone(torch.cat(views[:2]))
+            t_out = self.teacher.head(t_cls)
         s_out = trainable(torch.cat(views))
         loss = self.criterion(s_out, t_out, teacher_temp=values["teacher_temp"])
+        self._stats = dino_stats(
+            teacher_out=t_out, student_global=s_out[: t_out.shape[0]].detach(), teacher_cls=t_cls,
+            center=self.criterion.center, teacher_temp=values["teacher_temp"], student_temp=self.criterion.student_temp,
+        )  # fmt: skip
         centre = DINOLoss.batch_center(t_out)
         self._centre_sum = centre if self._centre_sum is None else self._centre_sum + centre
         self._micro += 1
@@ -126,6 +137,9 @@ class DINOMethod(Method):
         ema_update(teacher=self.teacher, student=self.module, momentum=values["momentum"])
         self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))
         self._centre_sum, self._micro = None, 0
+
+    def monitor_stats(self) -> dict[str, float]:
+        return dict(self._stats)
 
     def state(self) -> dict[str, Any]:
         # "loss" holds the DINO centre

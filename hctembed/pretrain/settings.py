@@ -10,7 +10,7 @@ from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
 
 # settings that may differ between a run and its resumption (they do not change the maths)
-RESUME_FREE = ("max_steps", "checkpoint_every", "num_workers", "log_every", "amp")
+RESUME_FREE = ("max_steps", "checkpoint_every", "num_workers", "log_every", "amp", "monitor_every")
 
 
 class PretrainError(HctembedError):
@@ -48,6 +48,7 @@ class PretrainConfig:
     amp: bool = True  # bf16 autocast, CUDA only (CPU runs in fp32)
     num_workers: int = 0
     log_every: int = 1
+    monitor_every: int = 50  # steps between labelled-monitor evaluations (with monitor labels)
 
     def __post_init__(self) -> None:
         if self.model not in VIT_PRESETS:

@@ -64,6 +64,8 @@ class FinetuneRequest:
             raise InputError("name at least one --task (a 0/1 label column)")
         if self.k_shot is not None and self.k_shot < 1:
             raise InputError("--k-shot must be >= 1")
+        if self.k_shot is not None and self.joint and len(self.tasks) > 1:
+            raise InputError("--k-shot draws K positives and negatives per task: use it without --joint")
 
 
 def image_size_of(*, model: str, weights: Path | None) -> int:
@@ -146,6 +148,15 @@ def _train_part(y: np.ndarray, train: np.ndarray, *, k_shot: int | None, seed: i
     return train[fewshot_indices(y[train], k=k_shot, rng=np.random.default_rng([seed, k_shot]))]
 
 
+def _untrainable(y: np.ndarray, tasks: tuple[str, ...]) -> str | None:
+    """Why the training part cannot train these tasks (a task without positives or negatives), or None."""
+    for j, task in enumerate(tasks):
+        known = y[~np.isnan(y[:, j]), j]
+        if known.sum() == 0 or known.sum() == known.size:
+            return f"the training part has {'no positives' if known.sum() == 0 else 'no negatives'} for {task}"
+    return None
+
+
 def _export(result, folder: Path, *, tasks: tuple[str, ...], card: dict) -> dict[str, str]:
     """The fine-tuned encoder (for ``embed --weights``) and its classification layer."""
     from safetensors.torch import save_file
@@ -177,6 +188,11 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
         cols = [request.tasks.index(t) for t in tasks]
         y = data.y[:, cols]
         train = split.train if len(cols) > 1 else _train_part(y[:, 0], split.train, k_shot=request.k_shot, seed=c.seed)
+        reason = _untrainable(y[train], tasks)
+        if reason:
+            log.warning("%s: not fine-tuned: %s", ",".join(tasks), reason)
+            rows += [{"task": t, "n_train": int(train.size), "skip_reason": reason} for t in tasks]
+            continue
         log.info("fine-tuning %s on %d scans (%s)", ",".join(tasks), train.size, request.weights or "scratch")
         result = train_classifier(paths=data.paths, y=y, train=train, config=c, weights=request.weights,
                                   val=split.val, out=folder, resume=request.resume, device=request.device)  # fmt: skip

@@ -19,9 +19,11 @@ def pretrain_archive(
     resume: bool = False,
     cache_dir: Path | None = None,
     device: str | None = None,
+    monitor_labels: Path | None = None,
 ) -> PretrainResult | None:
     """Run ``config`` on the archive's scans (a folder, a file or a manifest); rank 0 returns the result, the
-    other ranks of a torchrun job ``None``. ``device``: cpu or cuda (default: cuda when torch sees one)."""
+    other ranks of a torchrun job ``None``. ``device``: cpu or cuda (default: cuda when torch sees one).
+    ``monitor_labels``: a labels CSV for the kNN / retrieval monitor (see :mod:`hctembed.pretrain.monitors`)."""
     import torch
 
     from hctembed import distributed as ddp
@@ -32,6 +34,11 @@ def pretrain_archive(
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise PretrainError("--device cuda but no CUDA device is available")
+    from hctembed.io.labels import read_labels
+    from hctembed.pretrain.methods import method_class
+
+    method_class(config.method)  # an unknown method fails before the archive is read
+    labels = read_labels(monitor_labels) if monitor_labels else None
     found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
     if not found.selected:
         raise PretrainError(f"no usable scans in {archive}")
@@ -44,7 +51,8 @@ def pretrain_archive(
                 len(found.selected), archive, config.method, config.model, world, dev.type,
             )  # fmt: skip
         refs = found.selected
-        result = run_pretrain(refs=refs, config=config, out=out, resume=resume, device=dev, cache_dir=cache_dir)
+        result = run_pretrain(refs=refs, config=config, out=out, resume=resume, device=dev, cache_dir=cache_dir,
+                              monitor_labels=labels)  # fmt: skip
     finally:
         ddp.shutdown()
     return result if rank == 0 else None
