@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hctembed.config import VIT_PRESETS
+from hctembed.config import VIT_PRESETS, ViTConfig
 from hctembed.model.vit3d import ViT3D
 from hctembed.pretrain.mae import MAE3D, MAEConfig, patchify, random_masking
 
@@ -91,3 +91,17 @@ def test_encoder_sees_only_visible_tokens_and_trains():
     loss.backward()
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_unpatchify_inverts_patchify_and_reconstruction_keeps_visible_patches():
+    from hctembed.pretrain.mae import patchify, unpatchify
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, 16, generator=g)
+    assert torch.equal(unpatchify(patchify(x, patch=4), patch=4, grid=4, channels=3), x)
+    vit = ViTConfig(name="t", image_size=16, patch_size=4, dim=48, depth=1, heads=2, mlp_dim=96)
+    mae = MAE3D(ViT3D(vit), MAEConfig(decoder_dim=24, decoder_depth=1, decoder_heads=2)).eval()
+    visible, recon = mae.reconstruct(x, generator=torch.Generator().manual_seed(1))
+    kept = (visible != 0).any(dim=1)  # voxels of visible patches (zeroed elsewhere)
+    assert 0.15 < kept.float().mean() < 0.35  # 25 % of patches visible
+    assert torch.equal(recon.permute(0, 2, 3, 4, 1)[kept], x.permute(0, 2, 3, 4, 1)[kept])

@@ -234,7 +234,10 @@ def fewshot(
     from hctembed.workflows.bench import FewshotRequest, run_fewshot
 
     setup_logging(quiet=quiet)
-    k_values = tuple(int(k) for k in ks.split(","))
+    try:
+        k_values = tuple(int(k) for k in ks.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--ks needs whole numbers separated by commas, got {ks!r}") from None
     if finetune:
         from hctembed.workflows.bench_finetune import run_fewshot_finetune
 
@@ -249,7 +252,8 @@ def fewshot(
         return
     if not db:
         raise typer.BadParameter("give --db (probes on stored vectors) or --finetune --archive")
-    inputs = _inputs(db, labels, model, columns, ratios=ratios, seed=seed, n_resamples=n_resamples)
+    inputs = _inputs(db, labels, model, columns, ratios=ratios, seed=seed, n_resamples=n_resamples,
+                     n_permutations=n_permutations)  # fmt: skip
     request = FewshotRequest(inputs, ks=k_values, draws=draws, probe=probe)
     show_results(run_fewshot(request), out_dir=out_dir, as_json=as_json)
 

@@ -24,6 +24,7 @@ def demo(
 ) -> None:
     """Run the whole path on synthetic data, a few minutes on 2 cores."""
     from hctembed.cli.bench import show_results
+    from hctembed.cli.common import setup_logging
     from hctembed.cli.embed import print_summary
     from hctembed.cli.search import print_hits
     from hctembed.index.store import Store
@@ -31,6 +32,7 @@ def demo(
     from hctembed.workflows.bench import BenchInputs, RetrievalRequest, run_retrieval, write_results
     from hctembed.workflows.embed import EmbedRequest, run_embed
 
+    setup_logging()
     if fresh and out.exists():
         shutil.rmtree(out)
     archive, db, progress = out / "archive", out / "hctembed.duckdb", BarProgress()
@@ -84,7 +86,8 @@ def _pretrain(archive: Path, run_dir: Path, *, model: str, steps: int, n: int) -
         return weights
     stderr.print(
         f"self-supervised DINO on the archive itself for {steps} steps (2 global + 2 local crops per scan, no "
-        "labels): enough for neighbours to follow the images' content a little; `hctembed pretrain` runs the real thing"
+        "labels). That is far too little to learn anything: the demo shows the path, not a trained model; "
+        f"{run_dir}/curves.png and log.jsonl show the monitors (a uniform teacher output is the sign)"
     )
     config = PretrainConfig(
         method="dino", model=model, epochs=-(-steps // max(1, n // 2)),  # the schedules span about the steps run

@@ -81,7 +81,8 @@ def _paired_p(y, a, b, n_permutations: int, seed: int) -> dict[str, float | None
 
 
 def _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed) -> list[dict]:
-    """Per model, the mean over tasks at each K (the tasks every model has a score for at that K)."""
+    """Per model, the mean over tasks at each K (the tasks every model has a score for at that K): the mean of the
+    task rows' values and CI bounds; its P value tests the mean-over-tasks metric of the draw-averaged scores."""
     test = split.test
     n_models = len(data.model_ids)
     curves = [{"task": "mean", "model": mid, "points": []} for mid in data.model_ids]
@@ -100,11 +101,12 @@ def _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, s
                 for j, t in enumerate(tasks):
                     s[~np.isnan(y_all[:, j]), j] = points[mm, t][i].mean_scores
                 matrices.append(s)
-            for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
-                per_task = [np.mean(points[m, t][i].to_dict()[f"{metric_name}_per_draw"]) for t in tasks]
-                est = stats.bootstrap_metric(_mean_over_tasks(fn), y_all, matrices[m], n_resamples=n_resamples,
-                                             seed=seed).to_dict()  # fmt: skip
-                row[metric_name] = est | {"value": float(np.mean(per_task))}
+            for metric_name in ("AUC", "AP"):
+                # the mean over tasks of each task's point (value and CI bounds), so it reads like the task rows
+                per_task = [points[m, t][i].to_dict()[metric_name] for t in tasks]
+                row[metric_name] = {
+                    key: float(np.mean([e[key] for e in per_task])) for key in ("value", "low", "high")
+                } | {"ci": "mean over tasks of the task rows' values and 95% bounds"}
             if m > 0:
                 row["p_values"] = {}
                 for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):

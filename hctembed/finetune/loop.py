@@ -104,7 +104,7 @@ def train_classifier(
     )  # scaled by each group's peak lr
     stop = min(total, config.max_steps) if config.max_steps is not None else total
     step = _resume(out, model, optimizer, config=config, train=train, init=init) if resume and out else 0
-    log_file = (out / LOG_FILE).open("a") if out is not None else None
+    log_file = _open_log(out, step=step) if out is not None else None
     image_size = model.backbone.config.image_size
     last: dict[str, Any] = {}
     batches, started = None, time.perf_counter()
@@ -182,6 +182,28 @@ def validation_auc(model: Classifier, paths, y: np.ndarray, val: np.ndarray, *, 
     return round(float(np.mean(aucs)), 4) if aucs else None
 
 
+def _open_log(out: Path, *, step: int):
+    """``log.jsonl`` for appending: a fresh run starts it empty; a resumed one keeps the rows up to its checkpoint
+    (rows logged after the checkpoint are logged again as the steps are redone)."""
+    path = out / LOG_FILE
+    kept = []
+    if step and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    path.write_text("".join(f"{line}\n" for line in kept))
+    return path.open("a")
+
+
+def _same_init(saved: dict, now: dict) -> bool:
+    """The same initial weights: equal digests for a weight file (wherever it lies now), equal seeds for scratch."""
+    keys = ("init", "weights_digest") if now.get("init") == "weights" else ("init", "seed", "model")
+    return all(saved.get(k) == now.get(k) for k in keys)
+
+
 def _digest(train: np.ndarray) -> str:
     import hashlib
 
@@ -214,7 +236,7 @@ def _resume(out: Path, model, optimizer, *, config, train, init) -> int:
     diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
     if diff:
         raise FinetuneError(f"cannot resume: the checkpoint was made with other settings ({', '.join(diff)})")
-    if state["train"] != _digest(train) or json.loads(state["init"]) != init:
+    if state["train"] != _digest(train) or not _same_init(json.loads(state["init"]), init):
         raise FinetuneError("cannot resume: the training scans or the initial weights differ from the checkpoint's")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

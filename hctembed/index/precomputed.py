@@ -42,7 +42,10 @@ def read_vectors(path: str | Path, *, name: str) -> Imported:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises its own types for a file that is not Parquet
+            raise VectorsFileError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
         column = next((c for c in ("vector", "embedding") if c in table.column_names), None)
         if "scan_id" not in table.column_names or column is None:
             raise VectorsFileError(f"{path}: needs columns scan_id and vector (or embedding); has {table.column_names}")
@@ -52,7 +55,10 @@ def read_vectors(path: str | Path, *, name: str) -> Imported:
         ids_file = path.with_suffix(".scan_ids.txt")
         if not ids_file.exists():
             raise VectorsFileError(f"{path}: needs {ids_file.name} beside it (one scan id per line, in row order)")
-        vectors = np.load(path, allow_pickle=False).astype(np.float32)
+        try:
+            vectors = np.load(path, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError) as exc:
+            raise VectorsFileError(f"{path} is not a plain .npy array ({exc})") from None
         scan_ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
     else:
         raise VectorsFileError(f"{path}: use .parquet (scan_id, vector) or .npy with .scan_ids.txt")

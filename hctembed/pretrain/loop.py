@@ -32,7 +32,7 @@ from hctembed.config import VIT_PRESETS
 from hctembed.model.encoders import REGISTRY
 from hctembed.model.vit3d import ViT3D
 from hctembed.pictures.training_curves import plot_training_curves
-from hctembed.pretrain.cache import ViewDataset, build_cache, collate_views, epoch_order
+from hctembed.pretrain.cache import ViewDataset, build_cache, collate_views, epoch_order, read_base
 from hctembed.pretrain.export import export_backbone
 from hctembed.pretrain.methods import Method, build_method, method_class
 from hctembed.pretrain.monitors import LabelMonitor, collapse_warning
@@ -279,8 +279,11 @@ def _monitor(run: _Run, values: dict[str, Any], *, step: int, warned: set[str]) 
     """The method's per-step numbers, the labelled monitor when due, and a collapse warning (once per kind, after
     the first tenth of the run)."""
     stats = run.method.monitor_stats()
-    if run.monitor is not None and run.rank == 0 and (step % run.monitor.every == 0 or step == 1):
+    due = run.rank == 0 and (step % run.config.monitor_every == 0 or step == 1)
+    if due and run.monitor is not None:
         stats |= run.monitor(run.method.backbone(), device=run.device)
+    if due:  # the method's picture of one fixed scan (MAE: its reconstruction)
+        run.method.draw_monitor(read_base(run.scans[0].path), out=run.out, step=step)
     found = collapse_warning(stats, dim=VIT_PRESETS[run.config.model].dim) if step > run.total_steps // 10 else None
     if found and found[0] not in warned and run.rank == 0:
         warned.add(found[0])

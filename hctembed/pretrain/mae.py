@@ -62,6 +62,14 @@ def patchify(x: torch.Tensor, *, patch: int) -> torch.Tensor:
     return t.reshape(b, gz * gy * gx, patch**3 * c)
 
 
+def unpatchify(patches: torch.Tensor, *, patch: int, grid: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, grid³, p³·C]`` -> ``[B, C, grid·p, grid·p, grid·p]``."""
+    b = patches.shape[0]
+    t = patches.reshape(b, grid, grid, grid, patch, patch, patch, channels)
+    t = t.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, gz, pz, gy, py, gx, px]
+    return t.reshape(b, channels, grid * patch, grid * patch, grid * patch)
+
+
 class MAE3D(nn.Module):
     """``forward(x [B, C, Z, Y, X]) -> (loss, pred [B, N, p³·C], mask [B, N])``."""
 
@@ -134,6 +142,21 @@ class MAE3D(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, N]
         return (per_patch * mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, C, Z, Y, X]`` -> (the input with masked patches zeroed, the input with masked patches replaced by
+        the prediction), both like ``x`` (pixel space; with ``norm_pix_loss`` the prediction is de-normalised with
+        each patch's true mean and spread, as the MAE paper's pictures are)."""
+        latent, mask, ids_restore = self.encode(x, generator=generator)
+        pred = self.decode(latent, ids_restore).float()
+        target = patchify(x, patch=self.vit.patch_size)
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        m = mask[..., None]
+        shape = {"patch": self.vit.patch_size, "grid": self.vit.grid, "channels": self.vit.in_channels}
+        return unpatchify(target * (1 - m), **shape), unpatchify(target * (1 - m) + pred * m, **shape)
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None):
         latent, mask, ids_restore = self.encode(x, generator=generator)

@@ -7,6 +7,7 @@ export. A new method plugs in by subclassing :class:`Method` and adding itself t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,10 @@ class Method:
     def monitor_stats(self) -> dict[str, float]:
         """Numbers of the last micro-batch that show learning or collapse (logged with the loss)."""
         return {}
+
+    def draw_monitor(self, base: torch.Tensor, *, out: Path, step: int) -> Path | None:
+        """A picture of what the method does with one fixed scan (``base``: its cached base volume), or None."""
+        return None
 
     def state(self) -> dict[str, Any]:
         """Tensors to checkpoint (``student``: the trained module, plus any the method keeps)."""
@@ -174,6 +179,20 @@ class MAEMethod(Method):
 
     def backbone(self) -> ViT3D:
         return self.module.encoder
+
+    def draw_monitor(self, base: torch.Tensor, *, out: Path, step: int) -> Path:
+        """``reconstruction.png``: mid slices of a fixed scan, its visible patches, and the reconstruction (the same
+        mask every time, so pictures of successive steps compare)."""
+        from hctembed.augment import input_from_base
+        from hctembed.pictures.reconstruction import plot_reconstruction
+
+        x = input_from_base(base, image_size=self.module.vit.image_size)[None].to(self.device)
+        was = self.module.training
+        self.module.eval()
+        visible, recon = self.module.reconstruct(x, generator=torch.Generator().manual_seed(0))
+        self.module.train(was)
+        images = [t[0, 0].float().cpu().numpy() for t in (x, visible, recon)]
+        return plot_reconstruction(images, out=out / "reconstruction.png", title=f"MAE step {step}")
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DINOMethod, MAEMethod)}

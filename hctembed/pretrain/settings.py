@@ -53,8 +53,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.model not in VIT_PRESETS:
             raise PretrainError(f"unknown model {self.model!r}; known: {', '.join(VIT_PRESETS)}")
-        if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every) < 1:
-            raise PretrainError("epochs, batch size, accumulate and checkpoint interval must be >= 1")
+        if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every, self.monitor_every) < 1:
+            raise PretrainError("epochs, batch size, accumulate, checkpoint and monitor intervals must be >= 1")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

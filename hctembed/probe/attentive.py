@@ -132,6 +132,8 @@ def load_attentive(path: str | Path) -> tuple[AttentiveProbe, dict]:
         raise ProbeError(f"{path} is not a readable safetensors file ({exc})") from None
     if metadata.get("format") != FORMAT:
         raise ProbeError(f"{path} is not an attentive probe (format {metadata.get('format')!r})")
+    if "config" not in metadata:
+        raise ProbeError(f"{path}: no probe configuration in its metadata")
     probe = AttentiveProbe(AttentiveConfig(**json.loads(metadata["config"])))
     load_state_strict(probe, load_file(str(path)))
     return probe.eval(), json.loads(metadata.get("meta", "{}"))

@@ -226,6 +226,7 @@ def run_fewshot(request: FewshotRequest) -> dict:
         n_resamples=request.inputs.n_resamples,
         seed=request.inputs.seed,
         probe=request.probe,
+        n_permutations=request.inputs.n_permutations,
     )
 
 

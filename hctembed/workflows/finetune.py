@@ -187,8 +187,13 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
     for tasks, folder in runs:
         cols = [request.tasks.index(t) for t in tasks]
         y = data.y[:, cols]
-        train = split.train if len(cols) > 1 else _train_part(y[:, 0], split.train, k_shot=request.k_shot, seed=c.seed)
-        reason = _untrainable(y[train], tasks)
+        try:
+            train = split.train if len(cols) > 1 else _train_part(y[:, 0], split.train, k_shot=request.k_shot,
+                                                                  seed=c.seed)  # fmt: skip
+        except InputError as exc:  # too few positives or negatives for K: this task only
+            train, reason = split.train[:0], str(exc)
+        else:
+            reason = _untrainable(y[train], tasks)
         if reason:
             log.warning("%s: not fine-tuned: %s", ",".join(tasks), reason)
             rows += [{"task": t, "n_train": int(train.size), "skip_reason": reason} for t in tasks]
@@ -203,7 +208,8 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
         outputs["+".join(tasks)] = _export(result, folder, tasks=tasks, card=card)
         for j, task in enumerate(tasks):
             metrics = task_metrics(y[split.test, j], scores[:, j], n_resamples=request.n_resamples, seed=c.seed)
-            rows.append({"task": task, "n_train": int(train.size), **metrics})
+            rows.append({"task": task, "n_train": int(train.size), "samples_per_epoch": result.samples_per_epoch,
+                         **metrics})  # fmt: skip
     results = {
         "protocol": "finetune",
         "definition": DEFINITION,
@@ -212,7 +218,6 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
         "k_shot": request.k_shot,
         "joint": request.joint,
         "settings": asdict(c),
-        "samples_per_epoch": c.epoch_samples(split.train.size),
         "n_scans": len(data.scan_ids),
         "failed": [{"source": s, "reason": r} for s, r in data.failed],
         "split": split.to_dict(),

@@ -163,6 +163,10 @@ def apply_probe(
 
         probe, meta = load_attentive(probe_file)
         kind = "attentive"
+    if not {"model_id", "task"} <= set(meta):
+        from hctembed.probe.attentive import ProbeError
+
+        raise ProbeError(f"{probe_file}: the probe does not name its model and task (not written by probe train)")
     model_id, task = meta["model_id"], meta["task"]
     probe_id = make_probe_id(kind=kind, model_id=model_id, task=task, content=probe_file.read_bytes())
     with Store(db) as store:
