@@ -1,22 +1,22 @@
 """Does pretraining help? The evidence run of issue 12, on a synthetic archive the generator makes.
 
-Stages (each one's results are kept in OUT, so an interrupted run picks up where it stopped):
+Stages (each one's result is kept as OUT/<stage>.json, so an interrupted run picks up where it stopped):
 
-1. archive: ``hctembed synth`` (or ``--archive`` an existing one with its labels.csv);
-2. sanity: the supervised bound: the encoder fine-tuned from scratch on the whole training part per task
-   (shows whether the lesions are learnable at the model's input size at all);
-3. pretrain: DINO and MAE on the archive's scans (no labels; the kNN/mAP monitor reads labels only to log);
-4. frozen: random-init, DINO and MAE encoders embedded into one database; retrieval mAP and linear-probe AUC per
-   subtype with bootstrap CIs and paired permutation P values against random init;
-5. finetune: scratch against the pretrained initialisations at K = 8, 16, 32 (``--draws`` draws) and on the whole
-   training part, with P values against scratch.
+1. archive: ``hctembed synth`` (or ``--archive``, an existing archive with its labels.csv);
+2. pretrain: MAE (and, with ``--dino-epochs``, DINO) on the archive's scans through ``hctembed.workflows.pretrain``
+   (no labels reach the loss; the labelled monitor reads them only to log kNN AUC and mAP);
+3. frozen: every scan's embedding-time input (the centre 192 mm of the cached 224 mm base, resized) through the
+   random-initialised encoder and the pretrained ones, CLS token and mean patch token; all-vs-all retrieval mAP
+   (same patient excluded) and a linear probe's test AUC per subtype with bootstrap CIs and paired permutation P
+   values against random init; the HU histogram of the same input as a hand-made reference;
+4. fewshot: fine-tuning from scratch against from the pretrained encoder at each K (``--draws`` draws), per task;
+5. finetune: the same on the whole training part (the supervised bound for scratch).
 
-Nothing is tuned on the test part: settings are fixed here before the run. Prints one summary table per stage
-(pretrained against the random-init / scratch baseline of the same run) and writes OUT/summary.md.
+Settings are fixed here before the run and nothing is tuned on the test part. Prints the tables and writes
+OUT/summary.md.
 
-Run (CPU, about 2-3 hours on 2 cores with the defaults; ``--budget quick`` for a 15-minute smoke run):
-
-    .venv/bin/python benchmarks/learning_synthetic.py --out bench-out/learning --threads 2
+    .venv/bin/python benchmarks/learning_synthetic.py --out bench-out/learning            # ~2 h on 2 cores
+    .venv/bin/python benchmarks/learning_synthetic.py --out /tmp/l --budget quick         # ~5 min smoke run
 """
 
 from __future__ import annotations
@@ -27,22 +27,21 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from hctembed.finetune import FinetuneConfig
 from hctembed.json_values import json_safe
-from hctembed.pretrain import PretrainConfig
+from hctembed.workflows.progress import NO_PROGRESS
 
 log = logging.getLogger("learning_synthetic")
 
 BUDGETS = {
-    # scans, matrix, pretrain epochs (MAE, DINO), fine-tune epochs x samples, Ks, draws
-    "full": {"n": 800, "matrix": 192, "mae_epochs": 40, "dino_epochs": 20, "ft_epochs": 10, "ft_samples": 400,
-             "ks": (8, 16, 32), "draws": 3},
-    "quick": {"n": 60, "matrix": 96, "mae_epochs": 2, "dino_epochs": 1, "ft_epochs": 1, "ft_samples": 32,
-              "ks": (4,), "draws": 2},
+    "full": {"n": 800, "matrix": 192, "mae_epochs": 30, "dino_epochs": 0, "ks": (8, 16, 32), "draws": 3,
+             "k_epochs": 10, "k_samples": 64, "full_epochs": 10, "full_samples": 400},
+    "quick": {"n": 48, "matrix": 96, "mae_epochs": 1, "dino_epochs": 0, "ks": (4,), "draws": 2,
+              "k_epochs": 1, "k_samples": 16, "full_epochs": 1, "full_samples": 32},
 }  # fmt: skip
-TASKS = ("EDH", "SDH", "IPH", "IVH", "SAH")
+SUBTYPES = ("EDH", "SDH", "IPH", "IVH", "SAH")
 
 
 def stage(out: Path, name: str, run):
@@ -52,8 +51,8 @@ def stage(out: Path, name: str, run):
         log.info("%s: reusing %s", name, path)
         return json.loads(path.read_text())
     start = time.perf_counter()
-    result = run()
-    result = json_safe(result) | {"seconds": round(time.perf_counter() - start, 1)}
+    result = json_safe(run())
+    result["seconds"] = round(time.perf_counter() - start, 1)
     path.write_text(json.dumps(result, indent=2))
     log.info("%s: done in %.0f s", name, result["seconds"])
     return result
@@ -69,85 +68,138 @@ def make_archive(args, budget) -> Path:
     return archive
 
 
-def pretrain(args, budget, archive: Path, method: str) -> Path:
+def pretrain_config(method: str, epochs: int, args):
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.mae import MAEConfig
+
+    # a light decoder (96 wide, 2 blocks): the default 384 x 8 one is 5x the cost of vit-micro itself
+    return PretrainConfig(
+        method=method, model=args.model, epochs=epochs, batch_size=8, lr=args.mae_lr if method == "mae" else
+        args.dino_lr, checkpoint_every=100, monitor_every=100, local_crops=2, prototypes=4096, warmup_epochs=1.0,
+        teacher_temp_warmup_epochs=max(1.0, epochs * 0.3), mae=MAEConfig(decoder_dim=96, decoder_depth=2,
+        decoder_heads=4), seed=args.seed,
+    )  # fmt: skip
+
+
+def pretrain(args, archive: Path, method: str, epochs: int) -> dict:
     from hctembed.workflows.pretrain import pretrain_archive
 
-    epochs = budget[f"{method}_epochs"]
-    config = PretrainConfig(
-        method=method, model=args.model, epochs=epochs, batch_size=8, local_crops=4, prototypes=4096,
-        lr=args.mae_lr if method == "mae" else args.dino_lr, checkpoint_every=100, monitor_every=100,
-        teacher_temp_warmup_epochs=max(1.0, epochs * 0.3), warmup_epochs=max(1.0, epochs * 0.1), seed=args.seed,
-    )  # fmt: skip
-    result = pretrain_archive(archive, config=config, out=args.out / method, cache_dir=args.out / "cache",
-                              device="cpu", monitor_labels=archive / "labels.csv", resume=True)  # fmt: skip
-    return result.encoder_path
+    run_dir = args.out / f"{method}_run"
+    result = pretrain_archive(archive, config=pretrain_config(method, epochs, args), out=run_dir,
+                              cache_dir=args.cache, device="cpu", monitor_labels=archive / "labels.csv",
+                              resume=True)  # fmt: skip
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    monitors = [{k: r.get(k) for k in ("step", "loss", "monitor_knn_auc", "monitor_map", "monitor_knn_auc_patches",
+                                       "monitor_map_patches", "teacher_entropy", "embedding_std")}
+                for r in rows if "monitor_map" in r]  # fmt: skip
+    warnings = sorted({r["warning"] for r in rows if "warning" in r})
+    return {"encoder": str(result.encoder_path), "steps": result.steps_done, "monitors": monitors,
+            "warnings": warnings}  # fmt: skip
 
 
-def frozen(args, archive: Path, weights: dict[str, Path | None]) -> dict:
-    from hctembed.workflows.bench import BenchInputs, LinearRequest, RetrievalRequest, run_linear, run_retrieval
-    from hctembed.workflows.embed import EmbedRequest, run_embed
+def cached_inputs(args, archive: Path):
+    """Scan ids (sorted), patients, labels [N, 5] and cached base paths of every labelled, cached scan."""
+    from hctembed.config import VIT_PRESETS
+    from hctembed.workflows.finetune import labelled_cache
 
-    db = args.out / "frozen.duckdb"
-    models = []
-    for name, path in weights.items():
-        summary = run_embed(EmbedRequest(archive=archive, db=db, model=args.model, weights=path, seed=args.seed,
-                                         workers=1, batch_size=8))  # fmt: skip
-        models.append(summary.model_id)
-        log.info("embedded %s as %s", name, summary.model_id)
-    inputs = BenchInputs(dbs=(db,), labels=archive / "labels.csv", models=tuple(models), columns=TASKS,
-                         seed=args.seed)  # fmt: skip
-    retrieval = run_retrieval(RetrievalRequest(inputs, exclude_same_patient=True, compare=True))
-    linear = run_linear(LinearRequest(inputs))
-    return {"names": dict(zip(models, weights, strict=True)), "retrieval": retrieval, "linear": linear}
+    size = VIT_PRESETS[args.model].image_size
+    return labelled_cache(archive, archive / "labels.csv", tasks=SUBTYPES, image_size=size, cache=args.cache,
+                          progress=NO_PROGRESS)  # fmt: skip
 
 
-def finetune(args, budget, archive: Path, weights: dict[str, Path | None], *, fewshot: bool) -> dict:
-    from hctembed.workflows.bench_finetune import FinetuneBenchRequest, run_bench_finetune, run_fewshot_finetune
+@torch.no_grad()
+def embeddings(model, paths, *, pool: str, image_size: int) -> np.ndarray:
+    from hctembed.augment import input_from_base
+    from hctembed.pretrain.cache import read_base
 
-    config = FinetuneConfig(model=args.model, epochs=budget["ft_epochs"], batch_size=8,
-                            samples_per_epoch=budget["ft_samples"], lr_backbone=args.ft_lr, lr_head=1e-3,
-                            warmup_fraction=0.05, seed=args.seed)  # fmt: skip
-    request = FinetuneBenchRequest(
+    model.eval()
+    out = []
+    for i in range(0, len(paths), 16):
+        x = torch.stack([input_from_base(read_base(p), image_size=image_size) for p in paths[i : i + 16]])
+        tokens = model.forward_features(x).float()
+        feats = tokens[:, 0] if pool == "cls" else tokens[:, model.num_prefix_tokens :].mean(1)
+        out.append(torch.nn.functional.normalize(feats, dim=-1))
+    return torch.cat(out).numpy()
+
+
+def histogram_features(paths, *, image_size: int) -> np.ndarray:
+    """Log counts of 30 intensity bins per window of the model input (a hand-made reference, standardised)."""
+    from hctembed.augment import input_from_base
+    from hctembed.pretrain.cache import read_base
+
+    rows = []
+    for p in paths:
+        x = input_from_base(read_base(p), image_size=image_size).numpy()
+        rows.append(np.log1p(np.concatenate([np.histogram(x[c], bins=32, range=(0, 1))[0][1:-1] for c in range(3)])))
+    h = np.asarray(rows, np.float32)
+    return (h - h.mean(0)) / (h.std(0) + 1e-6)
+
+
+def frozen(args, data, encoders: dict[str, Path | None]) -> dict:
+    from hctembed.config import VIT_PRESETS
+    from hctembed.eval.classification import linear_fit_score
+    from hctembed.eval.protocols import Aligned, compare_classification, compare_retrieval
+    from hctembed.eval.splits import patient_split
+    from hctembed.model.checkpoint import load_encoder_weights
+    from hctembed.model.vit3d import ViT3D
+
+    names, xs = [], []
+    for name, path in encoders.items():
+        torch.manual_seed(args.seed)
+        model = ViT3D(VIT_PRESETS[args.model]) if path is None else load_encoder_weights(path)[0]
+        for pool in ("cls", "mean"):
+            names.append(f"{name}/{pool}")
+            xs.append(embeddings(model, data.paths, pool=pool, image_size=data.image_size))
+    aligned = Aligned(model_ids=names, x=xs, scan_ids=data.scan_ids, patient_ids=list(data.patient_ids),
+                      y=data.y.astype(np.float64), names=list(SUBTYPES), sources=[{} for _ in names])  # fmt: skip
+    split = patient_split(aligned.patient_ids, ratios=(0.8, 0.1, 0.1), seed=args.seed)
+    retrieval = compare_retrieval(aligned, exclude_same_patient=True, seed=args.seed)
+    linear = compare_classification(aligned, method="linear", fit_score=lambda m: linear_fit_score(seed=args.seed),
+                                    split=split, seed=args.seed)  # fmt: skip
+    hist = Aligned(model_ids=["HU histogram"], x=[histogram_features(data.paths, image_size=data.image_size)],
+                   scan_ids=data.scan_ids, patient_ids=list(data.patient_ids), y=data.y.astype(np.float64),
+                   names=list(SUBTYPES), sources=[{}])  # fmt: skip
+    hist_linear = compare_classification(hist, method="linear", fit_score=lambda m: linear_fit_score(seed=args.seed),
+                                         split=split, seed=args.seed)  # fmt: skip
+    return {"retrieval": retrieval, "linear": linear, "histogram_linear": hist_linear}
+
+
+def finetune_request(args, archive: Path, encoders: dict[str, Path | None], *, epochs: int, samples: int):
+    from hctembed.finetune import FinetuneConfig
+    from hctembed.workflows.bench_finetune import FinetuneBenchRequest
+
+    config = FinetuneConfig(model=args.model, epochs=epochs, batch_size=8, samples_per_epoch=samples,
+                            lr_backbone=args.ft_lr, lr_head=1e-3, warmup_fraction=0.05, seed=args.seed)  # fmt: skip
+    return FinetuneBenchRequest(
         archive=archive, labels=archive / "labels.csv", tasks=args.tasks, out_dir=args.out / "finetune",
-        weights=tuple(w for w in weights.values() if w is not None), config=config, cache=args.out / "cache",
-        n_permutations=1000,
+        weights=tuple(p for p in encoders.values() if p is not None), config=config, cache=args.cache,
     )  # fmt: skip
-    if fewshot:
-        return run_fewshot_finetune(request, ks=budget["ks"], draws=budget["draws"])
-    return run_bench_finetune(request)
 
 
-def sanity(args, budget, archive: Path) -> dict:
-    from hctembed.workflows.bench_finetune import FinetuneBenchRequest, run_bench_finetune
-
-    config = FinetuneConfig(model=args.model, epochs=budget["ft_epochs"] * 2, batch_size=8,
-                            samples_per_epoch=budget["ft_samples"], lr_backbone=args.ft_lr, lr_head=1e-3,
-                            warmup_fraction=0.05, seed=args.seed)  # fmt: skip
-    request = FinetuneBenchRequest(archive=archive, labels=archive / "labels.csv", tasks=args.tasks,
-                                   out_dir=args.out / "sanity", config=config, cache=args.out / "cache")  # fmt: skip
-    return run_bench_finetune(request)
+def estimate(e: dict | None) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    if e.get("low") is None:
+        return f"{e['value']:.3f}"
+    return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
 
 
-def table(results: dict, *, metric: str) -> list[str]:
-    """Markdown rows: task, model, value [CI], P against the first model."""
-    lines = [f"| task | model | {metric} [95% CI] | P vs {results['models'][0]} |", "|---|---|---|---|"]
+def rows_table(results: dict, metric: str) -> list[str]:
+    lines = [f"| row | model | {metric} [95% CI] | P vs {results['models'][0]} |", "|---|---|---|---|"]
     for row in results["rows"]:
-        e = row.get("metrics", {}).get(metric) or {}
         p = row.get("p_values", {}).get(metric)
-        value = f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e.get("value") is not None else "-"
-        lines.append(f"| {row['row']} | {row['model']} | {value} | {'' if p is None else f'{p:.3f}'} |")
+        lines.append(f"| {row['row']} | {row['model']} | {estimate(row['metrics'].get(metric))} | "
+                     f"{'' if p is None else f'{p:.3g}'} |")  # fmt: skip
     return lines
 
 
-def fewshot_table(results: dict) -> list[str]:
+def curves_table(results: dict) -> list[str]:
     lines = [f"| task | model | K | AUC [95% CI] | P vs {results['models'][0]} |", "|---|---|---|---|---|"]
     for curve in results["curves"]:
         for pt in curve["points"]:
-            e = pt.get("AUC") or {}
             p = (pt.get("p_values") or {}).get("AUC")
-            value = f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if e.get("value") is not None else "-"
-            lines.append(f"| {curve['task']} | {curve['model']} | {pt['K']} | {value} | "
-                         f"{'' if p is None else f'{p:.3f}'} |")  # fmt: skip
+            lines.append(f"| {curve['task']} | {curve['model']} | {pt['K']} | {estimate(pt.get('AUC'))} | "
+                         f"{'' if p is None else f'{p:.3g}'} |")  # fmt: skip
     return lines
 
 
@@ -155,50 +207,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-out/learning"))
     parser.add_argument("--archive", type=Path, default=None, help="an existing synthetic archive (labels.csv)")
+    parser.add_argument("--cache", type=Path, default=None, help="base-volume cache (default OUT/cache)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--model", default="vit-micro")
-    parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--stages", default="sanity,pretrain,frozen,fewshot,finetune")
-    parser.add_argument("--mae-lr", type=float, default=1.5e-4)
+    parser.add_argument("--tasks", default="IPH,SAH", help="fine-tuning tasks (frozen stages use all five)")
+    parser.add_argument("--stages", default="pretrain,frozen,fewshot,finetune")
+    parser.add_argument("--mae-lr", type=float, default=2e-4)
     parser.add_argument("--dino-lr", type=float, default=5e-4)
+    parser.add_argument("--dino-epochs", type=int, default=None)
     parser.add_argument("--ft-lr", type=float, default=1e-4, help="backbone lr of every fine-tuning (fixed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.tasks = tuple(args.tasks.split(","))
+    args.cache = args.cache or args.out / "cache"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     budget = BUDGETS[args.budget]
     args.out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     archive = make_archive(args, budget)
-    summary = [f"# Learning on synthetic head CT ({args.model}, budget {args.budget})", ""]
-    if "sanity" in stages:
-        result = stage(args.out, "sanity", lambda: sanity(args, budget, archive))
-        summary += [
-            "## Supervised bound: fine-tuned from scratch, whole training part",
-            "",
-            *table(result, metric="AUC"),
-            "",
-        ]
-    weights: dict[str, Path | None] = {"random-init": None}
+    encoders: dict[str, Path | None] = {"random-init": None}
+    summary = [f"# Learning on synthetic head CT ({args.model}, budget {args.budget}, archive {archive})", ""]
     if "pretrain" in stages:
-        for method in ("mae", "dino"):
-            done = stage(
-                args.out, f"pretrain_{method}", lambda m=method: {"encoder": pretrain(args, budget, archive, m)}
-            )
-            weights[method] = Path(done["encoder"])
+        dino_epochs = budget["dino_epochs"] if args.dino_epochs is None else args.dino_epochs
+        for method, epochs in (("mae", budget["mae_epochs"]), ("dino", dino_epochs)):
+            if epochs:
+                done = stage(args.out, f"pretrain_{method}", lambda m=method, e=epochs: pretrain(args, archive, m, e))
+                encoders[method] = Path(done["encoder"])
+                summary += [f"## {method} pretraining monitors", "", "```", *(json.dumps(r) for r in
+                            done["monitors"]), *done["warnings"], "```", ""]  # fmt: skip
+    data = cached_inputs(args, archive)
     if "frozen" in stages:
-        result = stage(args.out, "frozen", lambda: frozen(args, archive, weights))
-        summary += ["## Frozen embeddings against random init (held-out patients)", "",
-                    "Retrieval mAP (same patient excluded):", "", *table(result["retrieval"], metric="mAP"), "",
-                    "Linear probe AUC:", "", *table(result["linear"], metric="AUC"), ""]  # fmt: skip
+        result = stage(args.out, "frozen", lambda: frozen(args, data, encoders))
+        summary += ["## Frozen embeddings (held-out patients)", "", "Retrieval mAP, same patient excluded:", "",
+                    *rows_table(result["retrieval"], "mAP"), "", "Linear probe, test AUC:", "",
+                    *rows_table(result["linear"], "AUC"), "", "HU histogram, linear probe:", "",
+                    *rows_table(result["histogram_linear"], "AUC"), ""]  # fmt: skip
     if "fewshot" in stages:
-        result = stage(args.out, "fewshot", lambda: finetune(args, budget, archive, weights, fewshot=True))
-        summary += ["## Fine-tuning at K (scratch first)", "", *fewshot_table(result), ""]
+        from hctembed.workflows.bench_finetune import run_fewshot_finetune
+
+        request = finetune_request(args, archive, encoders, epochs=budget["k_epochs"], samples=budget["k_samples"])
+        result = stage(args.out, "fewshot", lambda: run_fewshot_finetune(request, ks=budget["ks"],
+                                                                         draws=budget["draws"]))  # fmt: skip
+        summary += ["## Fine-tuning at K, scratch first", "", *curves_table(result), ""]
     if "finetune" in stages:
-        result = stage(args.out, "finetune", lambda: finetune(args, budget, archive, weights, fewshot=False))
-        summary += ["## Fine-tuning on the whole training part (scratch first)", "", *table(result, metric="AUC"), ""]
+        from hctembed.workflows.bench_finetune import run_bench_finetune
+
+        request = finetune_request(args, archive, encoders, epochs=budget["full_epochs"],
+                                   samples=budget["full_samples"])  # fmt: skip
+        result = stage(args.out, "finetune", lambda: run_bench_finetune(request))
+        summary += ["## Fine-tuning on the whole training part, scratch first", "", *rows_table(result, "AUC"), ""]
     (args.out / "summary.md").write_text("\n".join(summary))
     print("\n".join(summary))
 

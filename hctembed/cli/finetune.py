@@ -11,13 +11,13 @@ from hctembed.cli.common import BarProgress, print_json_lines, print_table, setu
 
 
 def finetune_config(*, model, epochs, max_steps, batch_size, lr_backbone, lr_head, samples_per_epoch, seed,
-                    workers=0, checkpoint_every=50):  # fmt: skip
+                    workers=0, checkpoint_every=50, pool="cls"):  # fmt: skip
     from hctembed.finetune import FinetuneConfig
 
     return FinetuneConfig(
         model=model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
         lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed, num_workers=workers,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, pool=pool,
     )  # fmt: skip
 
 
@@ -51,6 +51,7 @@ def finetune(
         None, "--samples-per-epoch", min=2, help="Balanced sample per epoch (default 5,000; 500 under 5,000 scans)."
     ),
     k_shot: int | None = typer.Option(None, "--k-shot", min=1, help="Train on K positives + K negatives per task."),
+    pool: str = typer.Option("cls", "--pool", help="Features for the head: cls (as embed stores) or mean patch."),
     joint: bool = typer.Option(False, "--joint", help="One encoder with a head per task (default: one per task)."),
     ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="Patient-level train,val,test ratios."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, augmentation and initialisation."),
@@ -68,7 +69,7 @@ def finetune(
         raise typer.BadParameter("give --weights FILE or --scratch (one of them)")
     config = finetune_config(
         model=model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
-        lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed,
+        lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed, pool=pool,
     )  # fmt: skip
     request = FinetuneRequest(
         archive=archive, labels=labels, tasks=tuple(task), out=out, weights=weights, config=config, k_shot=k_shot,

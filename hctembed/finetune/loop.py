@@ -48,7 +48,7 @@ class FinetuneResult:
 def _param_groups(model: Classifier, config: FinetuneConfig) -> list[dict[str, Any]]:
     """Backbone and head at their own learning rates; weight decay on matrices only."""
     groups = []
-    for part, lr in (("backbone", config.lr_backbone), ("head", config.lr_head)):
+    for part, lr in (("backbone", config.lr_backbone), ("head", config.lr_head)):  # (norm has no parameters)
         decay, no_decay = [], []
         for name, p in getattr(model, part).named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "register_tokens")) else decay).append(p)
@@ -93,7 +93,8 @@ def train_classifier(
         out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y, dtype=np.float32).reshape(len(paths), -1)
     train = np.asarray(train)
-    model, init = build_classifier(model=config.model, weights=weights, n_tasks=y.shape[1], seed=config.seed)
+    model, init = build_classifier(model=config.model, weights=weights, n_tasks=y.shape[1], seed=config.seed,
+                                   pool=config.pool, head_norm=config.head_norm)  # fmt: skip
     model = model.to(dev).train()
     optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr_head, betas=config.betas)
     per_epoch = config.epoch_samples(train.size)
