@@ -82,10 +82,11 @@ def test_linear_bench_from_python_equals_the_command(embedded):
     for seed in range(20):  # the first split seed whose test part holds both classes
         inputs = BenchInputs(dbs=(request.db,), labels=labels, columns=(task,), ratios=(0.5, 0.0, 0.5), seed=seed,
                              n_resamples=20)  # fmt: skip
-        ours = next(r for r in run_linear(LinearRequest(inputs))["rows"] if r["row"] == task)
-        if "AUC" in ours["metrics"]:
+        results = run_linear(LinearRequest(inputs))
+        ours = results.row(task, results.models[0])
+        if "AUC" in ours.metrics:
             break
-    assert "AUC" in ours["metrics"], ours
+    assert "AUC" in ours.metrics, ours
     cli = CliRunner().invoke(
         app,
         ["bench", "linear", "--db", str(request.db), "--labels", str(labels), "--columns", task, "--ratios",
@@ -94,8 +95,9 @@ def test_linear_bench_from_python_equals_the_command(embedded):
     assert cli.exit_code == 0, cli.output
     printed = [json.loads(line) for line in cli.stdout.splitlines() if line.startswith("{")]
     theirs = next(r for r in printed if r["row"] == task)
-    assert theirs["AUC"] == pytest.approx(ours["metrics"]["AUC"]["value"])
-    assert theirs["AP"] == pytest.approx(ours["metrics"]["AP"]["value"])
+    assert theirs["AUC"] == pytest.approx(ours.metrics["AUC"]["value"])
+    assert theirs["AP"] == pytest.approx(ours.metrics["AP"]["value"])
+    assert results.to_dict()["rows"][0]["row"] == results.rows[0].row  # the typed rows are what results.json holds
 
 
 def test_single_model_retrieval_matches_a_brute_force_map(embedded):

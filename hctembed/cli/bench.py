@@ -65,8 +65,8 @@ def show_results(results, *, out_dir: Path | None, out: Path | None = None, as_j
         )
         drop = "model_id"
     else:
-        rows = [{"protocol": results["protocol"], **r} for r in flat_rows(results)]
-        title = f"{results['protocol']}, {len(results['models'])} model(s), {results['n_scans']} scans"
+        rows = [{"protocol": results.protocol, **r} for r in flat_rows(results)]
+        title = f"{results.protocol}, {len(results.models)} model(s), {results.n_scans} scans"
         drop = "protocol"
     if as_json:
         print_json_lines(rows)

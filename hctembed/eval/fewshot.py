@@ -10,6 +10,7 @@ import numpy as np
 from hctembed.eval import stats
 from hctembed.eval.classification import FEWSHOT_KS, FitScore, ap_score, fewshot_curve, roc_auc
 from hctembed.eval.protocols import Aligned, _mean_over_tasks
+from hctembed.eval.results import FewshotComparison, FewshotCurve
 from hctembed.eval.splits import Split
 
 
@@ -24,7 +25,7 @@ def compare_fewshot(
     seed: int = 0,
     probe: str = "linear",
     n_permutations: int = 1000,
-) -> dict:
+) -> FewshotComparison:
     """Few-shot curves per task and model (see :func:`hctembed.eval.classification.fewshot_curve`), and a
     ``mean`` curve over the tasks every model could be scored on. P values against the first model: two-sided
     paired permutation tests on the test scans' scores averaged over the draws (per task, and for the mean)."""
@@ -55,21 +56,22 @@ def compare_fewshot(
                 rows.append(row)
             curves.append({"task": name, "model": mid, "points": rows})
     curves += _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed)
-    return {
-        "protocol": "fewshot",
-        "probe": probe,
-        "statistics": stats.DEFINITION,
-        "models": data.model_ids,
-        "sources": data.sources,
-        "n_scans": len(data.scan_ids),
-        "split": split.to_dict(),
-        "ks": list(ks),
-        "n_draws": n_draws,
-        "n_resamples": n_resamples,
-        "n_permutations": n_permutations,
-        "seed": seed,
-        "curves": curves,
-    }
+    return FewshotComparison(
+        models=list(data.model_ids),
+        n_scans=len(data.scan_ids),
+        curves=[FewshotCurve(**c) for c in curves],
+        settings={
+            "probe": probe,
+            "statistics": stats.DEFINITION,
+            "sources": data.sources,
+            "split": split.to_dict(),
+            "ks": list(ks),
+            "n_draws": n_draws,
+            "n_resamples": n_resamples,
+            "n_permutations": n_permutations,
+            "seed": seed,
+        },
+    )
 
 
 def _paired_p(y, a, b, n_permutations: int, seed: int) -> dict[str, float | None]:

@@ -21,6 +21,7 @@ from hctembed.eval.classification import (
     evaluate_task,
     roc_auc,
 )
+from hctembed.eval.results import Comparison, MetricRow
 from hctembed.eval.retrieval import DEFINITION as RETRIEVAL_DEFINITION
 from hctembed.eval.retrieval import all_vs_all, per_query_metrics
 from hctembed.eval.splits import Split
@@ -109,7 +110,7 @@ def compare_retrieval(
     n_resamples: int = 100,
     n_permutations: int = 1000,
     seed: int = 0,
-) -> dict:
+) -> Comparison:
     """All-vs-all retrieval per label for every model: mAP and P@K with bootstrap CIs over queries, and a
     paired permutation test (per-query AP, per-query P@K) of each model against the first."""
     patients = need_patients(data) if exclude_same_patient else data.patient_ids
@@ -146,22 +147,24 @@ def compare_retrieval(
             if label != "mean":
                 row["skipped"] = per_model[m][label]["_skipped"]
             rows.append(row)
-    return {
-        "protocol": "retrieval",
-        "definition": RETRIEVAL_DEFINITION,
-        "statistics": stats.DEFINITION,
-        "models": data.model_ids,
-        "sources": data.sources,
-        "n_scans": len(data.scan_ids),
-        "exclude_same_patient": exclude_same_patient,
-        "ks": list(ks),
-        "metrics": metrics,
-        "n_resamples": n_resamples,
-        "n_permutations": n_permutations,
-        "seed": seed,
-        "rows": rows,
-        "per_query_ap": per_query_ap,
-    }
+    return Comparison(
+        protocol="retrieval",
+        models=list(data.model_ids),
+        n_scans=len(data.scan_ids),
+        metrics=metrics,
+        rows=[MetricRow(**r) for r in rows],
+        settings={
+            "definition": RETRIEVAL_DEFINITION,
+            "statistics": stats.DEFINITION,
+            "sources": data.sources,
+            "exclude_same_patient": exclude_same_patient,
+            "ks": list(ks),
+            "n_resamples": n_resamples,
+            "n_permutations": n_permutations,
+            "seed": seed,
+            "per_query_ap": per_query_ap,
+        },
+    )
 
 
 def _retrieval_test(first, other, label, metric, names, n_permutations, seed) -> float | None:
@@ -207,7 +210,7 @@ def compare_classification(
     n_resamples: int = 100,
     n_permutations: int = 1000,
     seed: int = 0,
-) -> dict:
+) -> Comparison:
     """Train ``fit_score(model_index)`` on the split's train part per task and model; AUC/AP on its test part.
 
     ``features`` replaces ``data.x`` per model (patch tokens for the attentive probe)."""
@@ -282,16 +285,18 @@ def compare_classification(
                     ).p_value
                     row["p_values"][metric_name] = None if np.isnan(p) else p
             rows.append(row)
-    return {
-        "protocol": method,
-        "statistics": stats.DEFINITION,
-        "models": data.model_ids,
-        "sources": data.sources,
-        "n_scans": len(data.scan_ids),
-        "split": split.to_dict(),
-        "metrics": ["AUC", "AP"],
-        "n_resamples": n_resamples,
-        "n_permutations": n_permutations,
-        "seed": seed,
-        "rows": rows,
-    }
+    return Comparison(
+        protocol=method,
+        models=list(data.model_ids),
+        n_scans=len(data.scan_ids),
+        metrics=["AUC", "AP"],
+        rows=[MetricRow(**r) for r in rows],
+        settings={
+            "statistics": stats.DEFINITION,
+            "sources": data.sources,
+            "split": split.to_dict(),
+            "n_resamples": n_resamples,
+            "n_permutations": n_permutations,
+            "seed": seed,
+        },
+    )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from hctembed.json_values import write_json
+from hctembed.json_values import json_safe, write_json
 from hctembed.pictures.report_plots import plot_bars, plot_fewshot, plot_precision_at_k
 
 
-def flat_rows(results: dict) -> list[dict]:
-    """One flat dict per (row, model): metric value, CI bounds, and P vs the first model."""
+def flat_rows(results) -> list[dict]:
+    """One flat dict per (row, model): metric value, CI bounds, and P vs the first model (typed results or the
+    dict of a results.json)."""
+    results = json_safe(results)
     out = []
     if results["protocol"] == "fewshot":
         for curve in results["curves"]:
@@ -58,8 +60,9 @@ def _p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results) -> str:
     """A Markdown table: mean [95% CI] per row and model, P value (paired permutation) vs the first model."""
+    results = json_safe(results)
     first = results["models"][0]
     if results["protocol"] == "fewshot":
         lines = [
@@ -95,10 +98,11 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, results: dict) -> list[Path]:
+def write_report(out_dir: Path, results) -> list[Path]:
     """``results.json``, ``results.md`` and the protocol's PNGs under ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = json_safe(results)  # the plain form: what results.json holds, and what the plots read
     written = [out_dir / "results.json", out_dir / "results.md"]
     write_json(written[0], results)
     written[1].write_text(markdown_table(results))

@@ -12,6 +12,7 @@ import numpy as np
 
 from hctembed.errors import InputError
 from hctembed.eval.protocols import Aligned
+from hctembed.eval.results import Comparison, FewshotComparison
 from hctembed.eval.splits import Split
 from hctembed.workflows.aligned import load_aligned, sources_of
 from hctembed.workflows.progress import NO_PROGRESS, Progress
@@ -113,7 +114,7 @@ def load_split(inputs: BenchInputs) -> tuple[Aligned, Split]:
     return data, patient_split(data.patient_ids, ratios=inputs.ratios, seed=inputs.seed)
 
 
-def run_retrieval(request: RetrievalRequest) -> dict | SingleRetrieval:
+def run_retrieval(request: RetrievalRequest) -> Comparison | SingleRetrieval:
     """All-vs-all retrieval per label; with several models (or ``compare``) CIs and P values as well."""
     from hctembed.eval.protocols import compare_retrieval, need_patients
     from hctembed.eval.retrieval import all_vs_all
@@ -138,7 +139,7 @@ def run_retrieval(request: RetrievalRequest) -> dict | SingleRetrieval:
     return SingleRetrieval(data.sources[0]["model_id"], report, request.exclude_same_patient)
 
 
-def _compare(data: Aligned, split: Split, inputs: BenchInputs, *, method: str, fit, features=None) -> dict:
+def _compare(data: Aligned, split: Split, inputs: BenchInputs, *, method: str, fit, features=None) -> Comparison:
     from hctembed.eval.protocols import compare_classification
 
     return compare_classification(
@@ -153,7 +154,7 @@ def _compare(data: Aligned, split: Split, inputs: BenchInputs, *, method: str, f
     )
 
 
-def run_knn(request: KnnRequest) -> dict:
+def run_knn(request: KnnRequest) -> Comparison:
     """kNN per label: cosine, k nearest training scans, temperature-weighted (or uniform) vote; AUC and AP."""
     from hctembed.eval.classification import knn_fit_score
 
@@ -161,17 +162,17 @@ def run_knn(request: KnnRequest) -> dict:
     weights = "uniform" if request.uniform else "temperature"
     fit = knn_fit_score(k=request.k, temperature=request.temperature, weights=weights)
     results = _compare(data, split, request.inputs, method="knn", fit=fit)
-    return results | {"params": {"k": request.k, "temperature": request.temperature, "weights": weights}}
+    return results.with_settings(params={"k": request.k, "temperature": request.temperature, "weights": weights})
 
 
-def run_linear(request: LinearRequest) -> dict:
+def run_linear(request: LinearRequest) -> Comparison:
     """Logistic regression (classes balanced) per label on frozen embeddings; AUC and AP."""
     from hctembed.eval.classification import linear_fit_score
 
     data, split = load_split(request.inputs)
     fit = linear_fit_score(C=request.C, seed=request.inputs.seed)
     results = _compare(data, split, request.inputs, method="linear", fit=fit)
-    return results | {"params": {"C": request.C, "class_weight": "balanced"}}
+    return results.with_settings(params={"C": request.C, "class_weight": "balanced"})
 
 
 def patch_tokens(data: Aligned, *, tokens: tuple[Path, ...] = (), progress: Progress = NO_PROGRESS) -> list[np.ndarray]:
@@ -193,7 +194,7 @@ def patch_tokens(data: Aligned, *, tokens: tuple[Path, ...] = (), progress: Prog
     return feats
 
 
-def run_attentive(request: AttentiveRequest, *, progress: Progress = NO_PROGRESS) -> dict:
+def run_attentive(request: AttentiveRequest, *, progress: Progress = NO_PROGRESS) -> Comparison:
     """A learned query over each encoder's patch tokens per label (torch); AUC and AP."""
     from hctembed.probe.attentive import attentive_fit_score
 
@@ -207,10 +208,10 @@ def run_attentive(request: AttentiveRequest, *, progress: Progress = NO_PROGRESS
     }
     fit = attentive_fit_score(config_kw=config)
     results = _compare(data, split, request.inputs, method="attentive", fit=fit, features=feats)
-    return results | {"params": config}
+    return results.with_settings(params=config)
 
 
-def run_fewshot(request: FewshotRequest) -> dict:
+def run_fewshot(request: FewshotRequest) -> FewshotComparison:
     """K positives + K negatives per task, several draws, a probe on frozen vectors; AUC and AP on the test part."""
     from hctembed.eval.classification import knn_fit_score, linear_fit_score
     from hctembed.eval.fewshot import compare_fewshot
@@ -230,13 +231,15 @@ def run_fewshot(request: FewshotRequest) -> dict:
     )
 
 
-def write_results(results: dict | SingleRetrieval, *, out_dir: Path | None, out: Path | None = None) -> list[Path]:
+def write_results(
+    results: Comparison | FewshotComparison | SingleRetrieval, *, out_dir: Path | None, out: Path | None = None
+) -> list[Path]:
     """The report files: ``out_dir`` gets results.json, results.md and plots; ``out`` the results as JSON."""
     from hctembed.eval.report import write_report
     from hctembed.json_values import write_json
 
     written = []
-    if out_dir is not None and isinstance(results, dict):
+    if out_dir is not None and not isinstance(results, SingleRetrieval):
         written += write_report(out_dir, results)
     if out is not None:
         written.append(write_json(out, results))

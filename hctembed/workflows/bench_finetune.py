@@ -18,6 +18,7 @@ import numpy as np
 from hctembed.errors import InputError
 from hctembed.eval.classification import FitScore
 from hctembed.eval.protocols import Aligned
+from hctembed.eval.results import Comparison, FewshotComparison
 from hctembed.finetune.settings import FinetuneConfig
 from hctembed.workflows.finetune import image_size_of, labelled_cache
 from hctembed.workflows.progress import NO_PROGRESS, Progress
@@ -97,7 +98,7 @@ def _prepare(request: FinetuneBenchRequest, progress: Progress):
     return aligned, split, fits
 
 
-def run_bench_finetune(request: FinetuneBenchRequest, *, progress: Progress = NO_PROGRESS) -> dict:
+def run_bench_finetune(request: FinetuneBenchRequest, *, progress: Progress = NO_PROGRESS) -> Comparison:
     """Each task fine-tuned on the whole training part per model; AUC/AP on the test part, P vs the first."""
     from dataclasses import asdict
 
@@ -113,12 +114,12 @@ def run_bench_finetune(request: FinetuneBenchRequest, *, progress: Progress = NO
         n_permutations=request.n_permutations,
         seed=request.config.seed,
     )
-    return results | {"params": asdict(request.config)}
+    return results.with_settings(params=asdict(request.config))
 
 
 def run_fewshot_finetune(
     request: FinetuneBenchRequest, *, ks: tuple[int, ...], draws: int, progress: Progress = NO_PROGRESS
-) -> dict:
+) -> FewshotComparison:
     """Fine-tuning at each K (K positives + K negatives, ``draws`` draws) per task and model (Fig. 2)."""
     from dataclasses import asdict
 
@@ -136,4 +137,4 @@ def run_fewshot_finetune(
         probe="finetune",
         n_permutations=request.n_permutations,
     )
-    return results | {"params": asdict(request.config)}
+    return results.with_settings(params=asdict(request.config))
