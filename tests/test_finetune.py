@@ -4,6 +4,7 @@ exactly, and runs from the command line into an encoder that `embed --weights` u
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,44 @@ def test_bench_finetune_and_fewshot_finetune_compare_models(archive, tmp_path):
                 if c["model"] == "b" and c["task"] in mean_b["tasks"]]  # fmt: skip
     assert mean_b["AUC"]["value"] == pytest.approx(np.mean(per_task))
     assert 0.0 <= mean_b["p_values"]["AUC"] <= 1.0
+
+
+def _ddp_worker(rank: int, world: int, rendezvous: str, paths, y, weights: str, out: str, config) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        result = train_classifier(paths=paths, y=y, train=np.arange(len(paths)), config=config, weights=Path(weights),
+                                  out=Path(out))  # fmt: skip
+        torch.save(result.classifier.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_agree_and_match_one_process(tmp_path):
+    """Two processes with 2 scans each per step = one process with 4 (batch-standardisation off: it sees each
+    process's own batch)."""
+    import torch.multiprocessing as mp
+
+    paths, y = separable(tmp_path, n=8)
+    weights = tiny_weights(tmp_path / "w.safetensors")
+    config = FinetuneConfig(model="vit-micro", epochs=1, batch_size=2, samples_per_epoch=12, lr_backbone=1e-4,
+                            lr_head=1e-2, head_norm=False)  # fmt: skip
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rdv"), paths, y, str(weights), str(out), config), nprocs=2,
+             join=True)  # fmt: skip
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    single = train_classifier(paths=paths, y=y, train=np.arange(8), config=FinetuneConfig(**{**config.__dict__,
+                              "batch_size": 4}), weights=weights)  # fmt: skip
+    s = single.classifier.state_dict()
+    for key in r0:
+        torch.testing.assert_close(r0[key], s[key], rtol=1e-3, atol=1e-4, msg=key)
+    initial, _ = build_classifier(model="vit-micro", weights=weights, n_tasks=1, seed=0, head_norm=False)
+    assert not torch.equal(initial.head.weight, r0["head.weight"])
+    rows = (out / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and (out / "checkpoint.pt").exists()  # 12 samples / (2 x 2) = 3 steps, by rank 0

@@ -76,6 +76,8 @@ def finetune(
         ratios=parse_ratios(ratios), joint=joint, cache=cache, resume=resume, device=device,
     )  # fmt: skip
     results = run_finetune(request, progress=BarProgress(quiet=quiet))
+    if results is None:  # another rank of a torchrun job: rank 0 reports
+        return
     stderr.print(f"wrote {out / 'results.json'}")
     rows = result_rows(results)
     if as_json:

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from hctembed import distributed as ddp
 from hctembed.finetune.classifier import Classifier, build_classifier
 from hctembed.finetune.data import LabelledInputs, epoch_sample
 from hctembed.finetune.settings import RESUME_FREE, FinetuneConfig, FinetuneError
@@ -89,6 +91,7 @@ def train_classifier(
     resume, and ``log.jsonl`` (loss and learning rates per step, validation AUC per epoch when ``val`` is given).
     """
     dev = _device(device)
+    rank, world = ddp.rank_world()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     y = np.asarray(y, dtype=np.float32).reshape(len(paths), -1)
@@ -98,14 +101,18 @@ def train_classifier(
     model = model.to(dev).train()
     optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr_head, betas=config.betas)
     per_epoch = config.epoch_samples(train.size)
-    steps_per_epoch = max(1, per_epoch // config.batch_size)
+    step_batch = config.batch_size * world  # one step: batch_size scans on each of the world's processes
+    steps_per_epoch = max(1, per_epoch // step_batch)
     total = config.epochs * steps_per_epoch
     unit = cosine_schedule(
         base=1.0, final=0.0, total_steps=total, warmup_steps=round(config.warmup_fraction * total)
     )  # scaled by each group's peak lr
     stop = min(total, config.max_steps) if config.max_steps is not None else total
     step = _resume(out, model, optimizer, config=config, train=train, init=init) if resume and out else 0
-    log_file = _open_log(out, step=step) if out is not None else None
+    log_file = _open_log(out, step=step) if out is not None and rank == 0 else None
+    trainable = model
+    if world > 1:
+        trainable = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     image_size = model.backbone.config.image_size
     last: dict[str, Any] = {}
     batches, started = None, time.perf_counter()
@@ -113,9 +120,11 @@ def train_classifier(
         while step < stop:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if batches is None or in_epoch == 0:
-                sample = train[epoch_sample(y[train], n=steps_per_epoch * config.batch_size, seed=config.seed,
+                sample = train[epoch_sample(y[train], n=steps_per_epoch * step_batch, seed=config.seed,
                                             epoch=epoch)]  # fmt: skip
-                order = list(enumerate(sample.tolist()))[in_epoch * config.batch_size :]
+                # this process's share: sample positions rank, rank + world, ... (the union over the processes of
+                # one step is the step's consecutive positions, as in one process with the whole step batch)
+                order = list(enumerate(sample.tolist()))[in_epoch * step_batch + rank :: world]
                 dataset = LabelledInputs(paths, y, order=order, image_size=image_size, seed=config.seed, epoch=epoch,
                                          train=True, jitter=config.jitter, flip_p=config.flip_p)  # fmt: skip
                 loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers)
@@ -123,7 +132,7 @@ def train_classifier(
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * float(unit[step])
             x, yb = next(batches)
-            loss = masked_cross_entropy(model(x.to(dev, non_blocking=True)), yb.to(dev))
+            loss = masked_cross_entropy(trainable(x.to(dev, non_blocking=True)), yb.to(dev))
             if not torch.isfinite(loss):
                 raise FinetuneError(f"loss is {float(loss)} at step {step}: lower the learning rate")
             loss.backward()
@@ -131,25 +140,26 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             factor = float(unit[step - 1])
-            last = {"step": step, "epoch": epoch, "loss": float(loss.detach()),
+            last = {"step": step, "epoch": epoch, "loss": float(ddp.all_reduce_mean(loss.detach())),
                     "lr_backbone": config.lr_backbone * factor, "lr_head": config.lr_head * factor}  # fmt: skip
             end_of_epoch = step % steps_per_epoch == 0 or step == stop
-            if end_of_epoch and val is not None and val.size:
+            if end_of_epoch and val is not None and val.size and rank == 0:
                 last["val_auc"] = validation_auc(model, paths, y, val, device=dev)
                 model.train()
             if log_file is not None and (step % config.log_every == 0 or end_of_epoch):
                 last["seconds"] = round(time.perf_counter() - started, 3)
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
-            if end_of_epoch:
+            if end_of_epoch and rank == 0:
                 log.info("step %d/%d epoch %d loss %.4f%s", step, total, epoch, last["loss"],
                          f" val AUC {last['val_auc']}" if "val_auc" in last else "")  # fmt: skip
-            if out is not None and (step % config.checkpoint_every == 0 or step == stop):
+            if out is not None and rank == 0 and (step % config.checkpoint_every == 0 or step == stop):
                 _checkpoint(out, model, optimizer, config=config, step=step, train=train, init=init)
                 plot_training_curves(out / LOG_FILE, out / "curves.png", title=f"fine-tuning from {init['init']}")
     finally:
         if log_file is not None:
             log_file.close()
+    ddp.barrier()  # rank 0's checkpoint and log are complete
     return FinetuneResult(model.eval(), init, step, total, per_epoch, last)
 
 

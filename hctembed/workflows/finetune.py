@@ -96,6 +96,12 @@ def labelled_cache(
     refs = sorted((r for r in found.selected if r.scan_id in known), key=lambda r: r.scan_id)
     if not refs:
         raise InputError(f"no scan of {archive} has a label in {labels} for {', '.join(tasks)}")
+    from hctembed import distributed as ddp
+
+    rank, world = ddp.rank_world()
+    if world > 1:  # under torchrun each process builds every world-th missing file first
+        build_cache(refs, folder=cache, config=base_preprocess(image_size=image_size), shard=(rank, world))
+        ddp.barrier()
     with progress.task("preprocessing (cache)", total=len(refs)) as advance:
         scans, failed = [], []
         for ref in refs:  # one at a time, so that the bar moves
@@ -170,8 +176,27 @@ def _export(result, folder: Path, *, tasks: tuple[str, ...], card: dict) -> dict
     return {"encoder": str(encoder), "head": str(head)}
 
 
-def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
-    """Fine-tune, evaluate on the test part, export; returns (and writes) ``results.json``'s content."""
+def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) -> dict[str, Any] | None:
+    """Fine-tune, evaluate on the test part, export; returns (and writes) ``results.json``'s content.
+
+    Under torchrun every process trains on its share of each step (DDP, gradients averaged); rank 0 evaluates,
+    exports and writes, and returns the results; the other ranks return None."""
+    import torch
+
+    from hctembed import distributed as ddp
+
+    use_cuda = (request.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda but torch sees no CUDA device")
+    device = ddp.init_from_env(use_cuda=use_cuda)
+    rank, _ = ddp.rank_world()
+    try:
+        return _run(request, device=device, rank=rank, progress=progress if rank == 0 else NO_PROGRESS)
+    finally:
+        ddp.shutdown()
+
+
+def _run(request: FinetuneRequest, *, device, rank: int, progress: Progress) -> dict[str, Any] | None:
     from hctembed.eval.splits import patient_split
     from hctembed.finetune import predict, train_classifier
     from hctembed.json_values import write_json
@@ -200,7 +225,9 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
             continue
         log.info("fine-tuning %s on %d scans (%s)", ",".join(tasks), train.size, request.weights or "scratch")
         result = train_classifier(paths=data.paths, y=y, train=train, config=c, weights=request.weights,
-                                  val=split.val, out=folder, resume=request.resume, device=request.device)  # fmt: skip
+                                  val=split.val, out=folder, resume=request.resume, device=device)  # fmt: skip
+        if rank != 0:
+            continue
         scores = predict(result.classifier, [data.paths[i] for i in split.test])
         card = {"source": "hctembed finetune", "tasks": list(tasks), **result.init, "preprocess": "paper",
                 "fingerprint": _fingerprint(REGISTRY, size), "steps": result.steps_done,
@@ -210,6 +237,8 @@ def run_finetune(request: FinetuneRequest, *, progress: Progress = NO_PROGRESS) 
             metrics = task_metrics(y[split.test, j], scores[:, j], n_resamples=request.n_resamples, seed=c.seed)
             rows.append({"task": task, "n_train": int(train.size), "samples_per_epoch": result.samples_per_epoch,
                          **metrics})  # fmt: skip
+    if rank != 0:
+        return None
     results = {
         "protocol": "finetune",
         "definition": DEFINITION,
