@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, friendly_errors, print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import (
+    BarProgress,
+    friendly_errors,
+    parse_ratios,
+    print_json_lines,
+    print_table,
+    setup_logging,
+    stderr,
+)
 
 app = typer.Typer(help="Benchmarks over stored embeddings.", no_args_is_help=True)
 
@@ -35,16 +43,12 @@ SAMPLES = typer.Option(None, "--samples-per-epoch", min=2, help="Balanced sample
 def _inputs(db, labels, model, columns, *, ratios="0.8,0.1,0.1", seed=0, n_resamples=100, n_permutations=1000):
     from hctembed.workflows.bench import BenchInputs
 
-    try:
-        parts = tuple(float(r) for r in ratios.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--ratios needs three numbers (train,val,test), got {ratios!r}") from None
     return BenchInputs(
         dbs=tuple(db),
         labels=labels,
         models=tuple(model or ()),
         columns=tuple(columns.split(",")) if columns else None,
-        ratios=parts,
+        ratios=parse_ratios(ratios),
         seed=seed,
         n_resamples=n_resamples,
         n_permutations=n_permutations,
@@ -260,7 +264,7 @@ def fewshot(
 
 def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch, arch, epochs, batch_size,
                       lr_backbone, lr_head, samples_per_epoch, ratios, seed, n_resamples, n_permutations):  # fmt: skip
-    from hctembed.cli.finetune import finetune_config, parse_ratios
+    from hctembed.cli.finetune import finetune_config
     from hctembed.io.labels import read_labels
     from hctembed.workflows.bench_finetune import FinetuneBenchRequest
 

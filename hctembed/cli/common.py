@@ -110,3 +110,16 @@ class BarProgress:
         with progress_bar(quiet=self.quiet) as bar:
             task = bar.add_task(description, total=total)
             yield lambda k: bar.advance(task, k)
+
+
+def parse_ratios(ratios: str) -> tuple[float, float, float]:
+    """``--ratios`` ``"0.8,0.1,0.1"`` as three numbers, or a one-line usage error."""
+    import typer
+
+    try:
+        parts = tuple(float(r) for r in ratios.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise typer.BadParameter(f"--ratios needs three numbers (train,val,test), got {ratios!r}")
+    return parts  # type: ignore[return-value]

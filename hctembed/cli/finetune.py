@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import BarProgress, parse_ratios, print_json_lines, print_table, setup_logging, stderr
 
 
 def finetune_config(*, model, epochs, max_steps, batch_size, lr_backbone, lr_head, samples_per_epoch, seed,
@@ -84,13 +84,3 @@ def finetune(
         print_json_lines(rows)
     else:
         print_table(rows, title=f"finetune from {results['init']}, {results['n_scans']} scans")
-
-
-def parse_ratios(ratios: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(r) for r in ratios.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3:
-        raise typer.BadParameter(f"--ratios needs three numbers (train,val,test), got {ratios!r}")
-    return parts  # type: ignore[return-value]

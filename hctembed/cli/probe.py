@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, friendly_errors, print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import (
+    BarProgress,
+    friendly_errors,
+    parse_ratios,
+    print_json_lines,
+    print_table,
+    setup_logging,
+    stderr,
+)
 
 app = typer.Typer(help="Train and apply probes on frozen embeddings.", no_args_is_help=True)
 
@@ -31,13 +39,9 @@ def train(
     from hctembed.workflows.probe import ProbeTrainRequest, train_probe
 
     setup_logging(quiet=quiet)
-    try:
-        parts = tuple(float(r) for r in ratios.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--ratios needs three numbers (train,val,test), got {ratios!r}") from None
     request = ProbeTrainRequest(
-        db=db, labels=labels, task=task, out=out, kind=kind, model=model, tokens=tokens, ratios=parts, seed=seed,
-        epochs=epochs,
+        db=db, labels=labels, task=task, out=out, kind=kind, model=model, tokens=tokens, ratios=parse_ratios(ratios),
+        seed=seed, epochs=epochs,
     )  # fmt: skip
     result = train_probe(request, progress=BarProgress(quiet=quiet))
     stderr.print(f"wrote {out}")
