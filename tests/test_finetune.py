@@ -150,6 +150,8 @@ def test_finetune_command_writes_results_and_an_encoder_embed_can_use(archive, t
     assert trained, saved["rows"]
     for task in trained:
         assert (out / task / "encoder.safetensors").exists() and (out / task / "head.safetensors").exists()
+    head = load_file(str(out / trained[0] / "head.safetensors"))
+    assert {"head.weight", "head.bias", "norm.running_mean", "norm.running_var"} <= set(head)
     db = tmp_path / "h.duckdb"
     embedded = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--weights",
                       out / trained[0] / "encoder.safetensors", "--workers", "0", "--json", "--quiet")  # fmt: skip

@@ -165,14 +165,20 @@ def _untrainable(y: np.ndarray, tasks: tuple[str, ...]) -> str | None:
 
 def _export(result, folder: Path, *, tasks: tuple[str, ...], card: dict) -> dict[str, str]:
     """The fine-tuned encoder (for ``embed --weights``) and its classification layer."""
+    import torch
     from safetensors.torch import save_file
 
     from hctembed.pretrain.export import export_backbone
 
-    encoder = export_backbone(result.classifier.backbone, folder, card=card)
+    classifier = result.classifier
+    encoder = export_backbone(classifier.backbone, folder, card=card)
     head = folder / "head.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in result.classifier.head.state_dict().items()}
-    save_file(state, str(head), metadata={"tasks": json.dumps(list(tasks)), "encoder": encoder.name})
+    # the classification layer and the batch standardisation in front of it (its running mean and variance)
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()
+             if k.startswith(("head.", "norm."))}  # fmt: skip
+    meta = {"tasks": json.dumps(list(tasks)), "encoder": encoder.name, "pool": classifier.pool,
+            "head_norm": json.dumps(not isinstance(classifier.norm, torch.nn.Identity))}  # fmt: skip
+    save_file(state, str(head), metadata=meta)
     return {"encoder": str(encoder), "head": str(head)}
 
 
