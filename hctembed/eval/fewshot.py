@@ -55,7 +55,7 @@ def compare_fewshot(
                     row["p_values"] = _paired_p(data.y[test, t], ref.mean_scores, pt.mean_scores, n_permutations, seed)
                 rows.append(row)
             curves.append({"task": name, "model": mid, "points": rows})
-    curves += _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed)
+    curves += _fewshot_mean_curves(data, split, points, ks, n_permutations, seed)
     return FewshotComparison(
         models=list(data.model_ids),
         n_scans=len(data.scan_ids),
@@ -74,35 +74,38 @@ def compare_fewshot(
     )
 
 
-def _paired_p(y, a, b, n_permutations: int, seed: int) -> dict[str, float | None]:
+def _paired_p(y, a, b, n_permutations: int, seed: int, *, over_tasks: bool = False) -> dict[str, float | None]:
+    """P of AUC and AP, model ``b`` against ``a``; ``over_tasks``: of their mean over the columns of ``y [N, T]``."""
     out = {}
     for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
-        p = stats.paired_permutation_test_scores(fn, y, a, b, n_permutations=n_permutations, seed=seed).p_value
+        metric = _mean_over_tasks(fn) if over_tasks else fn
+        p = stats.paired_permutation_test_scores(metric, y, a, b, n_permutations=n_permutations, seed=seed).p_value
         out[metric_name] = None if np.isnan(p) else float(p)
     return out
 
 
-def _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, seed) -> list[dict]:
+def _fewshot_mean_curves(data, split, points, ks, n_permutations, seed) -> list[dict]:
     """Per model, the mean over tasks at each K (the tasks every model has a score for at that K): the mean of the
     task rows' values and CI bounds; its P value tests the mean-over-tasks metric of the draw-averaged scores."""
-    test = split.test
     n_models = len(data.model_ids)
     curves = [{"task": "mean", "model": mid, "points": []} for mid in data.model_ids]
     for i, k in enumerate(ks):
         tasks = [t for t in range(len(data.names)) if all(points[m, t][i].mean_scores is not None
                                                           for m in range(n_models))]  # fmt: skip
+        if not tasks:
+            for curve in curves:
+                curve["points"].append({"K": k, "AUC": None, "AP": None, "tasks": [],
+                                        "skip_reason": f"K={k}: no task could be scored by every model"})  # fmt: skip
+            continue
+        y_all = data.y[np.ix_(split.test, tasks)]
+        matrices = []  # per model: draw-averaged test scores [n_test, tasks], NaN where the label is unknown
         for m in range(n_models):
-            row: dict = {"K": k, "AUC": None, "AP": None, "tasks": [data.names[t] for t in tasks]}
-            if not tasks:
-                curves[m]["points"].append(row | {"skip_reason": f"K={k}: no task could be scored by every model"})
-                continue
-            y_all = data.y[np.ix_(test, tasks)]
-            matrices = []
-            for mm in range(n_models):
-                s = np.full(y_all.shape, np.nan)
-                for j, t in enumerate(tasks):
-                    s[~np.isnan(y_all[:, j]), j] = points[mm, t][i].mean_scores
-                matrices.append(s)
+            s = np.full(y_all.shape, np.nan)
+            for j, t in enumerate(tasks):
+                s[~np.isnan(y_all[:, j]), j] = points[m, t][i].mean_scores
+            matrices.append(s)
+        for m in range(n_models):
+            row: dict = {"K": k, "tasks": [data.names[t] for t in tasks]}
             for metric_name in ("AUC", "AP"):
                 # the mean over tasks of each task's point (value and CI bounds), so it reads like the task rows
                 per_task = [points[m, t][i].to_dict()[metric_name] for t in tasks]
@@ -110,11 +113,6 @@ def _fewshot_mean_curves(data, split, points, ks, n_resamples, n_permutations, s
                     key: float(np.mean([e[key] for e in per_task])) for key in ("value", "low", "high")
                 } | {"ci": "mean over tasks of the task rows' values and 95% bounds"}
             if m > 0:
-                row["p_values"] = {}
-                for metric_name, fn in (("AUC", roc_auc), ("AP", ap_score)):
-                    p = stats.paired_permutation_test_scores(
-                        _mean_over_tasks(fn), y_all, matrices[0], matrices[m], n_permutations=n_permutations, seed=seed
-                    ).p_value
-                    row["p_values"][metric_name] = None if np.isnan(p) else float(p)
+                row["p_values"] = _paired_p(y_all, matrices[0], matrices[m], n_permutations, seed, over_tasks=True)
             curves[m]["points"].append(row | {"skip_reason": None})
     return curves
