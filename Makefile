@@ -35,4 +35,4 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess_speed.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache *.egg-info
