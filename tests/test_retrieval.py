@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from hctembed.eval.retrieval import all_vs_all, average_precision, precision_at_k
+from hctembed.eval.retrieval import all_vs_all, average_precision, expected_random_ap, precision_at_k
 
 
 def test_average_precision_hand_worked():
@@ -111,6 +111,33 @@ def test_all_vs_all_blocks_do_not_change_results():
     b = all_vs_all(x, y, label_names=["a", "b"], block=1000)
     for la, lb in zip(a.labels, b.labels, strict=True):
         np.testing.assert_allclose(la.ap_per_query, lb.ap_per_query)
+
+
+@pytest.mark.parametrize(("g", "r"), [(1, 1), (2, 1), (5, 2), (6, 3), (7, 7)])
+def test_expected_random_ap_equals_enumeration_of_every_ranking(g, r):
+    rel = np.zeros(g, bool)
+    rel[:r] = True
+    scores = np.arange(g, 0, -1, dtype=float)
+    aps = [average_precision(scores, rel[list(order)]) for order in itertools.permutations(range(g))]
+    assert expected_random_ap(np.array([g]), np.array([r]))[0] == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_chance_level_beside_map_and_a_reason_for_labels_without_queries():
+    rng = np.random.default_rng(5)
+    y = np.zeros((40, 3))
+    y[:12, 0] = 1  # 12 positives: each query sees 11 relevant among 39
+    y[0, 1] = 1  # one positive: no other relevant scan in its gallery
+    report = all_vs_all(rng.normal(size=(40, 8)), y, label_names=["a", "single", "none"])
+    a, single, none = report.labels
+    assert a.chance_mAP == pytest.approx(expected_random_ap(np.array([39]), np.array([11]))[0])
+    assert 11 / 39 < a.chance_mAP < 11 / 39 + 0.1  # a little above the prevalence in a small gallery
+    assert a.note == "" and "no other positive" in single.note and "no scan is positive" in none.note
+    rows = {row["label"]: row for row in report.rows()}
+    assert rows["a"]["chance"] == a.chance_mAP and rows["mean"]["chance"] == pytest.approx(a.chance_mAP)
+    # random embeddings score about chance over many queries
+    y2 = (rng.random((300, 1)) < 0.2).astype(float)
+    lab = all_vs_all(rng.normal(size=(300, 16)), y2, label_names=["b"]).labels[0]
+    assert abs(lab.mAP - lab.chance_mAP) < 0.03
 
 
 def test_unknown_labels_and_singletons():

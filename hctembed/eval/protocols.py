@@ -23,7 +23,7 @@ from hctembed.eval.classification import (
 )
 from hctembed.eval.results import Comparison, MetricRow
 from hctembed.eval.retrieval import DEFINITION as RETRIEVAL_DEFINITION
-from hctembed.eval.retrieval import all_vs_all, per_query_metrics
+from hctembed.eval.retrieval import no_query_reason, per_query_metrics
 from hctembed.eval.splits import Split
 from hctembed.io.labels import LabelTable
 
@@ -120,14 +120,15 @@ def compare_retrieval(
     per_query_ap = {}
     for mid, x in zip(data.model_ids, data.x, strict=True):
         kw = {"label_names": data.names, "patient_ids": patients, "exclude_same_patient": exclude_same_patient}
-        report = all_vs_all(x, data.y, ks=ks, **kw)
-        pq = per_query_metrics(x, data.y, ks=ks, **kw)
+        pq = per_query_metrics(x, data.y, ks=ks, **kw)  # one pass: AP, P@K and chance per query
         values = {}
-        for lab, q in zip(report.labels, pq, strict=True):
-            values[lab.label] = {"mAP": lab.ap_per_query, **{f"P@{k}": q.precision_at[k] for k in ks}}
-            values[lab.label]["_skipped"] = lab.n_skipped
+        for q in pq:
+            values[q.label] = {"mAP": q.ap, **{f"P@{k}": q.precision_at[k] for k in ks}}
+            values[q.label]["_skipped"] = q.n_skipped
+            values[q.label]["_chance"] = float(q.chance_ap.mean()) if q.ap.size else float("nan")
+            values[q.label]["_note"] = no_query_reason(q) if not q.ap.size else None
         per_model.append(values)
-        per_query_ap[mid] = {lab.label: lab.ap_per_query for lab in report.labels}
+        per_query_ap[mid] = {q.label: q.ap for q in pq}
     rows = []
     for label in [*data.names, "mean"]:
         for m, mid in enumerate(data.model_ids):
@@ -146,6 +147,11 @@ def compare_retrieval(
             row["queries"] = row["metrics"]["mAP"]["n"]
             if label != "mean":
                 row["skipped"] = per_model[m][label]["_skipped"]
+                row["chance"] = per_model[m][label]["_chance"]
+                row["skip_reason"] = per_model[m][label]["_note"]
+            else:
+                scored = [per_model[m][lab]["_chance"] for lab in data.names if per_model[m][lab]["mAP"].size]
+                row["chance"] = float(np.mean(scored)) if scored else float("nan")
             rows.append(row)
     return Comparison(
         protocol="retrieval",

@@ -38,6 +38,8 @@ def flat_rows(results) -> list[dict]:
             flat.update({m: e.get("value"), f"{m}_low": e.get("low"), f"{m}_high": e.get("high")})
             if m in row["p_values"]:
                 flat[f"P_{m}"] = row["p_values"][m]
+            if m == "mAP" and row.get("chance") is not None:
+                flat["chance"] = row["chance"]
         if row.get("skip_reason"):
             flat["skip_reason"] = row["skip_reason"]
         out.append(flat)
@@ -81,18 +83,22 @@ def markdown_table(results) -> str:
                 )
         return "\n".join(lines) + "\n"
     metrics = results["metrics"]
-    head = "| row | model | " + " | ".join(f"{m} | P ({m})" for m in metrics) + " | note |"
+    chance = any(row.get("chance") is not None for row in results["rows"])
+    head = "| row | model | " + " | ".join(f"{m} | P ({m})" for m in metrics) + (" | chance" if chance else "")
     lines = [
-        f"{results['protocol']}: mean [95% CI], P = two-sided paired permutation test vs {first}",
+        f"{results['protocol']}: mean [95% CI], P = two-sided paired permutation test vs {first}"
+        + ("; chance = the mAP of a random ranking of the same galleries" if chance else ""),
         "",
-        head,
-        "|" + "---|" * (3 + 2 * len(metrics)),
+        head + " | note |",
+        "|" + "---|" * (3 + 2 * len(metrics) + chance),
     ]
     for row in results["rows"]:
         cells = []
         for m in metrics:
             cells.append(_estimate(row["metrics"].get(m)))
             cells.append(_p(row["p_values"].get(m)))
+        if chance:
+            cells.append(_num(row.get("chance")))
         note = row.get("skip_reason") or ""
         lines.append(f"| {row['row']} | {row['model']} | " + " | ".join(cells) + f" | {note} |")
     return "\n".join(lines) + "\n"

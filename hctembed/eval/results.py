@@ -18,6 +18,7 @@ class MetricRow:
     p_values: dict[str, float | None] = field(default_factory=dict)  # metric -> P against the first model
     queries: int | None = None  # retrieval: scored queries
     skipped: int | None = None  # retrieval: queries without a relevant scan
+    chance: float | None = None  # retrieval: mAP of a random ranking on the same queries
     n_test: int | None = None  # classification: test scans with a label
     n_test_positive: int | None = None
     skip_reason: str | None = None
@@ -25,10 +26,10 @@ class MetricRow:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"row": self.row, "model": self.model, "metrics": self.metrics, "p_values": self.p_values}
-        for name in ("queries", "skipped", "n_test", "n_test_positive", "tasks"):
+        for name in ("queries", "skipped", "chance", "n_test", "n_test_positive", "tasks"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        if self.n_test is not None or self.skip_reason is not None:
+        if self.n_test is not None or self.skip_reason is not None or self.queries is not None:
             out["skip_reason"] = self.skip_reason
         return out
 

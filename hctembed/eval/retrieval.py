@@ -16,12 +16,16 @@ Definitions, with ties (equal scores) handled explicitly:
   the tied items (tie-aware, never optimistic).
 * **mAP**: the mean AP over the queries of one label; the report's ``mean`` row is the unweighted mean
   over labels.
+* **chance**: the mAP a random ranking would score on the same queries and galleries: the mean over queries
+  of the expected AP of a uniformly random order of G gallery items of which R are relevant,
+  ``(H_G + (R - 1) / (G - 1) * (G - H_G)) / G`` with ``H_G`` the G-th harmonic number (about the label's
+  prevalence R / G in large galleries). An mAP near it means the embedding ranks no better than chance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +36,22 @@ DEFINITION = (
     "All-vs-all per label: each positive scan is a query once, the gallery is every other scan "
     "(minus the query patient's scans with exclude_same_patient), relevance = same label."
 )
+
+
+def expected_random_ap(n_gallery: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
+    """Expected AP of a uniformly random ranking of ``n_gallery`` items with ``n_relevant`` relevant ones.
+
+    Elementwise over arrays; NaN where nothing is relevant. Position i holds a relevant item with probability
+    R / G, and then the precision at i is (1 + (R - 1) (i - 1) / (G - 1)) / i in expectation, which sums to
+    ``(H_G + (R - 1) / (G - 1) * (G - H_G)) / G``.
+    """
+    g = np.asarray(n_gallery, dtype=np.float64)
+    r = np.asarray(n_relevant, dtype=np.float64)
+    top = int(g.max()) if g.size else 0
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, top + 1))])[g.astype(np.int64)]
+    slope = np.where(g > 1, (r - 1) / np.maximum(g - 1, 1), 0.0)
+    out = (harmonic + slope * (g - harmonic)) / np.maximum(g, 1)
+    return np.where(r > 0, out, np.nan)
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
@@ -103,6 +123,8 @@ class LabelRetrieval:
     mAP: float
     precision_at: dict[int, float]
     ap_per_query: np.ndarray  # [n_queries]; kept for CIs and paired tests
+    chance_mAP: float = float("nan")  # the mAP of a random ranking on the same queries (module docstring)
+    note: str = ""  # why a label has no scored queries
 
 
 @dataclass(frozen=True)
@@ -126,10 +148,16 @@ class RetrievalReport:
         """One dict per label plus a ``mean`` row, ready for a table or JSON lines."""
         rows = []
         for lab in self.labels:
-            row = {"label": lab.label, "queries": lab.n_queries, "skipped": lab.n_skipped, "mAP": lab.mAP}
+            row = {"label": lab.label, "queries": lab.n_queries, "skipped": lab.n_skipped, "mAP": lab.mAP,
+                   "chance": lab.chance_mAP}  # fmt: skip
             row.update({f"P@{k}": lab.precision_at[k] for k in self.ks})
+            row["note"] = lab.note
             rows.append(row)
-        rows.append({"label": "mean", "queries": sum(r["queries"] for r in rows), "skipped": None, **self.mean()})
+        scored = [lab for lab in self.labels if lab.n_queries]
+        chance = float(np.mean([lab.chance_mAP for lab in scored])) if scored else float("nan")
+        mean = self.mean()
+        rows.append({"label": "mean", "queries": sum(r["queries"] for r in rows), "skipped": None,
+                     "mAP": mean.pop("mAP"), "chance": chance, **mean, "note": ""})  # fmt: skip
         return rows
 
     def to_dict(self) -> dict:
@@ -182,6 +210,8 @@ def all_vs_all(
                 mAP=float(m.ap.mean()) if scored else float("nan"),
                 precision_at={k: float(v.mean()) if scored else float("nan") for k, v in m.precision_at.items()},
                 ap_per_query=m.ap,
+                chance_mAP=float(m.chance_ap.mean()) if scored else float("nan"),
+                note="" if scored else no_query_reason(m),
             )
         )
     n = int(np.asarray(x).shape[0])
@@ -198,6 +228,14 @@ class QueryMetrics:
     ap: np.ndarray
     precision_at: dict[int, np.ndarray]
     n_skipped: int = 0
+    chance_ap: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [Q] expected AP of a random ranking
+    n_unknown: int = 0  # scans whose value for this label is unknown (never queries, not in galleries)
+
+
+def no_query_reason(m: QueryMetrics) -> str:
+    if m.n_skipped:
+        return f"no query: each of the {m.n_skipped} positive scan(s) has no other positive in its gallery"
+    return "no query: no scan is positive for this label" + (f" ({m.n_unknown} unknown)" if m.n_unknown else "")
 
 
 def per_query_metrics(
@@ -233,7 +271,7 @@ def per_query_metrics(
     out = []
     for j, name in enumerate(label_names):
         queries = np.flatnonzero(positive[:, j] & known[:, j])
-        aps, pks = [], {k: [] for k in ks}
+        aps, chance, pks = [], [], {k: [] for k in ks}
         for start in range(0, len(queries), block):
             q = queries[start : start + block]
             scores = x[q] @ x.T  # [b, N]
@@ -244,6 +282,7 @@ def per_query_metrics(
             rel = np.broadcast_to(positive[:, j], scores.shape)
             ap_block, pk_block = _rank_metrics(scores, rel, valid, ks=ks)
             aps.append(ap_block)
+            chance.append(expected_random_ap(valid.sum(axis=1), (valid & rel).sum(axis=1)))
             for k in ks:
                 pks[k].append(pk_block[k])
         ap = np.concatenate(aps) if aps else np.zeros(0)
@@ -251,7 +290,13 @@ def per_query_metrics(
         pk = {k: (np.concatenate(v) if v else np.zeros(0))[scored] for k, v in pks.items()}
         out.append(
             QueryMetrics(
-                label=name, query_index=queries[scored], ap=ap[scored], precision_at=pk, n_skipped=int((~scored).sum())
+                label=name,
+                query_index=queries[scored],
+                ap=ap[scored],
+                precision_at=pk,
+                n_skipped=int((~scored).sum()),
+                chance_ap=(np.concatenate(chance) if chance else np.zeros(0))[scored],
+                n_unknown=int((~known[:, j]).sum()),
             )
         )
     return out
