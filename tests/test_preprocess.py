@@ -156,3 +156,30 @@ def test_banded_weights_equal_the_dense_products(n, step, rows):
     torch.testing.assert_close(banded.along_last(x), x @ dense.T, rtol=1e-5, atol=1e-3)
     y = x.transpose(1, 2).contiguous()  # [3, n, 5]
     torch.testing.assert_close(banded.along_rows(y), dense @ y, rtol=1e-5, atol=1e-3)
+
+
+def test_isotropic_grid_geometry_equals_monai_without_importing_it():
+    from monai.data.utils import compute_shape_offset, zoom_affine
+    from scipy.spatial.transform import Rotation
+
+    from hctembed.preprocessing.resample import grid_shape_offset, spacing_affine
+
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        rotation = (
+            np.diag(rng.choice([-1.0, 1.0], 3)) if trial % 3 == 0 else Rotation.random(random_state=trial).as_matrix()
+        )
+        zoom = np.diag(rng.uniform(0.3, 5.0, 3))
+        if trial % 4 == 1:
+            zoom[0, 1] = rng.uniform(-0.3, 0.3)  # sheared (gantry tilt)
+        affine = np.eye(4)
+        affine[:3, :3], affine[:3, 3] = rotation @ zoom, rng.uniform(-200, 200, 3)
+        shape = tuple(int(v) for v in rng.integers(5, 300, 3))
+        spacing = float(rng.choice([0.7, 1.0, 1.5]))
+        ref_affine = np.asarray(zoom_affine(affine, (spacing,) * 3, diagonal=False))
+        mine = spacing_affine(affine, spacing_mm=spacing)
+        np.testing.assert_allclose(mine, ref_affine, atol=1e-12)
+        ref_shape, ref_offset = compute_shape_offset(shape, affine, ref_affine)
+        got_shape, got_offset = grid_shape_offset(shape, in_affine=affine, out_affine=mine)
+        np.testing.assert_array_equal(got_shape, ref_shape)
+        np.testing.assert_allclose(got_offset, ref_offset, atol=1e-9)

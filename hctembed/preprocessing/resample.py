@@ -42,10 +42,9 @@ def isotropic_grid(volume: Volume, *, spacing_mm: float) -> IsotropicGrid:
 
 def grid_for(*, affine: np.ndarray, shape_xyz: tuple[int, int, int], spacing_mm: float) -> IsotropicGrid:
     """:func:`isotropic_grid` from a RAS ``affine`` and shape alone (no voxels needed)."""
-    from monai.data.utils import compute_shape_offset, zoom_affine
-
-    out_affine = np.asarray(zoom_affine(affine, (spacing_mm,) * 3, diagonal=False), dtype=np.float64)
-    shape, offset = compute_shape_offset(shape_xyz, affine, out_affine)
+    affine = np.asarray(affine, dtype=np.float64)
+    out_affine = spacing_affine(affine, spacing_mm=spacing_mm)
+    shape, offset = grid_shape_offset(shape_xyz, in_affine=affine, out_affine=out_affine)
     out_affine[:3, 3] = offset
     grid_to_volume = np.linalg.solve(affine, out_affine)
     linear = grid_to_volume[:3, :3]
@@ -54,6 +53,39 @@ def grid_for(*, affine: np.ndarray, shape_xyz: tuple[int, int, int], spacing_mm:
     return IsotropicGrid(
         shape=np.asarray(shape, np.int64), scale=np.diag(linear).copy(), shift=grid_to_volume[:3, 3].copy()
     )
+
+
+def spacing_affine(affine: np.ndarray, *, spacing_mm: float) -> np.ndarray:
+    """The output affine of MONAI's ``Spacing``: the scan's rotation (its shear dropped) with every voxel side
+    ``spacing_mm``, no translation. ``A = R Z`` with ``Z`` upper triangular (Cholesky of ``A^T A``); the new
+    linear part is ``R diag(sign(diag Z) * spacing)``. Agrees with ``monai.data.utils.zoom_affine`` (tested)
+    without importing MONAI, whose import costs seconds on every process that only searches."""
+    linear = affine[:3, :3]
+    upper = np.linalg.cholesky(linear.T @ linear).T
+    rotation = linear @ np.linalg.inv(upper)
+    out = np.eye(4)
+    out[:3, :3] = rotation @ np.diag(np.sign(np.diag(upper)) * spacing_mm)
+    return out
+
+
+def grid_shape_offset(
+    shape_xyz: tuple[int, int, int], *, in_affine: np.ndarray, out_affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shape and world origin of the output grid that covers the input's voxel centres (MONAI's
+    ``compute_shape_offset`` rule, tested against it): the shape spans the input's corner voxels mapped into the
+    output grid, rounded; the origin is the input corner that is smallest along every output axis, or,
+    when no corner is (an oblique grid), the one that keeps the two grids' centres together."""
+    shape = np.asarray(shape_xyz, dtype=np.float64)
+    corners = np.array(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones((1, corners.shape[1]))])
+    in_grid = np.linalg.solve(out_affine, in_affine) @ corners  # [4, 8] corners in output voxel units
+    world = in_affine @ corners
+    out_shape = np.round(np.ptp(in_grid[:3] / in_grid[3], axis=1) + 1.0)
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(in_grid[:3] - in_grid[:3, i : i + 1], axis=1), 0.0):
+            return out_shape.astype(int), world[:3, i]
+    centre = in_affine[:3, :3] @ (shape / 2.0) + in_affine[:3, 3] - out_affine[:3, :3] @ (out_shape / 2.0)
+    return out_shape.astype(int), centre
 
 
 def resampled_shape(volume: Volume, *, spacing_mm: float) -> np.ndarray:
