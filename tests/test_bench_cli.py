@@ -169,3 +169,23 @@ def test_probe_train_apply_writes_scores(two_models, tmp_path):
 def test_bench_errors_are_one_line(tmp_path):
     result = invoke("bench", "linear", "--db", tmp_path / "missing.duckdb", "--labels", tmp_path / "l.csv")
     assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_stored_labels_and_the_newest_model_are_the_defaults(two_models):
+    root, db, (m0, m1) = two_models
+    explicit = invoke("bench", "retrieval", "--db", db, "--labels", root / "labels.csv", "--model", m1, "--json")
+    default = invoke("bench", "retrieval", "--db", db, "--json")  # no --labels, no --model
+    assert explicit.exit_code == 0 and default.exit_code == 0, default.output
+    assert "most recently embedded" in default.stderr and m1 in default.stderr
+    rows, ref = ([json.loads(line) for line in r.stdout.strip().splitlines()] for r in (default, explicit))
+    assert [(r["label"], r["mAP"], r["chance"]) for r in rows] == [(r["label"], r["mAP"], r["chance"]) for r in ref]
+    scored = [r for r in rows if r["queries"]]
+    assert scored and all(0 < r["chance"] < 1 for r in scored)
+    assert all(r["note"].startswith("no query") for r in rows if not r["queries"] and r["label"] != "mean")
+    found = invoke("search", "--id", read_labels(root / "labels.csv").scan_ids[0], "--db", db, "-k", "3", "--json")
+    assert found.exit_code == 0 and len(found.stdout.strip().splitlines()) == 3
+    assert "most recently embedded" in found.stderr
+    # a prefix that matches nothing, and a database without labels, are one-line errors
+    bad = invoke("bench", "retrieval", "--db", db, "--model", "no-such-model")
+    assert bad.exit_code == 2 and "no embeddings for model no-such-model" in bad.stderr

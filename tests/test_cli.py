@@ -174,7 +174,7 @@ def test_errors_are_one_clear_line(tmp_path, archive):
 
 def test_unknown_scan_id_is_a_clear_error(db):
     result = invoke("search", "--id", "no-such-scan", "--db", db)
-    assert result.exit_code == 2 and "no vector" in result.stderr
+    assert result.exit_code == 2 and "no such scan: 'no-such-scan'" in result.stderr
 
 
 @pytest.mark.slow

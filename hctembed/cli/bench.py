@@ -16,10 +16,15 @@ from hctembed.cli.common import (
     stderr,
 )
 
-app = typer.Typer(help="Benchmarks over stored embeddings.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks over stored embeddings.", no_args_is_help=True, rich_markup_mode=None)
 
 DB = typer.Option(..., "--db", help="DuckDB file (repeatable: one model per file).")
-LABELS = typer.Option(..., "--labels", help="CSV with scan_id, patient_id and 0/1 label columns.")
+LABELS = typer.Option(
+    None, "--labels", help="CSV: scan_id, patient_id, 0/1 label columns (default: the labels stored in the database)."
+)
+ARCHIVE_LABELS = typer.Option(
+    None, "--labels", help="CSV: scan_id, patient_id, 0/1 label columns (default: ARCHIVE/labels.csv)."
+)
 MODEL = typer.Option(None, "--model", help="Model id (prefix); repeat to compare models in one DB.")
 COLUMNS = typer.Option(None, "--columns", help="Comma-separated label columns (default: all 0/1).")
 OUT_DIR = typer.Option(None, "--out-dir", help="Write results.json, results.md and PNG plots here.")
@@ -82,7 +87,7 @@ def show_results(results, *, out_dir: Path | None, out: Path | None = None, as_j
 @friendly_errors
 def retrieval(
     db: list[Path] = typer.Option(..., "--db", help="DuckDB file written by `hctembed embed` (repeatable)."),
-    labels: Path = typer.Option(..., "--labels", help="CSV with scan_id, patient_id and 0/1 label columns."),
+    labels: Path | None = LABELS,
     model: list[str] | None = typer.Option(
         None, "--model", help="Model id (prefix) when the DB holds several; repeat to compare models."
     ),
@@ -116,7 +121,7 @@ def retrieval(
 @friendly_errors
 def knn(
     db: list[Path] = DB,
-    labels: Path = LABELS,
+    labels: Path | None = LABELS,
     model: list[str] | None = MODEL,
     columns: str | None = COLUMNS,
     k: int = typer.Option(20, "--k", min=1, help="Neighbours."),
@@ -144,7 +149,7 @@ def knn(
 @friendly_errors
 def linear(
     db: list[Path] = DB,
-    labels: Path = LABELS,
+    labels: Path | None = LABELS,
     model: list[str] | None = MODEL,
     columns: str | None = COLUMNS,
     c: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic regression."),
@@ -169,7 +174,7 @@ def linear(
 @friendly_errors
 def attentive(
     db: list[Path] = DB,
-    labels: Path = LABELS,
+    labels: Path | None = LABELS,
     model: list[str] | None = MODEL,
     columns: str | None = COLUMNS,
     tokens: list[Path] | None = typer.Option(
@@ -178,9 +183,9 @@ def attentive(
         help="Precomputed patch tokens (.npz: scan_ids, tokens), one per model in order; "
         "default: recomputed from the scan files with the stored encoder.",
     ),
-    epochs: int = typer.Option(10, "--epochs", min=1),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs of the attentive probe."),
     samples_per_epoch: int = typer.Option(500, "--samples-per-epoch", min=2, help="Balanced sample per epoch."),
-    heads: int = typer.Option(4, "--heads", min=1),
+    heads: int = typer.Option(4, "--heads", min=1, help="Attention heads of the attentive probe."),
     out_dir: Path | None = OUT_DIR,
     ratios: str = RATIOS,
     seed: int = SEED,
@@ -205,7 +210,7 @@ def attentive(
 @friendly_errors
 def fewshot(
     db: list[Path] | None = typer.Option(None, "--db", help="DuckDB file (repeatable); not with --finetune."),
-    labels: Path = LABELS,
+    labels: Path | None = LABELS,
     model: list[str] | None = MODEL,
     columns: str | None = COLUMNS,
     ks: str = typer.Option("8,16,32,64,128,256", "--ks", help="K positives and K negatives per task."),
@@ -270,6 +275,10 @@ def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch,
 
     if archive is None or out_dir is None:
         raise typer.BadParameter("fine-tuning needs --archive (the scans) and --out-dir (cache and results)")
+    if labels is None and (archive / "labels.csv").is_file():
+        labels = archive / "labels.csv"
+    if labels is None:
+        raise typer.BadParameter(f"fine-tuning needs --labels CSV ({archive / 'labels.csv'} does not exist)")
     tasks = tuple(columns.split(",")) if columns else tuple(read_labels(labels).names)
     config = finetune_config(
         model=arch, epochs=epochs, max_steps=None, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
@@ -286,7 +295,7 @@ def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch,
 @friendly_errors
 def finetune(
     archive: Path = typer.Option(..., "--archive", help="Archive folder / file, or a manifest.parquet."),
-    labels: Path = LABELS,
+    labels: Path | None = ARCHIVE_LABELS,
     columns: str | None = typer.Option(None, "--columns", help="Comma-separated tasks (default: all 0/1)."),
     weights: list[Path] | None = WEIGHTS,
     no_scratch: bool = NO_SCRATCH,

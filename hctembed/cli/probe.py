@@ -16,24 +16,26 @@ from hctembed.cli.common import (
     stderr,
 )
 
-app = typer.Typer(help="Train and apply probes on frozen embeddings.", no_args_is_help=True)
+app = typer.Typer(help="Train and apply probes on frozen embeddings.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("train")
 @friendly_errors
 def train(
     db: Path = typer.Option(..., "--db", help="DuckDB file written by `hctembed embed`."),
-    labels: Path = typer.Option(..., "--labels", help="CSV with scan_id, patient_id and 0/1 label columns."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV: scan_id, patient_id, 0/1 label columns (default: the labels stored in the DB)."
+    ),
     task: str = typer.Option(..., "--task", help="Label column to predict (e.g. SDH)."),
     out: Path = typer.Option(..., "--out", help="Probe file: .json (linear) or .safetensors (attentive)."),
     kind: str = typer.Option("linear", "--kind", help="linear or attentive."),
     model: str | None = typer.Option(None, "--model", help="Model id (prefix) when the DB holds several."),
     tokens: Path | None = typer.Option(None, "--tokens", help="Precomputed patch tokens (.npz) for attentive."),
     ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="Patient-level train,val,test ratios."),
-    seed: int = typer.Option(0, "--seed"),
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and the training."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Training epochs (attentive probe)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Train on the patient-level train split, report test AUC/AP, save the probe and register it in the DB."""
     from hctembed.workflows.probe import ProbeTrainRequest, train_probe
@@ -57,8 +59,8 @@ def apply(
     probe_file: Path = typer.Argument(..., help="A probe written by `hctembed probe train`."),
     db: Path = typer.Option(..., "--db", help="DuckDB file holding the probe's model's embeddings."),
     tokens: Path | None = typer.Option(None, "--tokens", help="Precomputed patch tokens (.npz) for attentive."),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Score every stored scan of the probe's model and write the scores to the DB (probe_scores table)."""
     from hctembed.workflows.probe import apply_probe

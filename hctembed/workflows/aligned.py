@@ -3,12 +3,15 @@ ids) from its database, and align them with a label table. ``hctembed.eval`` its
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hctembed.eval.protocols import Aligned, EvaluationError, ModelVectors, align
 from hctembed.io.labels import LabelTable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,41 @@ def read_model_vectors(sources: Sequence[Source]) -> list[ModelVectors]:
         info = {"db": str(src.db), "model_id": coll.model_id, "collection_id": coll.collection_id}
         out.append(ModelVectors(name, dict(zip(scan_ids, x, strict=True)), patients, info))
     return out
+
+
+def stored_labels(db: Path, *, columns: Sequence[str] | None = None) -> LabelTable:
+    """The labels a database holds (``embed`` imports ``ARCHIVE/labels.csv``) as a table: every stored 0/1
+    label, or ``columns``; unknown values are NaN. Patient ids come from the stored scans."""
+    import numpy as np
+
+    from hctembed.errors import InputError
+    from hctembed.index.store import Store
+
+    with Store(db, read_only=True) as store:
+        by_scan = store.labels.of()
+    if not by_scan:
+        raise InputError(
+            f"{db} holds no labels: pass --labels CSV (embed imports ARCHIVE/labels.csv when the archive has one)"
+        )
+    names = sorted({name for row in by_scan.values() for name in row})
+    if columns:
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InputError(f"{db} holds no label(s) {missing}; stored: {names}")
+        names = list(columns)
+    scan_ids = sorted(by_scan)
+    values = np.array([[by_scan[s].get(n, np.nan) for n in names] for s in scan_ids], dtype=np.float64)
+    log.info("labels: %d scans x %d labels stored in %s", len(scan_ids), len(names), db.name)
+    return LabelTable(scan_ids=scan_ids, patient_ids=[None] * len(scan_ids), names=names, values=values)
+
+
+def labels_for(labels: Path | None, *, db: Path, columns: Sequence[str] | None = None) -> LabelTable:
+    """``labels`` (a CSV) when given, else the labels stored in ``db``."""
+    from hctembed.io.labels import read_labels
+
+    if labels is not None:
+        return read_labels(labels, columns=list(columns) if columns else None)
+    return stored_labels(db, columns=columns)
 
 
 def load_aligned(sources: Sequence[Source], *, labels: LabelTable) -> Aligned:

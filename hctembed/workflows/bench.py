@@ -14,7 +14,7 @@ from hctembed.errors import InputError
 from hctembed.eval.protocols import Aligned
 from hctembed.eval.results import Comparison, FewshotComparison
 from hctembed.eval.splits import Split
-from hctembed.workflows.aligned import load_aligned, sources_of
+from hctembed.workflows.aligned import labels_for, load_aligned, sources_of
 from hctembed.workflows.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class BenchInputs:
     """What every protocol reads: the databases (one model per file, or several models in one), labels, split."""
 
     dbs: tuple[Path, ...]
-    labels: Path
+    labels: Path | None = None  # a labels CSV; None: the labels stored in the first database
     models: tuple[str, ...] = ()
     columns: tuple[str, ...] | None = None  # default: every 0/1 column
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -98,9 +98,7 @@ class SingleRetrieval:
 
 def load(inputs: BenchInputs) -> Aligned:
     """The labels and every model's vectors on the same scans."""
-    from hctembed.io.labels import read_labels
-
-    table = read_labels(inputs.labels, columns=list(inputs.columns) if inputs.columns else None)
+    table = labels_for(inputs.labels, db=inputs.dbs[0], columns=inputs.columns)
     return load_aligned(sources_of(inputs.dbs, inputs.models), labels=table)
 
 

@@ -21,9 +21,9 @@ KINDS = ("linear", "attentive")
 @dataclass(frozen=True)
 class ProbeTrainRequest:
     db: Path
-    labels: Path
     task: str
     out: Path  # .json (linear) or .safetensors (attentive)
+    labels: Path | None = None  # a labels CSV; None: the labels stored in the database
     kind: str = "linear"
     model: str | None = None
     tokens: Path | None = None  # precomputed patch tokens for an attentive probe
@@ -79,11 +79,11 @@ def train_probe(request: ProbeTrainRequest, *, progress: Progress = NO_PROGRESS)
     from hctembed.eval.classification import evaluate_task, fit_linear_probe, linear_fit_score
     from hctembed.eval.splits import patient_split
     from hctembed.index.store import ProbeRow, Store
-    from hctembed.io.labels import read_labels
     from hctembed.probe.scores import make_probe_id
-    from hctembed.workflows.aligned import Source, load_aligned
+    from hctembed.workflows.aligned import Source, labels_for, load_aligned
 
-    data = load_aligned([Source(request.db, request.model)], labels=read_labels(request.labels, columns=[request.task]))
+    table = labels_for(request.labels, db=request.db, columns=[request.task])
+    data = load_aligned([Source(request.db, request.model)], labels=table)
     if any(p is None for p in data.patient_ids):
         raise InputError("patient-level splits need a patient_id for every scan (labels.csv column)")
     split = patient_split(data.patient_ids, ratios=request.ratios, seed=request.seed)

@@ -95,6 +95,10 @@ class Collection:
     def count(self) -> int:
         return int(self._db.one(f"SELECT count(*) FROM {self.table}")[0])
 
+    def last_embedded(self):
+        """When the newest vector was stored (``datetime``), or None for an empty collection."""
+        return self._db.one(f"SELECT max(created_at) FROM {self.table}")[0]
+
     def ids(self) -> np.ndarray:
         """All vector ids, sorted, int64 ``[N]``."""
         tab = self._db.arrow(f"SELECT id FROM {self.table} ORDER BY id")
@@ -114,7 +118,14 @@ class Collection:
         """(id, vector ``[dim]``) of one stored scan."""
         row = self._db.one(f"SELECT id, vector FROM {self.table} WHERE scan_id = ?", [scan_id])
         if row is None:
-            raise StoreError(f"scan {scan_id} has no vector for model {self.model_id}")
+            if not self.store.scans.exists(scan_id):
+                raise StoreError(f"no such scan: {scan_id!r} is not in {self.store.path.name}")
+            reason = self._db.one(
+                "SELECT status, reason FROM scan_status WHERE collection_id = ? AND scan_id = ? LIMIT 1",
+                [self.collection_id, scan_id],
+            )
+            why = f" (it was {reason[0]}: {reason[1]})" if reason and reason[1] else ""
+            raise StoreError(f"scan {scan_id} has no vector for model {self.model_id}{why}")
         return int(row[0]), np.asarray(row[1], dtype=np.float32)
 
     def hits(self, ids: Sequence[int]) -> dict[int, HitRow]:

@@ -65,6 +65,9 @@ class ScansRepo:
             )
         return {r[0]: r[1] for r in rows}
 
+    def exists(self, scan_id: str) -> bool:
+        return self.db.one("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id])[0] > 0
+
     def meta(self) -> dict[str, dict[str, Any]]:
         """``{scan_id: meta}`` of every stored scan (the protocol facts recorded at embedding time)."""
         rows = self.db.rows("SELECT scan_id, meta FROM scans")

@@ -7,6 +7,7 @@ everything about vectors. Only this package executes SQL.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from hctembed.index.store.models import CollectionsRepo, ModelsRepo
 from hctembed.index.store.paths import SidecarPaths
 from hctembed.index.store.probes import ProbesRepo
 from hctembed.index.store.scans import ScansRepo
+
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -93,14 +96,26 @@ class Store:
         return [Collection(self, row) for row in self._collections.all()]
 
     def resolve_collection(self, *, model_id: str | None = None) -> Collection:
-        """The only collection, or the one of ``model_id`` (a prefix); a clear error when that is ambiguous."""
+        """The collection of ``model_id`` (a prefix), or without one the most recently embedded collection
+        (logged, with the others); a clear error when a prefix is ambiguous or matches nothing."""
         every = self.collections()
         chosen = every
         if model_id is not None:
-            chosen = [c for c in every if c.model_id == model_id or c.model_id.startswith(model_id)]
+            exact = [c for c in every if c.model_id == model_id]
+            chosen = exact or [c for c in every if c.model_id.startswith(model_id)]
         if len(chosen) == 1:
             return chosen[0]
         stored = ", ".join(c.model_id for c in every) or "none"
         if not chosen:
-            raise StoreError(f"no embeddings for model {model_id or '(any)'} in {self.path}; stored: {stored}")
-        raise StoreError(f"{self.path} holds several models ({stored}); choose one with --model")
+            if model_id is None:
+                raise StoreError(f"{self.path} holds no embeddings yet: run `hctembed embed ARCHIVE --db {self.path}`")
+            raise StoreError(f"no embeddings for model {model_id} in {self.path}; stored: {stored}")
+        if model_id is not None and len({c.model_id for c in chosen}) > 1:
+            raise StoreError(f"--model {model_id} matches several models in {self.path} ({stored}); give more of it")
+        newest = max(chosen, key=lambda c: (c.last_embedded() is not None, c.last_embedded() or 0, c.collection_id))
+        log.warning(
+            "%s holds %d collections (%s); using %s / %s, the most recently embedded (choose with --model)",
+            self.path.name, len(chosen), ", ".join(f"{c.model_id}/{c.fingerprint}" for c in chosen),
+            newest.model_id, newest.fingerprint,
+        )  # fmt: skip
+        return newest
