@@ -164,6 +164,9 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-micro": ViTConfig(name="vit-micro", image_size=48, patch_size=8, dim=96, depth=4, heads=4, mlp_dim=384),
 }
 
+# other groups' CT encoders (hctembed.model.foreign.FOREIGN), named here so that help texts need no torch
+FOREIGN_MODELS: tuple[str, ...] = ("merlin", "ct-fm")
+
 
 @dataclass(frozen=True)
 class EmbedConfig:

@@ -187,5 +187,5 @@ def write_explanation(expl: Explanation, *, out_dir: Path, windows: tuple[Window
         expl.distance, out=paths["distance_plot"], title=f"{title}: attention distance (patch {expl.patch_mm:g} mm)"
     )
     paths["distance_json"].write_text(json.dumps(expl.distance_summary(), indent=2))
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    log.debug("wrote %s", ", ".join(str(p) for p in paths.values()))
     return paths

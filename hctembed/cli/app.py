@@ -6,6 +6,7 @@ import typer
 
 from hctembed.cli import (
     bench,
+    common,
     datasets,
     demo,
     embed,
@@ -27,7 +28,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: nothing cut at 80 columns, flags shown as flags
 )
+
+
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Debug output, and other libraries' INFO lines (FAISS, DuckDB)."
+    ),
+) -> None:
+    """Turn a head-CT archive into a searchable embedding index (FM-HCT)."""
+    common.VERBOSE[0] = verbose
+
+
 app.command("synth")(friendly_errors(synth.synth))
 app.command("scan")(friendly_errors(scan.scan))
 app.command("embed")(friendly_errors(embed.embed))

@@ -8,10 +8,9 @@ import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -23,21 +22,46 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hctembed.config import FOREIGN_MODELS, VIT_PRESETS
 from hctembed.errors import HctembedError
 from hctembed.json_values import json_safe
+
+ARCHITECTURES = ", ".join([*VIT_PRESETS, *FOREIGN_MODELS])  # every --model architecture, for help texts
 
 stdout = Console()
 stderr = Console(stderr=True)
 
 
+VERBOSE = [False]  # set by the app's -v/--verbose (CLI state; the library never reads it)
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Log records as one line each on stderr: ``warning: ...`` / ``error: ...``, plain INFO, never wrapped."""
+
+    PREFIX: ClassVar[dict[int, str]] = {
+        logging.DEBUG: "[dim]debug:[/] ",
+        logging.WARNING: "[yellow]warning:[/] ",
+        logging.ERROR: "[red]error:[/] ",
+    }
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        prefix = self.PREFIX.get(min(record.levelno, logging.ERROR), "")
+        stderr.print(prefix + escape(message), soft_wrap=True, highlight=False)
+
+
 def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    """hctembed's own INFO lines (WARNING with ``quiet``); other libraries' only from WARNING on, unless -v."""
+    verbose = verbose or VERBOSE[0]
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False, show_time=False)],
-        force=True,
-    )
+    handler = ConsoleLogHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("hctembed").setLevel(level)
 
 
 def progress_bar(*, quiet: bool = False) -> Progress:
@@ -100,16 +124,30 @@ def friendly_errors(command):
 
 
 class BarProgress:
-    """:class:`hctembed.workflows.progress.Progress` drawn as rich bars on stderr (nothing when ``quiet``)."""
+    """:class:`hctembed.workflows.progress.Progress` drawn as rich bars on stderr (nothing when ``quiet``).
+
+    A bar appears on the first advance, so work that turns out to be empty (no DICOM headers to read in a
+    folder of NIfTI files) draws nothing."""
 
     def __init__(self, *, quiet: bool = False) -> None:
         self.quiet = quiet
 
     @contextmanager
     def task(self, description: str, *, total: int | None) -> Iterator:
-        with progress_bar(quiet=self.quiet) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda k: bar.advance(task, k)
+        bar = progress_bar(quiet=self.quiet)
+        state: dict[str, Any] = {}
+
+        def advance(k: int) -> None:
+            if "task" not in state:
+                bar.start()
+                state["task"] = bar.add_task(description, total=total)
+            bar.advance(state["task"], k)
+
+        try:
+            yield advance
+        finally:
+            if "task" in state:
+                bar.stop()
 
 
 def parse_ratios(ratios: str) -> tuple[float, float, float]:

@@ -8,7 +8,9 @@ import typer
 
 from hctembed.cli.common import friendly_errors, setup_logging, stderr
 
-app = typer.Typer(help="Turn public data-set layouts into series-level labels.", no_args_is_help=True)
+app = typer.Typer(
+    help="Turn public data-set layouts into series-level labels.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 def _write(result, out: Path) -> None:
@@ -23,10 +25,10 @@ def _write(result, out: Path) -> None:
 @friendly_errors
 def rsna(
     path: Path = typer.Argument(..., help="Folder with the per-slice DICOM files and stage_2_train.csv."),
-    out: Path = typer.Option(Path("labels.csv"), "--out"),
+    out: Path = typer.Option(Path("labels.csv"), "--out", help="Labels CSV to write."),
     csv_name: str = typer.Option("stage_2_train.csv", "--csv", help="Label file name inside PATH."),
     secret: Path | None = typer.Option(None, "--secret", help="Pseudonym secret file (as for embed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """RSNA Intracranial Haemorrhage: series labels = any positive slice (EDH, IPH, IVH, SAH, SDH, any)."""
     from hctembed.io.datasets import rsna_labels
@@ -40,10 +42,10 @@ def rsna(
 @friendly_errors
 def cq500(
     path: Path = typer.Argument(..., help="Folder with the CQ500 patient folders and reads.csv."),
-    out: Path = typer.Option(Path("labels.csv"), "--out"),
+    out: Path = typer.Option(Path("labels.csv"), "--out", help="Labels CSV to write."),
     reads: str = typer.Option("reads.csv", "--reads", help="Reads file name inside PATH."),
     secret: Path | None = typer.Option(None, "--secret", help="Pseudonym secret file (as for embed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """CQ500: per-series labels by majority vote of three readers; patient ids kept for exclusion."""
     from hctembed.io.datasets import cq500_labels

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, stderr
+from hctembed.cli.common import ARCHITECTURES, BarProgress, stderr
 
 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Working folder (archive, DB, results)."),
     n: int = typer.Option(36, "--n", min=8, help="Synthetic scans to generate."),
-    model: str = typer.Option("vit-micro", "--model", help="Encoder architecture."),
+    model: str = typer.Option("vit-micro", "--model", help=f"Encoder architecture: {ARCHITECTURES}."),
     weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder (default: pretrain one now)."),
     pretrain_steps: int = typer.Option(
         30, "--pretrain-steps", min=0, help="DINO steps to pretrain the encoder first (0: random init)."

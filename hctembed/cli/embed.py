@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, print_json_lines, print_table, setup_logging
+from hctembed.cli.common import ARCHITECTURES, BarProgress, print_json_lines, print_table, setup_logging
 
 
 def embed(
@@ -16,16 +16,21 @@ def embed(
         "zip file, or a manifest.parquet written by `hctembed scan`.",
     ),
     db: Path = typer.Option(..., "--db", help="DuckDB file (created if missing)."),
-    model: str = typer.Option("vit-base", "--model", help="Encoder architecture (vit-base, vit-small, ...)."),
-    weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder; random init if omitted."),
+    model: str = typer.Option("vit-base", "--model", help=f"Encoder architecture: {ARCHITECTURES}."),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="Encoder weights (.safetensors); without them a ViT is random-initialised (a warning)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for a random-initialised encoder."),
     random_init: bool = typer.Option(
-        False, "--random-init", help="Merlin / CT-FM: random weights instead of the released ones (tests, timing)."
+        False,
+        "--random-init",
+        help="Random weights on purpose (tests, timing): a ViT without --weights always is; merlin / ct-fm only "
+        "with this flag (else their released weights are required).",
     ),
     labels: Path | None = typer.Option(
         None, "--labels", help="labels.csv to import (default: ARCHIVE/labels.csv when present)."
     ),
-    batch_size: int = typer.Option(2, "--batch-size", min=1),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per encoder call."),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="Try scans that failed before even if their files did not change."
     ),
@@ -59,7 +64,7 @@ def embed(
         None, "--shards", help="Shard folder for --distributed (default: DB.shards); must be shared by all ranks."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as a JSON line."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Embed an archive; re-runs skip scans already embedded with the same model and preprocessing."""
     import torch
@@ -117,7 +122,7 @@ def merge_shards_command(
     index: str | None = typer.Option(None, "--index", help="FAISS index kind (see `embed --index`)."),
     keep_parts: bool = typer.Option(False, "--keep-parts", help="Keep the Parquet parts after merging."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as a JSON line."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Store the Parquet parts of a sharded run in DuckDB and build the index (what rank 0 does at the end of
     `embed --distributed`; for a merge that was interrupted, or parts copied from elsewhere)."""

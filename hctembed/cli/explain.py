@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import ARCHITECTURES, print_json_lines, print_table, setup_logging, stderr
 
 
 def explain(
@@ -14,12 +14,14 @@ def explain(
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs and attention_distance.json."),
     weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder; random init if omitted."),
     model: str | None = typer.Option(
-        None, "--model", help="Architecture (vit-base, ...; default vit-base); with --db, the stored model id (prefix)."
+        None,
+        "--model",
+        help=f"Architecture ({ARCHITECTURES}; default vit-base); with --db, the stored model id (prefix).",
     ),
     db: Path | None = typer.Option(None, "--db", help="Use the model a database was embedded with (as search does)."),
     seed: int = typer.Option(0, "--seed", help="Seed for a random-initialised encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print the written files and distances as a JSON line."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """CLS attention (last layer and rollout) over axial/coronal/sagittal slices in each window, and the
     attention distance per layer and head (FM-HCT Methods eq. 1)."""

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import BarProgress, parse_ratios, print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import (
+    ARCHITECTURES,
+    BarProgress,
+    parse_ratios,
+    print_json_lines,
+    print_table,
+    setup_logging,
+    stderr,
+)
 
 
 def finetune_config(*, model, epochs, max_steps, batch_size, lr_backbone, lr_head, samples_per_epoch, seed,
@@ -39,7 +47,11 @@ def finetune(
     labels: Path = typer.Option(..., "--labels", help="CSV with scan_id, patient_id and 0/1 label columns."),
     task: list[str] = typer.Option(..., "--task", help="Label column to learn (repeat for several)."),
     out: Path = typer.Option(..., "--out", help="Run folder: results.json, encoder, head, log, checkpoints."),
-    model: str = typer.Option("vit-base", "--model", help="Architecture for --scratch (a weight file has its own)."),
+    model: str = typer.Option(
+        "vit-base",
+        "--model",
+        help=f"Architecture for --scratch ({ARCHITECTURES}); a weight file names its own.",
+    ),
     weights: Path | None = typer.Option(None, "--weights", help="Encoder to start from (safetensors)."),
     scratch: bool = typer.Option(False, "--scratch", help="Start from random weights instead of --weights."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Planned epochs (the cosine schedule spans these)."),

@@ -13,7 +13,7 @@ def import_vectors(
     file: Path = typer.Argument(..., help=".parquet (scan_id, vector) or .npy with FILE.scan_ids.txt beside it."),
     db: Path = typer.Option(..., "--db", help="DuckDB file (created if missing)."),
     name: str = typer.Option(..., "--name", help="Short name of the source model, e.g. google-ct-foundation."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Import vectors made elsewhere; benchmarks then compare them with --model precomputed-NAME-..."""
     from hctembed.index.precomputed import import_vectors as run

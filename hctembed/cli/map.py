@@ -19,7 +19,7 @@ def map_command(
     model: str | None = typer.Option(None, "--model", help="Model id (prefix) when the DB holds several."),
     method: str = typer.Option("pca", "--method", help="pca, or umap when umap-learn is installed."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary line."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Draw the collection's embeddings in 2D (PCA by default), coloured by COLOR_BY."""
     from hctembed.embedding_map import embedding_map

@@ -29,7 +29,7 @@ def pretrain(
     local_crops: int = typer.Option(3, "--local-crops", min=0, help="DINO local crops per scan."),
     prototypes: int = typer.Option(65536, "--prototypes", min=2, help="DINO head output dimension."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: base lr x batch / 256)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, crops and sampling."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers cutting views."),
     cache: Path | None = typer.Option(None, "--cache", help="Preprocessed-volume cache (default OUT/cache)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),

@@ -6,23 +6,23 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_json_lines, print_table, progress_bar, setup_logging, stderr
+from hctembed.cli.common import BarProgress, print_json_lines, print_table, setup_logging, stderr
 
 
 def scan(
     archive: Path = typer.Argument(..., help="Folder, NIfTI/DICOM file or zip of DICOM."),
     out: Path | None = typer.Option(None, "--out", help="Write the manifest (Parquet) here."),
-    min_slices: int = typer.Option(10, "--min-slices", min=1),
+    min_slices: int = typer.Option(10, "--min-slices", min=1, help="Fewest slices a series needs to be a volume."),
     thickness: tuple[float, float] = typer.Option((0.5, 5.0), "--thickness", help="Slice thickness range, mm."),
     kvp: tuple[float, float] = typer.Option((70.0, 150.0), "--kvp", help="kVp range."),
-    allow_contrast: bool = typer.Option(False, "--allow-contrast"),
+    allow_contrast: bool = typer.Option(False, "--allow-contrast", help="Accept contrast-enhanced series too."),
     kernel: str | None = typer.Option(None, "--kernel", help="Regex the convolution kernel must match."),
     description: str | None = typer.Option(
         None, "--description", help="Regex (case-insensitive) for SeriesDescription."
     ),
     secret: Path | None = typer.Option(None, "--secret", help="Pseudonym secret file."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find DICOM series (split into stacks), NIfTI files and zips; decide which are head CT to embed."""
     from hctembed.io.archive import scan_archive
@@ -39,13 +39,12 @@ def scan(
         kernel_pattern=kernel,
         description_pattern=description,
     )
-    with progress_bar(quiet=quiet) as bar:
-        task = bar.add_task("reading headers", total=None)
+    with BarProgress(quiet=quiet).task("reading headers", total=None) as advance:
         found = scan_archive(
             archive,
             selection=config,
             pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
-            progress=lambda k: bar.update(task, completed=k),
+            progress=lambda k: advance(1),
         )
     rows = manifest_rows(found, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
     if out is not None:

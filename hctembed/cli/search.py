@@ -20,7 +20,7 @@ def search(
     html_page: Path | None = typer.Option(
         None, "--html", help="Also write a self-contained HTML page (images embedded) of the query and its hits."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find the k most similar scans (cosine similarity of the stored embeddings)."""
     from hctembed.index.store import Store

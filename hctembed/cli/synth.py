@@ -15,7 +15,7 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same archive."),
     matrix: int = typer.Option(128, "--matrix", min=32, help="In-plane voxels (512 is a real scanner)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes rendering patients (same files whatever N)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Generate synthetic head CTs with haemorrhage subtypes (EDH, SDH, IPH, IVH, SAH) and scanner variation."""
     from hctembed.synth import SynthConfig, generate_archive

@@ -129,7 +129,7 @@ def generate_archive(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     write_labels(out_dir / "labels.csv", records=records)
-    logger.info("wrote %d synthetic scans of %d patients to %s", len(records), len(plan), out_dir)
+    logger.debug("wrote %d synthetic scans of %d patients to %s", len(records), len(plan), out_dir)
     return records
 
 

@@ -128,6 +128,13 @@ def load_request_encoder(request: EmbedRequest, *, device: str | None = None):
     encoder = load_encoder(
         request.model, weights=request.weights, seed=request.seed, random_init=request.random_init or None
     )
+    if encoder.weights_path is None and not request.random_init:
+        log.warning(
+            "%s is random-initialised (no --weights): its neighbours follow image statistics, not learned findings; "
+            "train one with `hctembed pretrain`, import one with `hctembed import-fmhct`, or use --model merlin / "
+            "ct-fm after `hctembed models pull`",
+            request.model,
+        )
     device = device or request.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
