@@ -182,11 +182,20 @@ def test_demo_command_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     result = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro")
     assert result.exit_code == 0, result.output
-    assert "1/4" in result.stderr and "4/4" in result.stderr
+    assert "1/5" in result.stderr and "5/5" in result.stderr
     saved = json.loads((out / "retrieval.json").read_text())
     assert saved["n_scans"] == 8 and saved["exclude_same_patient"] is True
-    assert "top 5" in result.stdout and "mean" in result.stdout
-    again = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro")  # reuses the archive and vectors
+    assert "top 5" in result.stdout and "mean" in result.stdout and "chance" in result.stdout
+    assert "for a random ranking" in result.stderr  # the numbers in context
+    pictures = [out / "search.png", out / "explain" / "attention_last_layer.png", out / "map.png"]
+    for path in pictures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(path) in result.stdout
+    assert "<img" in (out / "search.html").read_text()
+    # what only pretraining needed is gone, the encoder stays, and the disk used is said
+    assert (out / "encoder" / "encoder.safetensors").exists()
+    assert not (out / "encoder" / "cache").exists() and not (out / "encoder" / "checkpoint.pt").exists()
+    assert "MB" in result.stdout and "removed" in result.stdout
+    again = invoke("demo", "--out", out, "--n", "8", "--model", "vit-micro", "--keep")  # reuses archive, vectors
     assert again.exit_code == 0 and "reusing" in again.stderr
 
 

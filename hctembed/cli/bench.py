@@ -79,8 +79,15 @@ def show_results(results, *, out_dir: Path | None, out: Path | None = None, as_j
         drop = "protocol"
     if as_json:
         print_json_lines(rows)
-    else:
-        print_table([{k: v for k, v in r.items() if k != drop} for r in rows], title=title)
+        return
+    notes = {}  # printed under the table, not as a wide column that is mostly empty
+    for r in rows:
+        note, reason = r.pop("note", None), r.pop("skip_reason", None)
+        if note or reason:
+            notes[" ".join(str(r[k]) for k in ("label", "row", "task", "model", "K") if k in r)] = note or reason
+    print_table([{k: v for k, v in r.items() if k != drop} for r in rows], title=title)
+    for name, note in notes.items():
+        stderr.print(f"{name}: {note}")
 
 
 @app.command("retrieval")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_json_lines, print_table, setup_logging
+from hctembed.cli.common import print_json_lines, print_table, setup_logging, stderr
 
 
 def search(
@@ -30,12 +30,16 @@ def search(
     if (query is None) == (scan_id is None):
         raise typer.BadParameter("give either a QUERY scan file or --id SCAN_ID")
     with Store(db, read_only=True) as store:
+        model = store.resolve_collection(model_id=model).model_id  # chosen (and said) once
         if query is not None:
             hits = search_file(store, path=query, k=k, model=model)
         else:
             hits = search_id(store, scan_id=scan_id, k=k, model=model)
         if montage is not None or html_page is not None:
-            _pictures(store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page)
+            for path in write_search_pictures(
+                store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page
+            ):
+                stderr.print(f"wrote {path}")
     print_hits(hits, title=f"top {k} for {query or scan_id}", as_json=as_json)
 
 
@@ -57,8 +61,8 @@ def print_hits(hits, *, title: str, as_json: bool = False) -> None:
     print_table(table, title=title)
 
 
-def _pictures(store, hits, *, query, scan_id, model, montage, html_page) -> None:
-    from hctembed.cli.common import stderr
+def write_search_pictures(store, hits, *, query, scan_id, model, montage, html_page) -> list[Path]:
+    """The query and its hits as a montage PNG and/or a self-contained HTML page; returns the files written."""
     from hctembed.panels import search_panels
     from hctembed.pictures.montage import render_html, render_montage
     from hctembed.search import stored_encoder
@@ -67,9 +71,11 @@ def _pictures(store, hits, *, query, scan_id, model, montage, html_page) -> None
     encoder = stored_encoder(collection)
     panels = search_panels(collection, encoder, hits, query_path=query, query_scan_id=scan_id)
     title = f"top {len(hits)} for {query.name if query else scan_id} ({collection.model_id})"
+    written = []
     if montage is not None:
         render_montage(panels, out=montage, windows=encoder.preprocess.windows, title=title)
-        stderr.print(f"montage written to {montage}")
+        written.append(montage)
     if html_page is not None:
         render_html(panels, out=html_page, windows=encoder.preprocess.windows, title=title)
-        stderr.print(f"HTML page written to {html_page}")
+        written.append(html_page)
+    return written
