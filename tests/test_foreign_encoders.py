@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from hctembed.model.catalogue import model_info
 from hctembed.model.encoders import load_encoder
 from hctembed.model.foreign import FOREIGN, WeightsNotFound, find_weights
 from hctembed.model.merlin import MerlinConfig, MerlinImageEncoder
@@ -84,7 +85,8 @@ def test_merlin_checkpoint_loads_strictly_without_its_text_side(tmp_path):
 
 def test_weights_come_from_the_hugging_face_cache_or_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     spec = FOREIGN["ct-fm"]
     with pytest.raises(WeightsNotFound, match=r"model\.safetensors.*project-lighter/ct_fm_feature_extractor"):
@@ -93,9 +95,10 @@ def test_weights_come_from_the_hugging_face_cache_or_a_clear_error(tmp_path, mon
     snapshot.mkdir(parents=True)
     enc = load_encoder("ct-fm", random_init=True, seed=2)
     save_file(
-        {k.removeprefix("encoder."): v for k, v in enc.model.state_dict().items()}, str(snapshot / spec.hf_filename)
+        {k.removeprefix("encoder."): v for k, v in enc.model.state_dict().items()},
+        str(snapshot / model_info(spec.name).hub.filename),
     )
-    assert snapshot / spec.hf_filename == find_weights(spec, None)
+    assert snapshot / model_info(spec.name).hub.filename == find_weights(spec, None)
     assert load_encoder("ct-fm").model_id == enc.model_id
     with pytest.raises(WeightsNotFound, match="not found"):
         load_encoder("merlin", weights=tmp_path / "nope.pt")

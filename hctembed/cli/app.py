@@ -13,6 +13,7 @@ from hctembed.cli import (
     finetune,
     import_fmhct,
     import_vectors,
+    models,
     pretrain,
     probe,
     scan,
@@ -51,6 +52,7 @@ app.command("explain")(friendly_errors(explain_cli.explain))
 app.command("map")(friendly_errors(map_cli.map_command))
 app.add_typer(bench.app, name="bench")
 app.add_typer(datasets.app, name="datasets")
+app.add_typer(models.app, name="models")
 app.add_typer(probe.app, name="probe")
 app.command("import-vectors")(friendly_errors(import_vectors.import_vectors))
 app.command("pretrain")(friendly_errors(pretrain.pretrain))

@@ -117,7 +117,7 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except (HctembedError, *USER_OS_ERRORS) as exc:
-            stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -2,15 +2,15 @@
 
 Each entry declares its architecture, its own preprocessing (:class:`~hctembed.config.MonaiPreset`), its
 embedding dim, and where its released weights live. Weights come from a local path (``--weights``) or
-an existing Hugging Face cache (``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``); nothing is downloaded,
-and a missing file is an error naming it. Released checkpoints load strictly through an explicit key
-conversion; hctembed's own saves of these models (``.safetensors`` with the module's keys) load as is.
+a Hugging Face cache (see :mod:`hctembed.model.catalogue`); nothing is downloaded here (``hctembed
+models pull`` does that, explicitly), and a missing file is an error naming it. Released checkpoints load
+strictly through an explicit key conversion; hctembed's own saves of these models (``.safetensors`` with
+the module's keys) load as is.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from torch import nn
 
 from hctembed.config import MonaiPreset
 from hctembed.errors import HctembedError
+from hctembed.model.catalogue import cached_weights, hf_cache_roots, model_info
 from hctembed.model.checkpoint import load_state_strict, remap_keys, weights_digest
 from hctembed.model.ctfm import CTFM_PREPROCESS, CTFMEncoder
 from hctembed.model.merlin import MERLIN_PREPROCESS, MerlinImageEncoder, merlin_state_from_checkpoint
@@ -36,8 +37,6 @@ class ForeignSpec:
     build: Callable[[], nn.Module]
     preprocess: MonaiPreset
     dim: int
-    hf_repo: str
-    hf_filename: str
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # released keys -> module keys
 
 
@@ -47,8 +46,6 @@ FOREIGN: dict[str, ForeignSpec] = {
         build=MerlinImageEncoder,
         preprocess=MERLIN_PREPROCESS,
         dim=2048,
-        hf_repo="stanfordmimi/Merlin",
-        hf_filename="i3_resnet_clinical_longformer_best_clip_04-02-2024_23-21-36_epoch_99.pt",
         convert=merlin_state_from_checkpoint,
     ),
     "ct-fm": ForeignSpec(
@@ -56,38 +53,26 @@ FOREIGN: dict[str, ForeignSpec] = {
         build=CTFMEncoder,
         preprocess=CTFM_PREPROCESS,
         dim=512,
-        hf_repo="project-lighter/ct_fm_feature_extractor",
-        hf_filename="model.safetensors",
         convert=lambda state: remap_keys(state, {"": "encoder."}),
     ),
 }
 
 
-def hf_cache_roots() -> list[Path]:
-    roots = []
-    if os.environ.get("HF_HUB_CACHE"):
-        roots.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        roots.append(Path(os.environ["HF_HOME"]) / "hub")
-    roots.append(Path.home() / ".cache" / "huggingface" / "hub")
-    return roots
-
-
 def find_weights(spec: ForeignSpec, weights: str | Path | None) -> Path:
-    """The weights file: ``weights`` when given, else the newest snapshot of the Hugging Face cache."""
+    """The weights file: ``weights`` when given, else the newest snapshot in a Hugging Face cache (where
+    ``hctembed models pull`` puts it; the released file's repository and name are in the catalogue)."""
     if weights is not None:
         path = Path(weights)
         if not path.exists():
             raise WeightsNotFound(f"weights file not found: {path}")
         return path
-    folder = "models--" + spec.hf_repo.replace("/", "--")
-    for root in hf_cache_roots():
-        hits = sorted((root / folder / "snapshots").glob(f"*/{spec.hf_filename}"), key=lambda p: p.stat().st_mtime)
-        if hits:
-            return hits[-1]
+    hub = model_info(spec.name).hub
+    found = cached_weights(hub)
+    if found is not None:
+        return found
     raise WeightsNotFound(
-        f"no weights for {spec.name}: {spec.hf_filename} (Hugging Face {spec.hf_repo}) is not in "
-        f"{', '.join(str(r) for r in hf_cache_roots())}; download it yourself and pass --weights FILE"
+        f"no weights for {spec.name}: {hub.filename} (Hugging Face {hub.repo}) is not in "
+        f"{', '.join(str(r) for r in hf_cache_roots())}; run `hctembed models pull {spec.name}` or pass --weights FILE"
     )
 
 
