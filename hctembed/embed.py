@@ -25,7 +25,7 @@ from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder, persist_weights
 from hctembed.preprocessing import AnyPreprocessConfig
 from hctembed.preprocessing.series import prepare
-from hctembed.volume import VolumeError
+from hctembed.volume import MAX_VOXELS, VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ class Prepared:
 class ScanDataset(Dataset):
     """Map-style dataset over SeriesRefs; never raises for a bad scan (returns its reason instead)."""
 
-    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig) -> None:
+    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS) -> None:
         self.refs = list(refs)
         self.config = config
+        self.max_voxels = max_voxels
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -53,11 +54,13 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            x, facts = prepare(ref, config=self.config)
+            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels)
         except VolumeError as exc:
             return Prepared(i, None, str(exc))
-        except (MemoryError, KeyboardInterrupt):
+        except KeyboardInterrupt:
             raise
+        except MemoryError:  # this scan needs more memory than there is: its failure, not the run's
+            return Prepared(i, None, "out of memory while loading it (MemoryError); see --max-voxels")
         except Exception as exc:  # a long archive run never dies on one bad scan
             log.debug("unexpected failure on %s", ref.source, exc_info=True)
             return Prepared(i, None, f"{type(exc).__name__}: {exc}")
@@ -215,6 +218,7 @@ def embed_archive(
     progress: Callable[[int], None] | None = None,
     index_kind: str | None = None,
     checkpoint_seconds: float = 30.0,
+    max_voxels: int = MAX_VOXELS,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
@@ -242,7 +246,10 @@ def embed_archive(
         progress(len(refs) - len(plan.todo))
     embedded = 0
     last_checkpoint = time.perf_counter()
-    for outcomes, vectors in encode_refs(plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers):
+    batches = encode_refs(
+        plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels
+    )
+    for outcomes, vectors in batches:
         with store.transaction():
             store_outcomes(collection, outcomes, vectors, patients=patients)
         if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
@@ -258,18 +265,55 @@ def embed_archive(
 
 
 def encode_refs(
-    todo: Sequence[tuple[int, SeriesRef]], *, encoder: Encoder, batch_size: int, num_workers: int
+    todo: Sequence[tuple[int, SeriesRef]],
+    *,
+    encoder: Encoder,
+    batch_size: int,
+    num_workers: int,
+    max_voxels: int = MAX_VOXELS,
 ) -> Iterator[tuple[list[Outcome], np.ndarray]]:
     """Load and preprocess in DataLoader workers, encode in batches on the encoder's device.
 
     Yields, batch by batch, each scan's Outcome (in ``todo`` order) and the vectors ``[n_embedded, dim]`` of
     the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason.
+    A worker process that dies (killed for memory, a crash in a decoder) costs only the scan that killed
+    it: the scans it may have held are loaded again one per fresh worker, the one that kills its worker
+    again fails with that reason, and the rest of the archive goes on in batches.
     """
-    if not todo:
-        return
+    done = 0
+    while done < len(todo):
+        try:
+            for outcomes, vectors in _encode_batches(
+                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels
+            ):
+                done += len(outcomes)
+                yield outcomes, vectors
+        except RuntimeError as exc:
+            if num_workers == 0 or "DataLoader worker" not in str(exc):
+                raise
+            suspects = todo[done : done + (2 * num_workers + 1) * batch_size]  # every batch a worker may have held
+            log.warning("a loader process died (%s); loading its %d scan(s) one at a time", exc, len(suspects))
+            for one in suspects:
+                try:
+                    yield from _encode_batches(
+                        [one], encoder=encoder, batch_size=1, num_workers=1, max_voxels=max_voxels
+                    )
+                except RuntimeError as again:
+                    if "DataLoader worker" not in str(again):
+                        raise
+                    position, ref = one
+                    reason = f"its loader process died while reading it ({again}); out of memory?"
+                    log.warning("failed %s: %s", ref.source, reason)
+                    yield [Outcome.of(position, ref, reason=reason)], np.zeros((0, encoder.dim), np.float32)
+            done += len(suspects)
+
+
+def _encode_batches(
+    todo: Sequence[tuple[int, SeriesRef]], *, encoder: Encoder, batch_size: int, num_workers: int, max_voxels: int
+) -> Iterator[tuple[list[Outcome], np.ndarray]]:
     refs = [ref for _, ref in todo]
     loader = DataLoader(
-        ScanDataset(refs, config=encoder.preprocess),
+        ScanDataset(refs, config=encoder.preprocess, max_voxels=max_voxels),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -48,6 +48,7 @@ from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
 from hctembed.index.store.parts import sorted_parts
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder
+from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def embed_shard(
     retry_failed: bool = False,
     rows_per_part: int = 256,
     progress: Callable[[int], None] | None = None,
+    max_voxels: int = MAX_VOXELS,
 ) -> ShardReport:
     """Embed this rank's share of ``refs`` into Parquet parts under ``folder``.
 
@@ -272,7 +274,8 @@ def embed_shard(
     if progress and n_mine > len(todo):
         progress(n_mine - len(todo))
     embedded = failed = 0
-    for outcomes, vectors in encode_refs(todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers):
+    batches = encode_refs(todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels)
+    for outcomes, vectors in batches:
         writer.add(outcomes, vectors)
         embedded += len(vectors)
         failed += len(outcomes) - len(vectors)

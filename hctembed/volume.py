@@ -43,6 +43,21 @@ class Volume:
         return (float(s[0]), float(s[1]), float(s[2]))
 
 
+MAX_VOXELS = 1024 * 1024 * 2000  # the default limit: a 1024x1024 matrix with 2,000 slices
+
+
+def check_voxel_count(shape: tuple[int, ...], *, max_voxels: int, what: str = "the header") -> int:
+    """The voxel count of ``shape``, or a VolumeError when it is over ``max_voxels``: checked before anything of
+    that size is allocated, so a header that claims a huge image costs nothing."""
+    count = 1
+    for n in shape:
+        count *= max(int(n), 0)
+    if count > max_voxels:
+        dims = "x".join(str(int(n)) for n in shape)
+        raise VolumeError(f"{what} claims {count:,} voxels ({dims}), over the limit of {max_voxels:,} (--max-voxels)")
+    return count
+
+
 def check_affine(affine: np.ndarray, *, tolerance: float = 1e-3) -> None:
     """Raise VolumeError unless ``affine`` is a finite 4x4 with non-zero spacing and orthogonal axes."""
     a = np.asarray(affine, dtype=np.float64)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from hctembed.cli.common import ARCHITECTURES, BarProgress, print_json_lines, print_table, setup_logging
+from hctembed.volume import MAX_VOXELS
 
 
 def embed(
@@ -51,6 +52,13 @@ def embed(
         min=0,
         help="Fold DuckDB's write-ahead log into the file at most this often (each batch is committed anyway).",
     ),
+    max_voxels: int = typer.Option(
+        MAX_VOXELS,
+        "--max-voxels",
+        min=1,
+        help="A scan whose headers claim more voxels fails with that reason, before anything of that size is read "
+        "(default: 1024 x 1024 x 2000).",
+    ),
     device: str = typer.Option(
         "auto", "--device", help="Where the encoder runs: auto (CUDA when present), cpu, cuda, cuda:N."
     ),
@@ -90,6 +98,7 @@ def embed(
         index=index,
         device=device,
         checkpoint_seconds=checkpoint_seconds,
+        max_voxels=max_voxels,
     )
     progress = BarProgress(quiet=quiet)
     if distributed:

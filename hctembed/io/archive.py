@@ -20,7 +20,7 @@ from hctembed.io.dicom_series import SeriesCandidate, group_series
 from hctembed.io.nifti import is_nifti, load_nifti, nifti_stem
 from hctembed.io.pseudonym import Pseudonymizer
 from hctembed.io.selection import SelectionConfig
-from hctembed.volume import Volume, VolumeError
+from hctembed.volume import MAX_VOXELS, Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +193,14 @@ def _ref_of(cand: SeriesCandidate, *, root: Path, sizes: dict[str, tuple[int, in
     )
 
 
-def load_series(ref: SeriesRef, *, selection: SelectionConfig | None = None) -> Volume:
-    """Load one candidate as a Volume (NIfTI file or DICOM series)."""
+def load_series(ref: SeriesRef, *, selection: SelectionConfig | None = None, max_voxels: int = MAX_VOXELS) -> Volume:
+    """Load one candidate as a Volume (NIfTI file or DICOM series); VolumeError over ``max_voxels``."""
     if ref.format == "nifti":
-        return load_nifti(ref.path)
+        return load_nifti(ref.path, max_voxels=max_voxels)
     if ref.format == "dicom":
         from hctembed.io.dicom import load_dicom_series
 
-        volume = load_dicom_series(ref.root, ref.files, config=selection)
+        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels)
         volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
         return volume
     raise VolumeError(f"unsupported format {ref.format}")

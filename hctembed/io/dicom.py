@@ -30,7 +30,7 @@ from pydicom.uid import UID
 
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.selection import SelectionConfig
-from hctembed.volume import Volume, VolumeError, check_affine, orient_to_ras
+from hctembed.volume import MAX_VOXELS, Volume, VolumeError, check_affine, check_voxel_count, orient_to_ras
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,29 @@ class _Slice:
     rescale_missing: bool
 
 
-def load_dicom_series(root: Path, files: Sequence[str], *, config: SelectionConfig | None = None) -> Volume:
-    """Read and assemble the files of one series (paths relative to ``root``; zip members allowed)."""
+def load_dicom_series(
+    root: Path, files: Sequence[str], *, config: SelectionConfig | None = None, max_voxels: int = MAX_VOXELS
+) -> Volume:
+    """Read and assemble the files of one series (paths relative to ``root``; zip members allowed).
+
+    Each file's Rows x Columns x NumberOfFrames is added up and checked against ``max_voxels`` before its
+    pixels are decoded, so a header that claims a huge image fails the series without allocating it."""
     config = config or SelectionConfig()
     slices: list[_Slice] = []
     flags: list[str] = []
+    claimed = 0
     for ref in files:
         try:
             ds = read_dataset(root, ref, pixels=True)
         except HeaderError as exc:
             raise VolumeError(f"unreadable slice file: {exc}") from None
+        try:
+            frame = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+        except (TypeError, ValueError):
+            raise VolumeError("a slice has a malformed Rows, Columns or NumberOfFrames") from None
+        claimed += check_voxel_count(frame, max_voxels=max_voxels, what="a slice header")
+        if claimed > max_voxels:
+            raise VolumeError(f"the series' headers claim over {max_voxels:,} voxels in all (--max-voxels)")
         slices.extend(_slices_of(ds))
     if not slices:
         raise VolumeError("no image slices")

@@ -8,12 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from hctembed.volume import Volume, VolumeError, check_affine, orient_to_ras
+from hctembed.volume import MAX_VOXELS, Volume, VolumeError, check_affine, check_voxel_count, orient_to_ras
 
 try:  # Intel ISA-L's inflate; zlib (through nibabel) where the wheel is missing
     from isal import igzip as _igzip
+    from isal import isal_zlib as _igzip_zlib
 except ImportError:  # pragma: no cover - depends on the platform
-    _igzip = None
+    _igzip = _igzip_zlib = None
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +35,19 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
-def load_nifti(path: str | Path) -> Volume:
+def load_nifti(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Volume:
     """Read a 3D NIfTI CT as a :class:`Volume` in closest-RAS orientation.
 
     The voxels are scaled by the header's slope/intercept to float32 HU. Reorientation is a strided view
     (flips and axis swaps), so the only full-size work is decompression and the float conversion.
 
     Raises:
-        VolumeError: unreadable file, not 3D (a 4D file with one volume is accepted), non-finite voxels,
-            or a degenerate / non-orthonormal affine.
+        VolumeError: unreadable file, not 3D (a 4D file with one volume is accepted), more voxels than
+            ``max_voxels`` (checked on the header, before reading), non-finite voxels, or a degenerate /
+            non-orthonormal affine.
     """
     path = Path(path)
-    img, shape = open_image(path)
+    img, shape = open_image(path, max_voxels=max_voxels)
     affine = header_affine(img)
     check_affine(affine)
     try:
@@ -76,8 +78,9 @@ def load_nifti(path: str | Path) -> Volume:
     return Volume(array=array, affine=affine_ras, meta=meta)
 
 
-def open_image(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
-    """The parsed image (voxels not read yet) and its 3D shape; VolumeError for what is not a 3D NIfTI."""
+def open_image(path: Path, *, max_voxels: int = MAX_VOXELS) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
+    """The parsed image (voxels not read yet) and its 3D shape; VolumeError for what is not a 3D NIfTI or
+    claims more than ``max_voxels`` voxels."""
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken files
@@ -91,6 +94,12 @@ def open_image(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
         raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)}")
     if min(shape) < 2:
         raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)} has a singleton axis")
+    check_voxel_count(shape, max_voxels=max_voxels)
+    if not path.name.lower().endswith(".gz"):  # a plain file must hold what its header claims
+        needed = int(img.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < needed:
+            raise VolumeError(f"unreadable NIfTI voxel data (truncated: {size} bytes, the header needs {needed})")
     return img, tuple(int(s) for s in shape)
 
 
@@ -105,9 +114,9 @@ def _voxels(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, float, float]
     slope, inter = float(proxy.slope), float(proxy.inter)
     if not path.name.lower().endswith(".gz") or _igzip is None:
         return np.asanyarray(proxy.get_unscaled()), slope, inter
-    buffer = _igzip.decompress(path.read_bytes())
     dtype = img.get_data_dtype()
     count = int(np.prod(img.shape))
+    buffer = _inflate_at_most(path, proxy.offset + count * dtype.itemsize)
     if len(buffer) < proxy.offset + count * dtype.itemsize:
         raise VolumeError(
             f"unreadable NIfTI voxel data (truncated: {max(len(buffer) - proxy.offset, 0)} bytes, the header "
@@ -115,6 +124,27 @@ def _voxels(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, float, float]
         )
     data = np.frombuffer(buffer, dtype=dtype, count=count, offset=proxy.offset)
     return data.reshape(img.shape, order="F"), slope, inter
+
+
+def _inflate_at_most(path: Path, limit: int) -> np.ndarray:
+    """Inflate a gzip file into one buffer of at most ``limit`` bytes (uint8 ``[<= limit]``): what follows the
+    voxels the header declares is never held, so a small file that inflates to gigabytes (a gzip bomb)
+    costs no more memory than its header says, and the header's size was checked before."""
+    out = np.empty(limit, np.uint8)
+    filled = 0
+    inflater = _igzip_zlib.decompressobj(31)
+    with open(path, "rb") as f:
+        while filled < limit and (chunk := f.read(1 << 22)):
+            while chunk and filled < limit:
+                piece = inflater.decompress(chunk, limit - filled)
+                out[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)
+                filled += len(piece)
+                chunk = inflater.unconsumed_tail
+                if inflater.eof:  # a multi-member gzip: the next member starts in unused_data
+                    chunk, inflater = inflater.unused_data, _igzip_zlib.decompressobj(31)
+                    if not chunk.strip(b"\x00"):
+                        chunk = b""
+    return out[:filled]
 
 
 def header_affine(img: nib.Nifti1Image) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hctembed.io.nifti import header_affine, open_image
-from hctembed.volume import VolumeError, check_affine, ras_orientation
+from hctembed.volume import MAX_VOXELS, VolumeError, check_affine, ras_orientation
 
 try:
     from isal import isal_zlib as _zlib
@@ -136,13 +136,13 @@ def _inflate(path: Path, buffer: np.ndarray, slice_bytes: int, ready: queue.Queu
     ready.put(("end", filled))
 
 
-def open_stream(path: str | Path) -> NiftiStream | None:
+def open_stream(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> NiftiStream | None:
     """Parse a ``.nii.gz`` header for streaming; ``None`` when the file is not gzip or its axes are permuted
     relative to RAS (load it whole). Raises VolumeError as :func:`load_nifti` does for bad headers."""
     path = Path(path)
     if not path.name.lower().endswith(".nii.gz"):
         return None
-    img, shape = open_image(path)
+    img, shape = open_image(path, max_voxels=max_voxels)
     affine = header_affine(img)
     check_affine(affine)
     ras = ras_orientation(affine, shape)

@@ -11,6 +11,7 @@ from typing import Any
 from hctembed.errors import InputError
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
+from hctembed.volume import MAX_VOXELS
 from hctembed.workflows.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class EmbedRequest:
     index: str | None = None
     device: str = "auto"
     checkpoint_seconds: float = 30.0
+    max_voxels: int = MAX_VOXELS  # a scan whose headers claim more fails with that reason, unread
 
     def __post_init__(self) -> None:
         from hctembed.index.choice import KINDS
@@ -171,6 +173,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 progress=advance,
                 index_kind=request.index,
                 checkpoint_seconds=request.checkpoint_seconds,
+                max_voxels=request.max_voxels,
             )
         if table is not None:
             store.scans.set_patients(table.patients())

@@ -175,7 +175,7 @@ def run_embed_distributed(
         shard = embed_shard(
             refs=refs, encoder=encoder, folder=shards, rank=rank, world=world, stored=stored,
             batch_size=request.batch_size, num_workers=request.workers, retry_failed=request.retry_failed,
-            progress=advance,
+            progress=advance, max_voxels=request.max_voxels,
         )  # fmt: skip
     reports = ddp.all_gather_objects(shard)
     summary = None
