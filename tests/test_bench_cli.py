@@ -173,7 +173,7 @@ def test_bench_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_stored_labels_and_the_newest_model_are_the_defaults(two_models):
-    root, db, (m0, m1) = two_models
+    root, db, (_, m1) = two_models
     explicit = invoke("bench", "retrieval", "--db", db, "--labels", root / "labels.csv", "--model", m1, "--json")
     default = invoke("bench", "retrieval", "--db", db, "--json")  # no --labels, no --model
     assert explicit.exit_code == 0 and default.exit_code == 0, default.output
