@@ -10,69 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from hctembed.index.choice import IndexOptions
 from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.model.encoders import Encoder, persist_weights
-from hctembed.preprocessing import AnyPreprocessConfig
-from hctembed.preprocessing.series import prepare
-from hctembed.volume import MAX_VOXELS, VolumeError
+from hctembed.scan_loading import Outcome, encode_refs
+from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One dataset item: the model input ``x [C, Z, Y, X]`` or the reason it could not be made."""
-
-    position: int
-    x: torch.Tensor | None
-    reason: str | None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-class ScanDataset(Dataset):
-    """Map-style dataset over SeriesRefs; never raises for a bad scan (returns its reason instead)."""
-
-    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS) -> None:
-        self.refs = list(refs)
-        self.config = config
-        self.max_voxels = max_voxels
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitem__(self, i: int) -> Prepared:
-        ref = self.refs[i]
-        try:
-            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels)
-        except VolumeError as exc:
-            return Prepared(i, None, str(exc))
-        except KeyboardInterrupt:
-            raise
-        except MemoryError:  # this scan needs more memory than there is: its failure, not the run's
-            return Prepared(i, None, "out of memory while loading it (MemoryError); see --max-voxels")
-        except Exception as exc:  # a long archive run never dies on one bad scan
-            log.debug("unexpected failure on %s", ref.source, exc_info=True)
-            return Prepared(i, None, f"{type(exc).__name__}: {exc}")
-        return Prepared(i, x, None, {**ref.facts, **facts})
-
-
-def _collate(items: list[Prepared]) -> list[Prepared]:
-    return items
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # one process per core; no oversubscription
 
 
 @dataclass(frozen=True)
@@ -95,45 +47,6 @@ def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False) -> bo
     if status.status == "failed":
         return retry_failed
     return status.status != "embedded"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one scan in this run: ``embedded`` (its vector goes alongside) or ``failed``.
-
-    Holds everything the database needs (scans and status rows), so it can travel through a Parquet shard
-    (:mod:`hctembed.embed_shards`) and be stored later exactly as a single-process run stores it.
-    """
-
-    position: int  # index in the run's list of refs: the order vectors are stored in (and get their ids)
-    source: str
-    scan_id: str
-    status: str
-    reason: str | None
-    file_size: int
-    file_mtime_ns: int
-    patient_id: str | None = None
-    location: str = ""
-    archive_root: str = ""
-    format: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, position: int, ref: SeriesRef, *, reason: str | None = None, meta: dict | None = None) -> Outcome:
-        return cls(
-            position=position,
-            source=ref.source,
-            scan_id=ref.scan_id,
-            status="failed" if reason else "embedded",
-            reason=reason,
-            file_size=ref.size,
-            file_mtime_ns=ref.mtime_ns,
-            patient_id=ref.patient_id,
-            location=ref.location or ref.source,
-            archive_root=str(ref.root),
-            format=ref.format,
-            meta={**(meta or {}), "flags": sorted(set((meta or {}).get("flags", [])) | set(ref.flags))},
-        )
 
 
 @dataclass(frozen=True)
@@ -262,77 +175,6 @@ def embed_archive(
     store.checkpoint()
     refresh_index(collection, index_kind=index_kind)
     return EmbedReport(collection.row, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start)
-
-
-def encode_refs(
-    todo: Sequence[tuple[int, SeriesRef]],
-    *,
-    encoder: Encoder,
-    batch_size: int,
-    num_workers: int,
-    max_voxels: int = MAX_VOXELS,
-) -> Iterator[tuple[list[Outcome], np.ndarray]]:
-    """Load and preprocess in DataLoader workers, encode in batches on the encoder's device.
-
-    Yields, batch by batch, each scan's Outcome (in ``todo`` order) and the vectors ``[n_embedded, dim]`` of
-    the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason.
-    A worker process that dies (killed for memory, a crash in a decoder) costs only the scan that killed
-    it: the scans it may have held are loaded again one per fresh worker, the one that kills its worker
-    again fails with that reason, and the rest of the archive goes on in batches.
-    """
-    done = 0
-    while done < len(todo):
-        try:
-            for outcomes, vectors in _encode_batches(
-                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels
-            ):
-                done += len(outcomes)
-                yield outcomes, vectors
-        except RuntimeError as exc:
-            if num_workers == 0 or "DataLoader worker" not in str(exc):
-                raise
-            suspects = todo[done : done + (2 * num_workers + 1) * batch_size]  # every batch a worker may have held
-            log.warning("a loader process died (%s); loading its %d scan(s) one at a time", exc, len(suspects))
-            for one in suspects:
-                try:
-                    yield from _encode_batches(
-                        [one], encoder=encoder, batch_size=1, num_workers=1, max_voxels=max_voxels
-                    )
-                except RuntimeError as again:
-                    if "DataLoader worker" not in str(again):
-                        raise
-                    position, ref = one
-                    reason = f"its loader process died while reading it ({again}); out of memory?"
-                    log.warning("failed %s: %s", ref.source, reason)
-                    yield [Outcome.of(position, ref, reason=reason)], np.zeros((0, encoder.dim), np.float32)
-            done += len(suspects)
-
-
-def _encode_batches(
-    todo: Sequence[tuple[int, SeriesRef]], *, encoder: Encoder, batch_size: int, num_workers: int, max_voxels: int
-) -> Iterator[tuple[list[Outcome], np.ndarray]]:
-    refs = [ref for _, ref in todo]
-    loader = DataLoader(
-        ScanDataset(refs, config=encoder.preprocess, max_voxels=max_voxels),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        prefetch_factor=2 if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    for batch in loader:
-        good = [item for item in batch if item.x is not None]
-        vectors = (
-            encoder.encode(torch.stack([item.x for item in good])) if good else np.zeros((0, encoder.dim), np.float32)
-        )
-        outcomes = []
-        for item in batch:
-            position, ref = todo[item.position]
-            outcomes.append(Outcome.of(position, ref, reason=item.reason, meta=item.meta))
-            if item.x is None:
-                log.warning("skipped %s: %s", ref.source, item.reason)
-        yield outcomes, vectors
 
 
 def store_outcomes(

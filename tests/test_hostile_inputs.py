@@ -18,6 +18,7 @@ from conftest import head_phantom_xyz, write_nifti
 from dicom_factory import SeriesSpec, write_series
 
 import hctembed.embed as embed_module
+import hctembed.scan_loading as loading_module
 from hctembed.index.store import Store
 from hctembed.io.archive import load_volume, scan_archive
 from hctembed.io.dicom import load_dicom_series
@@ -130,7 +131,7 @@ def test_a_huge_header_in_an_archive_fails_only_its_scan_and_a_rerun_goes_on(tmp
 
 def test_a_loader_process_that_dies_costs_only_the_scan_that_killed_it(tmp_path, monkeypatch):
     root = _archive(tmp_path, n=5)
-    real_prepare = embed_module.prepare
+    real_prepare = loading_module.prepare
 
     def prepare_or_die(ref, **kwargs):  # a decoder crash / an OOM kill, in the worker process only
         if ref.scan_id == "scan2" and os.getpid() != parent:
@@ -140,7 +141,7 @@ def test_a_loader_process_that_dies_costs_only_the_scan_that_killed_it(tmp_path,
         return real_prepare(ref, **kwargs)
 
     parent = os.getpid()
-    monkeypatch.setattr(embed_module, "prepare", prepare_or_die)  # workers are forked: they see it too
+    monkeypatch.setattr(loading_module, "prepare", prepare_or_die)  # workers are forked: they see it too
     db = tmp_path / "h.duckdb"
     report = _embed(root, db, workers=1)
     failed = dict(report.failed)
