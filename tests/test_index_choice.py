@@ -125,6 +125,9 @@ def test_asking_for_another_kind_rebuilds_and_old_manifests_still_load(tmp_path,
         old = {k: v for k, v in json.loads(manifest_path.read_text()).items() if k in _OLD_FIELDS}
         manifest_path.write_text(json.dumps(old))
         caplog.clear()
+        assert open_index(coll).kind == "exact"  # loads, and is rebuilt once to record the rows it indexes
+        assert "predates the check of the rows" in caplog.text
+        caplog.clear()
         assert open_index(coll).kind == "exact"
         assert "rebuilding" not in caplog.text
         index = open_index(coll, options=IndexOptions(kind="ivf"))

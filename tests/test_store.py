@@ -271,3 +271,69 @@ def test_delete_embeddings(store):
     coll.add(scan_ids=["a", "b"], vectors=np.eye(2, 8, dtype=np.float32))
     assert coll.delete(["a", "zzz"]) == 1
     assert coll.vectors()[2] == ["b"]
+
+
+def test_an_index_from_a_copy_that_diverged_is_rebuilt(tmp_path, caplog):
+    """Two copies of one database (same store identity) each embed other scans under the same new ids: an index
+    copied from one to the other must not be used (its scores belong to other vectors)."""
+    import shutil
+
+    rng = np.random.default_rng(7)
+    a = tmp_path / "a" / "h.duckdb"
+    a.parent.mkdir()
+    with Store(a) as store:
+        store.models.register(ModelRow(model_id="m", name="n", dim=8, config={}, weights_path=None, weights_digest="d"))
+        store.collection(model_id="m", fingerprint="f", dim=8).add(scan_ids=["s0", "s1"], vectors=_unit(rng, 2, 8))
+    shutil.copytree(a.parent, tmp_path / "b")
+    b = tmp_path / "b" / "h.duckdb"
+    xa, xb = _unit(rng, 2, 8), _unit(rng, 2, 8)
+    for path, x in ((a, xa), (b, xb)):
+        with Store(path) as store:
+            coll = store.collection(model_id="m", fingerprint="f")
+            coll.add(scan_ids=["new0", "new1"], vectors=x)
+            assert coll.ids().tolist() == [1, 2, 3, 4]  # the same ids in both copies
+            open_index(coll)
+    shutil.rmtree(str(b) + ".faiss")
+    shutil.copytree(str(a) + ".faiss", str(b) + ".faiss")  # a's index, copied into b
+    with Store(b) as store, caplog.at_level("WARNING"):
+        coll = store.collection(model_id="m", fingerprint="f")
+        result = open_index(coll).search(xb[:1], k=1, model_id="m", fingerprint="f")
+    assert "other rows" in caplog.text
+    assert result.D[0, 0] == pytest.approx(1.0, abs=1e-5)  # b's own vector, found in the rebuilt index
+
+
+def test_paths_inside_the_database_folder_are_stored_relative(tmp_path):
+    """A database moved together with its folder (weights in .models, an archive beside it) keeps working;
+    a path outside the folder stays absolute, so a database moved alone still finds it."""
+    import shutil
+
+    from hctembed.index.store.paths import resolved_path, stored_path
+
+    folder = tmp_path / "project"
+    db = folder / "h.duckdb"
+    folder.mkdir()
+    outside = tmp_path / "elsewhere" / "archive"
+    assert stored_path(str(folder / "h.duckdb.models" / "w.safetensors"), db=db) == "h.duckdb.models/w.safetensors"
+    assert stored_path(str(outside), db=db) == str(outside)
+    assert resolved_path("archive", db=db) == str(folder / "archive")
+    with Store(db) as store:
+        weights = folder / "h.duckdb.models" / "w.safetensors"
+        store.models.register(
+            ModelRow(model_id="m", name="n", dim=8, config={}, weights_path=str(weights), weights_digest="d")
+        )
+        store.scans.upsert([ScanRow(scan_id="s0", source="s0.nii.gz", archive_root=str(folder / "archive"))])
+        store.scans.upsert([ScanRow(scan_id="s1", source="s1.nii.gz", archive_root=str(outside))])
+        coll = store.collection(model_id="m", fingerprint="f", dim=8)
+        coll.add(scan_ids=["s0", "s1"], vectors=_unit(np.random.default_rng(0), 2, 8))
+    stored = duckdb.connect(str(db), read_only=True)
+    assert stored.execute("SELECT weights_path FROM models").fetchone()[0] == "h.duckdb.models/w.safetensors"
+    assert sorted(r[0] for r in stored.execute("SELECT archive_root FROM scans").fetchall()) == sorted(
+        ["archive", str(outside)]
+    )
+    stored.close()
+    shutil.move(str(folder), str(tmp_path / "moved"))
+    moved = tmp_path / "moved"
+    with Store(moved / "h.duckdb", read_only=True) as store:
+        assert store.models.get("m").weights_path == str(moved / "h.duckdb.models" / "w.safetensors")
+        hits = store.resolve_collection().hits([1, 2])
+        assert hits[1].path == str(moved / "archive" / "s0.nii.gz") and hits[2].path == str(outside / "s1.nii.gz")

@@ -42,6 +42,7 @@ class IndexManifest:
     checksum: str  # sha256 of the index file
     ids_digest: str  # sha256 of the sorted int64 ids
     store_id: str = ""  # the database file it was built from (Store.store_id)
+    rows_digest: str = ""  # Collection.rows_digest() of the rows it was built from (ids, scan ids, insert times)
     # added for index choice; defaults let older manifests (exact indices) load unchanged
     kind: str = "exact"  # exact | hnsw | ivf | ivfpq: what was built
     requested: str = "exact"  # what was asked for (auto resolves to a kind); a rebuild asks for it again
@@ -149,6 +150,7 @@ def save_index(
     manifest_path: Path,
     ids: np.ndarray,
     store_id: str = "",
+    rows_digest: str = "",
     built: BuiltIndex | None = None,
     requested: str = "exact",
 ) -> IndexManifest:
@@ -168,6 +170,7 @@ def save_index(
         checksum=hashlib.sha256(data).hexdigest(),
         ids_digest=ids_digest(ids),
         store_id=store_id,
+        rows_digest=rows_digest,
         kind=vi.kind,
         requested=requested,
     )
@@ -237,7 +240,7 @@ def open_index(
     """
     index_path, manifest_path = collection.index_files()
     store_id = collection.store.store_id
-    ids = collection.ids()
+    n_rows, rows = collection.rows_digest()
     reason = "rebuild requested" if rebuild else None
     if options is None:
         options = IndexOptions(kind=_requested_kind(manifest_path))
@@ -255,8 +258,12 @@ def open_index(
                 )
             elif manifest.store_id != store_id:
                 reason = "it was built from another database file"
-            elif manifest.ntotal != len(ids) or manifest.ids_digest != ids_digest(ids):
-                reason = f"stale ({manifest.ntotal} vectors indexed, {len(ids)} in the database)"
+            elif manifest.ntotal != n_rows:
+                reason = f"stale ({manifest.ntotal} vectors indexed, {n_rows} in the database)"
+            elif not manifest.rows_digest:
+                reason = "its manifest predates the check of the rows it indexes (rebuilt once)"
+            elif manifest.rows_digest != rows:
+                reason = "it indexes other rows than the database holds (an older index, or a copy that diverged)"
             elif manifest.requested != options.kind:
                 reason = f"index kind {options.kind} requested, the saved one is {manifest.requested}"
             else:
@@ -290,6 +297,7 @@ def open_index(
             manifest_path=manifest_path,
             ids=ids,
             store_id=store_id,
+            rows_digest=rows,
             built=built,
             requested=options.kind,
         )

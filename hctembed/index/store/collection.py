@@ -4,6 +4,7 @@ written to or read from another model's table."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from hctembed.index.store.errors import ModelMismatchError, StoreError
+from hctembed.index.store.paths import resolved_path
 from hctembed.index.store.rows import CollectionRow, HitRow, ModelRow, StatusRow
 
 if TYPE_CHECKING:
@@ -99,6 +101,18 @@ class Collection:
         """When the newest vector was stored (``datetime``), or None for an empty collection."""
         return self._db.one(f"SELECT max(created_at) FROM {self.table}")[0]
 
+    def rows_digest(self) -> tuple[int, str]:
+        """(row count, sha256 of every row's id, scan id and insertion time in id order): what an index built
+        from these rows records, so that an index built from other rows with the same ids (a copy of the
+        database that has since diverged) is told apart. Vectors never change in place (a new vector is a new
+        row), so the insertion time stands for the vector without reading it."""
+        tab = self._db.arrow(f"SELECT id, scan_id, epoch_us(created_at) AS t FROM {self.table} ORDER BY id")
+        digest = hashlib.sha256()
+        digest.update(np.asarray(tab.column("id").to_numpy(), dtype="<i8").tobytes())
+        digest.update(np.asarray(tab.column("t").to_numpy(zero_copy_only=False), dtype="<i8").tobytes())
+        digest.update("\0".join(tab.column("scan_id").to_pylist()).encode())
+        return tab.num_rows, digest.hexdigest()
+
     def ids(self) -> np.ndarray:
         """All vector ids, sorted, int64 ``[N]``."""
         tab = self._db.arrow(f"SELECT id FROM {self.table} ORDER BY id")
@@ -143,7 +157,7 @@ class Collection:
                 scan_id=r[1],
                 patient_id=r[2],
                 source=r[3],
-                path=str(Path(r[4]) / r[3]) if r[4] and r[3] else None,
+                path=str(Path(resolved_path(r[4], db=self.store.path)) / r[3]) if r[4] and r[3] else None,
             )
             for r in rows
         }

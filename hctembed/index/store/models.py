@@ -8,6 +8,7 @@ from typing import Any
 
 from hctembed.index.store.connection import Database
 from hctembed.index.store.errors import ModelMismatchError, StoreError
+from hctembed.index.store.paths import resolved_path, stored_path
 from hctembed.index.store.rows import CollectionRow, ModelRow
 
 
@@ -33,7 +34,7 @@ class ModelsRepo:
                 row.name,
                 row.dim,
                 json.dumps(row.config),
-                row.weights_path,
+                stored_path(row.weights_path, db=self.db.path),
                 row.weights_digest,
                 json.dumps(row.card or {}),
             ],
@@ -52,7 +53,7 @@ class ModelsRepo:
             name=name,
             dim=int(dim),
             config=json.loads(config) if config else {},
-            weights_path=weights_path,
+            weights_path=resolved_path(weights_path, db=self.db.path),
             weights_digest=digest,
             card=json.loads(card) if card else {},
         )

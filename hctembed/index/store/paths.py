@@ -4,8 +4,30 @@ manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def stored_path(path: str | None, *, db: Path) -> str | None:
+    """A path as the database stores it: relative to the database's folder when it lies inside that folder
+    (the ``.models`` weights, an archive beside the database), so that the database moved or copied with its
+    folder keeps working; absolute otherwise (an archive elsewhere stays found when the database moves alone)."""
+    if not path or not Path(path).is_absolute():
+        return path
+    folder = Path(os.path.realpath(db)).parent
+    try:
+        relative = os.path.relpath(os.path.realpath(path), folder)
+    except ValueError:  # another drive
+        return path
+    return path if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def resolved_path(value: str | None, *, db: Path) -> str | None:
+    """A stored path as an absolute one (relative ones are relative to the database's folder)."""
+    if not value or Path(value).is_absolute():
+        return value
+    return os.path.normpath(Path(os.path.realpath(db)).parent / value)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from hctembed.index.store.connection import Database
+from hctembed.index.store.paths import resolved_path, stored_path
 from hctembed.index.store.rows import ScanRow
 
 
@@ -25,7 +26,7 @@ class ScansRepo:
                 "scan_id": [r.scan_id for r in rows],
                 "patient_id": pa.array([r.patient_id for r in rows], pa.string()),
                 "source": pa.array([r.source for r in rows], pa.string()),
-                "archive_root": pa.array([r.archive_root for r in rows], pa.string()),
+                "archive_root": pa.array([stored_path(r.archive_root, db=self.db.path) for r in rows], pa.string()),
                 "format": pa.array([r.format for r in rows], pa.string()),
                 "meta": [json.dumps(r.meta or {}) for r in rows],
             }
@@ -63,7 +64,7 @@ class ScansRepo:
                 "SELECT s.scan_id, s.archive_root FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
                 "WHERE s.archive_root IS NOT NULL"
             )
-        return {r[0]: r[1] for r in rows}
+        return {r[0]: resolved_path(r[1], db=self.db.path) for r in rows}
 
     def exists(self, scan_id: str) -> bool:
         return self.db.one("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id])[0] > 0
