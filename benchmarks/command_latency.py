@@ -44,7 +44,8 @@ def main() -> None:
         subprocess.run(
             [*HCTEMBED, "synth", str(root), "--n", str(args.n), "--matrix", str(args.matrix), "-q"], check=True
         )
-        subprocess.run([*HCTEMBED, "embed", str(root), "--db", str(db), "--model", args.model, "-q"], check=True)
+        embed = [*HCTEMBED, "embed", str(root), "--db", str(db), "--model", args.model, "-q"]
+        subprocess.run(embed, check=True, stdout=subprocess.DEVNULL)
         query = sorted(root.glob("*.nii.gz"))[0]
         scan_id = query.name.removesuffix(".nii.gz")
         commands = {

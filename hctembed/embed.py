@@ -207,6 +207,7 @@ def store_outcomes(
             ]
         )
         collection.add(scan_ids=[o.scan_id for o in good], vectors=vectors)
+        collection.set_planes([(o.scan_id, o.planes) for o in good if o.planes])
     collection.delete([o.scan_id for o in bad if o.scan_id])
     collection.record_statuses(
         [

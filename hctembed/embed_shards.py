@@ -171,6 +171,7 @@ def _schema(dim: int) -> pa.Schema:
             ("archive_root", pa.string()),
             ("format", pa.string()),
             ("meta", pa.string()),
+            ("planes", pa.binary()),
             ("vector", pa.list_(pa.float32(), dim)),
         ]
     )

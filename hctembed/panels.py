@@ -13,7 +13,7 @@ from hctembed.errors import HctembedError
 from hctembed.explain import explain, patch_size_mm
 from hctembed.io.archive import load_volume
 from hctembed.model.encoders import Encoder
-from hctembed.pictures.montage import ScanPanel, positive_labels
+from hctembed.pictures.montage import PanelPlanes, ScanPanel, positive_labels
 from hctembed.preprocessing import preprocess
 from hctembed.volume import VolumeError
 
@@ -45,6 +45,13 @@ def scan_panel(
     return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
 
 
+def _panel(encoder: Encoder, path, planes: bytes | None, **base) -> ScanPanel:
+    """From the planes stored with the scan when there are any, else from its file (read and explained now)."""
+    if planes is not None:
+        return ScanPanel(score=base.pop("score", None), **base, planes=PanelPlanes.from_bytes(planes))
+    return scan_panel(encoder, path, **base)
+
+
 def search_panels(
     collection, encoder: Encoder, hits: Sequence, *, query_path: str | Path | None = None,
     query_scan_id: str | None = None,
@@ -61,13 +68,16 @@ def search_panels(
         row = collection.hits([vid]).get(vid)
         path = row.path if row else None
     query_labels = positive_labels(collection.store.labels.of([scan_id]).get(scan_id, {}))
-    panels = [scan_panel(encoder, path, title="query", scan_id=scan_id, labels=query_labels)]
+    # the planes stored at embedding time (a query file is embedded now, so its own are made now)
+    stored = collection.planes([h.scan_id for h in hits] + ([scan_id] if query_path is None else []))
+    panels = [_panel(encoder, path, stored.get(scan_id), title="query", scan_id=scan_id, labels=query_labels)]
     rows = collection.hits([h.id for h in hits])
     for h in hits:
         panels.append(
-            scan_panel(
+            _panel(
                 encoder,
                 rows[h.id].path if h.id in rows else None,
+                stored.get(h.scan_id),
                 title=f"#{h.rank}",
                 scan_id=h.scan_id,
                 score=h.score,

@@ -89,9 +89,18 @@ class Outcome:
     archive_root: str = ""
     format: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    planes: bytes | None = None  # the montage planes (pictures.montage.PanelPlanes) of an embedded scan
 
     @classmethod
-    def of(cls, position: int, ref: SeriesRef, *, reason: str | None = None, meta: dict | None = None) -> Outcome:
+    def of(
+        cls,
+        position: int,
+        ref: SeriesRef,
+        *,
+        reason: str | None = None,
+        meta: dict | None = None,
+        planes: bytes | None = None,
+    ) -> Outcome:
         return cls(
             position=position,
             source=ref.source,
@@ -105,6 +114,7 @@ class Outcome:
             archive_root=str(ref.root),
             format=ref.format,
             meta={**(meta or {}), "flags": sorted(set((meta or {}).get("flags", [])) | set(ref.flags))},
+            planes=planes,
         )
 
 
@@ -167,13 +177,15 @@ def _encode_batches(
     )
     for batch in loader:
         good = [item for item in batch if item.x is not None]
-        vectors = (
-            encoder.encode(torch.stack([item.x for item in good])) if good else np.zeros((0, encoder.dim), np.float32)
-        )
+        vectors, planes = np.zeros((0, encoder.dim), np.float32), None
+        if good:
+            vectors, planes = encoder.encode_with_planes(torch.stack([item.x for item in good]))
+        next_planes = iter(planes or [])
         outcomes = []
         for item in batch:
             position, ref = todo[item.position]
-            outcomes.append(Outcome.of(position, ref, reason=item.reason, meta=item.meta))
+            shown = next(next_planes, None) if item.x is not None else None
+            outcomes.append(Outcome.of(position, ref, reason=item.reason, meta=item.meta, planes=shown))
             if item.x is None:
                 log.warning("skipped %s: %s", ref.source, item.reason)
         yield outcomes, vectors

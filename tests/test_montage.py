@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from hctembed.cli.app import app
 from hctembed.index.store import Store
 from hctembed.panels import search_panels
-from hctembed.pictures.montage import render_montage
+from hctembed.pictures.montage import PanelPlanes, render_montage
 from hctembed.search import search_id, stored_encoder
 
 runner = CliRunner()
@@ -56,7 +56,7 @@ def test_montage_png_shows_every_scan(db):
         encoder = stored_encoder(coll)
         panels = search_panels(coll, encoder, hits, query_scan_id=query)
     assert [p.scan_id for p in panels] == [query] + [h.scan_id for h in hits]
-    assert all(p.missing is None and p.image.shape == (3, 48, 48, 48) for p in panels)
+    assert all(p.missing is None and p.planes is not None for p in panels)  # stored at embedding time
     assert f"cosine {hits[0].score:.4f}" in panels[1].caption()
     boxes = render_montage(panels, out=Path(db).parent / "m.png", windows=encoder.preprocess.windows)
     png = imread(Path(db).parent / "m.png")
@@ -66,6 +66,36 @@ def test_montage_png_shows_every_scan(db):
             left, top, right, bottom = boxes[f"{c}/{row}"]
             crop = png[top + 2 : bottom - 2, left + 2 : right - 2, :3].mean(-1)
             assert crop.std() > 0.15, (c, row)  # anatomy in the brain window, not blank
+
+
+def test_stored_planes_are_what_the_files_show_and_need_no_file(db, archive, tmp_path):
+    """The planes stored by embed equal those made from the scan file now (to their uint8 step), and a
+    montage needs no file once they are stored."""
+    from hctembed.panels import scan_panel
+
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        encoder = stored_encoder(coll)
+        ids = coll.vectors()[2]
+        stored = coll.planes(ids)
+        paths = {r.scan_id: r.path for r in coll.hits(coll.ids().tolist()).values()}
+    assert set(stored) == set(ids) and max(len(b) for b in stored.values()) < 20_000
+    for scan_id in ids:
+        mine = PanelPlanes.from_bytes(stored[scan_id])
+        fresh = scan_panel(encoder, paths[scan_id], title="", scan_id=scan_id).shown()
+        assert mine.peak == fresh.peak, scan_id
+        for a, b in [*zip(mine.mid.values(), fresh.mid.values(), strict=True), (mine.attended, fresh.attended)]:
+            assert np.abs(a - b).max() <= 0.5 / 255 + 1e-6
+        assert np.abs(mine.strength - fresh.strength).max() <= 0.5 / 255 + 1e-4
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(archive, moved)
+    shutil.rmtree(archive)
+    try:
+        result = invoke("search", "--id", ids[0], "--db", db, "-k", "3", "--montage", tmp_path / "m.png")
+        assert result.exit_code == 0 and "not found" not in result.stderr, result.output
+        assert imread(tmp_path / "m.png").shape[:2] == (240 * 4 + 160, 240 * 4)
+    finally:
+        shutil.copytree(moved, archive)
 
 
 def test_cli_search_montage_and_html(db, archive, tmp_path):
@@ -82,7 +112,13 @@ def test_cli_search_montage_and_html(db, archive, tmp_path):
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
     for h in hits:
         assert h["scan_id"] in text and f"cosine {h['score']:.4f}" in text
-    # by a query file, with one neighbour's file gone: a placeholder, not a crash
+    # by a query file, with one neighbour's file gone and no planes stored for it (a database written before
+    # they were): a placeholder, not a crash
+    import duckdb
+
+    con = duckdb.connect(str(db))
+    con.execute("DELETE FROM scan_planes WHERE scan_id = ?", [hits[0]["scan_id"]])
+    con.close()
     victim = archive / f"{hits[0]['scan_id']}.nii.gz"
     moved = tmp_path / victim.name
     shutil.move(victim, moved)

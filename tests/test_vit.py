@@ -86,6 +86,24 @@ def test_attention_path_matches_sdpa_path():
     torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
 
 
+@pytest.mark.parametrize("registers", [0, 2])
+def test_embedding_with_attention_is_the_embedding_and_the_last_cls_row(registers):
+    """What embed stores (vector and montage attention) in one pass: the same vector as embed(), and the last
+    block's CLS -> patch attention as explain's full attention maps give it."""
+    from hctembed.explain import cls_attention
+
+    config = ViTConfig(
+        name="t", image_size=24, patch_size=8, dim=48, depth=2, heads=4, mlp_dim=96, register_tokens=registers
+    )
+    model = ViT3D(config).eval()
+    x = torch.randn(3, 3, 24, 24, 24)
+    vectors, attention = model.embed_with_attention(x)
+    assert torch.equal(vectors, model.embed(x))
+    expected = cls_attention(model.attention_maps(x), num_prefix=model.num_prefix_tokens)
+    np.testing.assert_allclose(attention.double().numpy(), expected, atol=1e-6)
+    assert attention.shape == (3, 27)
+
+
 def test_patch_order_is_zyx_raster():
     """Patch n covers voxels [z0:z0+p, y0:y0+p, x0:x0+p] with n = (z * g + y) * g + x."""
     config = ViTConfig(name="o", image_size=24, patch_size=8, in_channels=1, dim=6, depth=1, heads=1, mlp_dim=6)

@@ -66,6 +66,25 @@ class Encoder:
         device = next(self.model.parameters()).device
         return self.model.embed(batch.to(device)).float().cpu().numpy()
 
+    @torch.inference_mode()
+    def encode_with_planes(self, batch: torch.Tensor) -> tuple[np.ndarray, list[bytes] | None]:
+        """:meth:`encode` and, for the ViTs, each scan's montage planes
+        (:class:`hctembed.pictures.montage.PanelPlanes` as bytes: the brain window's mid planes and the last
+        layer's CLS attention), from the same forward pass; None for models without attention maps."""
+        device = next(self.model.parameters()).device
+        if not hasattr(self.model, "embed_with_attention"):
+            return self.encode(batch), None
+        from hctembed.explain import upsample
+        from hctembed.pictures.montage import PanelPlanes
+
+        vectors, attention = self.model.embed_with_attention(batch.to(device))
+        g, size = round(attention.shape[1] ** (1 / 3)), batch.shape[-1]
+        maps = attention.double().cpu().numpy().reshape(-1, g, g, g)
+        planes = [
+            PanelPlanes.of(batch[i, 0].numpy(), upsample(maps[i], size=size)).to_bytes() for i in range(len(maps))
+        ]
+        return vectors.float().cpu().numpy(), planes
+
     def to(self, device: str) -> Encoder:
         self.model.to(device)
         return self

@@ -33,6 +33,13 @@ class Attention(nn.Module):
         out = self.proj(out.transpose(1, 2).reshape(b, t, d))
         return (out, attn) if return_attention else out
 
+    def first_row(self, x: torch.Tensor) -> torch.Tensor:
+        """The first token's softmax attention ``[B, H, T]`` (row 0 of what ``return_attention`` gives)."""
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        return ((q[:, :, :1] @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(dim=-1)[:, :, 0]
+
 
 class Mlp(nn.Module):
     def __init__(self, *, dim: int, hidden: int) -> None:
@@ -140,6 +147,18 @@ class ViT3D(nn.Module):
         if return_patches:
             return cls, feats[:, self.num_prefix_tokens :]
         return cls
+
+    @torch.no_grad()
+    def embed_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`embed` (the same numbers) and the last block's CLS -> patch attention averaged over heads
+        ``[B, N]`` (as :func:`hctembed.explain.cls_attention`), in one pass: only the CLS row is added."""
+        t = self.tokens(x)
+        for block in self.blocks[:-1]:
+            t = block(t)
+        last = self.blocks[-1]
+        cls_row = last.attn.first_row(last.norm1(t))[:, :, self.num_prefix_tokens :].mean(dim=1)
+        t = last(t)
+        return F.normalize(self.norm(t)[:, 0], dim=-1), cls_row
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

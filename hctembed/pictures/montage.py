@@ -33,9 +33,55 @@ ROWS = (*(f"mid {v}" for v in VIEWS), "most attended")
 
 
 @dataclass(frozen=True)
+class PanelPlanes:
+    """What one montage column shows, display-oriented (:func:`display_slice`): the brain window's mid axial,
+    coronal and sagittal planes, the axial plane through the most attended voxel, the attention strength on
+    that plane (0..1 over the whole volume) and the voxel's ``(row, col)`` there. Small enough to store per
+    scan (:meth:`to_bytes`, uint8), so a montage need not read and preprocess the scans again."""
+
+    mid: dict[str, np.ndarray]  # view -> [H, W] in [0, 1]
+    attended: np.ndarray  # [Y, X] in [0, 1]
+    strength: np.ndarray  # [Y, X] in [0, 1]
+    peak: tuple[int, int]
+
+    @classmethod
+    def of(cls, brain: np.ndarray, attention: np.ndarray) -> PanelPlanes:
+        """From the brain-window channel ``[Z, Y, X]`` of a model input and its attention ``[Z, Y, X]``."""
+        peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(attention)), brain.shape))
+        strength = (attention - attention.min()) / (np.ptp(attention) or 1.0)
+        return cls(
+            mid={v: display_slice(brain, view=v, index=brain.shape[VIEWS.index(v)] // 2) for v in VIEWS},
+            attended=display_slice(brain, view="axial", index=peak[0]),
+            strength=display_slice(strength, view="axial", index=peak[0]),
+            peak=display_point(peak, shape=brain.shape, view="axial"),
+        )
+
+    def to_bytes(self) -> bytes:
+        """uint8 planes (1/255 steps) in an ``.npz``: a few kB per scan."""
+        arrays = {f"mid_{v}": self.mid[v] for v in VIEWS} | {"attended": self.attended, "strength": self.strength}
+        quantised = {k: np.round(np.clip(a, 0.0, 1.0) * 255).astype(np.uint8) for k, a in arrays.items()}
+        buf = io.BytesIO()
+        np.savez_compressed(buf, peak=np.asarray(self.peak, np.int32), **quantised)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PanelPlanes:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            planes = {k: z[k].astype(np.float32) / 255.0 for k in z.files if k != "peak"}
+            peak = tuple(int(v) for v in z["peak"])
+        return cls(
+            mid={v: planes[f"mid_{v}"] for v in VIEWS},
+            attended=planes["attended"],
+            strength=planes["strength"],
+            peak=(peak[0], peak[1]),
+        )
+
+
+@dataclass(frozen=True)
 class ScanPanel:
-    """One column of a montage. ``image`` ``[C, S, S, S]`` model input, ``attention`` ``[S, S, S]``; both None
-    (and ``missing`` set) when the scan could not be shown."""
+    """One column of a montage: ``planes`` (stored with the scan, or made from ``image`` ``[C, S, S, S]``, the
+    model input, and ``attention`` ``[S, S, S]``); none of them (and ``missing`` set) when the scan could not
+    be shown."""
 
     title: str
     scan_id: str
@@ -44,6 +90,14 @@ class ScanPanel:
     image: np.ndarray | None = None
     attention: np.ndarray | None = None
     missing: str | None = None
+    planes: PanelPlanes | None = None
+
+    def shown(self) -> PanelPlanes | None:
+        if self.planes is not None:
+            return self.planes
+        if self.image is None:
+            return None
+        return PanelPlanes.of(self.image[0], self.attention)
 
     def caption(self) -> list[str]:
         lines = [self.title, self.scan_id]
@@ -79,6 +133,7 @@ def render_montage(
     axes = fig.subplots(rows, cols, squeeze=False)
     jet = colormaps["jet"]
     for c, panel in enumerate(panels):
+        planes = panel.shown()
         axes[0][c].set_title(
             "\n".join(panel.caption()), color="white", fontsize=8, loc="center", fontweight="normal", pad=4
         )
@@ -88,27 +143,21 @@ def render_montage(
             ax.set_yticks([])
             ax.set_facecolor("#333333")
             ax.set_label(f"{c}/{row_name}")
-            if panel.image is None:
+            if planes is None:
                 if r == 1:
                     ax.text(0.5, 0.5, _wrap(panel.missing or "not available"), color="orange", ha="center",
                             va="center", fontsize=8, transform=ax.transAxes)  # fmt: skip
                 continue
-            brain = panel.image[0]
             if row_name == "most attended":
-                peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(panel.attention)), brain.shape))
-                ax.imshow(display_slice(brain, view="axial", index=peak[0]), cmap="gray", vmin=0, vmax=1)
-                a = panel.attention
-                strength = display_slice((a - a.min()) / (np.ptp(a) or 1.0), view="axial", index=peak[0])
-                rgba = jet(strength)
-                rgba[..., 3] = overlay_alpha(strength)
+                ax.imshow(planes.attended, cmap="gray", vmin=0, vmax=1)
+                rgba = jet(planes.strength)
+                rgba[..., 3] = overlay_alpha(planes.strength)
                 ax.imshow(rgba)
-                row, col = display_point(peak, shape=brain.shape, view="axial")
-                ax.plot(col, row, marker="+", color="white", markersize=10, mew=1.5)
+                ax.plot(planes.peak[1], planes.peak[0], marker="+", color="white", markersize=10, mew=1.5)
                 mark_orientation(ax, "axial")
             else:
                 view = row_name.split()[1]
-                index = brain.shape[VIEWS.index(view)] // 2
-                ax.imshow(display_slice(brain, view=view, index=index), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(planes.mid[view], cmap="gray", vmin=0, vmax=1)
                 mark_orientation(ax, view)
             if c == 0:
                 ax.text(0.02, 0.02, row_name, color="cyan", fontsize=8, transform=ax.transAxes,

@@ -92,10 +92,40 @@ class Collection:
         before = self.count()
         with self._db.bulk("_del_in", pa.table({"scan_id": list(scan_ids)})):
             self._db.run(f"DELETE FROM {self.table} WHERE scan_id IN (SELECT scan_id FROM _del_in)")
+            self._db.run(
+                "DELETE FROM scan_planes WHERE collection_id = ? AND scan_id IN (SELECT scan_id FROM _del_in)",
+                [self.collection_id],
+            )
         return before - self.count()
 
     def count(self) -> int:
         return int(self._db.one(f"SELECT count(*) FROM {self.table}")[0])
+
+    def set_planes(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """Store scans' montage planes ``(scan_id, bytes)`` (replacing older ones)."""
+        if not rows:
+            return
+        table = pa.table(
+            {
+                "collection_id": pa.array([self.collection_id] * len(rows), pa.int32()),
+                "scan_id": [r[0] for r in rows],
+                "planes": pa.array([r[1] for r in rows], pa.binary()),
+            }
+        )
+        with self._db.bulk("_planes_in", table):
+            self._db.run("INSERT OR REPLACE INTO scan_planes SELECT collection_id, scan_id, planes FROM _planes_in")
+
+    def planes(self, scan_ids: Sequence[str]) -> dict[str, bytes]:
+        """``{scan_id: bytes}`` of the montage planes stored for ``scan_ids`` (scans without any are absent)."""
+        if not scan_ids:
+            return {}
+        with self._db.bulk("_planes_ids", pa.table({"scan_id": list(scan_ids)})):
+            rows = self._db.rows(
+                "SELECT p.scan_id, p.planes FROM scan_planes p JOIN _planes_ids i ON i.scan_id = p.scan_id "
+                "WHERE p.collection_id = ?",
+                [self.collection_id],
+            )
+        return {r[0]: bytes(r[1]) for r in rows}
 
     def last_embedded(self):
         """When the newest vector was stored (``datetime``), or None for an empty collection."""

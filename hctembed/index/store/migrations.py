@@ -4,7 +4,8 @@
 * v1: ``models``, ``collections`` (one per model and preprocessing fingerprint, each with its own
   ``embeddings_<collection_id>`` table whose ``vector`` is ``FLOAT[dim]``), ``scans``, ``labels``,
   ``scan_status``, and the one sequence every embedding id comes from (int64, monotonic, never reused);
-* v2: ``scans.archive_root``; v3: ``probes`` and ``probe_scores``; v4: ``store_info`` (the file's identity).
+* v2: ``scans.archive_root``; v3: ``probes`` and ``probe_scores``; v4: ``store_info`` (the file's identity);
+  v5: ``scan_planes`` (each embedded scan's montage planes).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hctembed.index.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -60,6 +61,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     4: (
         "CREATE TABLE store_info (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)",
         "INSERT INTO store_info VALUES ('store_id', CAST(uuid() AS VARCHAR))",
+    ),
+    # v5: each embedded scan's montage planes (a few kB: mid planes and the attended slice, uint8), so search
+    # pictures need not read and preprocess the scans again
+    5: (
+        """CREATE TABLE scan_planes (
+            collection_id INTEGER NOT NULL, scan_id VARCHAR NOT NULL, planes BLOB NOT NULL,
+            PRIMARY KEY (collection_id, scan_id))""",
     ),
 }
 
