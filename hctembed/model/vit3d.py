@@ -18,11 +18,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, T, D]`` -> queries, keys, values, each ``[B, H, T, D / H]``."""
+        b, t, d = x.shape
+        return self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor, *, return_attention: bool = False):
         """x ``[B, T, D]`` -> ``[B, T, D]`` (and attention ``[B, H, T, T]`` when asked)."""
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, T, d_h]
+        q, k, v = self._qkv(x)
         if return_attention:
             attn = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
             attn = attn.softmax(dim=-1)
@@ -35,9 +39,7 @@ class Attention(nn.Module):
 
     def first_row(self, x: torch.Tensor) -> torch.Tensor:
         """The first token's softmax attention ``[B, H, T]`` (row 0 of what ``return_attention`` gives)."""
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, _ = qkv.unbind(0)
+        q, k, _ = self._qkv(x)
         return ((q[:, :, :1] @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(dim=-1)[:, :, 0]
 
 
