@@ -234,3 +234,63 @@ def test_two_archives_with_the_same_file_names_are_refused(tmp_path):
     assert result.exit_code == 2 and "already stored from" in " ".join(result.stderr.split())
     with Store(db, read_only=True) as store:
         assert store.resolve_collection().count() == 2  # nothing of b was lost
+
+
+def _commands(command, path=()):
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path, command
+
+
+def test_help_is_readable_at_80_columns_and_complete():
+    """Every option says what it does, nothing is cut at 80 columns, flags read as flags, and --model's help
+    names every architecture."""
+    import os
+    import subprocess
+    import sys
+
+    import typer
+
+    from hctembed.config import FOREIGN_MODELS, VIT_PRESETS
+
+    root = typer.main.get_command(app)
+    undocumented = [
+        (" ".join(path), p.opts[0])
+        for path, command in _commands(root)
+        for p in command.params
+        if p.param_type_name == "option" and not (p.help or "").strip()
+    ]
+    assert not undocumented
+    env = {**os.environ, "COLUMNS": "80"}
+    for args in (["--help"], ["embed", "--help"], ["bench", "retrieval", "--help"], ["search", "--help"]):
+        shown = subprocess.run([sys.executable, "-m", "hctembed.cli", *args], capture_output=True, text=True, env=env)
+        assert shown.returncode == 0 and "…" not in shown.stdout and "<bool>" not in shown.stdout, args
+        assert max(len(line) for line in shown.stdout.splitlines()) <= 80, args
+    embed_help = " ".join(
+        subprocess.run(
+            [sys.executable, "-m", "hctembed.cli", "embed", "--help"], capture_output=True, text=True, env=env
+        ).stdout.split()
+    )
+    assert all(name in embed_help for name in (*VIT_PRESETS, *FOREIGN_MODELS))
+
+
+def test_quiet_by_default_other_libraries_only_with_verbose(db, archive, tmp_path):
+    """A search prints its table and nothing else; a fresh database is created without migration messages;
+    FAISS's loader lines appear only with -v."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "hctembed.cli", *map(str, args)], capture_output=True, text=True)
+
+    with Store(db, read_only=True) as store:
+        ids = store.resolve_collection().vectors()[2]
+    plain = run("search", "--id", ids[0], "--db", db, "-k", "2")
+    assert plain.returncode == 0 and plain.stderr == "", plain.stderr
+    fresh = run("embed", archive, "--db", tmp_path / "new.duckdb", "--model", "vit-micro", "--workers", "0")
+    assert fresh.returncode == 0 and "migrated" not in fresh.stderr and "faiss" not in fresh.stderr.lower()
+    assert fresh.stderr.count("random-initialised") == 1
+    verbose = run("-v", "embed", archive, "--db", tmp_path / "v.duckdb", "--model", "vit-micro", "--workers", "0")
+    assert verbose.returncode == 0 and "faiss.loader: " in verbose.stderr  # other libraries' lines, with -v
