@@ -23,6 +23,8 @@ from hctembed.volume import MAX_VOXELS, VolumeError
 
 log = logging.getLogger(__name__)
 
+NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf) for it"
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -177,15 +179,21 @@ def _encode_batches(
     )
     for batch in loader:
         good = [item for item in batch if item.x is not None]
-        vectors, planes = np.zeros((0, encoder.dim), np.float32), None
+        vectors, planes, non_finite = np.zeros((0, encoder.dim), np.float32), None, set()
         if good:
             vectors, planes = encoder.encode_with_planes(torch.stack([item.x for item in good]))
+            finite = np.isfinite(vectors).all(axis=1)
+            if not finite.all():  # never stored: such a vector matches nothing and breaks every score
+                non_finite = {item.position for item, ok in zip(good, finite, strict=True) if not ok}
+                vectors = vectors[finite]
+                planes = [p for p, ok in zip(planes, finite, strict=True) if ok] if planes else planes
         next_planes = iter(planes or [])
         outcomes = []
         for item in batch:
             position, ref = todo[item.position]
-            shown = next(next_planes, None) if item.x is not None else None
-            outcomes.append(Outcome.of(position, ref, reason=item.reason, meta=item.meta, planes=shown))
-            if item.x is None:
-                log.warning("skipped %s: %s", ref.source, item.reason)
+            reason = item.reason or (NON_FINITE if item.position in non_finite else None)
+            shown = next(next_planes, None) if reason is None else None
+            outcomes.append(Outcome.of(position, ref, reason=reason, meta=item.meta, planes=shown))
+            if reason is not None:
+                log.warning("skipped %s: %s", ref.source, reason)
         yield outcomes, vectors

@@ -153,3 +153,117 @@ def test_a_loader_process_that_dies_costs_only_the_scan_that_killed_it(tmp_path,
         assert collection.status()["scan2.nii.gz"].status == "failed"
     again = _embed(root, db, workers=1)  # the killer is not tried again: the re-run does not die on it
     assert again.embedded == 0 and again.unchanged == 3
+
+
+# -- weights, vectors and databases that are not what they claim: one line, exit status 2, nothing lost ------
+def _cli(*args, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "hctembed.cli", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def _one_line_error(run) -> str:
+    """Exit status 2 and one ``error:`` line (earlier progress lines may precede it), no traceback."""
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr and run.stderr.rstrip().endswith(errors[0]), run.stderr
+    return errors[0]
+
+
+def test_a_malicious_pickle_as_weights_is_refused_and_never_run(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    (tmp_path / "x.json").write_text('{"config": {"name": "vit-micro"}}')
+    root = _archive(tmp_path, n=1)
+    line = _one_line_error(_cli("embed", root, "--db", tmp_path / "h.duckdb", "--model", "vit-micro", "--weights", bad))
+    assert "never code" in line and not marker.exists()
+    line = _one_line_error(_cli("import-fmhct", bad, "--out", tmp_path / "o.safetensors"))
+    assert not marker.exists()
+
+
+def test_nan_weights_and_absurd_metadata_are_refused_before_use(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from hctembed.model.checkpoint import save_encoder
+
+    model = load_encoder("vit-micro", seed=0).model
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    save_encoder(model, tmp_path / "nan.safetensors")
+    root = _archive(tmp_path, n=1)
+    db = tmp_path / "h.duckdb"
+    line = _one_line_error(
+        _cli("embed", root, "--db", db, "--model", "vit-micro", "--weights", tmp_path / "nan.safetensors")
+    )
+    assert "non-finite values" in line
+    # a few hundred bytes whose metadata asks for a 96,000-wide, 1,000-layer encoder: refused without building it
+    config = json.loads(json.dumps(model.config.to_dict()))
+    config.update(dim=96_000, depth=1000, heads=1000, mlp_dim=384_000)
+    huge = tmp_path / "huge.safetensors"
+    save_file(
+        {"w": torch.zeros(4)}, str(huge), metadata={"format": "hctembed-encoder-v1", "config": json.dumps(config)}
+    )
+    before = peak_rss_mb()
+    line = _one_line_error(_cli("embed", root, "--db", db, "--model", "vit-micro", "--weights", huge))
+    assert "parameter encoder but the file holds 4 values" in line and peak_rss_mb() - before < 500
+
+
+def test_a_non_finite_embedding_is_never_stored(tmp_path, monkeypatch):
+    from hctembed.model.encoders import Encoder
+
+    root = _archive(tmp_path, n=4)
+    real = Encoder.encode_with_planes
+
+    def some_nan(self, batch):
+        vectors, planes = real(self, batch)
+        vectors[0] = np.nan
+        return vectors, planes
+
+    monkeypatch.setattr(Encoder, "encode_with_planes", some_nan)
+    report = _embed(root, tmp_path / "h.duckdb", workers=0)  # batches of 2: the first scan of each fails
+    assert report.embedded == 2 and all("non-finite embedding" in reason for _, reason in report.failed)
+    with Store(tmp_path / "h.duckdb", read_only=True) as store:
+        _, x, ids = store.resolve_collection().vectors()
+    assert len(ids) == 2 and np.isfinite(x).all()
+
+
+def test_a_damaged_database_and_a_locked_one_are_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = _archive(tmp_path, n=2)
+    db = tmp_path / "h.duckdb"
+    _embed(root, db, workers=0)
+    garbage = tmp_path / "garbage.duckdb"
+    garbage.write_bytes(os.urandom(100_000))
+    line = _one_line_error(_cli("search", "--id", "scan0", "--db", garbage))
+    assert "cannot open" in line and "DuckDB database" in line
+    truncated = tmp_path / "truncated.duckdb"
+    truncated.write_bytes(db.read_bytes()[: db.stat().st_size // 3])
+    assert "truncated or damaged" in _one_line_error(_cli("search", "--id", "scan0", "--db", truncated))
+    # a reader holds the file: a writer is told that a reader has it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}, read_only=True); "
+         "print('open', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        line = _one_line_error(_cli("embed", root, "--db", db, "--model", "vit-micro"))
+        assert "open for reading" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli("search", "--id", "scan0", "--db", db, "-k", "1").returncode == 0  # nothing was lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -104,6 +105,7 @@ def print_json_lines(rows: Iterable[dict[str, Any]]) -> None:
 
 # I/O failures a user can act on (a path that is wrong, unreadable, or a disk that is full)
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a disk that is full or cannot be written
 
 
 def friendly_errors(command):
@@ -118,6 +120,17 @@ def friendly_errors(command):
             return command(*args, **kwargs)
         except (HctembedError, *USER_OS_ERRORS) as exc:
             stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in FULL_OR_READ_ONLY:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            stderr.print(
+                f"[red]error:[/] {escape(exc.strerror or str(exc))}{escape(where)}: finished batches are stored; "
+                "free space (or make it writable) and run again",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper

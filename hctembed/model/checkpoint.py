@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,8 +96,71 @@ def remap_keys(state: Mapping[str, torch.Tensor], remap: Mapping[str, str]) -> d
     return out
 
 
+MAX_PARAMETERS = 5_000_000_000  # no encoder here comes near; a file's metadata asking for more is refused
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth`` read with ``torch.load(weights_only=True)``
+    (its ``state_dict`` entry when it has one). A file that is neither, or that holds anything but tensors and
+    plain values (a pickle that would run code), is a one-line CheckpointError; nothing in it is executed."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path.name} is not a readable safetensors file: {_first_line(exc)}") from None
+    state = torch_load_safely(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a dictionary of tensors")
+    return state
+
+
+def torch_load_safely(path: Path):
+    """``torch.load(weights_only=True)``: tensors and plain values only; anything else (a pickle that would run
+    code, a damaged file) is a one-line CheckpointError and nothing in it is executed."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zipfile errors
+        lines = str(exc).strip().splitlines()
+        cause = next((line for line in lines if "WeightsUnpickler error" in line), None)
+        cause = cause.split("WeightsUnpickler error:", 1)[1].strip() if cause else _first_line(exc)
+        raise CheckpointError(
+            f"{path.name} cannot be read as weights (only tensors are loaded, never code): {cause[:200]}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights with NaN or infinite values (they would give NaN embeddings for every scan)."""
+    bad = [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}")
+
+
+def check_size(config: ViTConfig, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a config that asks for far more parameters than the file holds, before building it."""
+    from hctembed.model.catalogue import vit_params
+
+    wanted = vit_params(config)
+    held = sum(int(t.numel()) for t in state.values() if torch.is_tensor(t))
+    if wanted > MAX_PARAMETERS or wanted > 2 * held + 1_000_000:
+        raise CheckpointError(
+            f"the file's config describes a {wanted:,}-parameter encoder but the file holds {held:,} values"
+        )
+
+
 def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and misshaped keys."""
+    """``load_state_dict(strict=True)`` with an error that names missing, unexpected and misshaped keys, and a
+    refusal of non-finite values."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -114,6 +178,7 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor])
         if misshaped:
             parts.append(f"wrong shape {misshaped}")
         raise CheckpointError("checkpoint does not match the encoder: " + "; ".join(parts))
+    check_finite(state)
     model.load_state_dict(dict(state), strict=True)
 
 
@@ -127,14 +192,10 @@ def load_encoder_weights(path: str | Path, *, remap: Mapping[str, str] | None = 
     if not path.exists():
         raise CheckpointError(f"weights file not found: {path}")
     config = read_config(path) if path.suffix == ".safetensors" else _sidecar_config(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+    state = read_weights(path)
     if remap:
         state = remap_keys(state, remap)
+    check_size(config, state)
     model = ViT3D(config)
     load_state_strict(model, state)
     return model.eval(), weights_digest(model.state_dict())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hctembed.config import ViTConfig
-from hctembed.model.checkpoint import CheckpointError, load_state_strict, save_encoder
+from hctembed.model.checkpoint import CheckpointError, load_state_strict, save_encoder, torch_load_safely
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _read_state(path: Path, *, entry: str | None) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = torch_load_safely(path)
     if entry is not None:
         if entry not in obj:
             raise CheckpointError(f"{path} has no entry {entry!r}; top-level keys: {sorted(obj)[:20]}")

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from hctembed.config import MonaiPreset
 from hctembed.errors import HctembedError
 from hctembed.model.catalogue import cached_weights, hf_cache_roots, model_info
-from hctembed.model.checkpoint import load_state_strict, remap_keys, weights_digest
+from hctembed.model.checkpoint import load_state_strict, read_weights, remap_keys, weights_digest
 from hctembed.model.ctfm import CTFM_PREPROCESS, CTFMEncoder
 from hctembed.model.merlin import MERLIN_PREPROCESS, MerlinImageEncoder, merlin_state_from_checkpoint
 
@@ -76,15 +76,6 @@ def find_weights(spec: ForeignSpec, weights: str | Path | None) -> Path:
     )
 
 
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
-
-
 def load_foreign(
     name: str, *, weights: str | Path | None, seed: int, random_init: bool
 ) -> tuple[nn.Module, str, str | None]:
@@ -96,7 +87,7 @@ def load_foreign(
     if random_init:
         return model, weights_digest(model.state_dict()), None
     path = find_weights(spec, weights)
-    state = read_state(path)
+    state = read_weights(path)
     own = model.state_dict()
     load_state_strict(model, state if set(state) == set(own) else spec.convert(state))
     return model.eval(), weights_digest(model.state_dict()), str(path.resolve())

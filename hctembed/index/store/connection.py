@@ -7,7 +7,7 @@ Row-wise inserts of 768-float lists are ~60x slower than Arrow, so every multi-r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,29 @@ class Database:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
-                raise StoreError(
-                    f"{self.path} is open for writing by another process (another `hctembed embed`?); "
-                    "wait for it to finish, or use a separate --db"
-                ) from None
-            raise StoreError(f"cannot open {self.path}: {exc}") from None
+                raise StoreError(self._lock_message(read_only)) from None
+            raise StoreError(f"cannot open {self.path}: {_first_line(exc)}") from None
+        except duckdb.Error as exc:  # a truncated or overwritten file: serialization / internal errors
+            raise StoreError(
+                f"cannot open {self.path}: not a readable DuckDB database (truncated or damaged?): {_first_line(exc)}"
+            ) from None
         self.read_only = read_only
         self._tx_depth = 0
+
+    def _lock_message(self, read_only: bool) -> str:
+        """Who holds the file: a reader's shared lock still lets another reader in, a writer's does not."""
+        holder = "writing"
+        if not read_only:
+            try:
+                duckdb.connect(str(self.path), read_only=True).close()
+                holder = "reading (a search, bench or server)"
+            except duckdb.Error:
+                pass
+        return (
+            f"{self.path} is open for {holder} by another process"
+            + (" (another `hctembed embed`?)" if holder == "writing" else "")
+            + "; wait for it to finish, or use a separate --db"
+        )
 
     def close(self) -> None:
         self._con.close()
@@ -42,11 +58,22 @@ class Database:
     # -- statements ---------------------------------------------------------------------------------
     def run(self, sql: str, params: list | None = None) -> None:
         """Execute a statement whose result is not needed."""
-        self._con.execute(sql, params or [])
+        with self._damage_is_one_line():
+            self._con.execute(sql, params or [])
 
     def rows(self, sql: str, params: list | None = None) -> list[tuple]:
         """Every row (read whole: DuckDB 2 refuses new work on a half-read result)."""
-        return self._con.execute(sql, params or []).fetchall()
+        with self._damage_is_one_line():
+            return self._con.execute(sql, params or []).fetchall()
+
+    @contextmanager
+    def _damage_is_one_line(self) -> Iterator[None]:
+        """A file that cannot be read (truncated, overwritten) is the user's to know about, in one line; an
+        error in a statement itself stays a bug with its traceback."""
+        try:
+            yield
+        except (duckdb.IOException, duckdb.SerializationException) as exc:
+            raise StoreError(f"cannot read {self.path} (truncated or damaged?): {_first_line(exc)}") from None
 
     def one(self, sql: str, params: list | None = None) -> tuple | None:
         """The first row, or None."""
@@ -55,7 +82,8 @@ class Database:
 
     def arrow(self, sql: str, params: dict | None = None) -> pa.Table:
         """The result as an Arrow table (columnar: vectors come back without a Python list per row)."""
-        return self._con.sql(sql, params=params).to_arrow_table()
+        with self._damage_is_one_line():
+            return self._con.sql(sql, params=params).to_arrow_table()
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the file."""
@@ -89,7 +117,19 @@ class Database:
             self._con.execute("ROLLBACK")
             raise
         self._tx_depth = 0
-        self._con.execute("COMMIT")
+        try:
+            self._con.execute("COMMIT")
+        except duckdb.Error as exc:  # e.g. a full disk: the transaction is lost, what committed before is not
+            with suppress(duckdb.Error):
+                self._con.execute("ROLLBACK")
+            raise StoreError(
+                f"could not commit to {self.path} ({_first_line(exc)}); nothing of this batch was stored and "
+                "earlier batches are intact: free space (or fix the cause) and run again"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def json_column(values: list[Any]) -> pa.Array:
