@@ -267,3 +267,32 @@ def test_a_damaged_database_and_a_locked_one_are_one_clear_line(tmp_path):
         holder.kill()
         holder.wait()
     assert _cli("search", "--id", "scan0", "--db", db, "-k", "1").returncode == 0  # nothing was lost
+
+
+def test_a_disk_that_fills_up_during_embed_loses_nothing_and_a_rerun_finishes(tmp_path):
+    """The file-size limit stands in for a full disk: DuckDB's writes fail as they would (EFBIG like ENOSPC)."""
+    import resource
+    import subprocess
+    import sys
+
+    from hctembed.model.checkpoint import save_encoder
+
+    root = _archive(tmp_path, n=8)
+    weights = tmp_path / "w.safetensors"
+    save_encoder(load_encoder("vit-micro", seed=0).model, weights)
+    db = tmp_path / "h.duckdb"
+    args = ["embed", root, "--db", db, "--model", "vit-micro", "--weights", weights, "--workers", "0"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))
+
+    full = subprocess.run(
+        [sys.executable, "-m", "hctembed.cli", *map(str, [*args, "--checkpoint-seconds", "0"])],
+        capture_output=True, text=True, preexec_fn=small_disk,
+    )  # fmt: skip
+    assert "run again" in _one_line_error(full)
+    again = _cli(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    with Store(db, read_only=True) as store:
+        assert sorted(store.resolve_collection().vectors()[2]) == [f"scan{i}" for i in range(8)]

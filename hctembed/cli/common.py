@@ -105,7 +105,7 @@ def print_json_lines(rows: Iterable[dict[str, Any]]) -> None:
 
 # I/O failures a user can act on (a path that is wrong, unreadable, or a disk that is full)
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a disk that is full or cannot be written
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # full, over a size limit, read-only
 
 
 def friendly_errors(command):

@@ -86,8 +86,15 @@ class Database:
             return self._con.sql(sql, params=params).to_arrow_table()
 
     def checkpoint(self) -> None:
-        """Fold the write-ahead log into the file."""
-        self._con.execute("CHECKPOINT")
+        """Fold the write-ahead log into the file; a failure (a full disk) is one line, and what was committed
+        stays in the log, replayed when the file is next opened."""
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"could not write {self.path} ({_first_line(exc).removeprefix('FATAL Error: ')}); the batches "
+                "committed so far are kept: free space (or fix the cause) and run again"
+            ) from None
 
     @contextmanager
     def bulk(self, name: str, table: pa.Table) -> Iterator[str]:
