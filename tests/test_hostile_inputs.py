@@ -296,3 +296,39 @@ def test_a_disk_that_fills_up_during_embed_loses_nothing_and_a_rerun_finishes(tm
     assert again.returncode == 0, again.stderr
     with Store(db, read_only=True) as store:
         assert sorted(store.resolve_collection().vectors()[2]) == [f"scan{i}" for i in range(8)]
+
+
+def test_what_cannot_be_walked_gets_a_skip_row_and_odd_names_stay_on_their_row(tmp_path):
+    root = _archive(tmp_path, n=2)
+    (root / "fake.nii.gz").mkdir()  # a folder named like a NIfTI file
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link to an ancestor
+    (root / "dangling.nii.gz").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(root / "pipe.dcm")
+    locked = root / "locked"
+    locked.mkdir()
+    (locked / "x.dcm").write_bytes(b"x")
+    locked.chmod(0)
+    odd = root / "odd\nname.nii.gz"
+    hu, affine = head_phantom_xyz(shape_xyz=(40, 40, 20), spacing=(4.0, 4.0, 8.0), seed=9)
+    write_nifti(odd, hu, affine)
+    try:
+        found = scan_archive(root)
+        if os.geteuid() == 0:  # root reads any folder: the unreadable case cannot be made here
+            expected = {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm"}
+        else:
+            expected = {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm", "locked"}
+        codes = {s.source: s.reason_code for s in found.skipped if s.source in expected | {"locked"}}
+        assert expected <= set(codes), codes
+        assert codes["loop"] == "linked_folder" and codes["dangling.nii.gz"] == "broken_link"
+        assert codes["pipe.dcm"] == "not_a_file" and codes["fake.nii.gz"] == "not_a_file"
+        assert {r.scan_id for r in found.selected} >= {"scan0", "scan1", "odd\nname"}
+        db = tmp_path / "h.duckdb"
+        run = _cli("embed", root, "--db", db, "--model", "vit-micro", "--workers", "0", "--random-init")
+        assert run.returncode == 0, run.stderr
+        with Store(db, read_only=True) as store:
+            status = store.resolve_collection().status()
+        assert {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm"} <= set(status)  # recorded, with reasons
+        table = _cli("search", "--id", "scan0", "--db", db, "-k", "3")
+        assert table.returncode == 0 and "odd\\nname" in table.stdout  # the name stays on its row
+    finally:
+        locked.chmod(0o755)

@@ -337,3 +337,31 @@ def test_paths_inside_the_database_folder_are_stored_relative(tmp_path):
         assert store.models.get("m").weights_path == str(moved / "h.duckdb.models" / "w.safetensors")
         hits = store.resolve_collection().hits([1, 2])
         assert hits[1].path == str(moved / "archive" / "s0.nii.gz") and hits[2].path == str(outside / "s1.nii.gz")
+
+
+def test_files_left_by_an_interrupted_write_are_swept_when_the_database_is_next_written(tmp_path):
+    import os
+    import time
+
+    db = tmp_path / "h.duckdb"
+    Store(db).close()
+    faiss_dir, models = tmp_path / "h.duckdb.faiss", tmp_path / "h.duckdb.models"
+    faiss_dir.mkdir()
+    models.mkdir()
+    stale = [
+        faiss_dir / "c1.faiss.abc123.tmp",
+        models / ".vit-micro-1234.999.safetensors",
+        models / ".vit-micro-1234.999.json",
+    ]
+    fresh = faiss_dir / "c1.json.def456.tmp"  # another process may be writing it right now
+    kept = models / "vit-micro-1234.safetensors"
+    for path in [*stale, fresh, kept]:
+        path.write_bytes(b"x")
+    old = time.time() - 3600
+    for path in [*stale, kept]:
+        os.utime(path, (old, old))
+    with Store(db, read_only=True):
+        assert all(p.exists() for p in stale)  # readers never sweep
+    with Store(db):
+        pass
+    assert not any(p.exists() for p in stale) and fresh.exists() and kept.exists()

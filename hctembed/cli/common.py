@@ -83,7 +83,8 @@ def _fmt(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
+    text = str(value)  # a file name with a newline or a control character stays on its row, visibly
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def print_table(

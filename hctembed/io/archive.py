@@ -8,6 +8,7 @@ Ids are PHI-free: NIfTI scans are named by their path, DICOM series by keyed pse
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import zipfile
 from collections.abc import Callable
@@ -78,7 +79,7 @@ class Skipped:
     source: str
     scan_id: str | None
     patient_id: str | None
-    kind: str  # "series" or "file"
+    kind: str  # "series", "file" or "folder"
     reason_code: str
     reason: str
     facts: dict[str, Any] = field(default_factory=dict)
@@ -107,10 +108,10 @@ def scan_archive(
     if not archive.exists():
         raise FileNotFoundError(f"archive not found: {archive}")
     selection = selection or SelectionConfig()
-    walk_root, files = (archive.parent, [archive]) if archive.is_file() else (archive, _files_under(archive))
+    skipped: list[Skipped] = []
+    walk_root, files = (archive.parent, [archive]) if archive.is_file() else (archive, _files_under(archive, skipped))
     root = walk_root.resolve()
     selected: list[SeriesRef] = []
-    skipped: list[Skipped] = []
     dicom_refs: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
     for path in files:
@@ -158,8 +159,36 @@ def scan_archive(
     return ArchiveScan(selected=selected, skipped=skipped)
 
 
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _files_under(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    """Every regular file under ``folder`` (hidden ones left out), sorted. What cannot be walked gets a skip
+    row instead of vanishing: an unreadable folder, a symlinked folder (not followed: a link to an ancestor
+    would never end), a folder named like a NIfTI file, a dangling link, and anything that is not a regular
+    file (a FIFO would block the reader)."""
+    files: list[Path] = []
+
+    def skip(path: Path, code: str, reason: str, kind: str = "file") -> None:
+        skipped.append(Skipped(path.relative_to(folder).as_posix(), None, None, kind, code, reason))
+
+    def unreadable(error: OSError) -> None:
+        skip(Path(error.filename), "unreadable_folder", f"cannot list it ({error.strerror})", "folder")
+
+    for top, dirs, names in os.walk(folder, onerror=unreadable, followlinks=False):
+        here = Path(top)
+        for d in [d for d in dirs if (here / d).is_symlink()]:
+            skip(here / d, "linked_folder", "a symbolic link to a folder is not followed (it could loop)", "folder")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
+        for d in dirs:
+            if is_nifti(Path(d)):
+                skip(here / d, "not_a_file", "a folder named like a NIfTI file; its contents are searched", "folder")
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = here / name
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                skip(path, "broken_link", "a symbolic link to nothing")
+            else:
+                skip(path, "not_a_file", "not a regular file (a pipe, socket or device)")
+    return sorted(files)
 
 
 def _zip_members(path: Path, rel: str, skipped: list[Skipped]) -> list[str]:

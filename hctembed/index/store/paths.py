@@ -5,6 +5,7 @@ manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,21 @@ class SidecarPaths:
     @property
     def shards(self) -> Path:
         return self._beside(".shards")
+
+    def sweep_temporary(self, *, older_than_s: float = 600.0) -> list[Path]:
+        """Remove what an interrupted write left behind (killed, or a full disk): ``*.tmp`` index files and
+        ``.<model>.<pid>.safetensors`` weights not finished in ``older_than_s`` seconds (a reader may be
+        rebuilding an index right now; nothing takes that long). Returns the paths removed."""
+        now, removed = time.time(), []
+        for folder, pattern in ((self.faiss, "*.tmp"), (self.models, ".*.safetensors"), (self.models, ".*.json")):
+            for path in folder.glob(pattern) if folder.is_dir() else ():
+                try:
+                    if now - path.stat().st_mtime > older_than_s:
+                        path.unlink()
+                        removed.append(path)
+                except OSError:
+                    continue
+        return removed
 
     def index_files(self, collection_id: int) -> tuple[Path, Path]:
         """(the FAISS index, its JSON manifest) of one collection."""

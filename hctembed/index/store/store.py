@@ -35,6 +35,8 @@ class Store:
         try:
             if not read_only:
                 migrate(self.db, path=self.path)
+                for path in self.paths.sweep_temporary():
+                    log.info("removed %s, left by an interrupted write", path.name)
             elif self.schema_version() < SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema v{self.schema_version()}; open it once for writing")
         except BaseException:
