@@ -201,10 +201,14 @@ class MonaiPreset:
     hu_range: tuple[float, float] = (-1000.0, 1000.0)
     foreground_hu: float | None = None
     spatial_size: tuple[int, int, int] | None = None
+    revision: int = 0  # raised when the same chain feeds the model differently, so stored vectors go stale
 
     @property
     def channels(self) -> int:
         return 1
 
     def fingerprint(self) -> str:
-        return "pp-" + stable_hash({"kind": "monai", **asdict(self)})[:16]
+        fields = asdict(self)
+        if not fields["revision"]:  # revision 0 keeps the fingerprints made before the field existed
+            del fields["revision"]
+        return "pp-" + stable_hash({"kind": "monai", **fields})[:16]

@@ -46,13 +46,38 @@ def test_ctfm_released_keys_have_no_prefix_and_load_strictly(tmp_path):
         load_encoder("ct-fm", weights=path)
 
 
+def test_merlin_sees_depth_then_the_in_plane_axes_in_their_order_and_old_vectors_go_stale():
+    """merlin-vlm's i3res.py permutes [B, 1, X, Y, Z] to [B, 1, Z, X, Y]. An asymmetric input tells the orders
+    apart: the features equal the stem fed [Z, X, Y] by hand, and differ from the transposed [Z, Y, X]."""
+    from dataclasses import replace
+
+    from hctembed.model.merlin import MERLIN_PREPROCESS
+
+    torch.manual_seed(0)
+    model = MerlinImageEncoder(MerlinConfig(layers=(1, 1, 1, 1), width=8, phenotypes=5, contrastive_dim=4)).eval()
+    x = torch.zeros(1, 1, 40, 24, 16)
+    x[0, 0, :10, :, 4:12] = 1.0  # an asymmetric block: X differs from Y
+    with torch.no_grad():
+        mine = model.features(x)
+        zxy = x.permute(0, 1, 4, 2, 3).expand(-1, 3, -1, -1, -1)
+        by_hand = F.relu(model.bn1(model.conv1(zxy)))
+        by_hand = F.max_pool3d(by_hand, kernel_size=3, stride=2, padding=1)
+        for i in range(4):
+            by_hand = getattr(model, f"layer{i + 1}")(by_hand)
+        transposed = model.features(x.transpose(2, 3))
+    torch.testing.assert_close(mine, F.adaptive_avg_pool3d(by_hand, 1).flatten(1), rtol=0, atol=0)
+    assert not torch.allclose(mine, transposed, atol=1e-4)
+    # vectors of the earlier order carry another fingerprint: a re-run re-embeds them
+    assert MERLIN_PREPROCESS.fingerprint() != replace(MERLIN_PREPROCESS, revision=0).fingerprint()
+
+
 def test_merlin_architecture_shapes_and_released_layout(tmp_path):
     small = MerlinConfig(layers=(1, 1, 1, 1), width=8, phenotypes=5, contrastive_dim=4)
     model = MerlinImageEncoder(small).eval()
     x = torch.rand(1, 1, 64, 64, 32)  # [B, 1, X, Y, Z]
     assert model.embed(x).shape == (1, small.dim)
     # stem: depth kept, in-plane halved; maxpool halves all
-    stem = F.relu(model.bn1(model.conv1(x.permute(0, 1, 4, 3, 2).expand(-1, 3, -1, -1, -1))))
+    stem = F.relu(model.bn1(model.conv1(x.permute(0, 1, 4, 2, 3).expand(-1, 3, -1, -1, -1))))
     assert stem.shape[2:] == (32, 32, 32)
     full = MerlinImageEncoder().eval()
     keys = set(full.state_dict())

@@ -7,9 +7,11 @@ strictly: keys ``conv1``, ``bn1``, ``layer1..4.N.{conv1,bn1,conv2,bn2,conv3,bn3,
 to the text side and are left out explicitly).
 
 Input ``[B, 1, X, Y, Z]`` = ``[B, 1, 224, 224, 160]`` (MONAI RAS order, depth last). The network sees
-``[B, 3, Z, Y, X]`` (the channel repeated 3 times) : stem conv (3, 7, 7) with stride (1, 2, 2), a 3x3x3
-max-pool with stride 2, bottleneck stages [3, 8, 36, 3] whose 3x3x3 convs stride 2 in every axis at the
-start of stages 2-4. The embedding is layer4 average-pooled: 2048-d.
+``[B, 3, Z, X, Y]`` (the channel repeated 3 times), the order merlin-vlm's ``i3res.py`` permutes to: depth
+first, then the in-plane axes as they come. (An earlier hctembed fed ``[Z, Y, X]``, transposed slices; its
+vectors carry another preprocessing fingerprint, so a re-run re-embeds them.) Stem conv (3, 7, 7) with
+stride (1, 2, 2), a 3x3x3 max-pool with stride 2, bottleneck stages [3, 8, 36, 3] whose 3x3x3 convs stride
+2 in every axis at the start of stages 2-4. The embedding is layer4 average-pooled: 2048-d.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ MERLIN_PREPROCESS = MonaiPreset(
     spacing_mode="bilinear",
     hu_range=(-1000.0, 1000.0),
     spatial_size=(224, 224, 160),
+    revision=1,  # 1: the network sees [Z, X, Y] as merlin-vlm does (0 fed transposed slices)
 )
 CHECKPOINT_PREFIX = "encode_image.i3_resnet."
 TEXT_PREFIXES = ("encode_text.", "logit_scale")
@@ -96,7 +99,7 @@ class MerlinImageEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1, X, Y, Z]`` -> pooled layer4 features ``[B, 2048]``."""
-        x = x.permute(0, 1, 4, 3, 2)  # -> [B, 1, Z, Y, X]: depth first, as the 2D kernels were inflated
+        x = x.permute(0, 1, 4, 2, 3)  # -> [B, 1, Z, X, Y]: depth first, in-plane axes kept (as merlin-vlm)
         x = x.expand(-1, 3, -1, -1, -1)
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool3d(x, kernel_size=3, stride=2, padding=1)
