@@ -98,8 +98,8 @@ def test_unmatched_and_missing_keys_are_named():
     state = their_state(registers=0, qkv_bias=True)
     state["head.weight"] = torch.zeros(2, DIM)
     state["blocks.0.attn.extra"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.extra.*head\.weight"):
-        load_fmhct(state, heads=HEADS)
+    with pytest.raises(CheckpointError, match=r"no place in the encoder: \['blocks\.0\.attn\.extra'\]$"):
+        load_fmhct(state, heads=HEADS)  # the head is left out by name, the unknown key is named
     del state["blocks.0.attn.extra"]
     load_fmhct(state, heads=HEADS, drop_prefixes=("head.",))  # dropped on purpose: fine
     state.pop("head.weight")
@@ -131,3 +131,64 @@ def test_fmhct_code_preset_fast_path_agrees_with_monai(phantom_file):
     assert float((fast - ref).abs().mean()) < 0.01
     assert config.fingerprint() != PreprocessConfig().fingerprint()
     assert PREPROCESS_PRESETS["paper"] == PreprocessConfig()
+
+
+def _flat_cls(state, x):
+    return load_fmhct({k: v for k, v in state.items()}, heads=HEADS).embed(x)
+
+
+def test_every_layout_their_code_writes_imports_to_the_model_of_the_same_tensors(tmp_path):
+    """Their DINO checkpoint (teacher by default, --entry student), their torch.compile'd fine-tuning checkpoint
+    with a numpy loss in its metadata, and a flat backbone file: each imports to the model the same tensors make
+    as a flat file; the DINO head is left out by name; any other layout is refused naming its entries."""
+    import numpy as np
+
+    from hctembed.model.fmhct import ENTRIES  # noqa: F401  (the names the CLI documents)
+
+    x = torch.randn(2, 3, PATCH * GRID, PATCH * GRID, PATCH * GRID)
+    teacher = their_state(registers=4, qkv_bias=True, seed=1)
+    student = their_state(registers=4, qkv_bias=True, seed=2)
+    head = {"head.mlp.0.weight": torch.randn(8, DIM), "head.last_layer.weight_g": torch.ones(16, 1)}
+
+    def wrapped(state, prefix):
+        return {f"{prefix}{k}": v for k, v in {**{f"backbone.{k}": v for k, v in state.items()}, **head}.items()}
+
+    dino = tmp_path / "checkpoint.pth"
+    torch.save(
+        {"epoch": 99, "best_loss": np.float64(3.21), "state_dict": wrapped(student, "module."),
+         "momentum_model_state_dict": wrapped(teacher, "module."), "optimizer": {"state": {}}, "scheduler": {}},
+        dino,
+    )  # fmt: skip
+    torch.testing.assert_close(load_fmhct(dino, heads=HEADS).embed(x), _flat_cls(teacher, x), rtol=0, atol=0)
+    for entry in ("teacher", "momentum_model_state_dict"):
+        torch.testing.assert_close(load_fmhct(dino, heads=HEADS, entry=entry).embed(x), _flat_cls(teacher, x))
+    torch.testing.assert_close(load_fmhct(dino, heads=HEADS, entry="student").embed(x), _flat_cls(student, x))
+    compiled = tmp_path / "finetune.pth"
+    torch.save({"epoch": 3, "best_loss": np.float64(0.12), "state_dict": wrapped(student, "_orig_mod.")}, compiled)
+    torch.testing.assert_close(load_fmhct(compiled, heads=HEADS).embed(x), _flat_cls(student, x), rtol=0, atol=0)
+    flat = tmp_path / "backbone.pth"
+    torch.save({f"module.backbone.{k}": v for k, v in teacher.items()}, flat)
+    torch.testing.assert_close(load_fmhct(flat, heads=HEADS).embed(x), _flat_cls(teacher, x), rtol=0, atol=0)
+    other = tmp_path / "other.pth"
+    torch.save({"weights": teacher, "epoch": 1}, other)
+    with pytest.raises(CheckpointError, match=r"no a flat state dict or one of .*it holds epoch, weights"):
+        load_fmhct(other, heads=HEADS)
+    with pytest.raises(CheckpointError, match=r"no entry 'ema'"):
+        load_fmhct(dino, heads=HEADS, entry="ema")
+
+
+def test_import_fmhct_command_reports_the_head_it_leaves_out(tmp_path):
+    import subprocess
+    import sys
+
+    state = {f"module.backbone.{k}": v for k, v in their_state(registers=0, qkv_bias=True).items()}
+    state["module.head.last_layer.weight"] = torch.zeros(4, DIM)
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": state, "momentum_model_state_dict": state, "epoch": 1}, src)
+    run = subprocess.run(
+        [sys.executable, "-m", "hctembed.cli", "import-fmhct", str(src), "--out", str(tmp_path / "o.safetensors"),
+         "--heads", str(HEADS)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "momentum_model_state_dict" in run.stderr and "left out 1 tensors" in run.stderr

@@ -16,7 +16,12 @@ def import_fmhct(
     ),
     out: Path = typer.Option(..., "--out", help="Encoder file to write (.safetensors; a .json goes beside it)."),
     heads: int = typer.Option(12, "--heads", min=1, help="Attention heads (not stored in the tensors; ViT-B: 12)."),
-    entry: str | None = typer.Option(None, "--entry", help="Checkpoint entry holding the weights (e.g. teacher)."),
+    entry: str | None = typer.Option(
+        None,
+        "--entry",
+        help="teacher (a DINO checkpoint's momentum_model_state_dict: the default), student (its state_dict), or "
+        "another entry's name. A flat file or a fine-tuning checkpoint needs none.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Map the FM-HCT key names onto the encoder, load strictly, and save with the 'fmhct-code' preprocessing."""

@@ -123,8 +123,8 @@ def torch_load_safely(path: Path):
     """``torch.load(weights_only=True)``: tensors and plain values only; anything else (a pickle that would run
     code, a damaged file) is a one-line CheckpointError and nothing in it is executed."""
     try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's concern
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_scalar_globals()):
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zipfile errors
         lines = str(exc).strip().splitlines()
@@ -133,6 +133,18 @@ def torch_load_safely(path: Path):
         raise CheckpointError(
             f"{path.name} cannot be read as weights (only tensors are loaded, never code): {cause[:200]}"
         ) from None
+
+
+def _numpy_scalar_globals() -> list:
+    """What a numpy scalar in a checkpoint's metadata (``best_loss = np.float64(...)``) unpickles through:
+    plain data, allowed by name; nothing else is."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "bool")}]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,7 +25,8 @@ from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
 
-PREFIXES = ("module.", "backbone.")
+PREFIXES = ("_orig_mod.", "module.", "backbone.")  # torch.compile, DataParallel/DDP, the DINO wrapper
+HEAD_PREFIXES = ("head.",)  # the DINO projection head (or a fine-tuning classifier): not the encoder
 # FM-HCT name -> ViT3D name (block keys: blocks.N.<their part> -> blocks.N.<ours>)
 TOP_LEVEL = {
     "patch_embedding.patch_embeddings.weight": "patch_embed.weight",
@@ -55,7 +56,7 @@ CARD = {"source": "FM-HCT official checkpoint", "preprocess": "fmhct-code"}
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove any leading ``module.`` / ``backbone.`` (repeatedly, in any order)."""
+    """Remove any leading ``_orig_mod.`` / ``module.`` / ``backbone.`` (repeatedly, in any order)."""
     out = {}
     for key, value in state.items():
         changed = True
@@ -117,23 +118,36 @@ def infer_config(state: Mapping[str, torch.Tensor], *, heads: int = 12) -> ViTCo
     )
 
 
+# the entries their training code writes: DINO pretraining {epoch, best_loss, state_dict (the student),
+# momentum_model_state_dict (the teacher), optimizer, scheduler}; fine-tuning {..., state_dict} of a
+# torch.compile'd model (keys under "_orig_mod."); a flat file is the backbone's tensors alone
+ENTRIES = {"teacher": ("momentum_model_state_dict", "teacher"), "student": ("state_dict", "student")}
+DEFAULT_ENTRIES = ("momentum_model_state_dict", "teacher", "state_dict", "model")
+
+
 def _read_state(path: Path, *, entry: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint layout: a flat file, the teacher (default) or student (``entry``) of a
+    DINO checkpoint, or a fine-tuning checkpoint's ``state_dict``; any other layout is refused naming its
+    entries. Non-tensor metadata (epochs, numpy losses) is read as data, never as code."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
     obj = torch_load_safely(path)
-    if entry is not None:
-        if entry not in obj:
-            raise CheckpointError(f"{path} has no entry {entry!r}; top-level keys: {sorted(obj)[:20]}")
-        return obj[entry]
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    for name in ("teacher", "state_dict", "model"):
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    found = ", ".join(sorted(str(k) for k in obj)[:20])
+    if entry is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    names = ENTRIES.get(entry, (entry,)) if entry is not None else DEFAULT_ENTRIES
+    for name in names:
         if isinstance(obj.get(name), Mapping):
-            log.info("using the %r entry of %s", name, path)
-            return obj[name]
-    raise CheckpointError(f"{path}: no state dict found; pass entry= (top-level keys: {sorted(obj)[:20]})")
+            log.info("using the %r entry of %s", name, path.name)
+            return dict(obj[name])
+    wanted = f"entry {entry!r}" if entry is not None else "a flat state dict or one of " + ", ".join(DEFAULT_ENTRIES)
+    raise CheckpointError(
+        f"{path.name} is not an FM-HCT checkpoint layout hctembed knows: no {wanted}; it holds {found}"
+    )
 
 
 def load_fmhct(
@@ -154,8 +168,11 @@ def load_fmhct(
             raise CheckpointError(f"checkpoint not found: {path}")
         state = _read_state(path, entry=entry)
     state = strip_prefixes(state)
-    if drop_prefixes:
-        state = {k: v for k, v in state.items() if not k.startswith(drop_prefixes)}
+    drop = (*HEAD_PREFIXES, *drop_prefixes)
+    dropped = sorted(k for k in state if k.startswith(drop))
+    if dropped:
+        log.info("left out %d tensors that are not the encoder (%s ...)", len(dropped), dropped[0])
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
     mapped = map_fmhct_keys(state)
     model = ViT3D(infer_config(mapped, heads=heads))
     load_state_strict(model, mapped)
