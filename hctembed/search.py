@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hctembed.index.store import Collection, ModelMismatchError, Store, StoreError
 from hctembed.index.vectors import open_index
-from hctembed.io.archive import load_volume
-from hctembed.model.encoders import Encoder, load_encoder
-from hctembed.preprocessing import preprocess
+
+if TYPE_CHECKING:  # the model and preprocessing (torch) load only when a query file is embedded
+    from hctembed.model.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class Hit:
 
 def stored_encoder(collection: Collection) -> Encoder:
     """Reload the encoder a collection was embedded with; refuses if the weights changed on disk."""
+    from hctembed.model.encoders import load_encoder
+
     row = collection.model()
     if not row.weights_path:
         raise StoreError(f"model {collection.model_id} has no weights file recorded; cannot embed a query")
@@ -61,6 +63,9 @@ def stored_encoder(collection: Collection) -> Encoder:
 
 def embed_file(encoder: Encoder, path: str | Path) -> np.ndarray:
     """One scan file -> L2-normalised ``[dim]``."""
+    from hctembed.io.archive import load_volume
+    from hctembed.preprocessing import preprocess
+
     x = preprocess(load_volume(path), config=encoder.preprocess)
     return encoder.encode(x[None])[0]
 

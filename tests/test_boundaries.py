@@ -73,3 +73,29 @@ def test_pictures_draw_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "4"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commands_that_need_no_model_run_without_torch(tmp_path):
+    """--help, models, search by id, bench, map and scan import no torch (nor MONAI): a user pays for the model
+    only when a command embeds something."""
+    from typer.testing import CliRunner
+
+    from hctembed.cli.app import app
+
+    runner = CliRunner()
+    archive, db = tmp_path / "a", tmp_path / "h.duckdb"
+    assert runner.invoke(app, ["synth", str(archive), "--n", "4", "--matrix", "48", "-q"]).exit_code == 0
+    embedded = runner.invoke(app, ["embed", str(archive), "--db", str(db), "--model", "vit-micro", "--workers", "0"])
+    assert embedded.exit_code == 0, embedded.output
+    commands = [
+        ["--help"],
+        ["models"],
+        ["search", "--id", "synth-p0001-s1", "--db", str(db), "-k", "2", "--json"],
+        ["bench", "retrieval", "--db", str(db), "--json"],
+        ["map", "--db", str(db), "--color-by", "SAH", "--out", str(tmp_path / "map.png")],
+        ["scan", str(archive), "--json"],
+    ]
+    for argv in commands:
+        code = f"import sys\nsys.argv = ['hctembed', *{argv!r}]\nfrom hctembed.cli.app import main\nmain()\n"
+        result = _run_blocked(code, blocked=("torch", "monai"))
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
