@@ -1,21 +1,23 @@
-"""Panels for search pictures: each scan loaded, preprocessed as at embedding time and explained (last-layer CLS
-attention upsampled to the model grid), so the attention and the image share one grid. Drawn by
-:mod:`hctembed.pictures.montage`. Orientation is radiological (see :mod:`hctembed.pictures.slices`).
+"""Panels for search pictures: the planes ``embed`` stored with each scan, or, for a scan without them, the scan
+loaded, preprocessed as at embedding time and explained (last-layer CLS attention upsampled to the model grid),
+so the attention and the image share one grid. Drawn by :mod:`hctembed.pictures.montage`. Orientation is
+radiological (see :mod:`hctembed.pictures.slices`). The encoder (and torch) is loaded only when a scan must be
+read from its file.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hctembed.errors import HctembedError
-from hctembed.explain import explain, patch_size_mm
-from hctembed.io.archive import load_volume
-from hctembed.model.encoders import Encoder
 from hctembed.pictures.montage import PanelPlanes, ScanPanel, positive_labels
-from hctembed.preprocessing import preprocess
 from hctembed.volume import VolumeError
+
+if TYPE_CHECKING:
+    from hctembed.model.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ def scan_panel(
     labels: Sequence[str] = (),
 ) -> ScanPanel:
     """Load, preprocess and explain one scan; a missing or unreadable file gives a placeholder panel."""
+    from hctembed.explain import explain, patch_size_mm
+    from hctembed.io.archive import load_volume
+    from hctembed.preprocessing import preprocess
+
     base = {"title": title, "scan_id": scan_id, "score": score, "labels": tuple(labels)}
     if path is None:
         return ScanPanel(**base, missing="file location not recorded")
@@ -45,19 +51,21 @@ def scan_panel(
     return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
 
 
-def _panel(encoder: Encoder, path, planes: bytes | None, **base) -> ScanPanel:
+def _panel(encoder: Callable[[], Encoder], path, planes: bytes | None, **base) -> ScanPanel:
     """From the planes stored with the scan when there are any, else from its file (read and explained now)."""
     if planes is not None:
         return ScanPanel(score=base.pop("score", None), **base, planes=PanelPlanes.from_bytes(planes))
-    return scan_panel(encoder, path, **base)
+    return scan_panel(encoder(), path, **base)
 
 
 def search_panels(
-    collection, encoder: Encoder, hits: Sequence, *, query_path: str | Path | None = None,
+    collection, encoder: Encoder | Callable[[], Encoder], hits: Sequence, *, query_path: str | Path | None = None,
     query_scan_id: str | None = None,
 ) -> list[ScanPanel]:  # fmt: skip
-    """Panels for a search: the query (a file, or a stored scan id) then one per hit, files found through
-    ``collection.hits(...)[id].path``."""
+    """Panels for a search: the query (a file, or a stored scan id) then one per hit, from their stored planes
+    or files found through ``collection.hits(...)[id].path``. ``encoder``: the collection's encoder, or a
+    function that loads it (called only when a scan must be read from its file)."""
+    encoder = encoder if callable(encoder) else (lambda fixed=encoder: fixed)
     if query_path is not None:
         name = Path(query_path).name
         scan_id = name.removesuffix(".gz").removesuffix(".nii")

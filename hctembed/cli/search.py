@@ -63,19 +63,28 @@ def print_hits(hits, *, title: str, as_json: bool = False) -> None:
 
 def write_search_pictures(store, hits, *, query, scan_id, model, montage, html_page) -> list[Path]:
     """The query and its hits as a montage PNG and/or a self-contained HTML page; returns the files written."""
+    from hctembed.config import Window
     from hctembed.panels import search_panels
     from hctembed.pictures.montage import render_html, render_montage
     from hctembed.search import stored_encoder
 
     collection = store.resolve_collection(model_id=model)
-    encoder = stored_encoder(collection)
+    loaded = []
+
+    def encoder():  # loaded (torch and the weights) only for a scan without stored planes
+        if not loaded:
+            loaded.append(stored_encoder(collection))
+        return loaded[0]
+
     panels = search_panels(collection, encoder, hits, query_path=query, query_scan_id=scan_id)
+    stored = collection.preprocess().get("windows")
+    windows = tuple(Window(**w) for w in stored) if stored else encoder().preprocess.windows
     title = f"top {len(hits)} for {query.name if query else scan_id} ({collection.model_id})"
     written = []
     if montage is not None:
-        render_montage(panels, out=montage, windows=encoder.preprocess.windows, title=title)
+        render_montage(panels, out=montage, windows=windows, title=title)
         written.append(montage)
     if html_page is not None:
-        render_html(panels, out=html_page, windows=encoder.preprocess.windows, title=title)
+        render_html(panels, out=html_page, windows=windows, title=title)
         written.append(html_page)
     return written

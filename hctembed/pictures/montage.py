@@ -12,20 +12,19 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 
 from hctembed.errors import InputError
 from hctembed.pictures.slices import (
+    ORIENTATION,
     VIEWS,
     display_point,
     display_slice,
-    mark_orientation,
     overlay_alpha,
-    save_figure,
     window_name,
 )
 
@@ -118,60 +117,94 @@ def render_montage(
     (``+ 90`` without the ``header`` that names the window, the rows and the convention).
 
     ``windows`` are the preprocessing's windows; channel 0 must be the brain window. Returns the pixel box
-    ``(left, top, right, bottom)`` of every image, keyed ``"<column>/<row name>"``.
+    ``(left, top, right, bottom)`` of every image, keyed ``"<column>/<row name>"``. Composed as one pixel array
+    and written with Pillow (no matplotlib figure: a montage costs about a tenth of a second).
     """
     if not panels:
         raise InputError("nothing to draw: no panels")
-    dpi = 100
     cols, rows = len(panels), len(ROWS)
     head_px = 160 if header else 90
     width, height = panel_px * cols, panel_px * rows + head_px
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="black")
-    top = 1 - (head_px - 25) / height
-    bottom = 25 / height
-    fig.subplots_adjust(left=0.01, right=0.99, top=top, bottom=bottom, wspace=0.04, hspace=0.04)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    jet = colormaps["jet"]
+    top0, pad = head_px - 25, max(2, panel_px // 60)
+    side = panel_px - 2 * pad
+    canvas = np.zeros((height, width, 3), np.float32)
+    boxes, texts = {}, []  # texts: (x, y, text, colour, anchor, size)
     for c, panel in enumerate(panels):
         planes = panel.shown()
-        axes[0][c].set_title(
-            "\n".join(panel.caption()), color="white", fontsize=8, loc="center", fontweight="normal", pad=4
-        )
+        texts.append((c * panel_px + panel_px // 2, top0 - 4, "\n".join(panel.caption()), "white", "md", 11))
         for r, row_name in enumerate(ROWS):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_facecolor("#333333")
-            ax.set_label(f"{c}/{row_name}")
+            left, top = c * panel_px + pad, top0 + r * panel_px + pad
+            boxes[f"{c}/{row_name}"] = (left, top, left + side, top + side)
+            canvas[top : top + side, left : left + side] = 0.2  # the cell, grey where there is no image
+            if c == 0:
+                texts.append((left + 3, top + side - 3, row_name, "cyan", "ld", 11))
             if planes is None:
                 if r == 1:
-                    ax.text(0.5, 0.5, _wrap(panel.missing or "not available"), color="orange", ha="center",
-                            va="center", fontsize=8, transform=ax.transAxes)  # fmt: skip
+                    texts.append((left + side // 2, top + side // 2, _wrap(panel.missing or "not available"),
+                                  "orange", "mm", 11))  # fmt: skip
                 continue
+            view = "axial" if row_name == "most attended" else row_name.split()[1]
+            image = planes.attended if row_name == "most attended" else planes.mid[view]
+            rgb = np.repeat(np.clip(image, 0.0, 1.0)[..., None], 3, axis=-1)
             if row_name == "most attended":
-                ax.imshow(planes.attended, cmap="gray", vmin=0, vmax=1)
-                rgba = jet(planes.strength)
-                rgba[..., 3] = overlay_alpha(planes.strength)
-                ax.imshow(rgba)
-                ax.plot(planes.peak[1], planes.peak[0], marker="+", color="white", markersize=10, mew=1.5)
-                mark_orientation(ax, "axial")
-            else:
-                view = row_name.split()[1]
-                ax.imshow(planes.mid[view], cmap="gray", vmin=0, vmax=1)
-                mark_orientation(ax, view)
-            if c == 0:
-                ax.text(0.02, 0.02, row_name, color="cyan", fontsize=8, transform=ax.transAxes,
-                        va="bottom")  # fmt: skip
+                alpha = overlay_alpha(planes.strength)[..., None]
+                rgb = rgb * (1 - alpha) + _jet(planes.strength) * alpha
+            block, (y, x) = _fit(rgb, side)
+            canvas[top + y : top + y + block.shape[0], left + x : left + x + block.shape[1]] = block
+            if row_name == "most attended":
+                scale = block.shape[0] / rgb.shape[0]
+                _cross(canvas, top + y + (planes.peak[0] + 0.5) * scale, left + x + (planes.peak[1] + 0.5) * scale)
+            up, down, west, east = ORIENTATION[view]
+            texts += [
+                (left + side // 2, top + 2, up, "yellow", "mt", 12),
+                (left + side // 2, top + side - 2, down, "yellow", "mb", 12),
+                (left + 3, top + side // 2, west, "yellow", "lm", 12),
+                (left + side - 3, top + side // 2, east, "yellow", "rm", 12),
+            ]
     if header:
-        fig.suptitle(
-            f"{title or 'query and nearest neighbours'}\n{window_name(windows[0])}; rows: mid axial, coronal, "
-            "sagittal;\naxial slice at the most attended region (last-layer CLS attention, + = peak); "
-            "radiological convention",
-            color="white",
-            fontsize=9,
-            y=0.995,
-        )
-    return save_figure(fig, out)
+        texts.append((width // 2, 4, f"{title or 'query and nearest neighbours'}\n{window_name(windows[0])}; rows: mid "
+                      "axial, coronal, sagittal;\naxial slice at the most attended region (last-layer CLS attention, "
+                      "+ = peak); radiological convention", "white", "ma", 12))  # fmt: skip
+    image = Image.fromarray((canvas * 255 + 0.5).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for x, y, text, colour, anchor, size in texts:
+        font = _font(size)
+        if "\n" in text:
+            draw.multiline_text((x, y), text, fill=colour, font=font, anchor=anchor, align="center", spacing=2)
+        else:
+            draw.text((x, y), text, fill=colour, font=font, anchor=anchor)
+    if isinstance(out, str | Path):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="png")
+    return boxes
+
+
+def _fit(rgb: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``rgb [h, w, 3]`` scaled (nearest voxel, aspect kept) to fit a ``side`` square, and its offset in it."""
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+    rows = np.minimum((np.arange(out_h) / scale).astype(int), h - 1)
+    cols = np.minimum((np.arange(out_w) / scale).astype(int), w - 1)
+    return rgb[rows][:, cols], ((side - out_h) // 2, (side - out_w) // 2)
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """The jet colour map, ``[..., 3]`` in [0, 1], from its piecewise-linear definition."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    return np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+
+
+def _cross(canvas: np.ndarray, y: float, x: float, *, arm: int = 6) -> None:
+    """A white '+' centred at pixel (y, x)."""
+    yi, xi = int(y), int(x)
+    canvas[max(yi - 1, 0) : yi + 1, max(xi - arm, 0) : xi + arm + 1] = 1.0
+    canvas[max(yi - arm, 0) : yi + arm + 1, max(xi - 1, 0) : xi + 1] = 1.0
+
+
+@lru_cache(maxsize=8)
+def _font(size: int):
+    return ImageFont.load_default(size=size)
 
 
 def _wrap(text: str, width: int = 28) -> str:

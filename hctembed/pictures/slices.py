@@ -7,13 +7,16 @@ No torch here: pictures are drawn from numpy arrays.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from PIL import Image
 
 from hctembed.config import Window
 from hctembed.errors import InputError
+
+if TYPE_CHECKING:  # matplotlib is imported by the figures that need it, not by the montage
+    from matplotlib.figure import Figure
 
 VIEWS = ("axial", "coronal", "sagittal")
 #: Image-edge letters (top, bottom, left, right) of each view in the radiological convention.
@@ -80,6 +83,8 @@ def mark_orientation(ax, view: str) -> None:
 def save_figure(fig: Figure, out) -> dict[str, tuple[int, int, int, int]]:
     """Render with Agg and write PNG to ``out`` (path or binary file); returns each labelled axes' pixel box
     ``(left, top, right, bottom)`` in the saved image (axes labelled with ``ax.set_label``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     height = fig.bbox.height
@@ -90,5 +95,7 @@ def save_figure(fig: Figure, out) -> dict[str, tuple[int, int, int, int]]:
             boxes[ax.get_label()] = (round(x0), round(height - y1), round(x1), round(height - y0))
     if isinstance(out, str | Path):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=fig.dpi)
+    # the canvas is drawn already: write its pixels (savefig would draw the whole figure a second time)
+    width, height_px = canvas.get_width_height()
+    Image.frombuffer("RGBA", (width, height_px), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(out, format="png")
     return boxes

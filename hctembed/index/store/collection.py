@@ -5,9 +5,10 @@ written to or read from another model's table."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -130,6 +131,11 @@ class Collection:
     def last_embedded(self):
         """When the newest vector was stored (``datetime``), or None for an empty collection."""
         return self._db.one(f"SELECT max(created_at) FROM {self.table}")[0]
+
+    def preprocess(self) -> dict[str, Any]:
+        """The preprocessing the collection's vectors were made with (its config as stored, a dict)."""
+        row = self._db.one("SELECT preprocess FROM collections WHERE collection_id = ?", [self.collection_id])
+        return json.loads(row[0]) if row and row[0] else {}
 
     def rows_digest(self) -> tuple[int, str]:
         """(row count, sha256 of every row's id, scan id and insertion time in id order): what an index built
