@@ -332,3 +332,18 @@ def test_what_cannot_be_walked_gets_a_skip_row_and_odd_names_stay_on_their_row(t
         assert table.returncode == 0 and "odd\\nname" in table.stdout  # the name stays on its row
     finally:
         locked.chmod(0o755)
+
+
+def test_the_checksum_of_the_member_holding_the_voxels_is_still_checked(tmp_path):
+    hu, affine = head_phantom_xyz(shape_xyz=(40, 40, 20), spacing=(4.0, 4.0, 8.0))
+    good = write_nifti(tmp_path / "good.nii.gz", hu, affine)
+    damaged = bytearray(good.read_bytes())
+    damaged[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    bad = tmp_path / "crc.nii.gz"
+    bad.write_bytes(bytes(damaged))
+    with pytest.raises(VolumeError, match="unreadable NIfTI voxel data"):
+        load_nifti(bad)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(good.read_bytes()[:-6])  # every voxel there, the trailer not
+    with pytest.raises(VolumeError, match="checksum"):
+        load_nifti(cut)

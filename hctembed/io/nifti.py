@@ -129,21 +129,29 @@ def _voxels(path: Path, img: nib.Nifti1Image) -> tuple[np.ndarray, float, float]
 def _inflate_at_most(path: Path, limit: int) -> np.ndarray:
     """Inflate a gzip file into one buffer of at most ``limit`` bytes (uint8 ``[<= limit]``): what follows the
     voxels the header declares is never held, so a small file that inflates to gigabytes (a gzip bomb)
-    costs no more memory than its header says, and the header's size was checked before."""
+    costs no more memory than its header says, and the header's size was checked before. The member holding
+    the last voxels is still inflated to its end (output dropped a megabyte at a time), so its CRC is checked."""
     out = np.empty(limit, np.uint8)
-    filled = 0
+    filled, chunk, fresh = 0, b"", True
     inflater = _igzip_zlib.decompressobj(31)
     with open(path, "rb") as f:
         while filled < limit and (chunk := f.read(1 << 22)):
             while chunk and filled < limit:
                 piece = inflater.decompress(chunk, limit - filled)
+                fresh = False
                 out[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)
                 filled += len(piece)
                 chunk = inflater.unconsumed_tail
                 if inflater.eof:  # a multi-member gzip: the next member starts in unused_data
-                    chunk, inflater = inflater.unused_data, _igzip_zlib.decompressobj(31)
+                    chunk, inflater, fresh = inflater.unused_data, _igzip_zlib.decompressobj(31), True
                     if not chunk.strip(b"\x00"):
                         chunk = b""
+        if filled == limit and not fresh:  # the member holding the last voxels: on to its checksum
+            while not inflater.eof:
+                if not chunk and not (chunk := f.read(1 << 22)):
+                    raise VolumeError("unreadable NIfTI voxel data (the gzip stream ends before its checksum)")
+                inflater.decompress(chunk, 1 << 20)
+                chunk = inflater.unconsumed_tail
     return out[:filled]
 
 
