@@ -78,7 +78,8 @@ def search_panels(
     query_labels = positive_labels(collection.store.labels.of([scan_id]).get(scan_id, {}))
     # the planes stored at embedding time (a query file is embedded now, so its own are made now)
     stored = collection.planes([h.scan_id for h in hits] + ([scan_id] if query_path is None else []))
-    panels = [_panel(encoder, path, stored.get(scan_id), title="query", scan_id=scan_id, labels=query_labels)]
+    query_planes = stored.get(scan_id) if query_path is None else None  # a file is not the stored scan of its name
+    panels = [_panel(encoder, path, query_planes, title="query", scan_id=scan_id, labels=query_labels)]
     rows = collection.hits([h.id for h in hits])
     for h in hits:
         panels.append(

@@ -177,3 +177,19 @@ def test_cli_map_by_label_and_protocol(db, archive, tmp_path):
     bad = invoke("map", "--db", db, "--color-by", "nope", "--out", tmp_path / "c.png")
     assert bad.exit_code == 2 and "available" in bad.stderr
     assert np.isfinite(imread(tmp_path / "b.png")).all()
+
+
+def test_a_query_file_is_drawn_from_itself_not_from_a_stored_scan_of_its_name(db, archive, tmp_path):
+    """Another scan saved under a stored scan's name (a follow-up, another site's ct001.nii.gz) is the query."""
+    ids = stored_ids(db)
+    impostor = tmp_path / f"{ids[0]}.nii.gz"
+    shutil.copy(archive / f"{ids[1]}.nii.gz", impostor)
+    with Store(db, read_only=True) as store:
+        coll = store.resolve_collection()
+        encoder = stored_encoder(coll)
+        hits = search_id(store, scan_id=ids[0], k=2)
+        panels = search_panels(coll, encoder, hits, query_path=impostor)
+        stored = PanelPlanes.from_bytes(coll.planes([ids[1]])[ids[1]])
+    query = panels[0]
+    assert query.planes is None and query.image is not None  # made from the file now
+    assert np.abs(query.shown().mid["axial"] - stored.mid["axial"]).max() <= 0.5 / 255 + 1e-6  # it is ids[1]

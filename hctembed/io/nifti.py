@@ -137,6 +137,9 @@ def _inflate_at_most(path: Path, limit: int) -> np.ndarray:
     with open(path, "rb") as f:
         while filled < limit and (chunk := f.read(1 << 22)):
             while chunk and filled < limit:
+                if fresh and not chunk.strip(b"\x00"):  # zero padding after the last member
+                    chunk = b""
+                    break
                 piece = inflater.decompress(chunk, limit - filled)
                 fresh = False
                 out[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)

@@ -73,7 +73,7 @@ class Database:
         try:
             yield
         except (duckdb.IOException, duckdb.SerializationException) as exc:
-            raise StoreError(f"cannot read {self.path} (truncated or damaged?): {_first_line(exc)}") from None
+            raise StoreError(f"a file is unreadable, truncated or damaged: {_first_line(exc)}") from None
 
     def one(self, sql: str, params: list | None = None) -> tuple | None:
         """The first row, or None."""
