@@ -18,3 +18,10 @@ class UnknownNameError(HctembedError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def first_line(exc: BaseException, *, limit: int = 300) -> str:
+    """An exception's message as one short line for a one-line error: its first line, spaces collapsed, at most
+    ``limit`` characters; the exception's type name when it has no message."""
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:limit] if text else type(exc).__name__

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 from hctembed.config import ViTConfig
-from hctembed.errors import HctembedError
+from hctembed.errors import HctembedError, first_line
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise CheckpointError(f"{path.name} is not a readable safetensors file: {_first_line(exc)}") from None
+            raise CheckpointError(
+                f"{path.name} is not a readable safetensors file: {first_line(exc, limit=200)}"
+            ) from None
     state = torch_load_safely(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -129,7 +131,7 @@ def torch_load_safely(path: Path):
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zipfile errors
         lines = str(exc).strip().splitlines()
         cause = next((line for line in lines if "WeightsUnpickler error" in line), None)
-        cause = cause.split("WeightsUnpickler error:", 1)[1].strip() if cause else _first_line(exc)
+        cause = cause.split("WeightsUnpickler error:", 1)[1].strip() if cause else first_line(exc, limit=200)
         raise CheckpointError(
             f"{path.name} cannot be read as weights (only tensors are loaded, never code): {cause[:200]}"
         ) from None
@@ -145,10 +147,6 @@ def _numpy_scalar_globals() -> list:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar
     return [scalar, np.dtype, *{type(np.dtype(t)) for t in ("f8", "f4", "i8", "i4", "bool")}]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def check_finite(state: Mapping[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from hctembed.errors import HctembedError, UnknownNameError
+from hctembed.errors import HctembedError, UnknownNameError, first_line
 from hctembed.model.catalogue import CATALOGUE, PULLABLE, HubFile, cached_weights
 
 log = logging.getLogger(__name__)
@@ -162,15 +162,10 @@ def _network_reason(exc: Exception, *, hub: HubFile, revision: str | None) -> st
     if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
         return f"HTTP {exc.response.status_code} {exc.response.reason_phrase}".strip()
     if isinstance(exc, httpx2.TimeoutException):
-        return f"timed out ({_first_line(exc)})"
+        return f"timed out ({first_line(exc)})"
     if isinstance(exc, httpx2.HTTPError | OSError):
-        return _first_line(exc) or type(exc).__name__
+        return first_line(exc)
     return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else ""
 
 
 def _silent_bar():

@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from hctembed.errors import first_line
 from hctembed.index.store.errors import StoreError
 
 
@@ -29,10 +30,10 @@ class Database:
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise StoreError(self._lock_message(read_only)) from None
-            raise StoreError(f"cannot open {self.path}: {_first_line(exc)}") from None
+            raise StoreError(f"cannot open {self.path}: {first_line(exc)}") from None
         except duckdb.Error as exc:  # a truncated or overwritten file: serialization / internal errors
             raise StoreError(
-                f"cannot open {self.path}: not a readable DuckDB database (truncated or damaged?): {_first_line(exc)}"
+                f"cannot open {self.path}: not a readable DuckDB database (truncated or damaged?): {first_line(exc)}"
             ) from None
         self.read_only = read_only
         self._tx_depth = 0
@@ -73,7 +74,7 @@ class Database:
         try:
             yield
         except (duckdb.IOException, duckdb.SerializationException) as exc:
-            raise StoreError(f"a file is unreadable, truncated or damaged: {_first_line(exc)}") from None
+            raise StoreError(f"a file is unreadable, truncated or damaged: {first_line(exc)}") from None
 
     def one(self, sql: str, params: list | None = None) -> tuple | None:
         """The first row, or None."""
@@ -92,7 +93,7 @@ class Database:
             self._con.execute("CHECKPOINT")
         except duckdb.Error as exc:
             raise StoreError(
-                f"could not write {self.path} ({_first_line(exc).removeprefix('FATAL Error: ')}); the batches "
+                f"could not write {self.path} ({first_line(exc).removeprefix('FATAL Error: ')}); the batches "
                 "committed so far are kept: free space (or fix the cause) and run again"
             ) from None
 
@@ -130,13 +131,9 @@ class Database:
             with suppress(duckdb.Error):
                 self._con.execute("ROLLBACK")
             raise StoreError(
-                f"could not commit to {self.path} ({_first_line(exc)}); nothing of this batch was stored and "
+                f"could not commit to {self.path} ({first_line(exc)}); nothing of this batch was stored and "
                 "earlier batches are intact: free space (or fix the cause) and run again"
             ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def json_column(values: list[Any]) -> pa.Array:

@@ -114,7 +114,10 @@ class Store:
             raise StoreError(f"no embeddings for model {model_id} in {self.path}; stored: {stored}")
         if model_id is not None and len({c.model_id for c in chosen}) > 1:
             raise StoreError(f"--model {model_id} matches several models in {self.path} ({stored}); give more of it")
-        newest = max(chosen, key=lambda c: (c.last_embedded() is not None, c.last_embedded() or 0, c.collection_id))
+        when = {c.collection_id: c.last_embedded() for c in chosen}  # one query each
+        newest = max(
+            chosen, key=lambda c: (when[c.collection_id] is not None, when[c.collection_id] or 0, c.collection_id)
+        )
         log.warning(
             "%s holds %d collections (%s); using %s / %s, the most recently embedded (choose with --model)",
             self.path.name, len(chosen), ", ".join(f"{c.model_id}/{c.fingerprint}" for c in chosen),
