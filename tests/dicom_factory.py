@@ -59,18 +59,64 @@ class SeriesSpec:
     patient: dict = field(default_factory=lambda: dict(PHI))
     series_description: str = "HEAD NC"
     seed: int = 0
+    slice_offsets: Sequence[float] | None = None  # mm along the normal per slice (zones, overlaps); None: k * step
 
     def normal(self) -> np.ndarray:
         o = np.array(self.orientation, float)
         return np.cross(o[:3], o[3:])
 
+    def offsets(self) -> np.ndarray:
+        """Each slice's distance from ``origin`` along the normal, mm ``[n]``."""
+        if self.slice_offsets is None:
+            return np.arange(self.n) * self.step
+        offsets = np.asarray(self.slice_offsets, float)
+        if offsets.shape != (self.n,):
+            raise ValueError(f"{len(offsets)} slice offsets for n={self.n} slices")
+        return offsets
+
     def positions(self) -> np.ndarray:
         o = np.array(self.orientation, float)
         col_dir = o[3:]
+        if self.slice_offsets is not None:  # tilt: each mm along the normal steps tan(tilt) mm down the columns
+            slope = np.tan(np.radians(self.tilt_deg))
+            return np.array([np.array(self.origin) + d * (self.normal() + slope * col_dir) for d in self.offsets()])
         tilt = np.tan(np.radians(self.tilt_deg)) * self.step
         return np.array(
             [np.array(self.origin) + k * self.step * self.normal() + k * tilt * col_dir for k in range(self.n)]
         )
+
+    def pixel_positions(self) -> np.ndarray:
+        """True LPS position of every pixel, ``[n, rows, cols, 3]`` mm: IPP + column * spacing * row direction
+        + row * spacing * column direction (the DICOM convention)."""
+        o = np.array(self.orientation, float)
+        rows = np.arange(self.rows)[:, None, None] * self.spacing * o[3:]
+        cols = np.arange(self.cols)[None, :, None] * self.spacing * o[:3]
+        return self.positions()[:, None, None, :] + (rows + cols)[None]
+
+
+def zone_offsets(*, zones: Sequence[tuple[float, int]], boundary: float | None = None) -> np.ndarray:
+    """Slice offsets along the normal for a sequential protocol of ``zones`` given as (spacing mm, slices), in
+    order. ``boundary`` is the step from each zone's last slice to the next zone's first (default: the next
+    zone's spacing); smaller than both spacings is an overlapping slice, negative interleaves the zones."""
+    offsets: list[float] = []
+    for spacing, count in zones:
+        start = 0.0 if not offsets else offsets[-1] + (spacing if boundary is None else boundary)
+        offsets.extend(start + np.arange(count) * spacing)
+    return np.asarray(offsets)
+
+
+def head_at(points: np.ndarray, *, centre=(0.0, 0.0, 0.0), noise_sd: float = 0.0, seed: int = 0) -> np.ndarray:
+    """HU of a head fixed in patient space at LPS ``points [..., 3]`` mm: the ellipsoid of head_slices (skull,
+    brain, a bleed) centred on ``centre``, so any slice geometry images the same object."""
+    x, y, z = np.moveaxis(np.asarray(points, float) - np.asarray(centre, float), -1, 0)
+    r = np.sqrt((x / 70) ** 2 + (y / 85) ** 2 + (z / 75) ** 2)
+    hu = np.full(r.shape, -1000.0)
+    hu[r < 1.0] = 1200.0
+    hu[r < 0.9] = 35.0
+    hu[(x - 20) ** 2 + y**2 + z**2 < 15**2] = 70.0
+    if noise_sd:
+        hu += np.random.default_rng(seed).normal(0, noise_sd, hu.shape)
+    return np.round(hu).astype(np.int16)
 
 
 def make_dataset(spec: SeriesSpec, *, k: int, pixels_hu: np.ndarray, instance: int | None = None) -> Dataset:
@@ -146,4 +192,15 @@ def expected_affine(spec: SeriesSpec) -> np.ndarray:
     return np.diag([-1.0, -1, 1, 1]) @ a
 
 
-__all__ = ["PHI", "SeriesSpec", "expected_affine", "head_slices", "make_dataset", "pydicom", "replace", "write_series"]
+__all__ = [
+    "PHI",
+    "SeriesSpec",
+    "expected_affine",
+    "head_at",
+    "head_slices",
+    "make_dataset",
+    "pydicom",
+    "replace",
+    "write_series",
+    "zone_offsets",
+]
