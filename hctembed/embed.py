@@ -20,6 +20,7 @@ from hctembed.index.choice import IndexOptions
 from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
+from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder, persist_weights
 from hctembed.scan_loading import Outcome, encode_refs
 from hctembed.volume import MAX_VOXELS
@@ -132,6 +133,7 @@ def embed_archive(
     index_kind: str | None = None,
     checkpoint_seconds: float = 30.0,
     max_voxels: int = MAX_VOXELS,
+    locations: Sequence[Location] = (),
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
@@ -142,13 +144,15 @@ def embed_archive(
     most the batch in flight and a re-run picks up from there; the write-ahead log is folded into the file
     (CHECKPOINT) every ``checkpoint_seconds`` and at the end.
     ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
-    :func:`refresh_index`.
+    :func:`refresh_index`. Where each scan lies (and ``locations`` of skipped candidates) goes to the locator
+    beside the database, never into it.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
     encoder = persist_weights(encoder, folder=store.paths.models)
     collection = register(store, encoder)
     refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
+    store.record_locations([r.located() for r in refs] + list(locations))
     known = collection.status()
     record_skipped(collection, skipped, known=known)
     plan = plan_run(refs, known, retry_failed=retry_failed)
@@ -198,8 +202,6 @@ def store_outcomes(
                 ScanRow(
                     scan_id=o.scan_id,
                     patient_id=o.patient_id or patients.get(o.scan_id),
-                    source=o.location,
-                    archive_root=o.archive_root,
                     format=o.format,
                     meta=o.meta,
                 )
@@ -229,7 +231,7 @@ def refuse_other_archives(store: Store, scans: Sequence[tuple[str, str]]) -> Non
 
     ``scans``: ``(scan_id, archive_root)`` pairs about to be stored.
     """
-    stored = store.scans.archive_roots([scan_id for scan_id, _ in scans])
+    stored = {s: where.root for s, where in store.locations([scan_id for scan_id, _ in scans]).items()}
     clashes = [(scan_id, stored[scan_id], root) for scan_id, root in scans if stored.get(scan_id, root) != root]
     if clashes:
         scan_id, old, new = clashes[0]

@@ -47,6 +47,7 @@ from hctembed.errors import HctembedError
 from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
 from hctembed.index.store.parts import sorted_parts
 from hctembed.io.archive import SeriesRef, Skipped
+from hctembed.io.locator import Location, Locator
 from hctembed.model.encoders import Encoder
 from hctembed.volume import MAX_VOXELS
 
@@ -109,9 +110,18 @@ def stale_parts(folder: Path, *, key: str) -> bool:
 
 
 def write_run_info(
-    folder: Path, *, encoder: Encoder, world: int, refs: Sequence[SeriesRef], skipped: Sequence[Skipped]
+    folder: Path,
+    *,
+    encoder: Encoder,
+    world: int,
+    refs: Sequence[SeriesRef],
+    skipped: Sequence[Skipped],
+    locator: Path | None = None,
 ) -> str:
     """Record the run (rank 0, before any rank embeds): what the merge needs without loading the model.
+
+    ``locator``: the manifest's locator, whose entries the merge copies to the database's (the run file
+    holds no path of the archive itself).
 
     Returns the run key. Refuses (ShardError) while unmerged parts of another run are in the folder: their
     positions refer to another list of scans, so they must be merged first (:func:`merge_shards`).
@@ -136,7 +146,8 @@ def write_run_info(
         "preprocess": asdict(encoder.preprocess),
         "world": world,
         "scans": len(refs),
-        "skipped": [asdict(s) for s in skipped],
+        "skipped": [s.public() for s in skipped],
+        "locator": str(locator.resolve()) if locator else None,
     }
     tmp = folder / f".{RUN_FILE}.{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=1, default=str))
@@ -167,8 +178,6 @@ def _schema(dim: int) -> pa.Schema:
             ("file_size", pa.int64()),
             ("file_mtime_ns", pa.int64()),
             ("patient_id", pa.string()),
-            ("location", pa.string()),
-            ("archive_root", pa.string()),
             ("format", pa.string()),
             ("meta", pa.string()),
             ("planes", pa.binary()),
@@ -308,13 +317,26 @@ def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.nd
 
 
 def _outcomes(batch: pa.RecordBatch, *, dim: int) -> tuple[list[Outcome], np.ndarray]:
-    columns = [name for name in batch.schema.names if name != "vector"]
+    known = {f.name for f in fields(Outcome)}  # parts of earlier versions had path columns: left unread
+    columns = [name for name in batch.schema.names if name != "vector" and name in known]
     rows = pa.Table.from_batches([batch]).select(columns).to_pylist()
     outcomes = [Outcome(**{**r, "meta": json.loads(r["meta"] or "{}")}) for r in rows]
     vec = batch.column("vector")
     valid = np.asarray(vec.is_valid())
     values = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     return outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values, dtype=np.float32)
+
+
+def _run_locations(info: dict[str, Any]) -> dict[str, Location]:
+    """The entries of the run's manifest locator (empty when the run has none, or it is gone: the merge then
+    stores the vectors without recording where their files lie)."""
+    where = info.get("locator")
+    if not where or not Path(where).exists():
+        if where:
+            log.warning("the run's locator %s is gone: the merged scans' files will not be found again", where)
+        return {}
+    with Locator(Path(where), read_only=True) as locator:
+        return {e.key: e for e in locator.all()}
 
 
 def _already_stored(o: Outcome, row: StatusRow | None) -> bool:
@@ -360,11 +382,13 @@ def merge_shards(
     )
     stored = collection.status()  # each source occurs once in the parts: one read serves the whole merge
     record_skipped(collection, [Skipped(**s) for s in info.get("skipped", [])], known=stored)
+    located = _run_locations(info)
     parts = _part_files(folder)
     embedded = failed = unchanged = 0
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
         # before anything is skipped as "already stored": the status table knows files by relative name only
-        refuse_other_archives(store, [(o.scan_id, o.archive_root) for o in outcomes if o.status == "embedded"])
+        embedded_here = [o.scan_id for o in outcomes if o.status == "embedded" and o.scan_id in located]
+        refuse_other_archives(store, [(s, located[s].root) for s in embedded_here])
         it = iter(vectors)
         keep, keep_vec = [], []
         for o in outcomes:
@@ -386,6 +410,7 @@ def merge_shards(
         failed += len(keep) - len(keep_vec)
         if progress:
             progress(len(outcomes))
+    store.record_locations(list(located.values()))
     store.checkpoint()
     refresh_index(collection, index_kind=index_kind)
     if not keep_parts:

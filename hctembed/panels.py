@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+QUERY_FILE = "query file"
+
 
 def scan_panel(
     encoder: Encoder,
@@ -37,15 +39,17 @@ def scan_panel(
     from hctembed.preprocessing import preprocess
 
     base = {"title": title, "scan_id": scan_id, "score": score, "labels": tuple(labels)}
+    # placeholders are drawn into pictures that get shared: they never name the file (its path may carry PHI)
     if path is None:
-        return ScanPanel(**base, missing="file location not recorded")
+        return ScanPanel(**base, missing="file location not recorded (no locator entry)")
     path = Path(path)
     if not path.exists():
-        return ScanPanel(**base, missing=f"file not found: {path}")
+        return ScanPanel(**base, missing="its file is no longer where the locator says")
     try:
         x = preprocess(load_volume(path), config=encoder.preprocess)
     except (VolumeError, HctembedError, OSError) as exc:
-        return ScanPanel(**base, missing=f"cannot read {path.name}: {exc}")
+        log.debug("cannot read %s", path, exc_info=True)
+        return ScanPanel(**base, missing=f"cannot read its file ({type(exc).__name__})")
     pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
     expl = explain(encoder.model, x, patch_mm=pmm)
     return ScanPanel(**base, image=expl.image, attention=expl.upsampled("last_layer"))
@@ -67,8 +71,7 @@ def search_panels(
     function that loads it (called only when a scan must be read from its file)."""
     encoder = encoder if callable(encoder) else (lambda fixed=encoder: fixed)
     if query_path is not None:
-        name = Path(query_path).name
-        scan_id = name.removesuffix(".gz").removesuffix(".nii")
+        scan_id = QUERY_FILE  # not its file name: pictures get shared, and names can carry PHI
         path: str | Path | None = query_path
     else:
         scan_id = query_scan_id

@@ -51,15 +51,15 @@ class ScanDataset(Dataset):
         ref = self.refs[i]
         try:
             x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels)
-        except VolumeError as exc:
-            return Prepared(i, None, str(exc))
+        except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
+            return Prepared(i, None, ref.redact(str(exc)))
         except KeyboardInterrupt:
             raise
         except MemoryError:  # this scan needs more memory than there is: its failure, not the run's
             return Prepared(i, None, "out of memory while loading it (MemoryError); see --max-voxels")
         except Exception as exc:  # a long archive run never dies on one bad scan
             log.debug("unexpected failure on %s", ref.source, exc_info=True)
-            return Prepared(i, None, f"{type(exc).__name__}: {exc}")
+            return Prepared(i, None, ref.redact(f"{type(exc).__name__}: {exc}"))
         return Prepared(i, x, None, {**ref.facts, **facts})
 
 
@@ -87,8 +87,6 @@ class Outcome:
     file_size: int
     file_mtime_ns: int
     patient_id: str | None = None
-    location: str = ""
-    archive_root: str = ""
     format: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     planes: bytes | None = None  # the montage planes (pictures.montage.PanelPlanes) of an embedded scan
@@ -112,8 +110,6 @@ class Outcome:
             file_size=ref.size,
             file_mtime_ns=ref.mtime_ns,
             patient_id=ref.patient_id,
-            location=ref.location or ref.source,
-            archive_root=str(ref.root),
             format=ref.format,
             meta={**(meta or {}), "flags": sorted(set((meta or {}).get("flags", [])) | set(ref.flags))},
             planes=planes,

@@ -204,8 +204,9 @@ def test_search_hits_point_back_to_their_files(db, archive):
         coll = store.resolve_collection()
         ids = coll.ids()
         rows = coll.hits(ids.tolist())
-    for row in rows.values():
-        assert Path(row.path) == archive.resolve() / row.source
+    assert len(rows) == len(ids)
+    for row in rows.values():  # NIfTI scan ids are their paths (without suffix) unless --pseudonymise-files
+        assert Path(row.path) == archive.resolve() / f"{row.scan_id}.nii.gz"
         assert Path(row.path).exists()
 
 

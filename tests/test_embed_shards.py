@@ -32,6 +32,8 @@ from hctembed.embed_shards import (
 )
 from hctembed.index.store import Store, StoreError
 from hctembed.io.archive import scan_archive
+from hctembed.io.locator import locator_path
+from hctembed.io.manifest import write_manifest
 from hctembed.model.encoders import load_encoder, persist_weights
 
 runner = CliRunner()
@@ -77,7 +79,9 @@ def _shard_run(archive: Path, db: Path, *, world: int, ranks=None, **kw) -> Path
     folder = Path(str(db) + ".shards")
     found = scan_archive(archive)
     encoder = persist_weights(load_encoder("vit-micro"), folder=Path(str(db) + ".models"))
-    write_run_info(folder, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped)
+    write_manifest(found, folder / "manifest.parquet")  # as rank 0 does: the paths go to its locator
+    locator = locator_path(folder / "manifest.parquet")
+    write_run_info(folder, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped, locator=locator)
     for rank in ranks if ranks is not None else range(world):
         embed_shard(refs=found.selected, encoder=encoder, folder=folder, rank=rank, world=world, num_workers=0, **kw)
     return folder
@@ -232,6 +236,7 @@ def test_merging_parts_of_another_archive_with_the_same_names_is_refused(archive
     folder = _shard_run(other, tmp_path / "x.duckdb", world=1)
     db = tmp_path / "h.duckdb"
     shutil.copy(single, db)
+    shutil.copy(str(single) + ".locator", str(db) + ".locator")  # where the stored scans came from
     with Store(db) as store, pytest.raises(StoreError, match="already stored from"):
         merge_shards(folder=folder, store=store)
     assert _contents(db)["scan_ids"] == _contents(single)["scan_ids"]

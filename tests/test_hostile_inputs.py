@@ -5,6 +5,7 @@ for memory, a crash in a decoder) fails the scan that killed it while the run go
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import resource
 import signal
@@ -317,8 +318,10 @@ def test_what_cannot_be_walked_gets_a_skip_row_and_odd_names_stay_on_their_row(t
             expected = {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm"}
         else:
             expected = {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm", "locked"}
-        codes = {s.source: s.reason_code for s in found.skipped if s.source in expected | {"locked"}}
+        # rows are named by keyed pseudonyms of their paths; the paths themselves go to the locator only
+        codes = {s.location: s.reason_code for s in found.skipped if s.location in expected | {"locked"}}
         assert expected <= set(codes), codes
+        assert all(s.source.startswith(("fi-", "fo-")) for s in found.skipped if s.location in expected)
         assert codes["loop"] == "linked_folder" and codes["dangling.nii.gz"] == "broken_link"
         assert codes["pipe.dcm"] == "not_a_file" and codes["fake.nii.gz"] == "not_a_file"
         assert {r.scan_id for r in found.selected} >= {"scan0", "scan1", "odd\nname"}
@@ -327,7 +330,13 @@ def test_what_cannot_be_walked_gets_a_skip_row_and_odd_names_stay_on_their_row(t
         assert run.returncode == 0, run.stderr
         with Store(db, read_only=True) as store:
             status = store.resolve_collection().status()
-        assert {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm"} <= set(status)  # recorded, with reasons
+        keys = {s.location: s.source for s in found.skipped}
+        recorded = {keys[p] for p in ("fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm")}
+        assert recorded <= set(status)  # recorded, with reasons
+        located = _cli("locate", *sorted(recorded), "--db", db, "--json")
+        assert located.returncode == 0, located.stderr
+        paths = {json.loads(line)["location"] for line in located.stdout.splitlines()}
+        assert paths == {"fake.nii.gz", "loop", "dangling.nii.gz", "pipe.dcm"}
         table = _cli("search", "--id", "scan0", "--db", db, "-k", "3")
         assert table.returncode == 0 and "odd\\nname" in table.stdout  # the name stays on its row
     finally:

@@ -128,7 +128,9 @@ def test_cli_search_montage_and_html(db, archive, tmp_path):
     finally:
         shutil.move(moved, victim)
     assert again.exit_code == 0, again.output
-    assert "file not found" in page.read_text() and imread(tmp_path / "m2.png").shape[:2] == (1120, 960)
+    text = page.read_text()
+    assert "no longer where the locator says" in text and str(tmp_path) not in text and "query file" in text
+    assert imread(tmp_path / "m2.png").shape[:2] == (1120, 960)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")

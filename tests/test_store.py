@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from hctembed.index.store import (
     StoreError,
 )
 from hctembed.index.vectors import build_index, open_index
+from hctembed.io.locator import Location
 
 
 def _unit(rng, n, d):
@@ -170,7 +172,7 @@ def test_build_index_on_empty_collection():
 
 def test_labels_status_and_scans(store):
     coll = store.collection(model_id="m-1", fingerprint="pp-a", dim=8)
-    store.scans.upsert([ScanRow(scan_id="s0", patient_id=None, source="s0.nii.gz", format="nifti", meta={"a": 1})])
+    store.scans.upsert([ScanRow(scan_id="s0", patient_id=None, format="nifti", meta={"a": 1})])
     store.scans.set_patients({"s0": "p0"})
     store.labels.set([("s0", "EDH", 1.0), ("s0", "SDH", 0.0)], origin="labels.csv")
     store.labels.set([("s0", "EDH", 0.0)], origin="labels.csv")  # replaced, not duplicated
@@ -184,9 +186,7 @@ def test_labels_status_and_scans(store):
     with pytest.raises(ValueError, match="twice"):
         coll.record_statuses([StatusRow(source="x", scan_id=None, status="failed")] * 2)
     ids = coll.add(scan_ids=["s0"], vectors=np.ones((1, 8), np.float32))
-    assert coll.hits(ids.tolist())[int(ids[0])] == HitRow(
-        id=int(ids[0]), scan_id="s0", patient_id="p0", source="s0.nii.gz", path=None
-    )
+    assert coll.hits(ids.tolist())[int(ids[0])] == HitRow(id=int(ids[0]), scan_id="s0", patient_id="p0", path=None)
 
 
 def test_failed_transaction_keeps_what_was_stored(store):
@@ -321,22 +321,41 @@ def test_paths_inside_the_database_folder_are_stored_relative(tmp_path):
         store.models.register(
             ModelRow(model_id="m", name="n", dim=8, config={}, weights_path=str(weights), weights_digest="d")
         )
-        store.scans.upsert([ScanRow(scan_id="s0", source="s0.nii.gz", archive_root=str(folder / "archive"))])
-        store.scans.upsert([ScanRow(scan_id="s1", source="s1.nii.gz", archive_root=str(outside))])
+        store.scans.upsert([ScanRow(scan_id="s0"), ScanRow(scan_id="s1")])
+        store.record_locations(
+            [Location("s0", str(folder / "archive"), "s0.nii.gz"), Location("s1", str(outside), "s1.nii.gz")]
+        )
         coll = store.collection(model_id="m", fingerprint="f", dim=8)
         coll.add(scan_ids=["s0", "s1"], vectors=_unit(np.random.default_rng(0), 2, 8))
     stored = duckdb.connect(str(db), read_only=True)
     assert stored.execute("SELECT weights_path FROM models").fetchone()[0] == "h.duckdb.models/w.safetensors"
-    assert sorted(r[0] for r in stored.execute("SELECT archive_root FROM scans").fetchall()) == sorted(
-        ["archive", str(outside)]
-    )
+    paths = stored.execute("SELECT count(*) FROM scans WHERE archive_root IS NOT NULL OR source IS NOT NULL")
+    assert paths.fetchone()[0] == 0
     stored.close()
+    located = sqlite3.connect(folder / "h.duckdb.locator")
+    assert sorted(r[0] for r in located.execute("SELECT root FROM locations")) == sorted(["archive", str(outside)])
+    located.close()
     shutil.move(str(folder), str(tmp_path / "moved"))
     moved = tmp_path / "moved"
     with Store(moved / "h.duckdb", read_only=True) as store:
         assert store.models.get("m").weights_path == str(moved / "h.duckdb.models" / "w.safetensors")
         hits = store.resolve_collection().hits([1, 2])
         assert hits[1].path == str(moved / "archive" / "s0.nii.gz") and hits[2].path == str(outside / "s1.nii.gz")
+
+
+def test_a_database_written_before_the_locator_still_finds_its_files(tmp_path):
+    """Schema v5 files recorded each scan's archive and relative path in ``scans``: hits still find them, and
+    the next write of that scan clears the columns (the path then lives in the locator only)."""
+    db = tmp_path / "h.duckdb"
+    with Store(db) as store:
+        store.scans.upsert([ScanRow(scan_id="s0")])
+        store.db.run("UPDATE scans SET archive_root = 'archive', source = 'sub/s0.nii.gz'")
+        coll = store.collection(model_id="m", fingerprint="f", dim=8)
+        coll.add(scan_ids=["s0"], vectors=_unit(np.random.default_rng(0), 1, 8))
+        assert coll.hits([1])[1].path == str(tmp_path / "archive" / "sub" / "s0.nii.gz")
+        store.scans.upsert([ScanRow(scan_id="s0", format="nifti")])
+        assert coll.hits([1])[1].path is None
+        assert store.db.one("SELECT source, archive_root FROM scans") == (None, None)
 
 
 def test_files_left_by_an_interrupted_write_are_swept_when_the_database_is_next_written(tmp_path):

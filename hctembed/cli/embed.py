@@ -40,6 +40,12 @@ def embed(
     secret: Path | None = typer.Option(
         None, "--secret", help="Pseudonym secret file (default: $HCTEMBED_SECRET or ~/.config/hctembed/secret.key)."
     ),
+    pseudonymise_files: bool = typer.Option(
+        False,
+        "--pseudonymise-files",
+        help="Name NIfTI scans by keyed pseudonyms of their paths (fi-...) instead of the paths (DICOM series and "
+        "skipped files always are); a labels CSV keyed by file name or stem still joins.",
+    ),
     index: str | None = typer.Option(
         None,
         "--index",
@@ -95,6 +101,7 @@ def embed(
         retry_failed=retry_failed,
         workers=workers,
         secret=secret,
+        pseudonymise_files=pseudonymise_files,
         index=index,
         device=device,
         checkpoint_seconds=checkpoint_seconds,

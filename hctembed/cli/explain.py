@@ -10,7 +10,10 @@ from hctembed.cli.common import ARCHITECTURES, print_json_lines, print_table, se
 
 
 def explain(
-    scan: Path = typer.Argument(..., help="Scan file (NIfTI)."),
+    scan: Path | None = typer.Argument(None, help="Scan file (NIfTI, or a DICOM series' folder or zip)."),
+    scan_id: str | None = typer.Option(
+        None, "--id", help="A stored scan instead of a file (needs --db; found through the database's locator)."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs and attention_distance.json."),
     weights: Path | None = typer.Option(None, "--weights", help="safetensors encoder; random init if omitted."),
     model: str | None = typer.Option(
@@ -32,6 +35,12 @@ def explain(
     from hctembed.preprocessing import preprocess
 
     setup_logging(quiet=quiet)
+    if (scan is None) == (scan_id is None):
+        raise typer.BadParameter("give a scan file or --id SCAN, not both or neither")
+    if scan_id is not None:
+        if db is None:
+            raise typer.BadParameter("--id needs --db")
+        scan = _located(db, scan_id)
     if db is not None:
         if weights is not None:
             raise typer.BadParameter("give --db or --weights, not both")
@@ -47,7 +56,7 @@ def explain(
     x = preprocess(load_volume(scan), config=encoder.preprocess)
     pmm = patch_size_mm(vit=encoder.model.config, preprocess=encoder.preprocess)
     expl = explain_input(encoder.model, x, patch_mm=pmm)
-    name = scan.name.removesuffix(".gz").removesuffix(".nii")
+    name = scan_id or "a scan file"  # never the file's name: pictures get shared, and names can carry PHI
     paths = write_explanation(
         expl, out_dir=out, windows=encoder.preprocess.windows, title=f"{name} ({encoder.model_id})"
     )
@@ -63,3 +72,19 @@ def explain(
         title=f"attention distance (mm), patch {pmm:g} mm, model {encoder.model_id}",
     )
     print_table([{"file": str(p)} for p in paths.values()], title="written")
+
+
+def _located(db: Path, scan_id: str) -> Path:
+    """The file or folder of a stored scan, from the locator beside ``db``."""
+    from hctembed.errors import InputError
+    from hctembed.index.store import Store
+
+    with Store(db, read_only=True) as store:
+        if not store.scans.exists(scan_id):
+            raise InputError(f"no such scan: {scan_id!r} is not in {db.name}")
+        where = store.locations([scan_id]).get(scan_id)
+    if where is None:
+        raise InputError(f"{db.name} does not know where scan {scan_id} lies (no entry in {db.name}.locator)")
+    if not where.path.exists():
+        raise InputError(f"scan {scan_id}: its file is no longer where {db.name}.locator says")
+    return where.path

@@ -21,11 +21,18 @@ def scan(
         None, "--description", help="Regex (case-insensitive) for SeriesDescription."
     ),
     secret: Path | None = typer.Option(None, "--secret", help="Pseudonym secret file."),
+    pseudonymise_files: bool = typer.Option(
+        False,
+        "--pseudonymise-files",
+        help="Name NIfTI scans by keyed pseudonyms of their paths (fi-...) instead of the paths (DICOM series and "
+        "skipped files always are); a labels CSV keyed by file name or stem still joins.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find DICOM series (split into stacks), NIfTI files and zips; decide which are head CT to embed."""
     from hctembed.io.archive import scan_archive
+    from hctembed.io.locator import locator_path
     from hctembed.io.manifest import manifest_rows, write_manifest
     from hctembed.io.pseudonym import Pseudonymizer
     from hctembed.io.selection import SelectionConfig
@@ -44,15 +51,17 @@ def scan(
             archive,
             selection=config,
             pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
+            pseudonymise_files=pseudonymise_files,
             progress=lambda k: advance(1),
         )
-    rows = manifest_rows(found, root=archive.resolve() if archive.is_dir() else archive.resolve().parent)
+    rows = manifest_rows(found)
+    files = {ref.scan_id: len(ref.files) for ref in found.selected}
     if out is not None:
-        n = write_manifest(rows, out)
-        stderr.print(f"wrote {n} rows to {out}")
+        n = write_manifest(found, out)
+        stderr.print(f"wrote {n} rows to {out}, and where their files lie to {locator_path(out)} (do not share it)")
     stderr.print(f"{len(found.selected)} selected, {len(found.skipped)} skipped")
     if as_json:
-        print_json_lines([{k: v for k, v in r.items() if k not in ("files", "root")} for r in rows])
+        print_json_lines([{k: v for k, v in r.items() if k not in ("files", "root", "location")} for r in rows])
         return
     print_table(
         [
@@ -60,8 +69,8 @@ def scan(
                 "decision": r["decision"],
                 "kind": r["kind"],
                 "scan_id": r["scan_id"] or "",
-                "source": r["location"] or r["source"],
-                "files": len(r["files"]) or "",
+                "source": r["source"],
+                "files": files.get(r["scan_id"]) or "",
                 "reason": f"{r['reason_code']}: {r['reason']}" if r["reason_code"] else ", ".join(r["flags"]),
             }
             for r in rows

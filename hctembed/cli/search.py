@@ -40,7 +40,7 @@ def search(
                 store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page
             ):
                 stderr.print(f"wrote {path}")
-    print_hits(hits, title=f"top {k} for {query or scan_id}", as_json=as_json)
+    print_hits(hits, title=f"top {k} for {'the query file' if query else scan_id}", as_json=as_json)
 
 
 def print_hits(hits, *, title: str, as_json: bool = False) -> None:
@@ -79,7 +79,7 @@ def write_search_pictures(store, hits, *, query, scan_id, model, montage, html_p
     panels = search_panels(collection, encoder, hits, query_path=query, query_scan_id=scan_id)
     stored = collection.preprocess().get("windows")
     windows = tuple(Window(**w) for w in stored) if stored else encoder().preprocess.windows
-    title = f"top {len(hits)} for {query.name if query else scan_id} ({collection.model_id})"
+    title = f"top {len(hits)} for {'a query file' if query else scan_id} ({collection.model_id})"
     written = []
     if montage is not None:
         render_montage(panels, out=montage, windows=windows, title=title)

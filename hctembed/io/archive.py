@@ -2,22 +2,28 @@
 
 Every candidate gets a decision. DICOM series are grouped, split into stacks and checked against the
 head-CT selection rules (:mod:`hctembed.io.selection`); files that are not DICOM are listed with a reason.
-Ids are PHI-free: NIfTI scans are named by their path, DICOM series by keyed pseudonyms.
+Ids are PHI-free: DICOM series are named by keyed pseudonyms, NIfTI scans by their path (or, with
+``pseudonymise_files``, by a keyed pseudonym of it). Folder and file names of exports carry names and record
+numbers, so a skipped file or folder is named by a keyed pseudonym of its path too (``fi-…``, ``fo-…``); the
+paths themselves stay in memory (``location``, ``files``) and go only to the locator
+(:mod:`hctembed.io.locator`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hctembed.io.dicom_headers import ZIP_SEP, HeaderError, read_header
 from hctembed.io.dicom_series import SeriesCandidate, group_series
+from hctembed.io.locator import Location
 from hctembed.io.nifti import is_nifti, load_nifti, nifti_stem
 from hctembed.io.pseudonym import Pseudonymizer
 from hctembed.io.selection import SelectionConfig
@@ -53,9 +59,11 @@ NON_IMAGE_SUFFIXES = {
 class SeriesRef:
     """One candidate scan in an archive.
 
-    ``source`` identifies it in the status table: for NIfTI the path relative to ``root``, for DICOM the
-    series pseudonym. ``files`` (DICOM) are relative to ``root``; zip members are ``archive.zip!member``.
-    ``size`` and ``mtime_ns`` tell a re-run whether the files changed.
+    ``source`` identifies it in the status table: the scan id (the series pseudonym for DICOM; for NIfTI the
+    path relative to ``root`` without its suffix, or its pseudonym). ``location`` (its file or folder) and
+    ``files`` (DICOM) are relative to ``root``; zip members are ``archive.zip!member``. These paths are never
+    stored with the scan, only in the locator (:meth:`located`). ``size`` and ``mtime_ns`` tell a re-run
+    whether the files changed.
     """
 
     source: str
@@ -71,10 +79,23 @@ class SeriesRef:
     facts: dict[str, Any] = field(default_factory=dict)
     flags: tuple[str, ...] = ()
 
+    def located(self) -> Location:
+        """The locator entry that finds this scan again."""
+        return Location(self.scan_id, str(self.root), self.location, self.files)
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message from a reader) without this scan's paths or any of their parts."""
+        parts = {str(self.root), str(self.path), self.location, *self.files}
+        parts |= {p for f in (self.location, *self.files) for p in Path(f.replace(ZIP_SEP, "/")).parts}
+        for part in sorted((p for p in parts if len(p) > 2), key=len, reverse=True):
+            text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", "…", text)
+        return text
+
 
 @dataclass(frozen=True)
 class Skipped:
-    """A candidate (series or file) that will not be embedded, and why. PHI-free."""
+    """A candidate (series, file or folder) that will not be embedded, and why. ``source`` is PHI-free (a
+    pseudonym); ``location``, its path relative to the archive, stays in memory and goes to the locator only."""
 
     source: str
     scan_id: str | None
@@ -83,12 +104,26 @@ class Skipped:
     reason_code: str
     reason: str
     facts: dict[str, Any] = field(default_factory=dict)
+    location: str = field(default="", compare=False, repr=False)
+
+    def public(self) -> dict[str, Any]:
+        """Every field but the location (what run files and JSON may hold)."""
+        names = ("source", "scan_id", "patient_id", "kind", "reason_code", "reason", "facts")
+        return {k: getattr(self, k) for k in names}
 
 
 @dataclass(frozen=True)
 class ArchiveScan:
     selected: list[SeriesRef]
     skipped: list[Skipped]
+    root: Path | None = None  # the archive folder the locations are relative to
+
+    def locations(self) -> list[Location]:
+        """Locator entries of every selected scan and every skipped candidate with a location."""
+        entries = [ref.located() for ref in self.selected]
+        if self.root is not None:
+            entries += [Location(s.source, str(self.root), s.location) for s in self.skipped if s.location]
+        return entries
 
 
 def discover(archive: str | Path) -> list[SeriesRef]:
@@ -101,9 +136,13 @@ def scan_archive(
     *,
     selection: SelectionConfig | None = None,
     pseudonyms: Pseudonymizer | None = None,
+    pseudonymise_files: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ArchiveScan:
-    """Walk ``archive`` (a folder searched recursively, a NIfTI file, a DICOM file or a zip) once."""
+    """Walk ``archive`` (a folder searched recursively, a NIfTI file, a DICOM file or a zip) once.
+
+    ``pseudonymise_files``: NIfTI scan ids are keyed pseudonyms of their paths (``fi-…``) instead of the paths.
+    """
     archive = Path(archive)
     if not archive.exists():
         raise FileNotFoundError(f"archive not found: {archive}")
@@ -114,12 +153,19 @@ def scan_archive(
     selected: list[SeriesRef] = []
     dicom_refs: list[str] = []
     sizes: dict[str, tuple[int, int]] = {}
+    if pseudonymise_files or skipped or any(not is_nifti(p) for p in files):
+        pseudonyms = pseudonyms or Pseudonymizer.from_file()
     for path in files:
         rel = path.relative_to(walk_root).as_posix()
         stat = path.stat()
         if is_nifti(path):
             scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
-            selected.append(SeriesRef(rel, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel))
+            if pseudonymise_files:
+                scan_id = pseudonyms.path("fi", scan_id)
+            source = scan_id if pseudonymise_files else rel
+            selected.append(
+                SeriesRef(source, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel)
+            )
         elif path.suffix.lower() == ".zip":
             members = _zip_members(path, rel, skipped)
             dicom_refs.extend(members)
@@ -128,7 +174,6 @@ def scan_archive(
             dicom_refs.append(rel)
             sizes[rel] = (stat.st_size, stat.st_mtime_ns)
     if dicom_refs:
-        pseudonyms = pseudonyms or Pseudonymizer.from_file()
         headers = []
         for i, ref in enumerate(dicom_refs):
             try:
@@ -151,12 +196,23 @@ def scan_archive(
                         cand.reason_code or "skipped",
                         cand.reason or "",
                         {**cand.facts, "flags": list(cand.flags)},
+                        location=cand.folder,
                     )
                 )
     ignored = sum(1 for p in files if p.suffix.lower() in NON_IMAGE_SUFFIXES)
     if ignored:
         log.info("ignored %d non-image files (csv, txt, json, ...) under %s", ignored, archive)
-    return ArchiveScan(selected=selected, skipped=skipped)
+    skipped = [_named_by_pseudonym(s, pseudonyms) for s in skipped]
+    return ArchiveScan(selected=selected, skipped=skipped, root=root)
+
+
+def _named_by_pseudonym(skip: Skipped, pseudonyms: Pseudonymizer | None) -> Skipped:
+    """A skipped file or folder named by its path is renamed by the path's keyed pseudonym (the path moves to
+    ``location``); series are named by their pseudonyms already."""
+    if skip.location or skip.scan_id is not None or pseudonyms is None:
+        return skip
+    key = pseudonyms.path("fo" if skip.kind == "folder" else "fi", skip.source)
+    return replace(skip, source=key, location=skip.source)
 
 
 def _files_under(folder: Path, skipped: list[Skipped]) -> list[Path]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hctembed.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ID_COLUMNS = ("scan_id", "patient_id")
 
@@ -30,6 +33,22 @@ class LabelTable:
             if s in row:
                 out[i] = self.values[row[s]]
         return out
+
+    def rekeyed(self, aliases: dict[str, str]) -> LabelTable:
+        """The table with rows keyed by another name of a scan (its file name, stem or path: see
+        :func:`hctembed.io.locator.label_aliases`) re-keyed by its id; rows already keyed by an id stay."""
+        if not aliases:
+            return self
+        ids = set(aliases.values())
+        scan_ids = [s if s in ids else aliases.get(s, s) for s in self.scan_ids]
+        if len(set(scan_ids)) != len(scan_ids):
+            seen: set[str] = set()
+            twice = sorted({s for s in scan_ids if s in seen or seen.add(s)})
+            raise InputError(f"labels name one scan twice (by its id and by its file name?), e.g. {twice[:3]}")
+        renamed = sum(a != b for a, b in zip(scan_ids, self.scan_ids, strict=True))
+        if renamed:
+            log.info("labels: %d rows keyed by file name or path joined to their scans' ids", renamed)
+        return LabelTable(scan_ids=scan_ids, patient_ids=self.patient_ids, names=self.names, values=self.values)
 
     def patients(self) -> dict[str, str]:
         return {s: p for s, p in zip(self.scan_ids, self.patient_ids, strict=True) if p}

@@ -1,7 +1,10 @@
 """The archive manifest: one Parquet row per candidate (series or file) with its decision.
 
 Written by ``hctembed scan``, read by ``hctembed embed MANIFEST``. PHI-free: pseudonymous keys, header
-facts, reason codes, and paths relative to the archive root (which is stored once, absolute).
+facts and reason codes; no path. Where the files lie is written beside it, in the manifest's locator
+(``manifest.parquet.locator``, see :mod:`hctembed.io.locator`), which ``embed MANIFEST`` needs and which is not
+to be shared. (Manifests of earlier versions held the paths themselves in ``root``, ``location`` and
+``files``; they are still read.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pyarrow.parquet as pq
 
 from hctembed.errors import InputError
 from hctembed.io.archive import ArchiveScan, SeriesRef, Skipped
+from hctembed.io.locator import Locator, locator_path
 
 FACT_COLUMNS = (
     "modality",
@@ -32,7 +36,8 @@ FACT_COLUMNS = (
 )
 
 
-def manifest_rows(scan: ArchiveScan, *, root: Path | None = None) -> list[dict[str, Any]]:
+def manifest_rows(scan: ArchiveScan) -> list[dict[str, Any]]:
+    """One row per candidate; the paths are left to the locator (``root``, ``location``, ``files`` empty)."""
     rows = []
     for ref in scan.selected:
         rows.append(
@@ -45,9 +50,9 @@ def manifest_rows(scan: ArchiveScan, *, root: Path | None = None) -> list[dict[s
                 "scan_id": ref.scan_id,
                 "patient_id": ref.patient_id,
                 "format": ref.format,
-                "location": ref.location,
-                "root": str(ref.root),
-                "files": list(ref.files),
+                "location": None,
+                "root": None,
+                "files": [],
                 "size": ref.size,
                 "mtime_ns": ref.mtime_ns,
                 "flags": list(ref.flags),
@@ -66,7 +71,7 @@ def manifest_rows(scan: ArchiveScan, *, root: Path | None = None) -> list[dict[s
                 "patient_id": skip.patient_id,
                 "format": "dicom",
                 "location": None,
-                "root": str(root) if root else None,
+                "root": None,
                 "files": [],
                 "size": None,
                 "mtime_ns": None,
@@ -98,10 +103,15 @@ SCHEMA = pa.schema(
 )
 
 
-def write_manifest(rows: list[dict[str, Any]], path: Path) -> int:
-    """Write :func:`manifest_rows` atomically; returns the number of rows."""
+def write_manifest(scan: ArchiveScan, path: Path) -> int:
+    """Write the manifest of ``scan`` atomically, and its locator beside it; returns the number of rows."""
+    rows = manifest_rows(scan)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
+    where = locator_path(path)
+    where.unlink(missing_ok=True)  # a locator of an earlier manifest must not lend it stale paths
+    with Locator(where) as locator:
+        locator.put(scan.locations())
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
@@ -109,37 +119,53 @@ def write_manifest(rows: list[dict[str, Any]], path: Path) -> int:
 
 
 def read_manifest(path: Path) -> ArchiveScan:
-    """Selected SeriesRefs and skipped candidates, as written by :func:`write_manifest`."""
+    """Selected SeriesRefs (located through the manifest's locator) and skipped candidates, as written by
+    :func:`write_manifest`."""
     try:
         rows = pq.read_table(path, schema=SCHEMA).to_pylist()
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
         raise InputError(f"{path} is not an hctembed manifest ({exc})") from None
+    with Locator(locator_path(path), read_only=True) as locator:
+        located = locator.get([r["scan_id"] if r["decision"] == "selected" else r["source"] for r in rows])
     selected, skipped = [], []
     for r in rows:
         facts = json.loads(r["facts"] or "{}")
         if r["decision"] == "selected":
-            root = Path(r["root"])
+            where = located.get(r["scan_id"])
+            if where is None and not r["root"]:
+                raise InputError(
+                    f"{path}: its locator {locator_path(path).name} is missing or lacks scan {r['scan_id']}; "
+                    "the manifest alone does not say where the files are (run `hctembed scan` again)"
+                )
+            root = Path(where.root if where else r["root"])
+            location = where.location if where else r["location"]
             selected.append(
                 SeriesRef(
                     source=r["source"],
-                    path=root / r["location"],
+                    path=root / location,
                     root=root,
                     scan_id=r["scan_id"],
                     format=r["format"],
                     size=int(r["size"] or 0),
                     mtime_ns=int(r["mtime_ns"] or 0),
-                    files=tuple(r["files"] or ()),
+                    files=where.files if where else tuple(r["files"] or ()),
                     patient_id=r["patient_id"],
-                    location=r["location"],
+                    location=location,
                     facts=facts,
                     flags=tuple(r["flags"] or ()),
                 )
             )
         else:
+            where = located.get(r["source"])
             skipped.append(
-                Skipped(r["source"], r["scan_id"], r["patient_id"], r["kind"], r["reason_code"], r["reason"], facts)
+                Skipped(
+                    *(r[k] for k in ("source", "scan_id", "patient_id", "kind", "reason_code", "reason")),
+                    facts,
+                    location=where.location if where else "",
+                )
             )
-    return ArchiveScan(selected=selected, skipped=skipped)
+    roots = {Path(w.root) for w in located.values()} or {ref.root for ref in selected}
+    return ArchiveScan(selected=selected, skipped=skipped, root=roots.pop() if len(roots) == 1 else None)
 
 
 def is_manifest(path: Path) -> bool:

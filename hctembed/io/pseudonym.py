@@ -66,6 +66,11 @@ class Pseudonymizer:
     def study(self, study_uid: str) -> str:
         return self.key("st", study_uid)
 
+    def path(self, kind: str, relative_path: str) -> str:
+        """A file (``fi``) or folder (``fo``) of an archive, by its path relative to the archive's root: the key
+        that stands for it wherever the path itself must not go (see :mod:`hctembed.io.locator`)."""
+        return self.key(kind, relative_path)
+
     def series(self, series_uid: str, *, part: int = 0) -> str:
         """One key per stack: a SeriesInstanceUID holding several stacks gets ``part`` 1, 2, ..."""
         return self.key("se", series_uid if part == 0 else f"{series_uid}#{part}")

@@ -79,11 +79,16 @@ def stored_labels(db: Path, *, columns: Sequence[str] | None = None) -> LabelTab
 
 
 def labels_for(labels: Path | None, *, db: Path, columns: Sequence[str] | None = None) -> LabelTable:
-    """``labels`` (a CSV) when given, else the labels stored in ``db``."""
+    """``labels`` (a CSV) when given, else the labels stored in ``db``. CSV rows keyed by a scan's file name,
+    stem or path join through the locator beside ``db`` (scan ids may be pseudonyms of those)."""
+    from hctembed.index.store import SidecarPaths
     from hctembed.io.labels import read_labels
+    from hctembed.io.locator import Locator, label_aliases
 
     if labels is not None:
-        return read_labels(labels, columns=list(columns) if columns else None)
+        table = read_labels(labels, columns=list(columns) if columns else None)
+        with Locator(SidecarPaths(db).locator, read_only=True) as locator:
+            return table.rekeyed(label_aliases(locator.all()))
     return stored_labels(db, columns=columns)
 
 

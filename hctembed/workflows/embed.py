@@ -4,6 +4,7 @@ load the encoder, embed, record every outcome, build the index. ``hctembed embed
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from hctembed.errors import InputError
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
+from hctembed.io.locator import Location
 from hctembed.volume import MAX_VOXELS
 from hctembed.workflows.progress import NO_PROGRESS, Progress
 
@@ -32,6 +34,7 @@ class EmbedRequest:
     retry_failed: bool = False
     workers: int = 1
     secret: Path | None = None
+    pseudonymise_files: bool = False  # NIfTI scan ids as keyed pseudonyms of their paths
     index: str | None = None
     device: str = "auto"
     checkpoint_seconds: float = 30.0
@@ -79,7 +82,9 @@ class EmbedSummary:
         }
 
 
-def find_scans(archive: Path, *, secret: Path | None, progress: Progress = NO_PROGRESS) -> ArchiveScan:
+def find_scans(
+    archive: Path, *, secret: Path | None, pseudonymise_files: bool = False, progress: Progress = NO_PROGRESS
+) -> ArchiveScan:
     """The archive's candidates: read from a manifest, or found by reading headers."""
     from hctembed.io.archive import scan_archive
     from hctembed.io.manifest import is_manifest, read_manifest
@@ -94,16 +99,27 @@ def find_scans(archive: Path, *, secret: Path | None, progress: Progress = NO_PR
             advance(k - seen[0])
             seen[0] = k
 
-        return scan_archive(archive, pseudonyms=Pseudonymizer.from_file(secret) if secret else None, progress=report)
+        return scan_archive(
+            archive,
+            pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
+            pseudonymise_files=pseudonymise_files,
+            progress=report,
+        )
 
 
-def labels_of(archive: Path, labels: Path | None) -> tuple[LabelTable | None, str | None]:
-    """The label table to import (``labels``, else ``ARCHIVE/labels.csv`` when present) and its file name."""
+def labels_of(
+    archive: Path, labels: Path | None, *, locations: Sequence[Location] = ()
+) -> tuple[LabelTable | None, str | None]:
+    """The label table to import (``labels``, else ``ARCHIVE/labels.csv`` when present) and its file name.
+    Rows keyed by a scan's file name, stem or path (rather than its id) are re-keyed through ``locations``."""
     from hctembed.io.labels import read_labels
+    from hctembed.io.locator import label_aliases
 
     if labels is None and archive.is_dir() and (archive / "labels.csv").exists():
         labels = archive / "labels.csv"
-    return (read_labels(labels), labels.name) if labels else (None, None)
+    if labels is None:
+        return None, None
+    return read_labels(labels).rekeyed(label_aliases(locations)), labels.name
 
 
 def import_labels(store, table: LabelTable | None, origin: str | None) -> None:
@@ -150,9 +166,12 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     from hctembed.embed import embed_archive
     from hctembed.index.store import Store
 
-    found = find_scans(request.archive, secret=request.secret, progress=progress)
+    found = find_scans(
+        request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files, progress=progress
+    )
     refs = found.selected
-    table, origin = labels_of(request.archive, request.labels)
+    located = found.locations()
+    table, origin = labels_of(request.archive, request.labels, locations=located)
     encoder = load_request_encoder(request)
     log.info(
         "%d scans selected, %d skipped in %s; model %s, preprocessing %s",
@@ -174,6 +193,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 index_kind=request.index,
                 checkpoint_seconds=request.checkpoint_seconds,
                 max_voxels=request.max_voxels,
+                locations=located[len(refs) :],  # the skipped candidates' (the scans' own come with them)
             )
         if table is not None:
             store.scans.set_patients(table.patients())

@@ -94,13 +94,14 @@ def run_merge(request: MergeRequest, *, progress: Progress = NO_PROGRESS) -> Emb
 
 def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -> None:
     """Rank 0 before the others start: headers read once into a manifest, and old parts merged first."""
-    from hctembed.io.manifest import is_manifest, manifest_rows, write_manifest
+    from hctembed.io.manifest import is_manifest, write_manifest
 
     shards.mkdir(parents=True, exist_ok=True)
     if not is_manifest(request.archive):  # the other ranks read this manifest
-        found = find_scans(request.archive, secret=request.secret, progress=progress)
-        root = request.archive.resolve() if request.archive.is_dir() else request.archive.resolve().parent
-        write_manifest(manifest_rows(found, root=root), shards / "manifest.parquet")
+        found = find_scans(
+            request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files, progress=progress
+        )
+        write_manifest(found, shards / "manifest.parquet")
 
 
 def _persist_and_merge_stale(request: EmbedRequest, encoder, *, shards: Path, world: int, found) -> object:
@@ -115,7 +116,14 @@ def _persist_and_merge_stale(request: EmbedRequest, encoder, *, shards: Path, wo
             if stale:  # parts of an earlier, different run (other files, model or world size): keep their work
                 log.info("merging the parts an earlier run left in %s first", shards)
                 merge_shards(folder=shards, store=store)
-    write_run_info(shards, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped)
+    from hctembed.io.locator import locator_path
+    from hctembed.io.manifest import is_manifest
+
+    manifest = request.archive if is_manifest(request.archive) else shards / "manifest.parquet"
+    write_run_info(
+        shards, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped,
+        locator=locator_path(manifest),
+    )  # fmt: skip
     log.info(
         "%d scans selected, %d skipped in %s; %d ranks; model %s, preprocessing %s; parts under %s",
         len(found.selected), len(found.skipped), request.archive, world, encoder.model_id, encoder.fingerprint,
@@ -180,7 +188,7 @@ def run_embed_distributed(
     reports = ddp.all_gather_objects(shard)
     summary = None
     if rank == 0:
-        table, origin = labels_of(request.archive, request.labels)
+        table, origin = labels_of(request.archive, request.labels, locations=found.locations())
         merge = MergeRequest(shards=shards, db=request.db, index=request.index)
         merged, status = _merge_into(merge, table=table, origin=origin, progress=progress)
         failed = [

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 
 from hctembed.index.store.errors import ModelMismatchError, StoreError
-from hctembed.index.store.paths import resolved_path
 from hctembed.index.store.rows import CollectionRow, HitRow, ModelRow, StatusRow
 
 if TYPE_CHECKING:
@@ -179,21 +178,22 @@ class Collection:
         return int(row[0]), np.asarray(row[1], dtype=np.float32)
 
     def hits(self, ids: Sequence[int]) -> dict[int, HitRow]:
-        """``{id: HitRow}`` for vector ids; ``path`` is the scan's file when its archive is known, else None."""
+        """``{id: HitRow}`` for vector ids; ``path`` is the scan's file or folder as the locator beside the database
+        knows it (or, in a database written before the locator, as the database itself recorded it), else None."""
         if len(ids) == 0:
             return {}
         with self._db.bulk("_ids_in", pa.table({"id": pa.array(list(ids), pa.int64())})):
             rows = self._db.rows(
-                "SELECT e.id, e.scan_id, s.patient_id, s.source, s.archive_root "
+                "SELECT e.id, e.scan_id, s.patient_id "
                 f"FROM _ids_in i JOIN {self.table} e ON e.id = i.id LEFT JOIN scans s ON s.scan_id = e.scan_id"
             )
+        located = self.store.locations([r[1] for r in rows])
         return {
             int(r[0]): HitRow(
                 id=int(r[0]),
                 scan_id=r[1],
                 patient_id=r[2],
-                source=r[3],
-                path=str(Path(resolved_path(r[4], db=self.store.path)) / r[3]) if r[4] and r[3] else None,
+                path=str(located[r[1]].path) if r[1] in located else None,
             )
             for r in rows
         }

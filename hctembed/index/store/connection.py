@@ -25,6 +25,8 @@ class Database:
         self.path = Path(path)
         if read_only and not self.path.exists():
             raise StoreError(f"no database at {self.path}; run `hctembed embed ARCHIVE --db {self.path}` first")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # `--db out/h.duckdb` in a folder not made yet
         try:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:

@@ -1,34 +1,17 @@
 """Every file that lives beside a database, derived in one place: ``<db>.faiss/`` (the FAISS indices and their
 manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries can be embedded later) and
-``<db>.shards/`` (Parquet parts of a sharded run)."""
+``<db>.shards/`` (Parquet parts of a sharded run) and ``<db>.locator`` (where each scan's files lie: paths,
+which the database never holds; see :mod:`hctembed.io.locator`)."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hctembed.portable_paths import resolved_path, stored_path
 
-def stored_path(path: str | None, *, db: Path) -> str | None:
-    """A path as the database stores it: relative to the database's folder when it lies inside that folder
-    (the ``.models`` weights, an archive beside the database), so that the database moved or copied with its
-    folder keeps working; absolute otherwise (an archive elsewhere stays found when the database moves alone)."""
-    if not path or not Path(path).is_absolute():
-        return path
-    folder = Path(os.path.realpath(db)).parent
-    try:
-        relative = os.path.relpath(os.path.realpath(path), folder)
-    except ValueError:  # another drive
-        return path
-    return path if relative == ".." or relative.startswith(".." + os.sep) else relative
-
-
-def resolved_path(value: str | None, *, db: Path) -> str | None:
-    """A stored path as an absolute one (relative ones are relative to the database's folder)."""
-    if not value or Path(value).is_absolute():
-        return value
-    return os.path.normpath(Path(os.path.realpath(db)).parent / value)
+__all__ = ["SidecarPaths", "resolved_path", "stored_path"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +32,10 @@ class SidecarPaths:
     @property
     def shards(self) -> Path:
         return self._beside(".shards")
+
+    @property
+    def locator(self) -> Path:
+        return self._beside(".locator")
 
     def sweep_temporary(self, *, older_than_s: float = 600.0) -> list[Path]:
         """Remove what an interrupted write left behind (killed, or a full disk): ``*.tmp`` index files and

@@ -35,12 +35,10 @@ class CollectionRow:
 
 @dataclass(frozen=True)
 class ScanRow:
-    """PHI-free facts of one scan (pseudonymous ids, source relative to its archive root, protocol facts)."""
+    """PHI-free facts of one scan: pseudonymous ids and protocol facts (its paths live in the locator)."""
 
     scan_id: str
     patient_id: str | None = None
-    source: str | None = None
-    archive_root: str | None = None
     format: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -60,12 +58,11 @@ class StatusRow:
 
 @dataclass(frozen=True)
 class HitRow:
-    """A stored vector's scan: its id, scan, patient, source and, when its archive is known, its file."""
+    """A stored vector's scan: its id, scan, patient and, when the locator knows it, its file or folder."""
 
     id: int
     scan_id: str
     patient_id: str | None
-    source: str | None
     path: str | None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from hctembed.index.store.connection import Database
-from hctembed.index.store.paths import resolved_path, stored_path
+from hctembed.index.store.paths import resolved_path
 from hctembed.index.store.rows import ScanRow
 
 
@@ -18,15 +18,17 @@ class ScansRepo:
         self.db = db
 
     def upsert(self, rows: Sequence[ScanRow]) -> None:
-        """Insert or update scans; a known patient id is kept when the new row has none."""
+        """Insert or update scans; a known patient id is kept when the new row has none. ``source`` and
+        ``archive_root`` are written empty whatever the rows say (paths go to the locator, see
+        :meth:`Store.record_locations`); an update clears what an older version stored there."""
         if not rows:
             return
         table = pa.table(
             {
                 "scan_id": [r.scan_id for r in rows],
                 "patient_id": pa.array([r.patient_id for r in rows], pa.string()),
-                "source": pa.array([r.source for r in rows], pa.string()),
-                "archive_root": pa.array([stored_path(r.archive_root, db=self.db.path) for r in rows], pa.string()),
+                "source": pa.array([None] * len(rows), pa.string()),
+                "archive_root": pa.array([None] * len(rows), pa.string()),
                 "format": pa.array([r.format for r in rows], pa.string()),
                 "meta": [json.dumps(r.meta or {}) for r in rows],
             }
@@ -55,16 +57,17 @@ class ScansRepo:
         with self.db.bulk("_pat_in", table):
             self.db.run("UPDATE scans SET patient_id = p.patient_id FROM _pat_in p WHERE scans.scan_id = p.scan_id")
 
-    def archive_roots(self, scan_ids: Sequence[str]) -> dict[str, str]:
-        """``{scan_id: archive_root}`` for stored scans among ``scan_ids`` that record their archive."""
+    def legacy_locations(self, scan_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{scan_id: (archive_root, source)}`` of scans whose paths a database written before the locator
+        recorded in its own columns (new rows leave them empty)."""
         if not scan_ids:
             return {}
         with self.db.bulk("_roots_in", pa.table({"scan_id": list(scan_ids)})):
             rows = self.db.rows(
-                "SELECT s.scan_id, s.archive_root FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
-                "WHERE s.archive_root IS NOT NULL"
+                "SELECT s.scan_id, s.archive_root, s.source FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
+                "WHERE s.archive_root IS NOT NULL AND s.source IS NOT NULL"
             )
-        return {r[0]: resolved_path(r[1], db=self.db.path) for r in rows}
+        return {r[0]: (resolved_path(r[1], db=self.db.path), r[2]) for r in rows}
 
     def exists(self, scan_id: str) -> bool:
         return self.db.one("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id])[0] > 0

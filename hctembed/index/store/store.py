@@ -8,6 +8,7 @@ everything about vectors. Only this package executes SQL.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hctembed.index.store.models import CollectionsRepo, ModelsRepo
 from hctembed.index.store.paths import SidecarPaths
 from hctembed.index.store.probes import ProbesRepo
 from hctembed.index.store.scans import ScansRepo
+from hctembed.io.locator import Location, Locator
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,21 @@ class Store:
         return Collection(
             self, self._collections.create(model_id=model_id, fingerprint=fingerprint, dim=dim, preprocess=preprocess)
         )
+
+    def locations(self, scan_ids: Sequence[str]) -> dict[str, Location]:
+        """Where stored scans lie, from the locator beside the database; scans stored before the locator
+        existed (the database then held their paths) are found from those columns."""
+        with Locator(self.paths.locator, read_only=True) as locator:
+            found = locator.get(list(scan_ids))
+        legacy = self.scans.legacy_locations([s for s in scan_ids if s not in found])
+        return found | {s: Location(s, root, source) for s, (root, source) in legacy.items()}
+
+    def record_locations(self, entries: Sequence[Location]) -> None:
+        """Add or update locator entries (the paths kept beside, never in, the database)."""
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only")
+        with Locator(self.paths.locator) as locator:
+            locator.put(entries)
 
     def collections(self) -> list[Collection]:
         return [Collection(self, row) for row in self._collections.all()]
