@@ -18,8 +18,9 @@ import pytest
 from dicom_factory import SeriesSpec, head_at, make_dataset, replace, write_series, zone_offsets
 from scipy.ndimage import map_coordinates
 
-from hctembed.io.dicom import EDGE_SLACK_PX, load_dicom_series
+from hctembed.io.dicom import load_dicom_series
 from hctembed.io.selection import SelectionConfig
+from hctembed.io.slice_grid import EDGE_SLACK_PX
 from hctembed.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ What dcm2niix and dicom2nifti take care over, done here too:
 
   - all gaps equal (within 2%, at least 0.05 mm): the slices are the grid;
   - zones: runs of at least ``MIN_ZONE_GAPS`` equal gaps in a row (sequential head CT: 4 mm through the
-    posterior fossa, 7 mm above). Gaps outside the zones are boundaries between them: an overlapping or
-    interleaved slice (a gap smaller than either zone's spacing) is fine, but a gap of ``max_gap_factor``
+    posterior fossa, 7 mm above; :mod:`hctembed.io.slice_grid` computes the grids). Gaps outside the zones
+    are boundaries between them: an overlapping or interleaved slice (a gap smaller than either zone's
+    spacing) is fine, but a gap of ``max_gap_factor``
     (1.5) times the coarser of its nearest zones or more leaves tissue unimaged: a missing slice, an error naming
     the largest such gap. So one missing slice in a regular stack is still an error, whatever the zones;
   - the zones' spacings may differ by up to ``max_spacing_ratio`` (3: coarsest / finest; 4/7 mm and 5/10 mm
@@ -49,13 +50,11 @@ from pydicom.uid import UID
 
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.selection import SelectionConfig
+from hctembed.io.slice_grid import AIR_HU, in_plane_grid, resample, slice_grid
 from hctembed.volume import MAX_VOXELS, Volume, VolumeError, check_affine, check_voxel_count, orient_to_ras
 
 log = logging.getLogger(__name__)
 
-AIR_HU = -1024.0
-MIN_ZONE_GAPS = 3  # a zone of regular spacing: at least this many equal gaps in a row (four slices)
-EDGE_SLACK_PX = 0.01  # tilt: the grid grows for a slice reaching past it by more than this (pixels; not jitter)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -212,16 +211,16 @@ def assemble(
         _to_hu(s, out=hu[k])
     if "rescale_missing" in flags and np.percentile(hu, 1) > -500:
         raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
-    targets, step = _slice_grid(distance, config=config, flags=flags)
+    targets, step = slice_grid(distance, config=config, flags=flags)
     positions = np.array([s.position for s in slices])
-    plane = _in_plane_grid(
+    plane = in_plane_grid(
         positions, normal=normal, row_dir=row_dir, col_dir=col_dir, spacing=first.spacing, shape=first.raw.shape
     )
     if targets is not None or plane is not None:
         targets = distance if targets is None else targets
         shape = plane.shape if plane is not None else first.raw.shape
         check_voxel_count((len(targets), *shape), max_voxels=max_voxels, what="the resampled grid")
-        hu = _resample(hu, distance, targets=targets, plane=plane, shape=shape)
+        hu = resample(hu, distance, targets=targets, plane=plane, shape=shape)
     if plane is not None:
         flags.append(f"gantry_tilt_corrected:{plane.angle:.1f}deg")
     low = plane.low if plane is not None else np.zeros(2)
@@ -274,180 +273,3 @@ def _merge_duplicates(slices, distance, *, flags):
     if merged:
         flags.append(f"duplicate_positions_merged:{merged}")
     return [slices[i] for i in keep], distance[keep]
-
-
-@dataclass(frozen=True)
-class _Zone:
-    """Slices ``start`` to ``stop`` (indices, inclusive) equally ``spacing`` mm apart: gaps ``start:stop``."""
-
-    start: int
-    stop: int
-    spacing: float
-
-    @property
-    def n_gaps(self) -> int:
-        return self.stop - self.start
-
-
-def _tolerance(step: float) -> float:
-    """How far a gap may differ from ``step`` and still count as the same spacing (mm)."""
-    return max(0.02 * step, 0.05)
-
-
-def _zones(gaps: np.ndarray) -> list[_Zone]:
-    """Maximal runs of at least MIN_ZONE_GAPS consecutive gaps equal within ``_tolerance`` of their mean."""
-    zones = []
-    start, total = 0, 0.0
-    for i, gap in enumerate(gaps):
-        if i > start and abs(gap - total / (i - start)) > _tolerance(total / (i - start)):
-            if i - start >= MIN_ZONE_GAPS:
-                zones.append(_Zone(start, i, total / (i - start)))
-            start, total = i, 0.0
-        total += float(gap)
-    if len(gaps) - start >= MIN_ZONE_GAPS:
-        zones.append(_Zone(start, len(gaps), total / (len(gaps) - start)))
-    return zones
-
-
-def _distinct_spacings(zones: list[_Zone]) -> list[float]:
-    """The zones' spacings, ascending, one per group equal within tolerance (the group's finest)."""
-    out: list[float] = []
-    for spacing in sorted(z.spacing for z in zones):
-        if not out or spacing - out[-1] > _tolerance(out[-1]):
-            out.append(spacing)
-    return out
-
-
-def _slice_grid(distance: np.ndarray, *, config: SelectionConfig, flags: list[str]) -> tuple[np.ndarray | None, float]:
-    """The grid along the normal: ``(None, step)`` when the slices are regular (they are the grid), else
-    ``(targets [M], step)``; an error on a missing slice or an absurd spread of spacings."""
-    gaps = np.diff(distance)
-    step = float(np.median(gaps))
-    if step <= 0:
-        raise VolumeError("slice positions do not advance along the normal")
-    if np.all(np.abs(gaps - step) <= _tolerance(step)):
-        return None, float((distance[-1] - distance[0]) / (len(distance) - 1))
-    zones = _zones(gaps)
-    if 2 * sum(z.n_gaps for z in zones) < len(gaps):  # no zone structure: spacing irregular throughout
-        return _irregular_grid(distance, gaps, config=config, flags=flags)
-    _refuse_missing_slices(gaps, zones, config=config)
-    spacings = _distinct_spacings(zones)
-    ratio = spacings[-1] / spacings[0]
-    named = "+".join(f"{s:.2f}" for s in spacings)
-    if ratio > config.max_spacing_ratio:
-        raise VolumeError(
-            f"non-uniform slice spacing: zones of {named} mm (ratio {ratio:.1f} > {config.max_spacing_ratio:g})"
-        )
-    finest = [z for z in zones if z.spacing - spacings[0] <= _tolerance(spacings[0])]
-    anchor = max(finest, key=lambda z: z.n_gaps)  # the grid passes through the longest finest zone's slices
-    targets = _targets(distance, anchor=float(distance[anchor.start]), step=anchor.spacing)
-    flags.append(f"nonuniform_spacing_resampled:{named}mm")
-    log.debug(
-        "slice zones %s mm resampled to %.2f mm (%d -> %d slices)", named, anchor.spacing, len(distance), len(targets)
-    )
-    return targets, anchor.spacing
-
-
-def _refuse_missing_slices(gaps: np.ndarray, zones: list[_Zone], *, config: SelectionConfig) -> None:
-    """A gap outside the zones that is ``max_gap_factor`` times the coarser of its nearest zones (one each side)
-    or more leaves tissue unimaged: a missing slice, not a change of zone."""
-    inside = np.zeros(len(gaps), bool)
-    for z in zones:
-        inside[z.start : z.stop] = True
-    worst: tuple[float, float, int] | None = None
-    for i in np.flatnonzero(~inside):
-        before = [z.spacing for z in zones if z.stop <= i][-1:]
-        after = [z.spacing for z in zones if z.start > i][:1]
-        usual = max(before + after)
-        if gaps[i] >= config.max_gap_factor * usual and (worst is None or gaps[i] > worst[0]):
-            worst = (float(gaps[i]), usual, int(i))
-    if worst is not None:
-        gap, usual, i = worst
-        raise VolumeError(
-            f"missing slices: largest gap {gap:.2f} mm where slices are {usual:.2f} mm apart "
-            f"(after slice {i + 1} of {len(gaps) + 1})"
-        )
-
-
-def _irregular_grid(distance, gaps, *, config: SelectionConfig, flags: list[str]) -> tuple[np.ndarray, float]:
-    """No zones: resample to the smallest gap, refused when the largest is over ``max_spacing_ratio`` times it."""
-    ratio = float(gaps.max() / gaps.min())
-    if ratio > config.max_spacing_ratio:
-        raise VolumeError(
-            f"non-uniform slice spacing {gaps.min():.2f}-{gaps.max():.2f} mm (ratio {ratio:.1f} > "
-            f"{config.max_spacing_ratio:g})"
-        )
-    step = float(gaps.min())
-    flags.append(f"nonuniform_spacing_resampled:{gaps.min():.2f}-{gaps.max():.2f}mm")
-    return _targets(distance, anchor=float(distance[0]), step=step), step
-
-
-def _targets(distance: np.ndarray, *, anchor: float, step: float) -> np.ndarray:
-    """Positions ``anchor + m * step`` from the first slice to the last, never beyond either [M]."""
-    first = np.ceil((distance[0] - anchor) / step - 1e-6)
-    last = np.floor((distance[-1] - anchor) / step + 1e-6)
-    return np.clip(anchor + np.arange(first, last + 1) * step, distance[0], distance[-1])
-
-
-@dataclass(frozen=True)
-class _Plane:
-    """The in-plane grid of a tilted stack: ``shift [K, 2]`` moves slice k's (row, column) pixel indices onto
-    the output's, whose shape is ``shape`` and whose pixel (0, 0) lies at ``low`` (rows, columns) pixels from the
-    first slice's; ``angle`` is the tilt in degrees."""
-
-    shift: np.ndarray
-    low: np.ndarray
-    shape: tuple[int, int]
-    angle: float
-
-
-def _in_plane_grid(positions, *, normal, row_dir, col_dir, spacing, shape) -> _Plane | None:
-    """Gantry tilt: slice origins drift within the slice plane. The output grid keeps the first slice's pixel
-    lattice and grows to the union of every slice's field of view, so no pixel of any slice is lost."""
-    offsets = positions - positions[0]
-    in_plane = offsets - np.outer(offsets @ normal, normal)  # drift within the slice plane, mm [K, 3]
-    if np.abs(in_plane).max() < 0.01:
-        return None
-    pixels = np.stack([in_plane @ col_dir / spacing[0], in_plane @ row_dir / spacing[1]], axis=1)  # [K, 2]
-    low = np.floor(pixels.min(axis=0) + EDGE_SLACK_PX)
-    high = np.ceil(pixels.max(axis=0) - EDGE_SLACK_PX)
-    grown = (high - low).astype(int)
-    along_normal = float((positions[-1] - positions[0]) @ normal)
-    angle = float(np.degrees(np.arctan2(np.linalg.norm(in_plane[-1]), abs(along_normal))))
-    log.debug("gantry tilt %.1f deg: field of view grown by %d rows, %d columns", angle, grown[0], grown[1])
-    return _Plane(pixels - low, low, (shape[0] + int(grown[0]), shape[1] + int(grown[1])), angle)
-
-
-def _resample(hu, distance, *, targets, plane: _Plane | None, shape: tuple[int, int]) -> np.ndarray:
-    """Output ``[M, rows, cols]`` float32: at each target position along the normal, the linear blend of the two
-    nearest slices, each first moved onto the output's in-plane grid (air where it has no pixel)."""
-    below = np.clip(np.searchsorted(distance, targets, side="right") - 1, 0, len(distance) - 2)
-    weight = (targets - distance[below]) / (distance[below + 1] - distance[below])
-    out = np.empty((len(targets), *shape), np.float32)
-    placed: dict[int, np.ndarray] = {}
-
-    def slice_on_grid(k: int) -> np.ndarray:
-        if k not in placed:
-            for old in [j for j in placed if j < k - 1]:
-                del placed[old]
-            placed[k] = hu[k] if plane is None else _place(hu[k], shift=plane.shift[k], shape=shape)
-        return placed[k]
-
-    for m, (k, w) in enumerate(zip(below, weight, strict=True)):
-        if w <= 1e-6:
-            out[m] = slice_on_grid(k)
-        elif w >= 1 - 1e-6:
-            out[m] = slice_on_grid(k + 1)
-        else:
-            np.multiply(slice_on_grid(k), np.float32(1 - w), out=out[m])
-            out[m] += np.float32(w) * slice_on_grid(k + 1)
-    return out
-
-
-def _place(image: np.ndarray, *, shift: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """``image [rows, cols]`` moved by ``shift`` (rows, columns; bilinear) into a ``shape`` grid of air."""
-    from scipy.ndimage import affine_transform
-
-    return affine_transform(
-        image, np.ones(2), offset=-shift, output_shape=shape, order=1, mode="constant", cval=AIR_HU, output=np.float32
-    )
