@@ -7,9 +7,11 @@ Writes synthetic 512x512xN head CTs (0.45 mm in-plane; 5 mm and 1 mm slices) as 
 * ``decode zlib``  nibabel load + zlib inflate + int16 -> float32 (what MONAI's ``LoadImage`` pays);
 * ``decode``       the floor of hctembed's path: NIfTI - read + ISA-L inflate (``isal``) + int16 -> float32;
                    DICOM - ``pydicom.dcmread`` + ``pixel_array`` of every file, stacked as float32;
-* ``fast``         hctembed's embedding path (``hctembed.preprocessing.series.prepare``): a ``.nii.gz`` is
-                   resampled slab by slab while a background thread inflates it (``preprocess_stream``); DICOM is
-                   ``load_dicom_series`` + ``preprocess`` (separable cubic spline);
+* ``fast``         hctembed's embedding path (``hctembed.preprocessing.series.prepare``, head check included): a
+                   ``.nii.gz`` is resampled slab by slab while a background thread inflates it
+                   (``preprocess_stream``; the head check looks at the 1 mm grid); DICOM is ``load_dicom_series``
+                   + head check + ``preprocess`` (separable cubic spline);
+* ``head check``   ``hctembed.head_check.image_looks_like_head`` alone, on the loaded volume (its share of fast);
 * ``whole``        NIfTI only: ``load_nifti`` (whole file first) + ``preprocess``, the path before streaming;
 * ``reference``    MONAI: ``LoadImage`` (nibabel / ``PydicomReader``) + Orientation -> Spacing(1 mm,
                    spline 3) -> CropForeground -> windows -> ResizeWithPadOrCrop(224) -> CenterSpatialCrop(192)
@@ -41,12 +43,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from hctembed.config import PreprocessConfig
+from hctembed.head_check import image_looks_like_head
 from hctembed.io.archive import discover
 from hctembed.io.dicom import load_dicom_series
 from hctembed.io.nifti import load_nifti
 from hctembed.preprocessing import preprocess
 from hctembed.preprocessing.paper import reference_chain
-from hctembed.preprocessing.series import prepare
+from hctembed.preprocessing.series import check_head, prepare
 from hctembed.synth import SynthConfig, make_patient, sample_protocol, save_nifti, synth_scan
 
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -141,14 +144,19 @@ def main() -> None:
             (ref,) = discover(path)
 
             def fast(ref=ref):
-                return prepare(ref, config=config)[0]
+                return prepare(ref, config=config, head_check=True)[0]
+
+            loaded = load_nifti(path)
+
+            def head(volume=loaded):
+                return image_looks_like_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
 
             loader = LoadImage(image_only=True, ensure_channel_first=True)
 
             def reference(path=path, loader=loader):
                 return chain(loader(str(path)))
 
-            cases.append((path.name, list(shape), decode_zlib, decode, whole, fast, reference))
+            cases.append((path.name, list(shape), decode_zlib, decode, whole, fast, reference, head))
             if thickness == 1.0:
                 series = Path(tmp) / "dicom_1mm"
                 # axial geometry: MONAI 1.6's PydicomReader gives oblique series an identity affine (it warns
@@ -161,7 +169,14 @@ def main() -> None:
                     return np.stack([pydicom.dcmread(series / f).pixel_array.astype(np.float32) for f in files], axis=0)
 
                 def fast_dicom(series=series, files=files):
-                    return preprocess(load_dicom_series(series, files), config=config)
+                    volume = load_dicom_series(series, files)
+                    check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
+                    return preprocess(volume, config=config)
+
+                dicom_volume = load_dicom_series(series, files)
+
+                def head_dicom(volume=dicom_volume):
+                    return image_looks_like_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
 
                 dicom_loader = LoadImage(reader=PydicomReader(), image_only=True, ensure_channel_first=True)
 
@@ -169,8 +184,9 @@ def main() -> None:
                     return chain(loader(str(series)))
 
                 name = f"DICOM {len(files)} files"
-                cases.append((name, list(shape), None, decode_dicom, None, fast_dicom, reference_dicom))
-        for name, shape, decode_zlib, decode, whole, fast, reference in cases:
+                cases.append((name, list(shape), None, decode_dicom, None, fast_dicom, reference_dicom, head_dicom))
+        for name, shape, decode_zlib, decode, whole, fast, reference, head in cases:
+            assert head().is_head  # the synthetic head passes the check it is timed with
             fast()  # warm-up: imports, allocator
             t_zlib = timed(decode_zlib, repeats)[0] if decode_zlib else None
             t_whole = timed(whole, repeats)[0] if whole else None
@@ -178,6 +194,7 @@ def main() -> None:
             cpu_start = time.process_time()
             t_fast, x_fast = timed(fast, repeats)
             cpu = (time.process_time() - cpu_start) / repeats
+            t_head = timed(head, repeats)[0]
             t_ref, x_ref = timed(reference, repeats)
             x_ref = x_ref.as_tensor().permute(0, 3, 2, 1)
             mad = float((x_fast - x_ref).abs().mean())
@@ -193,6 +210,8 @@ def main() -> None:
                     "speedup": round(t_ref / t_fast, 1),
                     "fast_over_decode": round(t_fast / t_decode, 2),
                     "fast_cpu_s_per_scan": round(cpu, 2),
+                    "head_check_s": round(t_head, 3),
+                    "head_check_share": round(t_head / t_fast, 3),
                     "mean_abs_diff": mad,
                 }
             )
@@ -202,6 +221,7 @@ def main() -> None:
                 f"whole {r['whole_s'] or float('nan'):6.3f} fast {r['fast_s']:6.3f} MONAI {r['reference_s']:6.3f}  "
                 f"{r['speedup']:5.1f}x  "
                 f"fast/decode {r['fast_over_decode']:5.2f}x  cpu-s {r['fast_cpu_s_per_scan']:5.2f}  "
+                f"head check {r['head_check_s']:6.3f} ({100 * r['head_check_share']:.0f}% of fast)  "
                 f"mean|Δ| {r['mean_abs_diff']:.2e}",
                 flush=True,
             )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,17 +36,21 @@ class EmbedReport:
     unchanged: int
     failed: list[tuple[str, str]]
     seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): not a head, say
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False) -> bool:
-    """New, changed (size or mtime), or failed before when ``retry_failed``."""
+def needs_embedding(ref: SeriesRef, status, *, retry_failed: bool = False, retry_skipped: bool = False) -> bool:
+    """New, changed (size or mtime), failed before when ``retry_failed``, or skipped when loaded before (not a
+    head) when ``retry_skipped`` (``--allow-non-head``)."""
     if status is None or (status.file_size, status.file_mtime_ns) != (ref.size, ref.mtime_ns):
         return True
     if status.status == "failed":
         return retry_failed
+    if status.status == "skipped":
+        return retry_skipped
     return status.status != "embedded"
 
 
@@ -58,12 +62,15 @@ class Plan:
     duplicates: list[Outcome]  # a scan id met twice: the later file fails
     failed_before: list[tuple[str, str]]  # unchanged files that failed in an earlier run
     unchanged: int
+    skipped_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged, skipped when loaded before
 
 
-def plan_run(refs: Sequence[SeriesRef], status: dict, *, retry_failed: bool = False) -> Plan:
+def plan_run(
+    refs: Sequence[SeriesRef], status: dict, *, retry_failed: bool = False, retry_skipped: bool = False
+) -> Plan:
     """Split ``refs`` by their stored ``status`` (``{source: StatusRow}``); deterministic in refs' order."""
     seen: dict[str, str] = {}
-    todo, duplicates, failed_before = [], [], []
+    todo, duplicates, failed_before, skipped_before = [], [], [], []
     for position, ref in enumerate(refs):
         if ref.scan_id in seen:
             reason = f"duplicate scan id {ref.scan_id} (also {seen[ref.scan_id]})"
@@ -71,14 +78,16 @@ def plan_run(refs: Sequence[SeriesRef], status: dict, *, retry_failed: bool = Fa
             continue
         seen[ref.scan_id] = ref.source
         previous = status.get(ref.source)
-        if needs_embedding(ref, previous, retry_failed=retry_failed):
+        if needs_embedding(ref, previous, retry_failed=retry_failed, retry_skipped=retry_skipped):
             todo.append((position, ref))
         elif previous is not None and previous.status == "failed":
             failed_before.append(
                 (ref.source, f"{previous.reason} (unchanged since it failed; --retry-failed tries again)")
             )
-    unchanged = len(refs) - len(todo) - len(duplicates) - len(failed_before)
-    return Plan(todo, duplicates, failed_before, unchanged)
+        elif previous is not None and previous.status == "skipped":
+            skipped_before.append((ref.source, previous.reason or ""))
+    unchanged = len(refs) - len(todo) - len(duplicates) - len(failed_before) - len(skipped_before)
+    return Plan(todo, duplicates, failed_before, unchanged, skipped_before)
 
 
 def register(store: Store, encoder: Encoder) -> Collection:
@@ -134,6 +143,7 @@ def embed_archive(
     checkpoint_seconds: float = 30.0,
     max_voxels: int = MAX_VOXELS,
     locations: Sequence[Location] = (),
+    allow_non_head: bool = False,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
@@ -145,7 +155,8 @@ def embed_archive(
     (CHECKPOINT) every ``checkpoint_seconds`` and at the end.
     ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
     :func:`refresh_index`. Where each scan lies (and ``locations`` of skipped candidates) goes to the locator
-    beside the database, never into it.
+    beside the database, never into it. A scan whose image is not a head is skipped (``not_head``) unless
+    ``allow_non_head``, which also tries again those skipped so before.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
@@ -155,17 +166,19 @@ def embed_archive(
     store.record_locations([r.located() for r in refs] + list(locations))
     known = collection.status()
     record_skipped(collection, skipped, known=known)
-    plan = plan_run(refs, known, retry_failed=retry_failed)
+    plan = plan_run(refs, known, retry_failed=retry_failed, retry_skipped=allow_non_head)
     with store.transaction():
         store_outcomes(collection, plan.duplicates, None)
     failed = [(o.source, o.reason or "") for o in plan.duplicates] + plan.failed_before
+    skipped = list(plan.skipped_before)
     if progress and len(refs) > len(plan.todo):
         progress(len(refs) - len(plan.todo))
     embedded = 0
     last_checkpoint = time.perf_counter()
     batches = encode_refs(
-        plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels
-    )
+        plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
+        head_check=not allow_non_head,
+    )  # fmt: skip
     for outcomes, vectors in batches:
         with store.transaction():
             store_outcomes(collection, outcomes, vectors, patients=patients)
@@ -174,11 +187,14 @@ def embed_archive(
             last_checkpoint = time.perf_counter()
         embedded += sum(o.status == "embedded" for o in outcomes)
         failed += [(o.source, o.reason or "unknown") for o in outcomes if o.status == "failed"]
+        skipped += [(o.source, o.reason or "") for o in outcomes if o.status == "skipped"]
         if progress:
             progress(len(outcomes))
     store.checkpoint()
     refresh_index(collection, index_kind=index_kind)
-    return EmbedReport(collection.row, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start)
+    return EmbedReport(
+        collection.row, len(refs), embedded, plan.unchanged, failed, time.perf_counter() - start, skipped
+    )
 
 
 def store_outcomes(

@@ -24,14 +24,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hctembed.embed import (
     Outcome,
@@ -45,18 +43,16 @@ from hctembed.embed import (
 )
 from hctembed.errors import HctembedError
 from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
-from hctembed.index.store.parts import sorted_parts
+from hctembed.index.store.locator import Locator
 from hctembed.io.archive import SeriesRef, Skipped
-from hctembed.io.locator import Location, Locator
+from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder
+from hctembed.shard_parts import PartWriter, done_in_parts, part_files, read_parts
 from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-PARTS = "parts"
-MERGE_CHUNK = 2048  # outcomes per merge transaction (one DuckDB vector: ids follow the input order)
-SORT_MEMORY = "1GB"  # what sorting the parts may hold in memory before spilling to disk
 
 
 class ShardError(HctembedError, RuntimeError):
@@ -104,7 +100,7 @@ def run_key(*, encoder: Encoder, refs: Sequence[SeriesRef], world: int) -> str:
 
 def stale_parts(folder: Path, *, key: str) -> bool:
     """Whether ``folder`` holds unmerged parts of another run (merge them before starting this one)."""
-    if not _part_files(folder):
+    if not part_files(folder):
         return False
     return read_run_info(folder).get("run_key") != key
 
@@ -162,89 +158,6 @@ def read_run_info(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def part_rows(folder: Path) -> int:
-    """How many outcomes the folder's parts hold (from the Parquet footers)."""
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in _part_files(folder))
-
-
-def _schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("position", pa.int64()),
-            ("source", pa.string()),
-            ("scan_id", pa.string()),
-            ("status", pa.string()),
-            ("reason", pa.string()),
-            ("file_size", pa.int64()),
-            ("file_mtime_ns", pa.int64()),
-            ("patient_id", pa.string()),
-            ("format", pa.string()),
-            ("meta", pa.string()),
-            ("planes", pa.binary()),
-            ("vector", pa.list_(pa.float32(), dim)),
-        ]
-    )
-
-
-def _part_files(folder: Path) -> list[Path]:
-    parts = folder / PARTS
-    return sorted(parts.glob("rank*.parquet")) if parts.is_dir() else []
-
-
-class PartWriter:
-    """Buffers one rank's outcomes and writes them as whole Parquet parts (temporary name, then rename)."""
-
-    def __init__(self, folder: Path, *, rank: int, dim: int, rows_per_part: int) -> None:
-        self.dir = folder / PARTS
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.dim, self.rows_per_part = rank, dim, rows_per_part
-        mine = sorted(self.dir.glob(f"rank{rank:04d}-*.parquet"))
-        self.seq = int(mine[-1].stem.split("-")[1]) if mine else 0
-        self.outcomes: list[Outcome] = []
-        self.vectors: list[np.ndarray] = []
-
-    def add(self, outcomes: Sequence[Outcome], vectors: np.ndarray) -> None:
-        """``vectors [n_embedded, dim]``: those of the embedded outcomes, in order."""
-        it = iter(vectors)
-        for o in outcomes:
-            self.outcomes.append(o)
-            self.vectors.append(next(it) if o.status == "embedded" else None)
-        if len(self.outcomes) >= self.rows_per_part:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.outcomes:
-            return
-        columns: dict[str, list] = {f.name: [getattr(o, f.name) for o in self.outcomes] for f in fields(Outcome)}
-        columns["meta"] = [json.dumps(m, default=str) for m in columns["meta"]]
-        flat = np.zeros((len(self.outcomes), self.dim), np.float32)
-        valid = np.array([v is not None for v in self.vectors])
-        if valid.any():
-            flat[valid] = np.stack([v for v in self.vectors if v is not None])
-        vector = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), self.dim, mask=pa.array(~valid))
-        table = pa.table({**{k: columns[k] for k in _schema(self.dim).names[:-1]}, "vector": vector})
-        table = table.cast(_schema(self.dim))
-        self.seq += 1
-        path = self.dir / f"rank{self.rank:04d}-{self.seq:06d}.parquet"
-        tmp = self.dir / f".{path.name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        log.debug("rank %d wrote %s (%d rows)", self.rank, path.name, len(self.outcomes))
-        self.outcomes, self.vectors = [], []
-
-
-def done_in_parts(folder: Path) -> dict[str, StatusRow]:
-    """``{source: StatusRow}`` of every outcome already in the folder's parts (the latest one wins)."""
-    done: dict[str, StatusRow] = {}
-    for path in _part_files(folder):
-        cols = ["source", "scan_id", "status", "reason", "file_size", "file_mtime_ns"]
-        for r in pq.read_table(path, columns=cols).to_pylist():
-            done[r["source"]] = StatusRow(
-                r["source"], r["scan_id"], r["status"], r["reason"], 1, r["file_size"], r["file_mtime_ns"]
-            )
-    return done
-
-
 def embed_shard(
     *,
     refs: Sequence[SeriesRef],
@@ -259,6 +172,7 @@ def embed_shard(
     rows_per_part: int = 256,
     progress: Callable[[int], None] | None = None,
     max_voxels: int = MAX_VOXELS,
+    allow_non_head: bool = False,
 ) -> ShardReport:
     """Embed this rank's share of ``refs`` into Parquet parts under ``folder``.
 
@@ -268,13 +182,14 @@ def embed_shard(
     positions in ``refs`` and so does not depend on what is done: every rank computes the same one.
     """
     start = time.perf_counter()
-    plan = plan_run(refs, stored or {}, retry_failed=retry_failed)
+    plan = plan_run(refs, stored or {}, retry_failed=retry_failed, retry_skipped=allow_non_head)
     in_parts = done_in_parts(folder)
     mine = {position for position, _ in assigned(refs, rank=rank, world=world)}
     todo = [
         (p, ref)
         for p, ref in plan.todo
-        if p in mine and needs_embedding(ref, in_parts.get(ref.source), retry_failed=retry_failed)
+        if p in mine
+        and needs_embedding(ref, in_parts.get(ref.source), retry_failed=retry_failed, retry_skipped=allow_non_head)
     ]
     writer = PartWriter(folder, rank=rank, dim=encoder.dim, rows_per_part=rows_per_part)
     duplicates = [o for o in plan.duplicates if o.position in mine and o.source not in in_parts]
@@ -284,7 +199,10 @@ def embed_shard(
     if progress and n_mine > len(todo):
         progress(n_mine - len(todo))
     embedded = failed = 0
-    batches = encode_refs(todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels)
+    batches = encode_refs(
+        todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
+        head_check=not allow_non_head,
+    )  # fmt: skip
     for outcomes, vectors in batches:
         writer.add(outcomes, vectors)
         embedded += len(vectors)
@@ -293,38 +211,6 @@ def embed_shard(
             progress(len(outcomes))
     writer.flush()
     return ShardReport(rank, world, n_mine, embedded, failed + len(duplicates), already, time.perf_counter() - start)
-
-
-def read_parts(folder: Path, *, dim: int) -> Iterator[tuple[list[Outcome], np.ndarray]]:
-    """Every outcome in the folder's parts in position order, in chunks of at most :data:`MERGE_CHUNK`, with
-    the vectors ``[n_embedded, dim]`` of the embedded ones. A position written twice (a part re-written after
-    a retry) keeps its latest outcome.
-
-    The parts are sorted by an in-memory DuckDB of their own, which streams the result and spills to
-    ``folder/.merge-tmp`` beyond its memory limit, so the merge's memory does not grow with the archive.
-    """
-    # within a rank, later parts (higher sequence numbers in the file name) are newer
-    batches = sorted_parts(
-        _part_files(folder),
-        key="position",
-        temp_dir=folder / ".merge-tmp",
-        memory_limit=SORT_MEMORY,
-        batch_rows=MERGE_CHUNK,
-    )
-    for batch in batches:
-        for start in range(0, batch.num_rows, MERGE_CHUNK):
-            yield _outcomes(batch.slice(start, MERGE_CHUNK), dim=dim)
-
-
-def _outcomes(batch: pa.RecordBatch, *, dim: int) -> tuple[list[Outcome], np.ndarray]:
-    known = {f.name for f in fields(Outcome)}  # parts of earlier versions had path columns: left unread
-    columns = [name for name in batch.schema.names if name != "vector" and name in known]
-    rows = pa.Table.from_batches([batch]).select(columns).to_pylist()
-    outcomes = [Outcome(**{**r, "meta": json.loads(r["meta"] or "{}")}) for r in rows]
-    vec = batch.column("vector")
-    valid = np.asarray(vec.is_valid())
-    values = vec.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return outcomes, np.ascontiguousarray(values[valid] if len(values) == len(valid) else values, dtype=np.float32)
 
 
 def _run_locations(info: dict[str, Any]) -> dict[str, Location]:
@@ -383,7 +269,7 @@ def merge_shards(
     stored = collection.status()  # each source occurs once in the parts: one read serves the whole merge
     record_skipped(collection, [Skipped(**s) for s in info.get("skipped", [])], known=stored)
     located = _run_locations(info)
-    parts = _part_files(folder)
+    parts = part_files(folder)
     embedded = failed = unchanged = 0
     for outcomes, vectors in read_parts(folder, dim=collection.dim):
         # before anything is skipped as "already stored": the status table knows files by relative name only

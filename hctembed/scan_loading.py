@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hctembed.head_check import NOT_HEAD
 from hctembed.io.archive import SeriesRef
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig
-from hctembed.preprocessing.series import prepare
+from hctembed.preprocessing.series import NotHeadError, prepare
 from hctembed.volume import MAX_VOXELS, VolumeError
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,24 @@ class Prepared:
     x: torch.Tensor | None
     reason: str | None
     meta: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # not a failure: the scan is not what the archive is embedded for (not a head)
 
 
 class ScanDataset(Dataset):
     """Map-style dataset over SeriesRefs; never raises for a bad scan (returns its reason instead)."""
 
-    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS) -> None:
+    def __init__(
+        self,
+        refs: Sequence[SeriesRef],
+        *,
+        config: AnyPreprocessConfig,
+        max_voxels: int = MAX_VOXELS,
+        head_check: bool = True,
+    ) -> None:
         self.refs = list(refs)
         self.config = config
         self.max_voxels = max_voxels
+        self.head_check = head_check
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -50,7 +60,9 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels)
+            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels, head_check=self.head_check)
+        except NotHeadError as exc:
+            return Prepared(i, None, f"{NOT_HEAD}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
             return Prepared(i, None, ref.redact(str(exc)))
         except KeyboardInterrupt:
@@ -100,12 +112,14 @@ class Outcome:
         reason: str | None = None,
         meta: dict | None = None,
         planes: bytes | None = None,
+        skipped: bool = False,
     ) -> Outcome:
+        """``reason``: why it failed (or, with ``skipped``, why it was skipped); None when embedded."""
         return cls(
             position=position,
             source=ref.source,
             scan_id=ref.scan_id,
-            status="failed" if reason else "embedded",
+            status=("skipped" if skipped else "failed") if reason else "embedded",
             reason=reason,
             file_size=ref.size,
             file_mtime_ns=ref.mtime_ns,
@@ -123,11 +137,13 @@ def encode_refs(
     batch_size: int,
     num_workers: int,
     max_voxels: int = MAX_VOXELS,
+    head_check: bool = True,
 ) -> Iterator[tuple[list[Outcome], np.ndarray]]:
     """Load and preprocess in DataLoader workers, encode in batches on the encoder's device.
 
     Yields, batch by batch, each scan's Outcome (in ``todo`` order) and the vectors ``[n_embedded, dim]`` of
-    the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason.
+    the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason; with
+    ``head_check``, one whose image is not a head (:mod:`hctembed.head_check`) a skipped one.
     A worker process that dies (killed for memory, a crash in a decoder) costs only the scan that killed
     it: the scans it may have held are loaded again one per fresh worker, the one that kills its worker
     again fails with that reason, and the rest of the archive goes on in batches.
@@ -136,8 +152,9 @@ def encode_refs(
     while done < len(todo):
         try:
             for outcomes, vectors in _encode_batches(
-                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels
-            ):
+                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
+                head_check=head_check,
+            ):  # fmt: skip
                 done += len(outcomes)
                 yield outcomes, vectors
         except RuntimeError as exc:
@@ -148,8 +165,9 @@ def encode_refs(
             for one in suspects:
                 try:
                     yield from _encode_batches(
-                        [one], encoder=encoder, batch_size=1, num_workers=1, max_voxels=max_voxels
-                    )
+                        [one], encoder=encoder, batch_size=1, num_workers=1, max_voxels=max_voxels,
+                        head_check=head_check,
+                    )  # fmt: skip
                 except RuntimeError as again:
                     if "DataLoader worker" not in str(again):
                         raise
@@ -161,11 +179,17 @@ def encode_refs(
 
 
 def _encode_batches(
-    todo: Sequence[tuple[int, SeriesRef]], *, encoder: Encoder, batch_size: int, num_workers: int, max_voxels: int
+    todo: Sequence[tuple[int, SeriesRef]],
+    *,
+    encoder: Encoder,
+    batch_size: int,
+    num_workers: int,
+    max_voxels: int,
+    head_check: bool,
 ) -> Iterator[tuple[list[Outcome], np.ndarray]]:
     refs = [ref for _, ref in todo]
     loader = DataLoader(
-        ScanDataset(refs, config=encoder.preprocess, max_voxels=max_voxels),
+        ScanDataset(refs, config=encoder.preprocess, max_voxels=max_voxels, head_check=head_check),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -189,7 +213,9 @@ def _encode_batches(
             position, ref = todo[item.position]
             reason = item.reason or (NON_FINITE if item.position in non_finite else None)
             shown = next(next_planes, None) if reason is None else None
-            outcomes.append(Outcome.of(position, ref, reason=reason, meta=item.meta, planes=shown))
+            outcomes.append(
+                Outcome.of(position, ref, reason=reason, meta=item.meta, planes=shown, skipped=item.skipped)
+            )
             if reason is not None:
                 log.warning("skipped %s: %s", ref.source, reason)
         yield outcomes, vectors

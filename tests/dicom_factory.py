@@ -58,6 +58,7 @@ class SeriesSpec:
     study_uid: str = field(default_factory=generate_uid)
     patient: dict = field(default_factory=lambda: dict(PHI))
     series_description: str = "HEAD NC"
+    body_part: str | None = None  # BodyPartExamined, when set
     seed: int = 0
     slice_offsets: Sequence[float] | None = None  # mm along the normal per slice (zones, overlaps); None: k * step
 
@@ -136,6 +137,8 @@ def make_dataset(spec: SeriesSpec, *, k: int, pixels_hu: np.ndarray, instance: i
     ds.Manufacturer = spec.manufacturer
     ds.ConvolutionKernel = spec.kernel
     ds.SeriesDescription = spec.series_description
+    if spec.body_part is not None:
+        ds.BodyPartExamined = spec.body_part
     ds.ImageType = list(spec.image_type)
     ds.KVP = spec.kvp
     ds.SliceThickness = spec.thickness

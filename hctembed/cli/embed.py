@@ -40,6 +40,12 @@ def embed(
     secret: Path | None = typer.Option(
         None, "--secret", help="Pseudonym secret file (default: $HCTEMBED_SECRET or ~/.config/hctembed/secret.key)."
     ),
+    allow_non_head: bool = typer.Option(
+        False,
+        "--allow-non-head",
+        help="Embed scans whose header (body part, descriptions, field of view) or image (no skull ring around "
+        "brain) says they are not head CT; they are otherwise skipped as not_head. Also retries those skipped so.",
+    ),
     pseudonymise_files: bool = typer.Option(
         False,
         "--pseudonymise-files",
@@ -102,6 +108,7 @@ def embed(
         workers=workers,
         secret=secret,
         pseudonymise_files=pseudonymise_files,
+        allow_non_head=allow_non_head,
         index=index,
         device=device,
         checkpoint_seconds=checkpoint_seconds,

@@ -16,6 +16,12 @@ def scan(
     thickness: tuple[float, float] = typer.Option((0.5, 5.0), "--thickness", help="Slice thickness range, mm."),
     kvp: tuple[float, float] = typer.Option((70.0, 150.0), "--kvp", help="kVp range."),
     allow_contrast: bool = typer.Option(False, "--allow-contrast", help="Accept contrast-enhanced series too."),
+    allow_non_head: bool = typer.Option(
+        False,
+        "--allow-non-head",
+        help="Accept series whose header says another body region (BodyPartExamined, descriptions, a field of "
+        "view over 400 mm); otherwise skipped as not_head. The image test runs at embed time.",
+    ),
     kernel: str | None = typer.Option(None, "--kernel", help="Regex the convolution kernel must match."),
     description: str | None = typer.Option(
         None, "--description", help="Regex (case-insensitive) for SeriesDescription."
@@ -43,6 +49,7 @@ def scan(
         slice_thickness_mm=thickness,
         kvp=kvp,
         allow_contrast=allow_contrast,
+        allow_non_head=allow_non_head,
         kernel_pattern=kernel,
         description_pattern=description,
     )

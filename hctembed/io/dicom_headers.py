@@ -42,6 +42,9 @@ class SliceHeader:
     image_type: tuple[str, ...]
     series_description: str
     manufacturer: str
+    body_part: str
+    study_description: str
+    fov_mm: float | None  # ReconstructionDiameter, else the larger of rows x and columns x pixel spacing
     kernel: str
     contrast: bool
     slice_thickness: float | None
@@ -122,6 +125,13 @@ def _int(value) -> int | None:
         return None
 
 
+def _fov(ds: pydicom.Dataset, spacing: tuple[float, ...] | None) -> float | None:
+    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+    if spacing is None or not rows or not cols:
+        return None
+    return max(rows * spacing[0], cols * spacing[1])
+
+
 def header_of(ds: pydicom.Dataset, *, file: str) -> SliceHeader:
     """Header facts of a parsed dataset (classic or enhanced multi-frame)."""
     iop = _floats(ds.get("ImageOrientationPatient"), 6)
@@ -150,6 +160,9 @@ def header_of(ds: pydicom.Dataset, *, file: str) -> SliceHeader:
         image_type=tuple(str(t) for t in (ds.get("ImageType") or ())),
         series_description=str(ds.get("SeriesDescription", "")),
         manufacturer=str(ds.get("Manufacturer", "")),
+        body_part=str(ds.get("BodyPartExamined", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        fov_mm=_float(ds.get("ReconstructionDiameter")) or _fov(ds, spacing),
         kernel=" ".join(str(k) for k in np.atleast_1d(ds.get("ConvolutionKernel", "") or "")),
         contrast=bool(str(ds.get("ContrastBolusAgent", "") or "").strip()),
         slice_thickness=thickness,

@@ -208,6 +208,9 @@ def _candidates_of(uid: str, members: list[SliceHeader], *, pseudonyms, config) 
             kernel=first.kernel,
             description=first.series_description,
             config=config,
+            body_part=first.body_part,
+            study_description=first.study_description,
+            fov_mm=first.fov_mm,
         )
         stack_flag = [f"stack:{part}of{len(kept)}"] if len(kept) > 1 else []
         out.append(

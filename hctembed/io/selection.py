@@ -17,8 +17,9 @@ class SelectionConfig:
     min_slices: int = 10
     kernel_pattern: str | None = None  # e.g. r"^(Hr|Qr|J)(3[5-9]|4[0-5])" for the paper's kernels
     description_pattern: str | None = None  # matched case-insensitively against SeriesDescription
-    max_spacing_ratio: float = 3.0  # non-uniform slice spacing above max/min this ratio is skipped
+    max_spacing_ratio: float = 3.0  # coarsest / finest zone spacing (boundary gaps excluded); irregular: max / min gap
     max_gap_factor: float = 1.5  # a gap this many times the usual spacing is a missing slice
+    allow_non_head: bool = False  # keep series whose header or image says another body region
 
 
 # reason codes (stable strings: they land in the manifest and the status table)
@@ -34,6 +35,7 @@ DERIVED_ONLY = "derived_only"
 SECONDARY_CAPTURE = "secondary_capture"
 STRUCTURED_REPORT = "structured_report"
 NO_GEOMETRY = "no_geometry"
+NOT_HEAD = "not_head"  # see hctembed.head_check
 
 
 def check_series(
@@ -46,8 +48,12 @@ def check_series(
     kernel: str,
     description: str,
     config: SelectionConfig,
+    body_part: str = "",
+    study_description: str = "",
+    fov_mm: float | None = None,
 ) -> tuple[str, str] | None:
-    """``(reason_code, message)`` when the series is not selected, else None. Messages are PHI-free."""
+    """``(reason_code, message)`` when the series is not selected, else None. Messages are PHI-free (they name
+    header fields, never quote a description)."""
     if modality.upper() != config.modality.upper():
         return NOT_CT, f"modality {modality or 'missing'}, not {config.modality}"
     if contrast and not config.allow_contrast:
@@ -64,4 +70,10 @@ def check_series(
         return KERNEL, f"kernel {kernel or 'missing'} does not match {config.kernel_pattern}"
     if config.description_pattern and not re.search(config.description_pattern, description or "", re.IGNORECASE):
         return DESCRIPTION, "series description does not match the filter"
+    if not config.allow_non_head:
+        from hctembed.head_check import header_region
+
+        region, why = header_region(body_part=body_part, descriptions=(description, study_description), fov_mm=fov_mm)
+        if region == NOT_HEAD:
+            return NOT_HEAD, f"not a head CT: {why} (--allow-non-head keeps it)"
     return None

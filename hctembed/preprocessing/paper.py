@@ -15,6 +15,7 @@ Both return float32 ``[C, Z, Y, X]`` (C = number of windows; Z, Y, X along S, A,
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -66,16 +67,22 @@ def preprocess_paper(volume: Volume, *, config: PreprocessConfig) -> torch.Tenso
     return finish(resample_isotropic(volume, grid=grid), grid=grid, config=config)
 
 
-def preprocess_stream(stream, *, config: PreprocessConfig) -> torch.Tensor:
+def preprocess_stream(
+    stream, *, config: PreprocessConfig, look: Callable[[torch.Tensor], None] | None = None
+) -> torch.Tensor:
     """:func:`preprocess_paper` of a file read slab by slab (:class:`hctembed.io.nifti_stream.NiftiStream`: its
     RAS ``affine``, ``shape_xyz``, ``flips_zyx`` and ``slabs()``): each slab is resampled in-plane while the
-    next is inflated, so decoding and resampling overlap. Same result as ``preprocess(load_nifti(path))``."""
+    next is inflated, so decoding and resampling overlap. Same result as ``preprocess(load_nifti(path))``.
+    ``look(hu)`` sees the isotropic HU grid ``[Z, Y, X]`` (``config.spacing_mm``) before it is cropped (the
+    head check); it may raise to stop there."""
     slabs = stream.slabs()
     first = next(slabs)  # inflating has started in the background: compute the weights meanwhile
     grid = grid_for(affine=stream.affine, shape_xyz=stream.shape_xyz, spacing_mm=config.spacing_mm)
     nx, ny, nz = stream.shape_xyz
     weights = memory_weights(shape_zyx=(nz, ny, nx), flips_zyx=stream.flips_zyx, grid=grid)
     hu = resample_slabs(itertools.chain([first], slabs), weights=weights, n_slices=nz)
+    if look is not None:
+        look(hu)
     return finish(hu, grid=grid, config=config)
 
 

@@ -6,28 +6,46 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from hctembed.head_check import image_looks_like_head
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.io.nifti_stream import open_stream
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
-from hctembed.volume import MAX_VOXELS
+from hctembed.volume import MAX_VOXELS, VolumeError
+
+
+class NotHeadError(VolumeError):
+    """The image is not a head CT (:func:`hctembed.head_check.image_looks_like_head`): a skip, not a failure."""
+
+
+def check_head(hu: np.ndarray, *, spacing_zyx) -> None:
+    """Raise NotHeadError when the HU volume ``[Z, Y, X]`` does not look like a head."""
+    evidence = image_looks_like_head(hu, spacing_zyx=spacing_zyx)
+    if not evidence.is_head:
+        raise NotHeadError(f"not a head CT: {evidence.reason} (--allow-non-head keeps it)")
 
 
 def prepare(
-    ref: SeriesRef, *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS
+    ref: SeriesRef, *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS, head_check: bool = False
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Load and preprocess one scan: the model input ``[C, Z, Y, X]`` and PHI-free facts about the source.
 
-    Raises VolumeError with a readable reason (also when its headers claim more than ``max_voxels``).
+    Raises VolumeError with a readable reason (also when its headers claim more than ``max_voxels``), and
+    NotHeadError when ``head_check`` and the image is not a head (checked before the crop and windows).
     """
     streamed = variant_of(config).stream
     use_stream = ref.format == "nifti" and streamed is not None
     stream = open_stream(ref.path, max_voxels=max_voxels) if use_stream else None
     if stream is not None:
-        x, source = streamed(stream, config=config), stream
+        spacing = (float(config.spacing_mm),) * 3  # the isotropic grid the stream resamples onto
+        look = (lambda hu: check_head(hu.numpy(), spacing_zyx=spacing)) if head_check else None
+        x, source = streamed(stream, config=config, look=look), stream
     else:
         volume = load_series(ref, max_voxels=max_voxels)
+        if head_check:
+            check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
         x, source = preprocess(volume, config=config), volume
     facts = {
         **source.meta,

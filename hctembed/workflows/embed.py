@@ -35,6 +35,7 @@ class EmbedRequest:
     workers: int = 1
     secret: Path | None = None
     pseudonymise_files: bool = False  # NIfTI scan ids as keyed pseudonyms of their paths
+    allow_non_head: bool = False  # embed series whose header or image says another body region
     index: str | None = None
     device: str = "auto"
     checkpoint_seconds: float = 30.0
@@ -83,12 +84,18 @@ class EmbedSummary:
 
 
 def find_scans(
-    archive: Path, *, secret: Path | None, pseudonymise_files: bool = False, progress: Progress = NO_PROGRESS
+    archive: Path,
+    *,
+    secret: Path | None,
+    pseudonymise_files: bool = False,
+    allow_non_head: bool = False,
+    progress: Progress = NO_PROGRESS,
 ) -> ArchiveScan:
     """The archive's candidates: read from a manifest, or found by reading headers."""
     from hctembed.io.archive import scan_archive
     from hctembed.io.manifest import is_manifest, read_manifest
     from hctembed.io.pseudonym import Pseudonymizer
+    from hctembed.io.selection import SelectionConfig
 
     if is_manifest(archive):
         return read_manifest(archive)
@@ -101,6 +108,7 @@ def find_scans(
 
         return scan_archive(
             archive,
+            selection=SelectionConfig(allow_non_head=allow_non_head),
             pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
             pseudonymise_files=pseudonymise_files,
             progress=report,
@@ -167,8 +175,9 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     from hctembed.index.store import Store
 
     found = find_scans(
-        request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files, progress=progress
-    )
+        request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
+        allow_non_head=request.allow_non_head, progress=progress,
+    )  # fmt: skip
     refs = found.selected
     located = found.locations()
     table, origin = labels_of(request.archive, request.labels, locations=located)
@@ -194,6 +203,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 checkpoint_seconds=request.checkpoint_seconds,
                 max_voxels=request.max_voxels,
                 locations=located[len(refs) :],  # the skipped candidates' (the scans' own come with them)
+                allow_non_head=request.allow_non_head,
             )
         if table is not None:
             store.scans.set_patients(table.patients())
@@ -205,6 +215,18 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         embedded=report.embedded,
         unchanged=report.unchanged,
         failed=list(report.failed),
-        skipped=list(found.skipped),
+        skipped=list(found.skipped) + skipped_on_loading(refs, report.skipped),
         seconds=report.seconds,
     )
+
+
+def skipped_on_loading(refs, skipped: Sequence[tuple[str, str]]) -> list[Skipped]:
+    """Scans skipped once loaded (``(source, "code: reason")``, e.g. not a head) as Skipped rows."""
+    by_source = {r.source: r for r in refs}
+    rows = []
+    for source, reason in skipped:
+        code, _, why = reason.partition(": ")
+        ref = by_source.get(source)
+        kind = "series" if ref is not None and ref.format == "dicom" else "file"
+        rows.append(Skipped(source, ref.scan_id if ref else None, ref.patient_id if ref else None, kind, code, why))
+    return rows

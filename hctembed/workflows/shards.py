@@ -23,6 +23,7 @@ from hctembed.workflows.embed import (
     import_labels,
     labels_of,
     load_request_encoder,
+    skipped_on_loading,
 )
 from hctembed.workflows.progress import NO_PROGRESS, Progress
 
@@ -48,8 +49,9 @@ class MergeRequest:
 
 def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str | None, progress: Progress):
     """Labels, then the parts into the database; returns the MergeReport and the collection's status rows."""
-    from hctembed.embed_shards import merge_shards, part_rows
+    from hctembed.embed_shards import merge_shards
     from hctembed.index.store import Store
+    from hctembed.shard_parts import part_rows
 
     with Store(request.db) as store:
         import_labels(store, table, origin)
@@ -99,8 +101,9 @@ def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -
     shards.mkdir(parents=True, exist_ok=True)
     if not is_manifest(request.archive):  # the other ranks read this manifest
         found = find_scans(
-            request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files, progress=progress
-        )
+            request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
+            allow_non_head=request.allow_non_head, progress=progress,
+        )  # fmt: skip
         write_manifest(found, shards / "manifest.parquet")
 
 
@@ -183,7 +186,7 @@ def run_embed_distributed(
         shard = embed_shard(
             refs=refs, encoder=encoder, folder=shards, rank=rank, world=world, stored=stored,
             batch_size=request.batch_size, num_workers=request.workers, retry_failed=request.retry_failed,
-            progress=advance, max_voxels=request.max_voxels,
+            progress=advance, max_voxels=request.max_voxels, allow_non_head=request.allow_non_head,
         )  # fmt: skip
     reports = ddp.all_gather_objects(shard)
     summary = None
@@ -194,15 +197,18 @@ def run_embed_distributed(
         failed = [
             (r.source, row.reason or "") for r in refs if (row := status.get(r.source)) and row.status == "failed"
         ]
+        not_selected = [
+            (r.source, row.reason or "") for r in refs if (row := status.get(r.source)) and row.status == "skipped"
+        ]
         summary = EmbedSummary(
             db=request.db,
             model_id=merged.collection.model_id,
             fingerprint=merged.collection.fingerprint,
             scans=len(refs),
             embedded=merged.embedded,
-            unchanged=len(refs) - merged.embedded - len(failed),
+            unchanged=len(refs) - merged.embedded - len(failed) - len(not_selected),
             failed=failed,
-            skipped=list(found.skipped),
+            skipped=list(found.skipped) + skipped_on_loading(refs, not_selected),
             seconds=time.perf_counter() - start,
             extra={
                 "ranks": world,

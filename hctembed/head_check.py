@@ -1,0 +1,173 @@
+"""Is this a head CT? From the header where it says so, else from the image.
+
+An archive export mixes head CT with chest, abdominal and spine CT, and an encoder pretrained on heads gives
+a body scan a vector anyway: it would be searched as a head. Two checks decide ``not_head`` (a recorded skip
+reason; ``--allow-non-head`` overrides both):
+
+* **Header** (DICOM, when the archive is scanned, before any pixel is read): BodyPartExamined naming a body
+  region other than the head, or, where BodyPartExamined is empty, study or series descriptions naming only
+  body regions; or a reconstructed field of view wider than any head needs (:data:`MAX_HEAD_FOV_MM`).
+  Descriptions are matched in memory and never stored.
+* **Image** (every scan, on the HU volume it is loaded into): on axial slices through the middle of the
+  volume, a head is a cross-section of head size (:data:`BODY_AREA_CM2`, the patient and the convex hull of
+  its bone) whose bone forms a ring (:data:`MIN_RING` of the directions from its centre reach bone; a missing
+  bone flap leaves most of them) around tissue of brain density (0-90 HU: brain, blood) with little fat or
+  air, or a closed ring (:data:`CLOSED_RING`) around air with hardly any tissue beyond it (a dry-skull
+  phantom). An adult chest or abdomen is several times a head's cross-section; a small chest holds lung
+  inside a thick chest wall, an abdomen fat, and their bone covers fewer directions.
+
+Pure numpy/scipy on a few slices, resampled to about 2 mm: a few milliseconds per scan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+NOT_HEAD = "not_head"
+
+HEAD_PARTS = {"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "HEADNECK", "HEAD_NECK", "HEADANDNECK"}
+BODY_PARTS = {
+    "CHEST", "THORAX", "LUNG", "HEART", "ABDOMEN", "ABD", "PELVIS", "ABDOMENPELVIS", "CHESTABDOMEN",
+    "CHESTABDOMENPELVIS", "CAP", "WHOLEBODY", "BODY", "TRUNK", "LIVER", "KIDNEY", "SPINE", "CSPINE", "TSPINE",
+    "LSPINE", "SSPINE", "NECK", "SHOULDER", "ARM", "ELBOW", "WRIST", "HAND", "HIP", "LEG", "KNEE", "ANKLE",
+    "FOOT", "EXTREMITY", "BREAST", "COLON", "AORTA",
+}  # fmt: skip
+_HEAD_WORDS = re.compile(r"head|brain|skull|cran|cereb|neuro|stroke|kopf|sch(a|ae|ä)del|t(ê|e)te|cabeza", re.I)
+_BODY_WORDS = re.compile(
+    r"chest|thora|lung|pulmo|ctpa|cardiac|heart|coronar|abd|pelvi|liver|hepat|renal|kidney|colon|spine|lumbar|"
+    r"thoracic|knee|hip|shoulder|extremit|aorta|runoff|whole.?body|thorax|bauch|becken",
+    re.I,
+)
+MAX_HEAD_FOV_MM = 400.0  # heads are reconstructed at 180-300 mm; 400 mm and more is a body field of view
+BODY_AREA_CM2 = (40.0, 450.0)  # an adult head's axial cross-section is about 120-260 cm2; an adult trunk 500+
+CLOSED_RING = 0.85  # of the directions from the centre reach bone: a closed skull (may hold air: a phantom)
+MIN_RING = 0.55  # an open ring (a missing bone flap) is a head only with brain inside; ribs cover less
+MIN_BRAIN_FRACTION = 0.6  # of the tissue inside the bone's hull at 0-90 HU
+MAX_AIR_FRACTION = 0.10  # inside the hull below -200 HU (lung)
+MAX_FAT_FRACTION = 0.15  # inside the hull at -200..-20 HU (abdominal fat)
+MAX_OUTSIDE_FRACTION = 0.15  # tissue beyond a closed ring around air, as a fraction of what it encloses: a
+# skull's scalp is thin (nothing on a dry-skull phantom), a chest wall thick
+HEAD_SLICES_NEEDED = 2  # of the slices checked through the middle of the volume
+
+
+def header_region(
+    *, body_part: str = "", descriptions: Sequence[str] = (), fov_mm: float | None = None
+) -> tuple[str | None, str]:
+    """``("head" | "not_head" | None, reason)`` from header fields; ``None`` when they do not say. The reason
+    names the field, never a description's text."""
+    part = re.sub(r"[^A-Z]", "", (body_part or "").upper())
+    if part in BODY_PARTS:
+        return NOT_HEAD, f"BodyPartExamined is {part}"
+    if fov_mm is not None and fov_mm >= MAX_HEAD_FOV_MM:
+        return NOT_HEAD, f"a {fov_mm:.0f} mm field of view (a head is reconstructed under {MAX_HEAD_FOV_MM:.0f} mm)"
+    if part in HEAD_PARTS:
+        return "head", f"BodyPartExamined is {part}"
+    text = " ".join(d for d in descriptions if d)
+    head, body = bool(_HEAD_WORDS.search(text)), bool(_BODY_WORDS.search(text))
+    if body and not head:
+        return NOT_HEAD, "the study or series description names a body region, not the head"
+    if head:
+        return "head", "the study or series description names the head"
+    return None, ""
+
+
+@dataclass(frozen=True)
+class HeadEvidence:
+    """What the image test saw: how many of the checked slices looked like a head, and why the best did not."""
+
+    is_head: bool
+    head_slices: int
+    checked: int
+    reason: str
+
+
+def image_looks_like_head(hu: np.ndarray, *, spacing_zyx: Sequence[float]) -> HeadEvidence:
+    """The image test on a HU volume ``[Z, Y, X]`` (axial slices along Z, as volumes here are ordered) with
+    voxel sizes ``spacing_zyx`` (mm)."""
+    nz = hu.shape[0]
+    dy, dx = float(spacing_zyx[1]), float(spacing_zyx[2])
+    step_y, step_x = max(1, int(2.0 / dy + 0.5)), max(1, int(2.0 / dx + 0.5))  # about 2 mm pixels
+    picks = sorted({int(f * (nz - 1) + 0.5) for f in np.linspace(0.3, 0.7, 7)})
+    pixel_cm2 = dy * step_y * dx * step_x / 100
+    results = [_slice_evidence(np.asarray(hu[z, ::step_y, ::step_x]), pixel_cm2=pixel_cm2) for z in picks]
+    head = sum(ok for ok, _ in results)
+    needed = min(HEAD_SLICES_NEEDED, len(results))
+    if head >= needed:
+        return HeadEvidence(True, head, len(results), "")
+    reasons = [why for ok, why in results if not ok]
+    common = max(set(reasons), key=reasons.count)
+    why = f"{head} of {len(results)} middle slices look like a head ({common})"
+    return HeadEvidence(False, head, len(results), why)
+
+
+def _slice_evidence(sl: np.ndarray, *, pixel_cm2: float) -> tuple[bool, str]:
+    bone = sl > 300
+    if bone.sum() * pixel_cm2 < 2.0:
+        return False, "no bone"
+    hull = _convex_hull_mask(bone)
+    body = _body(sl)
+    area = float((hull | body).sum()) * pixel_cm2
+    lo, hi = BODY_AREA_CM2
+    if not lo <= area <= hi:
+        return False, f"a cross-section of {area:.0f} cm2, not a head's {lo:.0f}-{hi:.0f}"
+    inside = hull & ~ndimage.binary_dilation(bone, iterations=1)
+    if inside.sum() * pixel_cm2 < 20.0:
+        return False, "too little inside the bone"
+    ring = _ring_coverage(bone, inside)
+    if ring < MIN_RING:
+        return False, f"bone in {ring:.0%} of the directions around it, not a skull's ring"
+    values = sl[inside]
+    air = float(np.mean(values < -200))
+    if air > MAX_AIR_FRACTION:
+        beyond = float((body & ~hull).sum() / max(hull.sum(), 1))
+        if ring >= CLOSED_RING and beyond <= MAX_OUTSIDE_FRACTION:  # an empty skull (a phantom), not a chest
+            return True, ""
+        return False, f"{air:.0%} air inside the bone (lung?)"
+    fat = float(np.mean((values >= -200) & (values < -20)))
+    if fat > MAX_FAT_FRACTION:
+        return False, f"{fat:.0%} fat inside the bone"
+    brain = float(np.mean((values >= 0) & (values <= 90)))
+    if brain < MIN_BRAIN_FRACTION:
+        return False, f"{brain:.0%} of the tissue inside the bone at brain density"
+    return True, ""
+
+
+def _body(sl: np.ndarray) -> np.ndarray:
+    """The largest connected region above -300 HU, holes filled: the patient (lungs included), not the table."""
+    tissue = sl > -300
+    labels, n = ndimage.label(tissue)
+    if n == 0:
+        return tissue
+    sizes = ndimage.sum_labels(tissue, labels, index=np.arange(1, n + 1))
+    return ndimage.binary_fill_holes(labels == (1 + int(np.argmax(sizes))))
+
+
+def _convex_hull_mask(mask: np.ndarray) -> np.ndarray:
+    """The filled convex hull of ``mask`` (a 2D boolean array), rasterised by Pillow."""
+    from PIL import Image, ImageDraw
+    from scipy.spatial import ConvexHull, QhullError
+
+    points = np.argwhere(mask)
+    if len(points) < 3:
+        return np.zeros_like(mask)
+    try:
+        hull = ConvexHull(points.astype(np.float64))
+    except QhullError:  # all on one line
+        return np.zeros_like(mask)
+    canvas = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([(int(points[v, 1]), int(points[v, 0])) for v in hull.vertices], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _ring_coverage(bone: np.ndarray, inside: np.ndarray) -> float:
+    """The fraction of 36 directions (10 degree sectors) from the centre of ``inside`` in which bone lies: coarse
+    enough that a skull drawn with 5 mm pixels still fills every sector it surrounds."""
+    cy, cx = np.argwhere(inside).mean(axis=0)
+    by, bx = np.nonzero(bone)
+    sectors = ((np.degrees(np.arctan2(by - cy, bx - cx)) + 180.0) // 10).astype(int) % 36
+    return float(np.unique(sectors).size / 36)
