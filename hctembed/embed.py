@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hctembed.index.choice import IndexOptions
+from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
@@ -144,6 +145,7 @@ def embed_archive(
     max_voxels: int = MAX_VOXELS,
     locations: Sequence[Location] = (),
     allow_non_head: bool = False,
+    feed: LiveFeed | None = None,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
 
@@ -156,7 +158,8 @@ def embed_archive(
     ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
     :func:`refresh_index`. Where each scan lies (and ``locations`` of skipped candidates) goes to the locator
     beside the database, never into it. A scan whose image is not a head is skipped (``not_head``) unless
-    ``allow_non_head``, which also tries again those skipped so before.
+    ``allow_non_head``, which also tries again those skipped so before. Each committed batch also goes to
+    ``feed`` when a server has attached to it.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
@@ -181,7 +184,8 @@ def embed_archive(
     )  # fmt: skip
     for outcomes, vectors in batches:
         with store.transaction():
-            store_outcomes(collection, outcomes, vectors, patients=patients)
+            ids = store_outcomes(collection, outcomes, vectors, patients=patients)
+        publish_batch(feed, collection, outcomes, ids, vectors, patients=patients)
         if time.perf_counter() - last_checkpoint >= checkpoint_seconds:
             store.checkpoint()
             last_checkpoint = time.perf_counter()
@@ -207,11 +211,13 @@ def store_outcomes(
     """Write scans, vectors ``[n_embedded, dim]`` (embedded outcomes, in order) and status rows.
 
     Call inside a transaction. A failed scan loses any vector stored before (a changed file that no longer
-    loads must not keep its old one). Vectors are inserted in ``outcomes`` order, which fixes their ids.
+    loads must not keep its old one). Vectors are inserted in ``outcomes`` order, which fixes their ids;
+    returns them ``[n_embedded]``.
     """
     patients = patients or {}
     good = [o for o in outcomes if o.status == "embedded"]
     bad = [o for o in outcomes if o.status != "embedded"]
+    ids = np.zeros(0, np.int64)
     if good:
         collection.store.scans.upsert(
             [
@@ -224,7 +230,7 @@ def store_outcomes(
                 for o in good
             ]
         )
-        collection.add(scan_ids=[o.scan_id for o in good], vectors=vectors)
+        ids = collection.add(scan_ids=[o.scan_id for o in good], vectors=vectors)
         collection.set_planes([(o.scan_id, o.planes) for o in good if o.planes])
     collection.delete([o.scan_id for o in bad if o.scan_id])
     collection.record_statuses(
@@ -239,6 +245,35 @@ def store_outcomes(
             )
             for o in outcomes
         ]
+    )
+    return ids
+
+
+def publish_batch(
+    feed: LiveFeed | None,
+    collection: Collection,
+    outcomes: Sequence[Outcome],
+    ids: np.ndarray,
+    vectors: np.ndarray | None,
+    *,
+    patients: dict[str, str] | None = None,
+) -> None:
+    """Tell an attached server (:mod:`hctembed.index.live_feed`) about a batch that has just committed."""
+    if feed is None or not feed.attached:
+        return
+    good = [o for o in outcomes if o.status == "embedded"]
+    labels = collection.store.labels.of([o.scan_id for o in good])
+    feed.publish(
+        collection_id=collection.collection_id,
+        model_id=collection.model_id,
+        fingerprint=collection.fingerprint,
+        ids=ids,
+        scan_ids=[o.scan_id for o in good],
+        vectors=vectors if vectors is not None else np.zeros((0, collection.dim), np.float32),
+        patients=[o.patient_id or (patients or {}).get(o.scan_id) for o in good],
+        labels=[labels.get(o.scan_id, {}) for o in good],
+        planes=[o.planes for o in good],
+        deleted=[o.scan_id for o in outcomes if o.status != "embedded" and o.scan_id],
     )
 
 

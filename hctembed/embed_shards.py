@@ -36,12 +36,14 @@ from hctembed.embed import (
     encode_refs,
     needs_embedding,
     plan_run,
+    publish_batch,
     record_skipped,
     refresh_index,
     refuse_other_archives,
     store_outcomes,
 )
 from hctembed.errors import HctembedError
+from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
 from hctembed.index.store.locator import Locator
 from hctembed.io.archive import SeriesRef, Skipped
@@ -244,6 +246,7 @@ def merge_shards(
     index_kind: str | None = None,
     keep_parts: bool = False,
     progress: Callable[[int], None] | None = None,
+    feed: LiveFeed | None = None,
 ) -> MergeReport:
     """Store every outcome in the folder's parts (in run order), record skipped candidates, build the index.
 
@@ -285,13 +288,10 @@ def merge_shards(
             keep.append(o)
             if v is not None:
                 keep_vec.append(v)
+        kept = np.stack(keep_vec) if keep_vec else np.zeros((0, collection.dim), np.float32)
         with store.transaction():
-            store_outcomes(
-                collection,
-                keep,
-                np.stack(keep_vec) if keep_vec else np.zeros((0, collection.dim), np.float32),
-                patients=patients,
-            )
+            ids = store_outcomes(collection, keep, kept, patients=patients)
+        publish_batch(feed, collection, keep, ids, kept, patients=patients)
         embedded += len(keep_vec)
         failed += len(keep) - len(keep_vec)
         if progress:

@@ -38,9 +38,9 @@ BODY_PARTS = {
     "FOOT", "EXTREMITY", "BREAST", "COLON", "AORTA",
 }  # fmt: skip
 _HEAD_WORDS = re.compile(r"head|brain|skull|cran|cereb|neuro|stroke|kopf|sch(a|ae|ä)del|t(ê|e)te|cabeza", re.I)
-_BODY_WORDS = re.compile(
-    r"chest|thora|lung|pulmo|ctpa|cardiac|heart|coronar|abd|pelvi|liver|hepat|renal|kidney|colon|spine|lumbar|"
-    r"thoracic|knee|hip|shoulder|extremit|aorta|runoff|whole.?body|thorax|bauch|becken",
+_BODY_WORDS = re.compile(  # whole words where a short stem would match inside a head word (hippocampus)
+    r"chest|thora|\blungs?\b|pulmo|ctpa|cardiac|\bheart\b|coronar|\babd|pelvi|\bliver\b|hepat|\brenal\b|kidney|"
+    r"\bcolon|spine|lumbar|\bknees?\b|\bhips?\b|shoulder|extremit|aort|runoff|whole.?body|\bbauch|becken",
     re.I,
 )
 MAX_HEAD_FOV_MM = 400.0  # heads are reconstructed at 180-300 mm; 400 mm and more is a body field of view
@@ -100,7 +100,7 @@ def image_looks_like_head(hu: np.ndarray, *, spacing_zyx: Sequence[float]) -> He
     if head >= needed:
         return HeadEvidence(True, head, len(results), "")
     reasons = [why for ok, why in results if not ok]
-    common = max(set(reasons), key=reasons.count)
+    common = max(reasons, key=reasons.count)  # ties: the first slice's (deterministic)
     why = f"{head} of {len(results)} middle slices look like a head ({common})"
     return HeadEvidence(False, head, len(results), why)
 

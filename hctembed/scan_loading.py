@@ -60,7 +60,8 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels, head_check=self.head_check)
+            check = self.head_check and ref.facts.get("header_region") != "head"  # the header said head: trusted
+            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels, head_check=check)
         except NotHeadError as exc:
             return Prepared(i, None, f"{NOT_HEAD}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
@@ -217,5 +218,5 @@ def _encode_batches(
                 Outcome.of(position, ref, reason=reason, meta=item.meta, planes=shown, skipped=item.skipped)
             )
             if reason is not None:
-                log.warning("skipped %s: %s", ref.source, reason)
+                log.warning("%s %s: %s", "skipped" if item.skipped else "failed", ref.source, reason)
         yield outcomes, vectors

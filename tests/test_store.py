@@ -343,19 +343,20 @@ def test_paths_inside_the_database_folder_are_stored_relative(tmp_path):
         assert hits[1].path == str(moved / "archive" / "s0.nii.gz") and hits[2].path == str(outside / "s1.nii.gz")
 
 
-def test_a_database_written_before_the_locator_still_finds_its_files(tmp_path):
-    """Schema v5 files recorded each scan's archive and relative path in ``scans``: hits still find them, and
-    the next write of that scan clears the columns (the path then lives in the locator only)."""
+def test_a_database_written_before_the_locator_has_its_paths_moved_to_the_locator(tmp_path):
+    """Schema v5 files recorded each scan's archive and relative path in ``scans``: the next open for writing
+    moves them to the locator and clears the columns, and hits still find the files."""
     db = tmp_path / "h.duckdb"
     with Store(db) as store:
         store.scans.upsert([ScanRow(scan_id="s0")])
         store.db.run("UPDATE scans SET archive_root = 'archive', source = 'sub/s0.nii.gz'")
         coll = store.collection(model_id="m", fingerprint="f", dim=8)
         coll.add(scan_ids=["s0"], vectors=_unit(np.random.default_rng(0), 1, 8))
-        assert coll.hits([1])[1].path == str(tmp_path / "archive" / "sub" / "s0.nii.gz")
-        store.scans.upsert([ScanRow(scan_id="s0", format="nifti")])
-        assert coll.hits([1])[1].path is None
+    with Store(db, read_only=True) as store:  # a reader finds them where they are
+        assert store.resolve_collection().hits([1])[1].path == str(tmp_path / "archive" / "sub" / "s0.nii.gz")
+    with Store(db) as store:
         assert store.db.one("SELECT source, archive_root FROM scans") == (None, None)
+        assert store.resolve_collection().hits([1])[1].path == str(tmp_path / "archive" / "sub" / "s0.nii.gz")
 
 
 def test_files_left_by_an_interrupted_write_are_swept_when_the_database_is_next_written(tmp_path):

@@ -23,6 +23,7 @@ from hctembed.cli import (
 from hctembed.cli import explain as explain_cli
 from hctembed.cli import locate as locate_cli
 from hctembed.cli import map as map_cli
+from hctembed.cli import serve as serve_cli
 from hctembed.cli.common import friendly_errors
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ app.command("merge-shards")(friendly_errors(embed.merge_shards_command))
 app.command("search")(friendly_errors(search.search))
 app.command("explain")(friendly_errors(explain_cli.explain))
 app.command("locate")(friendly_errors(locate_cli.locate))
+app.command("serve")(friendly_errors(serve_cli.serve))
 app.command("map")(friendly_errors(map_cli.map_command))
 app.add_typer(bench.app, name="bench")
 app.add_typer(datasets.app, name="datasets")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hctembed.head_check import header_region
 from hctembed.io import selection as sel
 from hctembed.io.dicom_headers import SliceHeader
 from hctembed.io.pseudonym import Pseudonymizer
@@ -199,6 +200,11 @@ def _candidates_of(uid: str, members: list[SliceHeader], *, pseudonyms, config) 
     for part, stack in enumerate(kept, start=1 if len(kept) > 1 else 0):
         first = stack[0]
         facts = _facts(stack)
+        region, _ = header_region(
+            body_part=first.body_part, descriptions=(first.series_description, first.study_description)
+        )
+        if region == "head":  # the header says so: the image test is not needed (an infant's skull may fail it)
+            facts["header_region"] = region
         decision = sel.check_series(
             modality=first.modality,
             contrast=first.contrast,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hctembed.errors import InputError
+from hctembed.index.live_feed import LiveFeed
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
 from hctembed.io.locator import Location
@@ -188,6 +189,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     )  # fmt: skip
     with Store(request.db) as store:
         import_labels(store, table, origin)
+        feed = LiveFeed(store.paths.live)
         with progress.task("embedding", total=len(refs)) as advance:
             report = embed_archive(
                 refs=refs,
@@ -204,9 +206,11 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 max_voxels=request.max_voxels,
                 locations=located[len(refs) :],  # the skipped candidates' (the scans' own come with them)
                 allow_non_head=request.allow_non_head,
+                feed=feed,
             )
         if table is not None:
             store.scans.set_patients(table.patients())
+        hand_over_to_server(store, feed)
     return EmbedSummary(
         db=request.db,
         model_id=report.collection.model_id,
@@ -218,6 +222,17 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         skipped=list(found.skipped) + skipped_on_loading(refs, report.skipped),
         seconds=report.seconds,
     )
+
+
+def hand_over_to_server(store, feed) -> None:
+    """When a server reads this database (it made a snapshot before): publish a new snapshot of it, then drop
+    the live feed files this run wrote, which the snapshot now holds."""
+    from hctembed.index.store.snapshot import publish_snapshot
+
+    if store.paths.snapshot.exists():
+        publish_snapshot(store)
+        log.info("published %s for the server reading this database", store.paths.snapshot.name)
+    feed.remove_written()
 
 
 def skipped_on_loading(refs, skipped: Sequence[tuple[str, str]]) -> list[Skipped]:

@@ -20,6 +20,7 @@ from hctembed.workflows.embed import (
     EmbedSummary,
     InputError,
     find_scans,
+    hand_over_to_server,
     import_labels,
     labels_of,
     load_request_encoder,
@@ -50,11 +51,13 @@ class MergeRequest:
 def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str | None, progress: Progress):
     """Labels, then the parts into the database; returns the MergeReport and the collection's status rows."""
     from hctembed.embed_shards import merge_shards
+    from hctembed.index.live_feed import LiveFeed
     from hctembed.index.store import Store
     from hctembed.shard_parts import part_rows
 
     with Store(request.db) as store:
         import_labels(store, table, origin)
+        feed = LiveFeed(store.paths.live)
         with progress.task("merging parts", total=part_rows(request.shards)) as advance:
             merged = merge_shards(
                 folder=request.shards,
@@ -63,9 +66,11 @@ def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str 
                 index_kind=request.index,
                 keep_parts=request.keep_parts,
                 progress=advance,
+                feed=feed,
             )
         if table is not None:
             store.scans.set_patients(table.patients())
+        hand_over_to_server(store, feed)
         collection = store.collection(model_id=merged.collection.model_id, fingerprint=merged.collection.fingerprint)
         return merged, collection.status()
 

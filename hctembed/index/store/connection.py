@@ -6,6 +6,7 @@ Row-wise inserts of 768-float lists are ~60x slower than Arrow, so every multi-r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -17,6 +18,8 @@ import pyarrow as pa
 from hctembed.errors import first_line
 from hctembed.index.store.errors import StoreError
 
+READER_WAIT_S = 15.0  # how long a writer waits for readers to let go before it says who holds the file
+
 
 class Database:
     """A DuckDB file opened for reading or writing."""
@@ -27,16 +30,24 @@ class Database:
             raise StoreError(f"no database at {self.path}; run `hctembed embed ARCHIVE --db {self.path}` first")
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)  # `--db out/h.duckdb` in a folder not made yet
-        try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise StoreError(self._lock_message(read_only)) from None
-            raise StoreError(f"cannot open {self.path}: {first_line(exc)}") from None
-        except duckdb.Error as exc:  # a truncated or overwritten file: serialization / internal errors
-            raise StoreError(
-                f"cannot open {self.path}: not a readable DuckDB database (truncated or damaged?): {first_line(exc)}"
-            ) from None
+        deadline = time.monotonic() + READER_WAIT_S
+        while True:
+            try:
+                self._con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise StoreError(f"cannot open {self.path}: {first_line(exc)}") from None
+                message = self._lock_message(read_only)
+                # a reader that holds the file briefly (a server copying its snapshot) is waited for
+                if read_only or "for reading" not in message or time.monotonic() > deadline:
+                    raise StoreError(message) from None
+                time.sleep(0.25)
+            except duckdb.Error as exc:  # a truncated or overwritten file: serialization / internal errors
+                raise StoreError(
+                    f"cannot open {self.path}: not a readable DuckDB database (truncated or damaged?): "
+                    f"{first_line(exc)}"
+                ) from None
         self.read_only = read_only
         self._tx_depth = 0
 

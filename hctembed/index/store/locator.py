@@ -99,11 +99,3 @@ def _pack(files: Sequence[str]) -> bytes | None:
 
 def _unpack(blob: bytes | None) -> tuple[str, ...]:
     return tuple(json.loads(zlib.decompress(blob))) if blob else ()
-
-
-def _pack(files: Sequence[str]) -> bytes | None:
-    return zlib.compress(json.dumps(list(files)).encode(), 6) if files else None
-
-
-def _unpack(blob: bytes | None) -> tuple[str, ...]:
-    return tuple(json.loads(zlib.decompress(blob))) if blob else ()

@@ -1,6 +1,7 @@
 """Every file that lives beside a database, derived in one place: ``<db>.faiss/`` (the FAISS indices and their
 manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries can be embedded later) and
-``<db>.shards/`` (Parquet parts of a sharded run) and ``<db>.locator`` (where each scan's files lie: paths,
+``<db>.shards/`` (Parquet parts of a sharded run), ``<db>.snapshot`` and ``<db>.live/`` (what a server reads while an
+``embed`` writes) and ``<db>.locator`` (where each scan's files lie: paths,
 which the database never holds; see :mod:`hctembed.io.locator`)."""
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ class SidecarPaths:
     @property
     def locator(self) -> Path:
         return self._beside(".locator")
+
+    @property
+    def snapshot(self) -> Path:
+        """The copy a server reads (see :mod:`hctembed.index.store.snapshot`)."""
+        return self._beside(".snapshot")
+
+    @property
+    def live(self) -> Path:
+        """Batches committed since the last snapshot, for a server (see :mod:`hctembed.index.live_feed`)."""
+        return self._beside(".live")
 
     def sweep_temporary(self, *, older_than_s: float = 600.0) -> list[Path]:
         """Remove what an interrupted write left behind (killed, or a full disk): ``*.tmp`` index files and

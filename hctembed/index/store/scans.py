@@ -69,8 +69,26 @@ class ScansRepo:
             )
         return {r[0]: (resolved_path(r[1], db=self.db.path), r[2]) for r in rows}
 
+    def take_legacy_locations(self) -> dict[str, tuple[str, str]]:
+        """Every ``{scan_id: (archive_root, source)}`` a database written before the locator recorded, with the
+        columns cleared (call in a transaction, after writing them to the locator)."""
+        rows = self.db.rows(
+            "SELECT scan_id, archive_root, source FROM scans WHERE archive_root IS NOT NULL AND source IS NOT NULL"
+        )
+        return {r[0]: (resolved_path(r[1], db=self.db.path), r[2]) for r in rows}
+
+    def clear_legacy_locations(self) -> None:
+        self.db.run(
+            "UPDATE scans SET archive_root = NULL, source = NULL WHERE archive_root IS NOT NULL OR source IS NOT NULL"
+        )
+
     def exists(self, scan_id: str) -> bool:
         return self.db.one("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id])[0] > 0
+
+    def all(self) -> list[ScanRow]:
+        """Every stored scan's row."""
+        rows = self.db.rows("SELECT scan_id, patient_id, format, meta FROM scans ORDER BY scan_id")
+        return [ScanRow(r[0], r[1], r[2], json.loads(r[3]) if r[3] else {}) for r in rows]
 
     def meta(self) -> dict[str, dict[str, Any]]:
         """``{scan_id: meta}`` of every stored scan (the protocol facts recorded at embedding time)."""

@@ -40,6 +40,7 @@ class Store:
                 migrate(self.db, path=self.path)
                 for path in self.paths.sweep_temporary():
                     log.info("removed %s, left by an interrupted write", path.name)
+                self._move_paths_to_the_locator()
             elif self.schema_version() < SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema v{self.schema_version()}; open it once for writing")
         except BaseException:
@@ -96,6 +97,18 @@ class Store:
         return Collection(
             self, self._collections.create(model_id=model_id, fingerprint=fingerprint, dim=dim, preprocess=preprocess)
         )
+
+    def _move_paths_to_the_locator(self) -> None:
+        """A database written before the locator kept paths in ``scans``: they move to the locator (written
+        first, so a crash in between loses nothing) and leave the database."""
+        legacy = ScansRepo(self.db).take_legacy_locations()
+        if not legacy:
+            return
+        with Locator(self.paths.locator) as locator:
+            locator.put(Location(s, root, source) for s, (root, source) in legacy.items())
+        with self.db.transaction():
+            ScansRepo(self.db).clear_legacy_locations()
+        log.info("moved the paths of %d scans from %s to %s", len(legacy), self.path.name, self.paths.locator.name)
 
     def locations(self, scan_ids: Sequence[str]) -> dict[str, Location]:
         """Where stored scans lie, from the locator beside the database; scans stored before the locator

@@ -1,0 +1,170 @@
+"""Load on ``hctembed serve``: concurrent clients against one server on loopback, beside the CLI's per-call time
+measured in the same run.
+
+Builds a synthetic archive (``--scans`` scans, 48x48 matrix), embeds it with vit-micro, starts ``hctembed serve``
+in its own process and drives it with ``--clients`` threads (each a keep-alive HTTP client) for ``--seconds``
+per mode:
+
+* ``id``   ``GET /api/search?id=...&k=10`` (a random stored scan each time);
+* ``file`` ``POST /api/search?k=10`` with one of the archive's ``.nii.gz`` files.
+
+Prints p50 / p99 latency and throughput per mode, the CLI's ``search --id`` and ``search FILE`` wall time
+(median of ``--cli-runs`` fresh processes), and the ratio CLI p50 / server p50; errors are counted, never
+retried. Writes ``benchmarks/results/serve_load.json``. Loopback only; bounded in clients and time.
+
+    python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--scans 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+MAX_CLIENTS, MAX_SECONDS = 64, 120
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hctembed.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def timed_cli(args, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = cli(*args)
+        times.append(time.perf_counter() - start)
+        if result.returncode != 0:
+            raise SystemExit(result.stderr)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(url: str, *, clients: int, seconds: float, request) -> dict:
+    """``clients`` threads calling ``request(client)`` for ``seconds``; latency percentiles and throughput."""
+    latencies, errors, lock = [], [0], threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                try:
+                    ok = request(client, rng).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                took = time.perf_counter() - start
+                with lock:
+                    (latencies.append(took) if ok else errors.__setitem__(0, errors[0] + 1))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    begin = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - begin
+    latencies.sort()
+    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else (lambda q: None)
+    return {
+        "requests": len(latencies),
+        "errors": errors[0],
+        "p50_s": pick(0.50),
+        "p99_s": pick(0.99),
+        "per_second": len(latencies) / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--scans", type=int, default=40)
+    parser.add_argument("--cli-runs", type=int, default=3)
+    args = parser.parse_args()
+    clients, seconds = min(args.clients, MAX_CLIENTS), min(args.seconds, MAX_SECONDS)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive, db = Path(tmp) / "archive", Path(tmp) / "h.duckdb"
+        for step in (
+            ("synth", archive, "--n", args.scans, "--seed", 5, "--matrix", 48, "--quiet"),
+            ("embed", archive, "--db", db, "--model", "vit-micro", "--workers", 0, "--quiet"),
+        ):
+            result = cli(*step)
+            if result.returncode != 0:
+                raise SystemExit(result.stderr)
+        files = sorted(archive.glob("*.nii.gz"))
+        scan_ids = [f.name.removesuffix(".nii.gz") for f in files]
+        cli_id = timed_cli(("search", "--id", scan_ids[0], "--db", db, "-k", 10, "--json"), args.cli_runs)
+        cli_file = timed_cli(("search", files[0], "--db", db, "-k", 10, "--json"), args.cli_runs)
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "hctembed.cli", "serve", "--db", str(db), "--port", str(port), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.25)
+            blobs = [f.read_bytes() for f in files[:8]]
+            httpx.post(url + "/api/search", files={"file": ("q", blobs[0])}, timeout=120)  # loads the encoder once
+
+            def one_id(client, rng):
+                return client.get("/api/search", params={"id": rng.choice(scan_ids), "k": 10})
+
+            def one_file(client, rng):
+                return client.post("/api/search", params={"k": 10}, files={"file": ("q", rng.choice(blobs))})
+
+            by_id = drive(url, clients=clients, seconds=seconds, request=one_id)
+            by_file = drive(url, clients=clients, seconds=seconds, request=one_file)
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+    rows = [
+        {"mode": "search by id", **by_id, "cli_s": cli_id, "cli_over_p50": cli_id / by_id["p50_s"]},
+        {"mode": "search by file", **by_file, "cli_s": cli_file, "cli_over_p50": cli_file / by_file["p50_s"]},
+    ]
+    for r in rows:
+        print(
+            f"{r['mode']:15} {clients} clients: p50 {r['p50_s'] * 1000:7.1f} ms  p99 {r['p99_s'] * 1000:7.1f} ms  "
+            f"{r['per_second']:7.1f}/s  errors {r['errors']}  |  CLI {r['cli_s']:.2f} s per call  "
+            f"-> {r['cli_over_p50']:.0f}x the server's p50",
+            flush=True,
+        )
+    facts = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "clients": clients,
+        "seconds": seconds,
+        "scans": args.scans,
+        "load_average_at_end": os.getloadavg()[0],
+    }
+    out = Path(__file__).parent / "results" / "serve_load.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""``hctembed serve``: the JSON API and web page over one database (uvicorn), see :mod:`hctembed.serve.app`."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from hctembed.cli.common import setup_logging, stderr
+
+CONFIG_ENV = "HCTEMBED_SERVE_CONFIG"  # how worker processes (--workers > 1) receive the configuration
+
+
+def serve(
+    db: Path = typer.Option(..., "--db", help="DuckDB file written by `hctembed embed` (an embed may be running)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs a token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="A file holding the bearer token every /api request must send."
+    ),
+    max_upload_mb: float = typer.Option(2048.0, "--max-upload-mb", min=0.001, help="Largest query upload (MB)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes (each loads the index once)."),
+    poll_seconds: float = typer.Option(
+        2.0, "--poll-seconds", min=0.1, help="How often to look for scans an embed has committed since."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
+    """Search as a service: /api/search by scan id or uploaded file, /api/scans/ID (and its thumbnail.png),
+    /health, a web page at /, the API's documentation at /docs. Keeps answering while `embed` writes the database:
+    committed batches become searchable within --poll-seconds."""
+    import uvicorn
+
+    from hctembed.errors import InputError
+
+    setup_logging(quiet=quiet)
+    token = token_file.read_text().strip() if token_file else None
+    if token_file is not None and not token:
+        raise InputError(f"{token_file} is empty: it should hold the bearer token")
+    if token is None and not _loopback(host):
+        raise InputError(f"--host {host} is reachable from other machines: give --token-file, or serve on 127.0.0.1")
+    config = {"db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds}
+    os.environ[CONFIG_ENV] = json.dumps(config)  # for the worker processes; the token never reaches argv
+    stderr.print(f"serving {db} on http://{host}:{port}/ (API documentation at /docs)")
+    uvicorn.run(
+        "hctembed.cli.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+        access_log=False, log_level="warning" if quiet else "info",
+    )  # fmt: skip
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def app_from_env():
+    """The application of one server process, configured by ``serve`` through :data:`CONFIG_ENV`."""
+    from hctembed.serve.app import ServeConfig, create_app
+
+    raw = json.loads(os.environ[CONFIG_ENV])
+    return create_app(ServeConfig(**{**raw, "db": Path(raw["db"])}))

@@ -1,0 +1,293 @@
+"""What a server holds: every collection's vectors in an in-memory FAISS index, every scan's patient, labels and
+facts, loaded once from the database's snapshot (:mod:`hctembed.index.store.snapshot`) and kept current from
+the live feed (:mod:`hctembed.index.live_feed`) while an ``embed`` writes; encoders load once, on the first
+query file. A background thread looks for new feed files every ``poll_s`` seconds and for a new snapshot
+(which it loads aside and swaps in whole), and takes a snapshot itself when the database changed and no
+writer holds it. Requests never open the database itself, so they never meet its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from hctembed.errors import InputError
+from hctembed.index.live_feed import LiveFeed, read_new
+from hctembed.index.store import SidecarPaths, Store, StoreError
+from hctembed.index.store.snapshot import take_snapshot, writer_holds
+from hctembed.search import Hit
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(InputError):
+    """An unknown scan id (HTTP 404)."""
+
+
+@dataclass
+class CollectionView:
+    """One model's vectors: an exact inner-product index (the CLI's default) keyed by the stored ids."""
+
+    collection_id: int
+    model_id: str
+    fingerprint: str
+    dim: int
+    windows: list[dict]
+    index: Any
+    id_of: dict[str, int] = field(default_factory=dict)
+    scan_of: dict[int, str] = field(default_factory=dict)
+    last_embedded: float = 0.0
+    planes: dict[str, bytes] = field(default_factory=dict)  # from the live feed (the snapshot holds the rest)
+
+    @classmethod
+    def empty(cls, *, collection_id: int, model_id: str, fingerprint: str, dim: int, windows=()) -> CollectionView:
+        return cls(collection_id, model_id, fingerprint, dim, list(windows), faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+
+    def add(self, ids: np.ndarray, scan_ids: list[str], vectors: np.ndarray) -> None:
+        """``vectors [n, dim]``; a scan's new vector replaces its old one."""
+        self.remove([s for s in scan_ids if s in self.id_of])
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+        self.id_of.update(zip(scan_ids, (int(i) for i in ids), strict=True))
+        self.scan_of.update(zip((int(i) for i in ids), scan_ids, strict=True))
+
+    def remove(self, scan_ids: list[str]) -> None:
+        gone = [self.id_of.pop(s) for s in scan_ids if s in self.id_of]
+        for vid in gone:
+            self.scan_of.pop(vid, None)
+        if gone:
+            self.index.remove_ids(np.asarray(gone, np.int64))
+
+
+@dataclass
+class Catalogue:
+    """Everything requests read: the views and the scans' facts, as of one snapshot plus the feed since."""
+
+    views: dict[str, CollectionView]
+    patients: dict[str, str | None]
+    labels: dict[str, dict[str, float]]
+    facts: dict[str, dict[str, Any]]
+    snapshot: Path | None
+    loaded_at: float
+
+
+class ServerState:
+    """The catalogue of one database and the thread that keeps it current; thread-safe."""
+
+    def __init__(self, db: Path, *, poll_s: float = 2.0) -> None:
+        self.db = Path(db)
+        self.paths = SidecarPaths(self.db)
+        self.poll_s = poll_s
+        self.feed = LiveFeed(self.paths.live)
+        self.lock = threading.RLock()
+        self.catalogue = Catalogue({}, {}, {}, {}, None, 0.0)
+        self._seen: set[str] = set()
+        self._signature: tuple | None = None
+        self._encoders: dict[str, Any] = {}
+        self._encoder_lock = threading.Lock()
+        self.embedding_slots = threading.Semaphore(2)  # query files encoded at once: more only oversubscribe
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Attach to the database (create its live feed folder), load what there is, start polling."""
+        if not self.db.exists() and not self.paths.snapshot.exists():
+            raise StoreError(f"no database at {self.db}; run `hctembed embed ARCHIVE --db {self.db}` first")
+        self.feed.attach()
+        self.refresh()
+        self._thread = threading.Thread(target=self._poll, name="hctembed-refresh", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.refresh()
+            except Exception:  # the server keeps answering from what it has
+                log.warning("refreshing from %s failed; serving what was loaded", self.db.name, exc_info=True)
+
+    def refresh(self) -> None:
+        """Take a snapshot if the database changed and no writer holds it, load a new snapshot, apply new feed
+        files."""
+        snap = self.paths.snapshot
+        changed = self.db.exists() and (not snap.exists() or _last_write(self.db) > snap.stat().st_mtime + 1.0)
+        if changed and not writer_holds(self.db):
+            take_snapshot(self.db)
+        signature = (snap.stat().st_ino, snap.stat().st_mtime_ns, snap.stat().st_size) if snap.exists() else None
+        if signature is not None and signature != self._signature:
+            catalogue = load_catalogue(snap)  # aside, then swapped in whole
+            with self.lock:
+                self.catalogue, self._seen, self._signature = catalogue, set(), signature
+            log.info("loaded %s: %d scans", snap.name, len(catalogue.facts))
+        batches = read_new(self.feed.folder, seen=self._seen)
+        if batches:
+            with self.lock:
+                for batch in batches:
+                    apply_batch(self.catalogue, batch.rows)
+            log.info("applied %d live batch(es)", len(batches))
+
+    # -- queries --------------------------------------------------------------------------------------
+    def view(self, model: str | None) -> CollectionView:
+        """The view of ``model`` (an id prefix), else the most recently embedded one (as the CLI chooses)."""
+        views = list(self.catalogue.views.values())
+        if model is not None:
+            views = [v for v in views if v.model_id == model] or [v for v in views if v.model_id.startswith(model)]
+            if len({v.model_id for v in views}) > 1:
+                raise InputError(f"model {model} matches several models; give more of it")
+        if not views:
+            raise InputError(f"no embeddings for model {model}" if model else "the database holds no embeddings yet")
+        return max(views, key=lambda v: (v.last_embedded, v.collection_id))
+
+    def search_id(self, scan_id: str, *, k: int, model: str | None = None) -> tuple[CollectionView, list[Hit]]:
+        with self.lock:
+            view = self.view(model)
+            if scan_id not in view.id_of:
+                if scan_id not in self.catalogue.facts:
+                    raise NotFound(f"no such scan: {scan_id!r}")
+                raise InputError(f"scan {scan_id} has no vector for model {view.model_id}")
+            vid = view.id_of[scan_id]
+            return view, self._search(view, view.index.reconstruct(vid), k=k, exclude=vid)
+
+    def search_vector(self, xq: np.ndarray, *, view: CollectionView, k: int) -> list[Hit]:
+        with self.lock:
+            return self._search(view, xq, k=k, exclude=None)
+
+    def _search(self, view: CollectionView, xq: np.ndarray, *, k: int, exclude: int | None) -> list[Hit]:
+        if view.index.ntotal == 0:
+            return []
+        extra = 1 if exclude is not None else 0
+        scores, ids = view.index.search(np.ascontiguousarray(xq[None], np.float32), k + extra)
+        by_id = view.scan_of
+        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0 and i != exclude][:k]
+        cat = self.catalogue
+        return [
+            Hit(rank, score, vid, by_id[vid], cat.patients.get(by_id[vid]), cat.labels.get(by_id[vid], {}))
+            for rank, (score, vid) in enumerate(pairs, start=1)
+        ]
+
+    def scan(self, scan_id: str) -> dict[str, Any]:
+        """A scan's facts, labels and, per model, whether it has a vector."""
+        with self.lock:
+            cat = self.catalogue
+            if scan_id not in cat.facts:
+                raise NotFound(f"no such scan: {scan_id!r}")
+            return {
+                "scan_id": scan_id,
+                "patient_id": cat.patients.get(scan_id),
+                "labels": cat.labels.get(scan_id, {}),
+                **cat.facts[scan_id],
+                "embedded": {v.model_id: scan_id in v.id_of for v in cat.views.values()},
+            }
+
+    def planes(self, scan_id: str, *, model: str | None = None) -> tuple[bytes | None, list[dict]]:
+        """The montage planes stored for a scan (from the feed, else from the snapshot) and the windows."""
+        with self.lock:
+            if scan_id not in self.catalogue.facts:
+                raise NotFound(f"no such scan: {scan_id!r}")
+            view = self.view(model)
+            if scan_id in view.planes:
+                return view.planes[scan_id], view.windows
+            snapshot = self.catalogue.snapshot
+        if snapshot is None:
+            return None, view.windows
+        with Store(snapshot, read_only=True) as store:
+            found = store.collection(model_id=view.model_id, fingerprint=view.fingerprint).planes([scan_id])
+        return found.get(scan_id), view.windows
+
+    def encoder(self, view: CollectionView):
+        """The encoder a view was embedded with, loaded once (torch and the weights)."""
+        with self._encoder_lock:
+            if view.model_id not in self._encoders:
+                from hctembed.search import stored_encoder
+
+                snapshot = self.catalogue.snapshot
+                if snapshot is None:
+                    raise InputError(f"model {view.model_id} is not in the snapshot yet; try again after the embed")
+                with Store(snapshot, read_only=True) as store:
+                    collection = store.collection(model_id=view.model_id, fingerprint=view.fingerprint)
+                    self._encoders[view.model_id] = stored_encoder(collection)
+            return self._encoders[view.model_id]
+
+    def health(self) -> dict[str, Any]:
+        with self.lock:
+            cat = self.catalogue
+            return {
+                "status": "ok",
+                "scans": len(cat.facts),
+                "models": [
+                    {"model_id": v.model_id, "fingerprint": v.fingerprint, "vectors": int(v.index.ntotal)}
+                    for v in cat.views.values()
+                ],
+                "live_batches": len(self._seen),
+            }
+
+
+def _last_write(db: Path) -> float:
+    """When the database last changed: its file or its write-ahead log."""
+    wal = Path(str(db) + ".wal")
+    return max(db.stat().st_mtime, wal.stat().st_mtime if wal.exists() else 0.0)
+
+
+def load_catalogue(snapshot: Path) -> Catalogue:
+    """Every collection's vectors and every scan's facts from a snapshot file."""
+    views, facts = {}, {}
+    with Store(snapshot, read_only=True) as store:
+        for collection in store.collections():
+            ids, vectors, scan_ids = collection.vectors()
+            view = CollectionView.empty(
+                collection_id=collection.collection_id,
+                model_id=collection.model_id,
+                fingerprint=collection.fingerprint,
+                dim=collection.dim,
+                windows=collection.preprocess().get("windows") or (),
+            )
+            if len(ids):
+                view.add(ids, list(scan_ids), vectors)
+            when = collection.last_embedded()
+            view.last_embedded = when.timestamp() if when is not None else 0.0
+            views[collection.model_id] = view
+        patients = {}
+        for row in store.scans.all():
+            patients[row.scan_id] = row.patient_id
+            facts[row.scan_id] = {"format": row.format, "meta": row.meta}
+        labels = store.labels.of()
+    return Catalogue(views, patients, labels, facts, snapshot, time.time())
+
+
+def apply_batch(cat: Catalogue, rows: list[dict]) -> None:
+    """One live feed file: add vectors (new views for a model not in the snapshot), delete scans' vectors."""
+    for row in rows:
+        view = cat.views.get(row["model_id"])
+        if view is None:
+            dim = len(row["vector"]) if row["vector"] is not None else 0
+            if not dim:
+                continue
+            view = CollectionView.empty(
+                collection_id=row["collection_id"], model_id=row["model_id"], fingerprint=row["fingerprint"], dim=dim
+            )
+            cat.views[row["model_id"]] = view
+        scan_id = row["scan_id"]
+        if row["op"] == "delete":
+            view.remove([scan_id])
+            view.planes.pop(scan_id, None)
+            continue
+        view.add(np.asarray([row["id"]], np.int64), [scan_id], np.asarray([row["vector"]], np.float32))
+        view.last_embedded = time.time()
+        if row["planes"] is not None:
+            view.planes[scan_id] = row["planes"]
+        if row["patient_id"] or scan_id not in cat.patients:
+            cat.patients[scan_id] = row["patient_id"]
+        cat.labels[scan_id] = {k: float(v) for k, v in json.loads(row["labels"] or "{}").items()}
+        cat.facts.setdefault(scan_id, {"format": None, "meta": {}})
