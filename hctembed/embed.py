@@ -119,14 +119,18 @@ def record_skipped(collection: Collection, skipped: Sequence[Skipped], *, known:
     selected ones, so the caller can keep using it for the selected scans afterwards.
     """
     rows: dict[str, StatusRow] = {}  # by source: one status row per candidate
+    dropped = []  # embedded before, skipped now (a rule that came later: not a head): their vectors go too
     for skip in skipped:
         previous = known.get(skip.source)
         reason = f"{skip.reason_code}: {skip.reason}"
         if previous is not None and (previous.status, previous.reason) == ("skipped", reason):
             continue
+        if previous is not None and previous.status == "embedded" and skip.scan_id:
+            dropped.append(skip.scan_id)
         rows[skip.source] = StatusRow(source=skip.source, scan_id=skip.scan_id, status="skipped", reason=reason)
     with collection.store.transaction():
         collection.record_statuses(list(rows.values()))
+        collection.delete(dropped)
 
 
 def embed_archive(
@@ -171,7 +175,8 @@ def embed_archive(
     record_skipped(collection, skipped, known=known)
     plan = plan_run(refs, known, retry_failed=retry_failed, retry_skipped=allow_non_head)
     with store.transaction():
-        store_outcomes(collection, plan.duplicates, None)
+        ids = store_outcomes(collection, plan.duplicates, None)
+    publish_batch(feed, collection, plan.duplicates, ids, None)
     failed = [(o.source, o.reason or "") for o in plan.duplicates] + plan.failed_before
     skipped = list(plan.skipped_before)
     if progress and len(refs) > len(plan.todo):

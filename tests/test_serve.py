@@ -241,3 +241,43 @@ def test_the_page_shows_hits_in_headless_chromium(served, tmp_path):
     assert "cosine" in dom.stdout and "5 hits" in dom.stdout
     assert dom.stdout.count("blob:") >= 6  # the thumbnails arrived (query and hits)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_feed_files_older_than_the_snapshot_are_ignored_and_a_stopped_server_is_not_fed(served, tmp_path):
+    """A killed run leaves its feed files behind: a newer snapshot holds them, so they must not be applied on
+    top of it (here: an old delete of a scan that is stored). A newer file is applied. Once the server stops,
+    nobody is attached and a writer neither feeds nor snapshots."""
+    from hctembed.index.live_feed import LiveFeed
+    from hctembed.serve.state import ServerState
+
+    _, source, _ = served
+    db = tmp_path / "h.duckdb"
+    shutil.copy(source, db)
+    shutil.copytree(Path(str(source) + ".models"), Path(str(db) + ".models"))
+    state = ServerState(db, poll_s=60)
+    state.start()
+    try:
+        view = state.view(None)
+        victim, other = _stored_ids(db)[:2]
+        feed = LiveFeed(state.paths.live)
+        assert feed.attached
+        args = {"collection_id": view.collection_id, "model_id": view.model_id, "fingerprint": view.fingerprint}
+        empty = {
+            "ids": [],
+            "scan_ids": [],
+            "vectors": np.zeros((0, view.dim)),
+            "patients": [],
+            "labels": [],
+            "planes": [],
+        }
+        stale = feed.publish(**args, **empty, deleted=[victim])
+        stale.rename(stale.with_name(f"{state.catalogue.since - 10**9:020d}-1.parquet"))  # before the snapshot
+        state.refresh()
+        assert state.search_id(victim, k=2)[1]  # still there: the stale delete was ignored
+        feed.publish(**args, **empty, deleted=[other])  # after it: applied
+        state.refresh()
+        with pytest.raises(Exception, match="has no vector"):
+            state.search_id(other, k=2)
+    finally:
+        state.stop()
+    assert not LiveFeed(state.paths.live).attached

@@ -41,7 +41,7 @@ def serve(
         raise InputError(f"{token_file} is empty: it should hold the bearer token")
     if token is None and not _loopback(host):
         raise InputError(f"--host {host} is reachable from other machines: give --token-file, or serve on 127.0.0.1")
-    config = {"db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds}
+    config = {"db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds, "quiet": quiet}
     os.environ[CONFIG_ENV] = json.dumps(config)  # for the worker processes; the token never reaches argv
     stderr.print(f"serving {db} on http://{host}:{port}/ (API documentation at /docs)")
     uvicorn.run(
@@ -64,4 +64,5 @@ def app_from_env():
     from hctembed.serve.app import ServeConfig, create_app
 
     raw = json.loads(os.environ[CONFIG_ENV])
+    setup_logging(quiet=raw.pop("quiet", False))  # a worker process of its own (--workers > 1) logs as the parent
     return create_app(ServeConfig(**{**raw, "db": Path(raw["db"])}))

@@ -1,10 +1,11 @@
 """The live feed: what ``embed`` (or the torchrun merge) commits, batch by batch, for a server to search before
-the run ends. A server that reads a database attaches by creating ``<db>.live/``; from then on every batch
-that commits is also written there as one small Parquet file (its vectors with their ids, patients, labels
-and montage planes; and the ids it removed), under a temporary name and renamed, so a reader sees whole
-files only. No lock is involved: the server tails the folder, applies each file once, in name order (the
-names sort by time), and reloads everything from the next snapshot (:mod:`hctembed.index.store.snapshot`).
-A run deletes the files it wrote once it has published that snapshot.
+the run ends. A running server attaches to a database by keeping a heartbeat file in ``<db>.live/`` (touched
+every poll, removed when it stops); while one is fresh, every batch that commits is also written there as one
+small Parquet file named by the time it was written (its vectors with their ids, patients, labels and montage
+planes; and the scans whose vectors it removed), under a temporary name and renamed, so a reader sees whole
+files only. No lock is involved: the server applies each file newer than its snapshot once, in name (time)
+order. A snapshot (:mod:`hctembed.index.store.snapshot`) holds every batch committed before its time, so
+making one deletes the feed files older than it, whoever wrote them (a run that was killed included).
 """
 
 from __future__ import annotations
@@ -47,19 +48,47 @@ class LiveBatch:
     rows: list[dict]
 
 
+HEARTBEAT_S = 120.0  # a server whose heartbeat is older than this is gone (killed): nobody reads the feed
+
+
+def feed_time(name: str) -> int:
+    """The ``time_ns`` a feed file's name starts with."""
+    return int(name.split("-", 1)[0])
+
+
+def drop_older_than(folder: Path, stamp: int) -> None:
+    """Delete the feed files written before ``stamp`` (a snapshot of that time holds them)."""
+    for path in folder.glob("*.parquet") if folder.is_dir() else ():
+        if feed_time(path.name) < stamp:
+            path.unlink(missing_ok=True)
+
+
 class LiveFeed:
-    """The ``<db>.live/`` folder of one database; :meth:`publish` is a no-op while no server has attached."""
+    """The ``<db>.live/`` folder of one database; :meth:`publish` is a no-op while no server is attached."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.written: list[Path] = []
+        self.heartbeat = self.folder / f".server-{os.getpid()}-{time.time_ns()}"
 
     @property
     def attached(self) -> bool:
-        return self.folder.is_dir()
+        """Whether a server has touched its heartbeat in the last :data:`HEARTBEAT_S` seconds."""
+        now = time.time()
+        for beat in self.folder.glob(".server-*") if self.folder.is_dir() else ():
+            try:
+                if now - beat.stat().st_mtime < HEARTBEAT_S:
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
 
-    def attach(self) -> None:
+    def beat(self) -> None:
+        """A server says it is reading (call at least every :data:`HEARTBEAT_S` seconds)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.heartbeat.touch()
+
+    def detach(self) -> None:
+        self.heartbeat.unlink(missing_ok=True)
 
     def publish(
         self,
@@ -104,23 +133,17 @@ class LiveFeed:
             log.warning("could not write the live feed for a server (%s); it will see these scans later", exc)
             tmp.unlink(missing_ok=True)
             return None
-        self.written.append(path)
         return path
 
-    def remove_written(self) -> None:
-        """Delete the files this run wrote (once a snapshot holds what they said)."""
-        for path in self.written:
-            path.unlink(missing_ok=True)
-        self.written.clear()
 
-
-def read_new(folder: Path, *, seen: set[str]) -> list[LiveBatch]:
-    """The files in ``folder`` not in ``seen`` (names), oldest first; ``seen`` is updated."""
+def read_new(folder: Path, *, seen: set[str], since: int = 0) -> list[LiveBatch]:
+    """The files in ``folder`` written at or after ``since`` (``time_ns``) and not in ``seen`` (names), oldest
+    first; ``seen`` gets their names."""
     if not folder.is_dir():
         return []
     batches = []
     for path in sorted(folder.glob("*.parquet")):
-        if path.name in seen:
+        if path.name in seen or feed_time(path.name) < since:
             continue
         try:
             rows = pq.read_table(path).to_pylist()

@@ -4,26 +4,31 @@ page, over one :class:`~hctembed.serve.state.ServerState`.
 * ``GET /health``; ``GET /api/search?id=SCAN&k=K[&model=ID]``; ``POST /api/search?k=K`` with a multipart field
   ``file`` (``.nii``/``.nii.gz``, or a ``.zip`` of one DICOM series); ``GET /api/scans/{id}`` and
   ``GET /api/scans/{id}/thumbnail.png``; ``GET /`` the page.
-* Errors are JSON ``{"error": "..."}``: 400 bad input, 401 without the configured bearer token, 404 an unknown
-  scan, 413 an upload over the limit (refused from its Content-Length, or as soon as the body passes the limit:
-  never read whole), 500 a bug (logged with its traceback).
+* Errors are JSON ``{"error": "..."}``: 400 bad input, 401 without the configured bearer token (checked before
+  a body is read; the page and the API documentation need none), 404 an unknown scan or route, 413 an upload
+  over the limit (refused from its Content-Length, or as soon as the body passes the limit: never read whole),
+  500 a bug (logged with its traceback).
 * Privacy: an upload is written to a private temporary folder, embedded and deleted; nothing about a query is
   logged but its route, status and time (the access log is off).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hctembed.errors import HctembedError
 from hctembed.serve.page import PAGE
@@ -42,24 +47,31 @@ class ServeConfig:
     poll_s: float = 2.0
 
 
-class TooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the upload is over the limit of {limit / 2**20:g} MB (--max-upload-mb)")
+class Guard:
+    """ASGI middleware in front of everything else: with a token configured, every request but the page and the
+    API's documentation needs ``Authorization: Bearer <token>`` (checked before any of its body is read); and a
+    POST whose Content-Length is over ``max_bytes`` gets 413 unread, one without a length (chunked) is cut off
+    with 413 as soon as what arrived passes the limit."""
 
+    OPEN = ("/", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 
-class UploadLimit:
-    """ASGI middleware: a POST whose Content-Length is over ``max_bytes`` gets 413 before its body is read; one
-    without (chunked) is cut off with 413 as soon as what arrived passes the limit."""
-
-    def __init__(self, app, *, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, *, token: str | None, max_bytes: int) -> None:
+        self.app, self.token, self.max_bytes = app, token, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if self.token is not None and scope["path"] not in self.OPEN:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+                return await _send_json(send, 401, "a bearer token is required", auth=True)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        limit = f"the upload is over the limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)"
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_json(send, 413, TooLarge(self.max_bytes).detail)
+            return await _send_json(send, 413, limit)
         received = 0
 
         async def counted():
@@ -67,15 +79,16 @@ class UploadLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise TooLarge(self.max_bytes)
+                raise HTTPException(413, limit)  # FastAPI passes an HTTPException raised while parsing through
             return message
 
         await self.app(scope, counted, send)
 
 
-async def _send_json(send, status: int, error: str) -> None:
+async def _send_json(send, status: int, error: str, *, auth: bool = False) -> None:
     body = JSONResponse({"error": error}, status_code=status).body
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    headers = [(b"content-type", b"application/json")] + ([(b"www-authenticate", b"Bearer")] if auth else [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -86,15 +99,15 @@ def create_app(config: ServeConfig, *, state: ServerState | None = None) -> Fast
         state.start()
     app = FastAPI(title="hctembed", summary="Search a head-CT archive by example", version="1", redoc_url=None)
     app.state.hctembed = state
-    app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
+    app.add_middleware(Guard, token=config.token, max_bytes=int(config.max_upload_mb * 2**20))
     _errors(app)
-    _routes(app, state=state, token=config.token)
+    _routes(app, state=state)
     return app
 
 
 def _errors(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (an unknown route: 404)
+    async def http_error(_: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -128,13 +141,9 @@ def _errors(app: FastAPI) -> None:
         return response
 
 
-def _routes(app: FastAPI, *, state: ServerState, token: str | None) -> None:
-    def authorised(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise HTTPException(401, "a bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+def _routes(app: FastAPI, *, state: ServerState) -> None:
+    embedding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hctembed-query")  # uploads wait here,
+    # not in the pool that answers every other request
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -146,46 +155,43 @@ def _routes(app: FastAPI, *, state: ServerState, token: str | None) -> None:
 
     @app.get("/api/search", summary="Nearest scans to a stored scan (itself left out)")
     def search_by_id(
-        request: Request,
         id: str = Query(..., description="A stored scan id."),  # the API's parameter name
         k: int = Query(10, ge=1, le=1000, description="How many hits."),
         model: str | None = Query(None, description="Model id (prefix); default the most recently embedded."),
     ) -> dict:
-        authorised(request)
         view, hits = state.search_id(id, k=k, model=model)
         return {"query": {"scan_id": id, "model_id": view.model_id}, "hits": [h.to_dict() for h in hits]}
 
     @app.post("/api/search", summary="Nearest scans to an uploaded scan (embedded with the stored model)")
-    def search_by_file(
-        request: Request,
+    async def search_by_file(
         file: UploadFile = File(..., description=".nii / .nii.gz, or a .zip of one DICOM series"),
         k: int = Query(10, ge=1, le=1000),
         model: str | None = Query(None),
     ) -> dict:
-        authorised(request)
         view = state.view(model)
         with tempfile.TemporaryDirectory(prefix="hctembed-query-") as folder:
-            path = _save_upload(file, Path(folder))
-            encoder = state.encoder(view)
-            from hctembed.search import embed_file
-
-            with state.embedding_slots:
-                xq = embed_file(encoder, path)
+            path = await run_in_threadpool(_save_upload, file, Path(folder))
+            loop = asyncio.get_running_loop()
+            xq = await loop.run_in_executor(embedding, _embed_query, state, view, path)
         hits = state.search_vector(xq, view=view, k=k)
         return {"query": {"file": "uploaded", "model_id": view.model_id}, "hits": [h.to_dict() for h in hits]}
 
     @app.get("/api/scans/{scan_id}", summary="A scan's facts, labels and which models embedded it")
-    def scan(request: Request, scan_id: str) -> dict:
-        authorised(request)
+    def scan(scan_id: str) -> dict:
         return state.scan(scan_id)
 
     @app.get("/api/scans/{scan_id}/thumbnail.png", summary="The scan's mid slices (the montage's column)")
-    def thumbnail(request: Request, scan_id: str, model: str | None = None) -> Response:
-        authorised(request)
+    def thumbnail(scan_id: str, model: str | None = None) -> Response:
         planes, windows = state.planes(scan_id, model=model)
         if planes is None:
             raise NotFound(f"scan {scan_id} has no stored pictures (embedded before they were kept)")
         return Response(_thumbnail_png(scan_id, planes, windows), media_type="image/png")
+
+
+def _embed_query(state: ServerState, view, path: Path):
+    from hctembed.search import embed_file
+
+    return embed_file(state.encoder(view), path)
 
 
 def _save_upload(file: UploadFile, folder: Path) -> Path:

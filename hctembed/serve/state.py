@@ -1,9 +1,10 @@
 """What a server holds: every collection's vectors in an in-memory FAISS index, every scan's patient, labels and
-facts, loaded once from the database's snapshot (:mod:`hctembed.index.store.snapshot`) and kept current from
-the live feed (:mod:`hctembed.index.live_feed`) while an ``embed`` writes; encoders load once, on the first
-query file. A background thread looks for new feed files every ``poll_s`` seconds and for a new snapshot
-(which it loads aside and swaps in whole), and takes a snapshot itself when the database changed and no
-writer holds it. Requests never open the database itself, so they never meet its lock.
+facts, loaded once from the database's newest snapshot (:mod:`hctembed.index.store.snapshot`) and kept
+current from the live feed (:mod:`hctembed.index.live_feed`) while an ``embed`` writes; encoders load once, on
+the first query file. A background thread beats the server's heartbeat (so writers feed it), applies new
+feed files every ``poll_s`` seconds, loads a newer snapshot aside and swaps it in whole, and takes a snapshot
+itself when the database changed and no writer holds it. Requests never open the database itself, so they
+never meet its lock; they open only snapshot files, which never change under their names.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from hctembed.errors import InputError
 from hctembed.index.live_feed import LiveFeed, read_new
 from hctembed.index.store import SidecarPaths, Store, StoreError
-from hctembed.index.store.snapshot import take_snapshot, writer_holds
+from hctembed.index.store.snapshot import latest_snapshot, snapshot_time, take_snapshot, writer_holds
 from hctembed.search import Hit
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,12 @@ class CollectionView:
 class Catalogue:
     """Everything requests read: the views and the scans' facts, as of one snapshot plus the feed since."""
 
-    views: dict[str, CollectionView]
+    views: dict[int, CollectionView]  # by collection id (one model may have several preprocessings)
     patients: dict[str, str | None]
     labels: dict[str, dict[str, float]]
     facts: dict[str, dict[str, Any]]
     snapshot: Path | None
-    loaded_at: float
+    since: int  # time_ns of the snapshot: feed files from then on are applied on top
 
 
 class ServerState:
@@ -87,21 +88,20 @@ class ServerState:
         self.poll_s = poll_s
         self.feed = LiveFeed(self.paths.live)
         self.lock = threading.RLock()
-        self.catalogue = Catalogue({}, {}, {}, {}, None, 0.0)
+        self.catalogue = Catalogue({}, {}, {}, {}, None, 0)
         self._seen: set[str] = set()
-        self._signature: tuple | None = None
-        self._encoders: dict[str, Any] = {}
+        self._db_seen: tuple | None = None  # the database's file signature when last found in a snapshot
+        self._encoders: dict[int, Any] = {}
         self._encoder_lock = threading.Lock()
-        self.embedding_slots = threading.Semaphore(2)  # query files encoded at once: more only oversubscribe
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Attach to the database (create its live feed folder), load what there is, start polling."""
-        if not self.db.exists() and not self.paths.snapshot.exists():
+        """Attach to the database (a heartbeat in its live feed folder), load what there is, start polling."""
+        if not self.db.exists() and latest_snapshot(self.db) is None:
             raise StoreError(f"no database at {self.db}; run `hctembed embed ARCHIVE --db {self.db}` first")
-        self.feed.attach()
+        self.feed.beat()
         self.refresh()
         self._thread = threading.Thread(target=self._poll, name="hctembed-refresh", daemon=True)
         self._thread.start()
@@ -110,6 +110,7 @@ class ServerState:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.feed.detach()
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -119,29 +120,31 @@ class ServerState:
                 log.warning("refreshing from %s failed; serving what was loaded", self.db.name, exc_info=True)
 
     def refresh(self) -> None:
-        """Take a snapshot if the database changed and no writer holds it, load a new snapshot, apply new feed
-        files."""
-        snap = self.paths.snapshot
-        changed = self.db.exists() and (not snap.exists() or _last_write(self.db) > snap.stat().st_mtime + 1.0)
-        if changed and not writer_holds(self.db):
-            take_snapshot(self.db)
-        signature = (snap.stat().st_ino, snap.stat().st_mtime_ns, snap.stat().st_size) if snap.exists() else None
-        if signature is not None and signature != self._signature:
-            catalogue = load_catalogue(snap)  # aside, then swapped in whole
+        """Beat; take a snapshot if the database changed since the last one and no writer holds it; load a newer
+        snapshot; apply the feed files written since it."""
+        self.feed.beat()
+        if self.db.exists() and _signature(self.db) != self._db_seen and not writer_holds(self.db):
+            seen = _signature(self.db)
+            if take_snapshot(self.db) is not None:
+                self._db_seen = seen
+        newest = latest_snapshot(self.db)
+        if newest is not None and newest != self.catalogue.snapshot:
+            catalogue = load_catalogue(newest)  # aside, then swapped in whole
             with self.lock:
-                self.catalogue, self._seen, self._signature = catalogue, set(), signature
-            log.info("loaded %s: %d scans", snap.name, len(catalogue.facts))
-        batches = read_new(self.feed.folder, seen=self._seen)
-        if batches:
-            with self.lock:
-                for batch in batches:
+                self.catalogue, self._seen = catalogue, set()
+            log.info("loaded %s: %d scans", newest.name, len(catalogue.facts))
+        for batch in read_new(self.feed.folder, seen=self._seen, since=self.catalogue.since):
+            try:
+                with self.lock:
                     apply_batch(self.catalogue, batch.rows)
-            log.info("applied %d live batch(es)", len(batches))
+            except Exception:  # one bad file must not stop the others
+                log.warning("could not apply live feed file %s", batch.name, exc_info=True)
 
     # -- queries --------------------------------------------------------------------------------------
     def view(self, model: str | None) -> CollectionView:
         """The view of ``model`` (an id prefix), else the most recently embedded one (as the CLI chooses)."""
-        views = list(self.catalogue.views.values())
+        with self.lock:
+            views = list(self.catalogue.views.values())
         if model is not None:
             views = [v for v in views if v.model_id == model] or [v for v in views if v.model_id.startswith(model)]
             if len({v.model_id for v in views}) > 1:
@@ -200,6 +203,8 @@ class ServerState:
             if scan_id in view.planes:
                 return view.planes[scan_id], view.windows
             snapshot = self.catalogue.snapshot
+        if snapshot is not None and not snapshot.exists():  # replaced a moment ago: read the newer one
+            snapshot = latest_snapshot(self.db)
         if snapshot is None:
             return None, view.windows
         with Store(snapshot, read_only=True) as store:
@@ -209,7 +214,7 @@ class ServerState:
     def encoder(self, view: CollectionView):
         """The encoder a view was embedded with, loaded once (torch and the weights)."""
         with self._encoder_lock:
-            if view.model_id not in self._encoders:
+            if view.collection_id not in self._encoders:
                 from hctembed.search import stored_encoder
 
                 snapshot = self.catalogue.snapshot
@@ -217,8 +222,8 @@ class ServerState:
                     raise InputError(f"model {view.model_id} is not in the snapshot yet; try again after the embed")
                 with Store(snapshot, read_only=True) as store:
                     collection = store.collection(model_id=view.model_id, fingerprint=view.fingerprint)
-                    self._encoders[view.model_id] = stored_encoder(collection)
-            return self._encoders[view.model_id]
+                    self._encoders[view.collection_id] = stored_encoder(collection)
+            return self._encoders[view.collection_id]
 
     def health(self) -> dict[str, Any]:
         with self.lock:
@@ -230,14 +235,16 @@ class ServerState:
                     {"model_id": v.model_id, "fingerprint": v.fingerprint, "vectors": int(v.index.ntotal)}
                     for v in cat.views.values()
                 ],
+                "snapshot_time_ns": cat.since,
                 "live_batches": len(self._seen),
             }
 
 
-def _last_write(db: Path) -> float:
-    """When the database last changed: its file or its write-ahead log."""
+def _signature(db: Path) -> tuple:
+    """The database's file and write-ahead log, as ``(size, mtime_ns)`` each: changes with every write."""
     wal = Path(str(db) + ".wal")
-    return max(db.stat().st_mtime, wal.stat().st_mtime if wal.exists() else 0.0)
+    stats = [db.stat(), wal.stat() if wal.exists() else None]
+    return tuple((s.st_size, s.st_mtime_ns) if s is not None else None for s in stats)
 
 
 def load_catalogue(snapshot: Path) -> Catalogue:
@@ -257,19 +264,19 @@ def load_catalogue(snapshot: Path) -> Catalogue:
                 view.add(ids, list(scan_ids), vectors)
             when = collection.last_embedded()
             view.last_embedded = when.timestamp() if when is not None else 0.0
-            views[collection.model_id] = view
+            views[collection.collection_id] = view
         patients = {}
         for row in store.scans.all():
             patients[row.scan_id] = row.patient_id
             facts[row.scan_id] = {"format": row.format, "meta": row.meta}
         labels = store.labels.of()
-    return Catalogue(views, patients, labels, facts, snapshot, time.time())
+    return Catalogue(views, patients, labels, facts, snapshot, snapshot_time(snapshot))
 
 
 def apply_batch(cat: Catalogue, rows: list[dict]) -> None:
     """One live feed file: add vectors (new views for a model not in the snapshot), delete scans' vectors."""
     for row in rows:
-        view = cat.views.get(row["model_id"])
+        view = cat.views.get(row["collection_id"])
         if view is None:
             dim = len(row["vector"]) if row["vector"] is not None else 0
             if not dim:
@@ -277,7 +284,7 @@ def apply_batch(cat: Catalogue, rows: list[dict]) -> None:
             view = CollectionView.empty(
                 collection_id=row["collection_id"], model_id=row["model_id"], fingerprint=row["fingerprint"], dim=dim
             )
-            cat.views[row["model_id"]] = view
+            cat.views[row["collection_id"]] = view
         scan_id = row["scan_id"]
         if row["op"] == "delete":
             view.remove([scan_id])

@@ -180,6 +180,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         allow_non_head=request.allow_non_head, progress=progress,
     )  # fmt: skip
     refs = found.selected
+    warn_header_skips_kept(request, found)
     located = found.locations()
     table, origin = labels_of(request.archive, request.labels, locations=located)
     encoder = load_request_encoder(request)
@@ -224,15 +225,27 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     )
 
 
+def warn_header_skips_kept(request: EmbedRequest, found: ArchiveScan) -> None:
+    """``--allow-non-head`` on a manifest cannot bring back series its header check skipped when it was made."""
+    from hctembed.io.manifest import is_manifest
+
+    kept = [s for s in found.skipped if s.reason_code == "not_head"]
+    if request.allow_non_head and is_manifest(request.archive) and kept:
+        log.warning(
+            "%d series of the manifest were skipped by their headers as not_head when it was made; "
+            "run `hctembed scan --allow-non-head` to write a manifest that keeps them",
+            len(kept),
+        )
+
+
 def hand_over_to_server(store, feed) -> None:
-    """When a server reads this database (it made a snapshot before): publish a new snapshot of it, then drop
-    the live feed files this run wrote, which the snapshot now holds."""
+    """While a server reads this database: publish a snapshot of it (which drops the live feed files it now
+    holds), so the server has everything in one file again."""
     from hctembed.index.store.snapshot import publish_snapshot
 
-    if store.paths.snapshot.exists():
-        publish_snapshot(store)
-        log.info("published %s for the server reading this database", store.paths.snapshot.name)
-    feed.remove_written()
+    if feed.attached:
+        path = publish_snapshot(store)
+        log.info("published %s for the server reading this database", path.name)
 
 
 def skipped_on_loading(refs, skipped: Sequence[tuple[str, str]]) -> list[Skipped]:

@@ -32,7 +32,14 @@ class LabelsRepo:
 
     def of(self, scan_ids: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         """``{scan_id: {name: value}}`` for the given scans (all scans when None)."""
-        rows = self.db.rows("SELECT scan_id, name, value FROM labels ORDER BY scan_id, name")
+        if scan_ids is not None:  # only their rows (a batch of an embed asks for a few of many)
+            with self.db.bulk("_labels_of", pa.table({"scan_id": pa.array(list(scan_ids), pa.string())})):
+                rows = self.db.rows(
+                    "SELECT l.scan_id, l.name, l.value FROM labels l JOIN _labels_of w ON w.scan_id = l.scan_id "
+                    "ORDER BY l.scan_id, l.name"
+                )
+        else:
+            rows = self.db.rows("SELECT scan_id, name, value FROM labels ORDER BY scan_id, name")
         wanted = set(scan_ids) if scan_ids is not None else None
         out: dict[str, dict[str, float]] = {}
         for scan_id, name, value in rows:

@@ -1,13 +1,14 @@
 """Every file that lives beside a database, derived in one place: ``<db>.faiss/`` (the FAISS indices and their
-manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries can be embedded later) and
-``<db>.shards/`` (Parquet parts of a sharded run), ``<db>.snapshot`` and ``<db>.live/`` (what a server reads while an
-``embed`` writes) and ``<db>.locator`` (where each scan's files lie: paths,
-which the database never holds; see :mod:`hctembed.io.locator`)."""
+manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries can be embedded later),
+``<db>.shards/`` (Parquet parts of a sharded run), ``<db>.snapshot-<time>`` and ``<db>.live/`` (what a server
+reads while an ``embed`` writes) and ``<db>.locator`` (where each scan's files lie: paths, which the database
+never holds; see :mod:`hctembed.io.locator`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from hctembed.portable_paths import resolved_path, stored_path
@@ -39,21 +40,23 @@ class SidecarPaths:
         return self._beside(".locator")
 
     @property
-    def snapshot(self) -> Path:
-        """The copy a server reads (see :mod:`hctembed.index.store.snapshot`)."""
-        return self._beside(".snapshot")
-
-    @property
     def live(self) -> Path:
         """Batches committed since the last snapshot, for a server (see :mod:`hctembed.index.live_feed`)."""
         return self._beside(".live")
 
     def sweep_temporary(self, *, older_than_s: float = 600.0) -> list[Path]:
-        """Remove what an interrupted write left behind (killed, or a full disk): ``*.tmp`` index files and
-        ``.<model>.<pid>.safetensors`` weights not finished in ``older_than_s`` seconds (a reader may be
-        rebuilding an index right now; nothing takes that long). Returns the paths removed."""
+        """Remove what an interrupted write left behind (killed, or a full disk): ``*.tmp`` index files,
+        ``.<model>.<pid>.safetensors`` weights and a server's snapshot copies not finished in ``older_than_s``
+        seconds (a reader may be rebuilding an index right now; nothing takes that long). Returns the paths
+        removed."""
         now, removed = time.time(), []
-        for folder, pattern in ((self.faiss, "*.tmp"), (self.models, ".*.safetensors"), (self.models, ".*.json")):
+        snapshots = (self.db.parent, f".{glob_escape(self.db.name)}.snapshot-*.tmp")  # a copy for a server, cut off
+        for folder, pattern in (
+            (self.faiss, "*.tmp"),
+            (self.models, ".*.safetensors"),
+            (self.models, ".*.json"),
+            snapshots,
+        ):
             for path in folder.glob(pattern) if folder.is_dir() else ():
                 try:
                     if now - path.stat().st_mtime > older_than_s:
