@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from hctembed.embed import embed_archive, prepare
+from hctembed.embed import embed_archive
 from hctembed.index.store import Store
 from hctembed.io.archive import discover
 from hctembed.model.encoders import load_encoder
+from hctembed.preprocessing.series import prepare
 from hctembed.synth import SynthConfig, generate_archive
 
 
@@ -40,8 +42,11 @@ def run(
     workers: list[int],
     threads: list[int],
     device: str = "cpu",
+    preprocess_devices: tuple[str | None, ...] = (None,),
 ) -> list[dict]:
-    """Serial stages, then ``embed_archive`` for each workers x threads; rows with seconds and ratios."""
+    """Serial stages, then ``embed_archive`` for each workers x threads x preprocessing device (None: in the
+    DataLoader workers; "cuda": the workers only decode); rows with seconds, ratios and CPU-seconds per scan
+    (this process and its workers together: the core-seconds a scan costs)."""
     all_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
@@ -67,30 +72,40 @@ def run(
             }
         ]
         print(rows[-1], flush=True)
-        for w in workers:
-            for t in threads:
-                torch.set_num_threads(t)
-                db = Path(tmp) / f"w{w}t{t}.duckdb"
-                with Store(db) as store:
-                    start = time.perf_counter()
-                    report = embed_archive(
-                        refs=refs, encoder=encoder, store=store, batch_size=batch_size, num_workers=w
+        for pre in preprocess_devices:
+            for w in workers:
+                for t in threads:
+                    torch.set_num_threads(t)
+                    db = Path(tmp) / f"w{w}t{t}{pre or ''}.duckdb"
+                    with Store(db) as store:
+                        cpu_start, start = _cpu_seconds(), time.perf_counter()
+                        report = embed_archive(
+                            refs=refs, encoder=encoder, store=store, batch_size=batch_size, num_workers=w,
+                            preprocess_device=pre,
+                        )  # fmt: skip
+                        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+                    torch.set_num_threads(all_threads)
+                    assert report.embedded == len(refs), report
+                    rows.append(
+                        {
+                            "mode": "embed_archive",
+                            "preprocess": pre or "cpu workers",
+                            "workers": w,
+                            "threads": t,
+                            "seconds": round(seconds, 2),
+                            "scans_per_s": round(len(refs) / seconds, 3),
+                            "cpu_s_per_scan": round(cpu / len(refs), 3),
+                            "speedup": round(serial / seconds, 2),
+                        }
                     )
-                    seconds = time.perf_counter() - start
-                torch.set_num_threads(all_threads)
-                assert report.embedded == len(refs), report
-                rows.append(
-                    {
-                        "mode": "embed_archive",
-                        "workers": w,
-                        "threads": t,
-                        "seconds": round(seconds, 2),
-                        "scans_per_s": round(len(refs) / seconds, 3),
-                        "speedup": round(serial / seconds, 2),
-                    }
-                )
-                print(rows[-1], flush=True)
+                    print(rows[-1], flush=True)
     return rows
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers), user + system."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:

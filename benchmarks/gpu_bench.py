@@ -12,8 +12,9 @@ Sections, each skipped (with its reason) when its hardware is missing or the tim
    p50 / p99, 1,000-query batch time, recall@10 against exact, build time;
 3. FAISS on the host's CPUs at 10^4 and 10^5 (``benchmarks/search_speed.py``'s measurement), as the baseline;
 4. end-to-end ``embed_archive`` with vit-base on CUDA against its serial stages, with 1 to 14 DataLoader
-   workers on 32 synthetic 256x256 scans (``benchmarks/embed_speed.py``): how throughput grows with
-   preprocessing cores when the model is not the bottleneck.
+   workers on 32 synthetic 256x256 scans (``benchmarks/embed_speed.py``), preprocessing in the workers and
+   then on the GPU (``--preprocess-device cuda``: the workers only decode): scans per second and CPU-seconds
+   per scan, i.e. how throughput grows with preprocessing cores when the model is not the bottleneck.
 
 Writes ``benchmarks/results/gpu_bench.json`` (``--out``); the encoder sections also write their own JSON
 beside it. ``--budget`` (default 450 s) stops starting new sections once spent.
@@ -167,6 +168,9 @@ def main() -> None:
             workers=[0, 1] if args.quick else [1, 2, 4, 8, 14],
             threads=[1 if args.quick else 2],
             device="cuda" if torch.cuda.is_available() else "cpu",
+            # preprocessing in the workers, then on the GPU (the workers only decode); "cpu" exercises that
+            # path on a machine without one
+            preprocess_devices=(None, "cuda") if torch.cuda.is_available() else (None, "cpu"),
         ),
     )
     if args.quick and no_cuda:  # still exercise the encoder measurement end to end, on the CPU

@@ -23,7 +23,7 @@ from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder, persist_weights
-from hctembed.scan_loading import Outcome, encode_refs
+from hctembed.scan_loading import Loading, Outcome, encode_refs
 from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ def embed_archive(
     max_voxels: int = MAX_VOXELS,
     locations: Sequence[Location] = (),
     allow_non_head: bool = False,
+    preprocess_device: str | None = None,
     feed: LiveFeed | None = None,
 ) -> EmbedReport:
     """Embed every scan in ``refs`` not yet embedded for this encoder; returns counts and failures.
@@ -162,8 +163,10 @@ def embed_archive(
     ``progress(n)`` is called after each batch with the number of scans it handled. ``index_kind``: see
     :func:`refresh_index`. Where each scan lies (and ``locations`` of skipped candidates) goes to the locator
     beside the database, never into it. A scan whose image is not a head is skipped (``not_head``) unless
-    ``allow_non_head``, which also tries again those skipped so before. Each committed batch also goes to
-    ``feed`` when a server has attached to it.
+    ``allow_non_head``, which also tries again those skipped so before. ``preprocess_device`` (e.g. "cuda"):
+    the DataLoader workers only decode, and the resample, windows and crop run there (see
+    :class:`hctembed.scan_loading.Loading`); None preprocesses in the workers. Each committed batch also
+    goes to ``feed`` when a server has attached to it.
     """
     start = time.perf_counter()
     # a random-initialised encoder is saved beside the database so that queries can be embedded later
@@ -184,9 +187,12 @@ def embed_archive(
     embedded = 0
     last_checkpoint = time.perf_counter()
     batches = encode_refs(
-        plan.todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
-        head_check=not allow_non_head,
-    )  # fmt: skip
+        plan.todo,
+        encoder=encoder,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loading=Loading(max_voxels=max_voxels, head_check=not allow_non_head, preprocess_device=preprocess_device),
+    )
     for outcomes, vectors in batches:
         with store.transaction():
             ids = store_outcomes(collection, outcomes, vectors, patients=patients)

@@ -49,6 +49,7 @@ from hctembed.index.store.locator import Locator
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder
+from hctembed.scan_loading import Loading
 from hctembed.shard_parts import PartWriter, done_in_parts, part_files, read_parts
 from hctembed.volume import MAX_VOXELS
 
@@ -175,6 +176,7 @@ def embed_shard(
     progress: Callable[[int], None] | None = None,
     max_voxels: int = MAX_VOXELS,
     allow_non_head: bool = False,
+    preprocess_device: str | None = None,
 ) -> ShardReport:
     """Embed this rank's share of ``refs`` into Parquet parts under ``folder``.
 
@@ -202,9 +204,12 @@ def embed_shard(
         progress(n_mine - len(todo))
     embedded = failed = 0
     batches = encode_refs(
-        todo, encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
-        head_check=not allow_non_head,
-    )  # fmt: skip
+        todo,
+        encoder=encoder,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loading=Loading(max_voxels=max_voxels, head_check=not allow_non_head, preprocess_device=preprocess_device),
+    )
     for outcomes, vectors in batches:
         writer.add(outcomes, vectors)
         embedded += len(vectors)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.head_check import NOT_HEAD
-from hctembed.io.archive import SeriesRef
+from hctembed.io.archive import SeriesRef, load_series
 from hctembed.model.encoders import Encoder
-from hctembed.preprocessing import AnyPreprocessConfig
-from hctembed.preprocessing.series import NotHeadError, prepare
-from hctembed.volume import MAX_VOXELS, VolumeError
+from hctembed.preprocessing import AnyPreprocessConfig, preprocess
+from hctembed.preprocessing.series import NotHeadError, check_head, prepare
+from hctembed.volume import MAX_VOXELS, Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +28,37 @@ NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf) for it"
 
 
 @dataclass(frozen=True)
+class Loading:
+    """How scans become model inputs: ``max_voxels`` (a scan whose headers claim more fails, unread),
+    ``head_check`` (a scan whose image is not a head is skipped), and ``preprocess_device``: None to preprocess
+    in the DataLoader workers (CPU), or a device (``"cuda"``) to have the workers only decode, and resample,
+    window and crop there, in the main process (:func:`hctembed.preprocessing.preprocess`)."""
+
+    max_voxels: int = MAX_VOXELS
+    head_check: bool = True
+    preprocess_device: str | None = None
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """One dataset item: the model input ``x [C, Z, Y, X]`` or the reason it could not be made."""
+    """One dataset item: the model input ``x [C, Z, Y, X]``, or (decoding only) the HU volume ``decoded`` to
+    preprocess on the device, or the reason neither could be made."""
 
     position: int
     x: torch.Tensor | None
     reason: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # not a failure: the scan is not what the archive is embedded for (not a head)
+    decoded: tuple[torch.Tensor, np.ndarray, dict] | None = None  # (HU [Z, Y, X], affine, meta) in shared memory
 
 
 class ScanDataset(Dataset):
     """Map-style dataset over SeriesRefs; never raises for a bad scan (returns its reason instead)."""
 
-    def __init__(
-        self,
-        refs: Sequence[SeriesRef],
-        *,
-        config: AnyPreprocessConfig,
-        max_voxels: int = MAX_VOXELS,
-        head_check: bool = True,
-    ) -> None:
+    def __init__(self, refs: Sequence[SeriesRef], *, config: AnyPreprocessConfig, loading: Loading = Loading()) -> None:
         self.refs = list(refs)
         self.config = config
-        self.max_voxels = max_voxels
-        self.head_check = head_check
+        self.loading = loading
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -60,8 +66,12 @@ class ScanDataset(Dataset):
     def __getitem__(self, i: int) -> Prepared:
         ref = self.refs[i]
         try:
-            check = self.head_check and ref.facts.get("header_region") != "head"  # the header said head: trusted
-            x, facts = prepare(ref, config=self.config, max_voxels=self.max_voxels, head_check=check)
+            if self.loading.preprocess_device is not None:
+                volume = load_series(ref, max_voxels=self.loading.max_voxels)
+                hu = torch.from_numpy(np.ascontiguousarray(volume.array))  # shared memory across processes
+                return Prepared(i, None, None, dict(ref.facts), decoded=(hu, volume.affine, volume.meta))
+            check = _head_check_for(self.loading, ref)
+            x, facts = prepare(ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=check)
         except NotHeadError as exc:
             return Prepared(i, None, f"{NOT_HEAD}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
@@ -74,6 +84,27 @@ class ScanDataset(Dataset):
             log.debug("unexpected failure on %s", ref.source, exc_info=True)
             return Prepared(i, None, ref.redact(f"{type(exc).__name__}: {exc}"))
         return Prepared(i, x, None, {**ref.facts, **facts})
+
+
+def _head_check_for(loading: Loading, ref: SeriesRef) -> bool:
+    """Whether to run the image head test: asked for, and the header did not already say head (trusted)."""
+    return loading.head_check and ref.facts.get("header_region") != "head"
+
+
+def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, loading: Loading) -> Prepared:
+    """A decoded item preprocessed in this process on ``loading.preprocess_device`` (head check first)."""
+    hu, affine, meta = item.decoded
+    try:
+        volume = Volume(array=hu.numpy(), affine=affine, meta=meta)
+        if _head_check_for(loading, ref):
+            check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
+        x = preprocess(volume, config=config, device=loading.preprocess_device)
+    except NotHeadError as exc:
+        return replace(item, reason=f"{NOT_HEAD}: {exc}", skipped=True, decoded=None)
+    except VolumeError as exc:
+        return replace(item, reason=ref.redact(str(exc)), decoded=None)
+    facts = {**meta, "shape_xyz": list(volume.shape_xyz), "spacing_xyz": [round(s, 4) for s in volume.spacing_xyz]}
+    return replace(item, x=x, meta={**item.meta, **facts}, decoded=None)
 
 
 def _collate(items: list[Prepared]) -> list[Prepared]:
@@ -137,14 +168,14 @@ def encode_refs(
     encoder: Encoder,
     batch_size: int,
     num_workers: int,
-    max_voxels: int = MAX_VOXELS,
-    head_check: bool = True,
+    loading: Loading = Loading(),
 ) -> Iterator[tuple[list[Outcome], np.ndarray]]:
-    """Load and preprocess in DataLoader workers, encode in batches on the encoder's device.
+    """Load and preprocess in DataLoader workers (or, with ``loading.preprocess_device``, decode there and
+    preprocess on that device), encode in batches on the encoder's device.
 
     Yields, batch by batch, each scan's Outcome (in ``todo`` order) and the vectors ``[n_embedded, dim]`` of
     the embedded ones, in the same order. A scan that cannot be used is a failed Outcome with its reason; with
-    ``head_check``, one whose image is not a head (:mod:`hctembed.head_check`) a skipped one.
+    ``loading.head_check``, one whose image is not a head (:mod:`hctembed.head_check`) a skipped one.
     A worker process that dies (killed for memory, a crash in a decoder) costs only the scan that killed
     it: the scans it may have held are loaded again one per fresh worker, the one that kills its worker
     again fails with that reason, and the rest of the archive goes on in batches.
@@ -153,9 +184,8 @@ def encode_refs(
     while done < len(todo):
         try:
             for outcomes, vectors in _encode_batches(
-                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, max_voxels=max_voxels,
-                head_check=head_check,
-            ):  # fmt: skip
+                todo[done:], encoder=encoder, batch_size=batch_size, num_workers=num_workers, loading=loading
+            ):
                 done += len(outcomes)
                 yield outcomes, vectors
         except RuntimeError as exc:
@@ -165,10 +195,7 @@ def encode_refs(
             log.warning("a loader process died (%s); loading its %d scan(s) one at a time", exc, len(suspects))
             for one in suspects:
                 try:
-                    yield from _encode_batches(
-                        [one], encoder=encoder, batch_size=1, num_workers=1, max_voxels=max_voxels,
-                        head_check=head_check,
-                    )  # fmt: skip
+                    yield from _encode_batches([one], encoder=encoder, batch_size=1, num_workers=1, loading=loading)
                 except RuntimeError as again:
                     if "DataLoader worker" not in str(again):
                         raise
@@ -185,12 +212,11 @@ def _encode_batches(
     encoder: Encoder,
     batch_size: int,
     num_workers: int,
-    max_voxels: int,
-    head_check: bool,
+    loading: Loading,
 ) -> Iterator[tuple[list[Outcome], np.ndarray]]:
     refs = [ref for _, ref in todo]
     loader = DataLoader(
-        ScanDataset(refs, config=encoder.preprocess, max_voxels=max_voxels, head_check=head_check),
+        ScanDataset(refs, config=encoder.preprocess, loading=loading),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -199,6 +225,11 @@ def _encode_batches(
         persistent_workers=False,
     )
     for batch in loader:
+        batch = [
+            on_device(item, todo[item.position][1], config=encoder.preprocess, loading=loading)
+            if item.decoded is not None else item
+            for item in batch
+        ]  # fmt: skip
         good = [item for item in batch if item.x is not None]
         vectors, planes, non_finite = np.zeros((0, encoder.dim), np.float32), None, set()
         if good:

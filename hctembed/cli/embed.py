@@ -74,6 +74,12 @@ def embed(
     device: str = typer.Option(
         "auto", "--device", help="Where the encoder runs: auto (CUDA when present), cpu, cuda, cuda:N."
     ),
+    preprocess_device: str = typer.Option(
+        "auto",
+        "--preprocess-device",
+        help="Where the resample, windows and crop run: cpu (the DataLoader workers), cuda or cuda:N (the workers "
+        "only decode), auto (the encoder's GPU when it runs on one, else cpu).",
+    ),
     distributed: bool = typer.Option(
         False,
         "--distributed",
@@ -111,6 +117,7 @@ def embed(
         allow_non_head=allow_non_head,
         index=index,
         device=device,
+        preprocess_device=preprocess_device,
         checkpoint_seconds=checkpoint_seconds,
         max_voxels=max_voxels,
     )

@@ -60,6 +60,10 @@ class Encoder:
     def fingerprint(self) -> str:
         return self.preprocess.fingerprint()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @torch.inference_mode()
     def encode(self, batch: torch.Tensor) -> np.ndarray:
         """``[B, C, Z, Y, X]`` -> L2-normalised float32 ``[B, dim]``."""
@@ -81,7 +85,7 @@ class Encoder:
         g, size = round(attention.shape[1] ** (1 / 3)), batch.shape[-1]
         maps = attention.double().cpu().numpy().reshape(-1, g, g, g)
         planes = [
-            PanelPlanes.of(batch[i, 0].numpy(), upsample(maps[i], size=size)).to_bytes() for i in range(len(maps))
+            PanelPlanes.of(batch[i, 0].cpu().numpy(), upsample(maps[i], size=size)).to_bytes() for i in range(len(maps))
         ]
         return vectors.float().cpu().numpy(), planes
 

@@ -51,9 +51,16 @@ def variant_of(config: AnyPreprocessConfig) -> Variant:
     raise TypeError(f"no preprocessing for config type {type(config).__name__}")
 
 
-def preprocess(volume: Volume, *, config: AnyPreprocessConfig) -> torch.Tensor:
-    """``volume`` (HU ``[Z, Y, X]``) -> model input float32 ``[C, S, S, S]`` (``[C, Z, Y, X]``), fast path."""
-    return variant_of(config).fast(volume, config=config)
+def preprocess(
+    volume: Volume, *, config: AnyPreprocessConfig, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``volume`` (HU ``[Z, Y, X]``) -> model input float32 ``[C, S, S, S]`` (``[C, Z, Y, X]``), fast path, on
+    ``device``: the paper preset runs there whole (:func:`preprocess_paper`); the other presets (MONAI chains,
+    scipy) run on the CPU and their result moves there."""
+    if type(config) is PreprocessConfig:
+        return preprocess_paper(volume, config=config, device=device)
+    x = variant_of(config).fast(volume, config=config)
+    return x.to(device) if device is not None else x
 
 
 def preprocess_reference(volume: Volume, *, config: AnyPreprocessConfig) -> torch.Tensor:

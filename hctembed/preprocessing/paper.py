@@ -50,7 +50,9 @@ def crop_start(*, lo: np.ndarray, hi: np.ndarray, config: PreprocessConfig) -> n
     return lo + offset + (pad // 2 - config.crop_size // 2)
 
 
-def preprocess_paper(volume: Volume, *, config: PreprocessConfig) -> torch.Tensor:
+def preprocess_paper(
+    volume: Volume, *, config: PreprocessConfig, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Fast paper preprocessing: a separable resample, then windows on just the voxels that are kept.
 
     The 3D cubic-spline resample is three matrix products straight from the file's buffer, the same
@@ -60,11 +62,13 @@ def preprocess_paper(volume: Volume, *, config: PreprocessConfig) -> torch.Tenso
 
     Args:
         volume: HU volume, array ``[Z, Y, X]`` (any strides; copied only if its axes are permuted in memory).
+        device: where everything after the voxels are read runs (``"cuda"``: a GPU node's CPUs only decode);
+            default the CPU. The same operations either way (mean |difference| ~1e-7 between CPU and GPU).
     Returns:
-        float32 tensor ``[C, out, out, out]`` in ``[0, 1]``, axes ``[C, Z(S), Y(A), X(R)]``.
+        float32 tensor ``[C, out, out, out]`` in ``[0, 1]``, axes ``[C, Z(S), Y(A), X(R)]``, on ``device``.
     """
     grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
-    return finish(resample_isotropic(volume, grid=grid), grid=grid, config=config)
+    return finish(resample_isotropic(volume, grid=grid, device=device), grid=grid, config=config)
 
 
 def preprocess_stream(
@@ -99,7 +103,7 @@ def finish(hu: torch.Tensor, *, grid: IsotropicGrid, config: PreprocessConfig) -
     src_lo = np.maximum(start, lo)
     src_hi = np.minimum(start + c, hi + 1)
     dst_lo = src_lo - start
-    windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32)
+    windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32, device=hu.device)
     if np.all(src_hi > src_lo):
         (x0, y0, z0), (x1, y1, z1), (a, b, d) = src_lo, src_hi, dst_lo
         region = hu[z0:z1, y0:y1, x0:x1]

@@ -107,8 +107,11 @@ def foreground_bounds(hu: torch.Tensor, *, threshold: float) -> tuple[np.ndarray
     return np.array(lo, np.int64), np.array(hi, np.int64)
 
 
-def resample_isotropic(volume: Volume, *, grid: IsotropicGrid) -> torch.Tensor:
-    """Cubic-spline resample onto ``grid``: float32 HU ``[Z1, Y1, X1]`` by three 1D matrix products."""
+def resample_isotropic(
+    volume: Volume, *, grid: IsotropicGrid, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Cubic-spline resample onto ``grid``: float32 HU ``[Z1, Y1, X1]`` by three 1D matrix products, on
+    ``device`` (the volume's voxels are copied there once; default the CPU)."""
     array = volume.array
     flips = tuple(array.strides[axis] < 0 for axis in range(3))
     for axis, flip in enumerate(flips):
@@ -117,7 +120,9 @@ def resample_isotropic(volume: Volume, *, grid: IsotropicGrid) -> torch.Tensor:
     if not array.flags.c_contiguous:  # e.g. a sagittal acquisition: one copy beats strided products
         array = np.ascontiguousarray(array)
     weights = memory_weights(shape_zyx=array.shape, flips_zyx=flips, grid=grid)
-    return resample_slabs([(0, array)], weights=weights, n_slices=array.shape[0])
+    if device is not None and torch.device(device).type != "cpu":
+        weights = tuple(w.to(device) for w in weights)
+    return resample_slabs([(0, array)], weights=weights, n_slices=array.shape[0], device=device)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,11 @@ class BandedWeights:
             blocks.append((r0, r1, c0, c1, block))
         return cls(m=m, n=n, blocks=tuple(blocks))
 
+    def to(self, device: torch.device | str) -> BandedWeights:
+        """The same weights on ``device``."""
+        blocks = tuple((r0, r1, c0, c1, b.to(device)) for r0, r1, c0, c1, b in self.blocks)
+        return BandedWeights(m=self.m, n=self.n, blocks=blocks)
+
     def dense(self) -> torch.Tensor:
         out = torch.zeros((self.m, self.n), dtype=torch.float32)
         for r0, r1, c0, c1, block in self.blocks:
@@ -154,14 +164,14 @@ class BandedWeights:
 
     def along_last(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., n] @ W.T`` -> ``[..., m]``."""
-        out = torch.empty((*x.shape[:-1], self.m), dtype=torch.float32)
+        out = torch.empty((*x.shape[:-1], self.m), dtype=torch.float32, device=x.device)
         for r0, r1, c0, c1, block in self.blocks:
             torch.matmul(x[..., c0:c1], block.T, out=out[..., r0:r1])
         return out
 
     def along_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``W @ x`` over the second-last axis: ``x [..., n, k]`` -> ``[..., m, k]``."""
-        out = torch.empty((*x.shape[:-2], self.m, x.shape[-1]), dtype=torch.float32)
+        out = torch.empty((*x.shape[:-2], self.m, x.shape[-1]), dtype=torch.float32, device=x.device)
         for r0, r1, c0, c1, block in self.blocks:
             torch.matmul(block, x[..., c0:c1, :], out=out[..., r0:r1, :])
         return out
@@ -188,15 +198,17 @@ def resample_slabs(
     *,
     weights: tuple[BandedWeights, BandedWeights, BandedWeights],
     n_slices: int,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The separable resample from source slabs ``(first slice, [n, Y, X] HU)`` in memory order, which may
     arrive while the file is still being read: each slab is resampled in-plane as it comes (rows, then
-    columns), the slice axis once all have. Returns float32 ``[Z1, Y1, X1]``."""
+    columns), the slice axis once all have. Returns float32 ``[Z1, Y1, X1]`` on ``device`` (the weights must
+    be there too; default the CPU)."""
     wz, wy, wx = weights
-    inplane = torch.empty((n_slices, wy.m, wx.m), dtype=torch.float32)
+    inplane = torch.empty((n_slices, wy.m, wx.m), dtype=torch.float32, device=device)
     filled = 0
     for first, slab in slabs:
-        src = torch.from_numpy(slab)
+        src = torch.from_numpy(slab).to(device) if device is not None else torch.from_numpy(slab)
         if src.dtype != torch.float32:
             src = src.float()
         part = wy.along_rows(wx.along_last(src))  # [n, Y1, X1]

@@ -39,6 +39,7 @@ class EmbedRequest:
     allow_non_head: bool = False  # embed series whose header or image says another body region
     index: str | None = None
     device: str = "auto"
+    preprocess_device: str = "auto"  # auto: the encoder's GPU when it runs on one, else the CPU workers
     checkpoint_seconds: float = 30.0
     max_voxels: int = MAX_VOXELS  # a scan whose headers claim more fails with that reason, unread
 
@@ -47,6 +48,8 @@ class EmbedRequest:
 
         if self.index is not None and self.index not in KINDS:
             raise InputError(f"--index must be one of {', '.join(KINDS)}, not {self.index!r}")
+        if self.preprocess_device not in ("auto", "cpu") and not self.preprocess_device.startswith("cuda"):
+            raise InputError(f"--preprocess-device must be auto, cpu, cuda or cuda:N, not {self.preprocess_device!r}")
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 max_voxels=request.max_voxels,
                 locations=located[len(refs) :],  # the skipped candidates' (the scans' own come with them)
                 allow_non_head=request.allow_non_head,
+                preprocess_device=preprocess_device_for(request, encoder),
                 feed=feed,
             )
         if table is not None:
@@ -223,6 +227,22 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         skipped=list(found.skipped) + skipped_on_loading(refs, report.skipped),
         seconds=report.seconds,
     )
+
+
+def preprocess_device_for(request: EmbedRequest, encoder) -> str | None:
+    """Where scans are preprocessed: None for the CPU DataLoader workers, else a CUDA device (``auto``: the
+    encoder's, when it runs on one)."""
+    import torch
+
+    wanted = request.preprocess_device
+    if wanted == "auto":
+        device = str(encoder.device)
+        return device if device.startswith("cuda") else None
+    if wanted == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise InputError(f"--preprocess-device {wanted}: torch sees no CUDA device")
+    return wanted
 
 
 def warn_header_skips_kept(request: EmbedRequest, found: ArchiveScan) -> None:

@@ -24,6 +24,7 @@ from hctembed.workflows.embed import (
     import_labels,
     labels_of,
     load_request_encoder,
+    preprocess_device_for,
     skipped_on_loading,
 )
 from hctembed.workflows.progress import NO_PROGRESS, Progress
@@ -192,6 +193,7 @@ def run_embed_distributed(
             refs=refs, encoder=encoder, folder=shards, rank=rank, world=world, stored=stored,
             batch_size=request.batch_size, num_workers=request.workers, retry_failed=request.retry_failed,
             progress=advance, max_voxels=request.max_voxels, allow_non_head=request.allow_non_head,
+            preprocess_device=preprocess_device_for(request, encoder),
         )  # fmt: skip
     reports = ddp.all_gather_objects(shard)
     summary = None
