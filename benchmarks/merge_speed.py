@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from hctembed.embed import Outcome, refresh_index, store_outcomes
-from hctembed.embed_shards import MERGE_CHUNK, RUN_FILE, PartWriter, merge_shards
+from hctembed.embed_shards import RUN_FILE, merge_shards
 from hctembed.index.store import ModelRow, Store
+from hctembed.shard_parts import MERGE_CHUNK, PartWriter
 
 
 def outcomes_of(n: int, *, dim: int, seed: int = 0) -> tuple[list[Outcome], np.ndarray]:
@@ -47,8 +48,6 @@ def outcomes_of(n: int, *, dim: int, seed: int = 0) -> tuple[list[Outcome], np.n
             file_size=40_000_000 + i,
             file_mtime_ns=1_700_000_000_000_000_000 + i,
             patient_id=f"p{i // 3:06d}",
-            location=f"p{i // 3:06d}/s{i:07d}.nii.gz",
-            archive_root="/archive",
             format="nifti",
             meta={"format": "nifti", "shape_xyz": [512, 512, 170], "spacing_xyz": [0.45, 0.45, 1.0], "flags": []},
         )

@@ -1,0 +1,133 @@
+"""Preprocessing on a busy machine: the same call quiet, and with competing busy processes, in one run.
+
+Writes a synthetic 512x512 head CT (``--thickness`` mm slices) as ``.nii.gz``, then times
+``hctembed.preprocessing.series.prepare`` (what ``embed`` runs per scan) ``--repeats`` times each:
+
+* ``quiet``: nothing else running;
+* ``busy``: ``--busy`` other processes spinning on the CPU meanwhile (as DataLoader workers beside the
+  encoder, or other jobs on a shared node do).
+
+Also reports the first call in a fresh process against a later one (``first_call``), and the CPU time of one
+call. Prints median and max seconds and the busy / quiet ratio of the medians; writes
+``benchmarks/results/contention.json``.
+
+    python benchmarks/contention.py [--repeats 5] [--busy 2] [--thickness 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from preprocess_speed import write_case
+
+from hctembed.config import PreprocessConfig
+from hctembed.io.archive import discover
+from hctembed.preprocessing.series import prepare
+
+
+def _spin(stop) -> None:
+    x = 0
+    while not stop.is_set():
+        for _ in range(100_000):
+            x += 1
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+FIRST_CALL = """
+import sys, time
+from hctembed.config import PreprocessConfig
+from hctembed.io.archive import discover
+from hctembed.preprocessing.series import prepare
+(ref,) = discover(sys.argv[1])
+times = []
+for _ in range(3):
+    start = time.perf_counter()
+    prepare(ref, config=PreprocessConfig(), head_check=True)
+    times.append(time.perf_counter() - start)
+print(times[0], min(times[1:]))
+"""
+
+
+def first_call(path: Path) -> tuple[float, float]:
+    """The first and the best later call in a fresh process (imports already done)."""
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL, str(path)], capture_output=True, text=True, check=True)
+    first, later = map(float, out.stdout.split())
+    return first, later
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--busy", type=int, default=2)
+    parser.add_argument("--thickness", type=float, default=5.0)
+    args = parser.parse_args()
+    config = PreprocessConfig()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _, _ = write_case(Path(tmp), matrix=512, thickness=args.thickness, seed=1)
+        (ref,) = discover(path)
+
+        def call():
+            return prepare(ref, config=config, head_check=True)
+
+        call()  # warm-up
+        cpu_start = time.process_time()
+        quiet = timed(call, args.repeats)
+        cpu = (time.process_time() - cpu_start) / args.repeats
+        stop = mp.Event()
+        spinners = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(args.busy)]
+        for p in spinners:
+            p.start()
+        time.sleep(0.5)
+        try:
+            busy = timed(call, args.repeats)
+        finally:
+            stop.set()
+            for p in spinners:
+                p.join(timeout=5)
+        firsts = [first_call(path) for _ in range(3)]
+    rows = {
+        "file": path.name,
+        "torch_threads": torch.get_num_threads(),
+        "quiet_median_s": round(statistics.median(quiet), 3),
+        "quiet_max_s": round(max(quiet), 3),
+        "busy_processes": args.busy,
+        "busy_median_s": round(statistics.median(busy), 3),
+        "busy_max_s": round(max(busy), 3),
+        "busy_over_quiet": round(statistics.median(busy) / statistics.median(quiet), 2),
+        "cpu_s_per_call": round(cpu, 3),
+        "first_call_s": round(statistics.median(f for f, _ in firsts), 3),
+        "later_call_s": round(statistics.median(later for _, later in firsts), 3),
+        "first_over_later": round(statistics.median(f / later for f, later in firsts), 2),
+    }
+    print(json.dumps(rows, indent=1))
+    facts = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    out = Path(__file__).parent / "results" / "contention.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"facts": facts, "row": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
