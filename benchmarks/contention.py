@@ -81,7 +81,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--busy", type=int, default=2)
     parser.add_argument("--thickness", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = PreprocessConfig()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
