@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hctembed-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,18 @@ lint: setup
 	$(BIN)/ruff check hctembed tests benchmarks
 	$(BIN)/ruff format --check hctembed tests benchmarks
 
-test: lint
+# the authors' packages of other models, as test references (tests/test_peer_references.py): pure-Python
+# wheels without their dependencies (torch, MONAI, huggingface_hub come from .venv; the parts of merlin-vlm
+# that need transformers, torchvision or peft are never imported)
+PEERS := .peers/.installed
+$(PEERS): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target .peers merlin-vlm==0.0.7 lighter-zoo==0.1.3 \
+	  || echo "warning: could not install the peers' packages; their reference tests will be skipped" >&2
+	mkdir -p .peers && touch $(PEERS)
+
+peers: $(PEERS)
+
+test: lint peers
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -35,4 +46,4 @@ bench: setup
 	$(BIN)/python benchmarks/preprocess_speed.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .peers demo-out .pytest_cache .ruff_cache *.egg-info
