@@ -19,7 +19,7 @@ from hctembed.head_check import NOT_HEAD
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess
-from hctembed.preprocessing.series import NotHeadError, check_head, prepare
+from hctembed.preprocessing.series import NotHeadError, check_head, prepare, source_facts
 from hctembed.volume import MAX_VOXELS, Volume, VolumeError
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, lo
         return replace(item, reason=f"{NOT_HEAD}: {exc}", skipped=True, decoded=None)
     except VolumeError as exc:
         return replace(item, reason=ref.redact(str(exc)), decoded=None)
-    facts = {**meta, "shape_xyz": list(volume.shape_xyz), "spacing_xyz": [round(s, 4) for s in volume.spacing_xyz]}
-    return replace(item, x=x, meta={**item.meta, **facts}, decoded=None)
+    return replace(item, x=x, meta={**item.meta, **source_facts(volume)}, decoded=None)
 
 
 def _collate(items: list[Prepared]) -> list[Prepared]:

@@ -84,12 +84,18 @@ def search_id(store: Store, *, scan_id: str, k: int = 10, model: str | None = No
     return _search(collection, xq, k=k, exclude_id=vid, fingerprint=collection.fingerprint)
 
 
+def ranked_pairs(scores: np.ndarray, ids: np.ndarray, *, k: int, exclude_id: int | None) -> list[tuple[float, int]]:
+    """The first ``k`` ``(score, id)`` of one query's result row (``scores [n]``, ``ids [n]``, n = k, or k + 1
+    when the query's own ``exclude_id`` is to be left out), FAISS's padding (-1) dropped. Shared by the CLI
+    and the server, so both rank alike."""
+    return [(float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0 and i != exclude_id][:k]
+
+
 def _search(collection: Collection, xq, *, k, exclude_id, fingerprint) -> list[Hit]:
     index = open_index(collection)
     extra = 1 if exclude_id is not None else 0
     result = index.search(xq[None], k=k + extra, model_id=collection.model_id, fingerprint=fingerprint)
-    pairs = [(float(s), int(i)) for s, i in zip(result.D[0], result.I[0], strict=True) if i >= 0 and i != exclude_id]
-    pairs = pairs[:k]
+    pairs = ranked_pairs(result.D[0], result.I[0], k=k, exclude_id=exclude_id)
     rows = collection.hits([i for _, i in pairs])
     labels = collection.store.labels.of([rows[i].scan_id for _, i in pairs if i in rows])
     hits = []

@@ -47,9 +47,13 @@ def prepare(
         if head_check:
             check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
         x, source = preprocess(volume, config=config), volume
-    facts = {
+    return x, source_facts(source)
+
+
+def source_facts(source) -> dict[str, Any]:
+    """PHI-free facts of what a scan was read from (a Volume, or a NIfTI stream): its meta, shape and spacing."""
+    return {
         **source.meta,
         "shape_xyz": list(source.shape_xyz),
         "spacing_xyz": [round(s, 4) for s in source.spacing_xyz],
     }
-    return x, facts

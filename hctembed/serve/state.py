@@ -23,8 +23,8 @@ import numpy as np
 from hctembed.errors import InputError
 from hctembed.index.live_feed import LiveFeed, read_new
 from hctembed.index.store import SidecarPaths, Store, StoreError
-from hctembed.index.store.snapshot import latest_snapshot, snapshot_time, take_snapshot, writer_holds
-from hctembed.search import Hit
+from hctembed.index.store.snapshot import latest_snapshot, snapshot_time, take_snapshot
+from hctembed.search import Hit, ranked_pairs
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,9 @@ class ServerState:
         """Beat; take a snapshot if the database changed since the last one and no writer holds it; load a newer
         snapshot; apply the feed files written since it."""
         self.feed.beat()
-        if self.db.exists() and _signature(self.db) != self._db_seen and not writer_holds(self.db):
-            seen = _signature(self.db)
-            if take_snapshot(self.db) is not None:
-                self._db_seen = seen
+        seen = _signature(self.db) if self.db.exists() else self._db_seen
+        if seen != self._db_seen and take_snapshot(self.db) is not None:  # None while a writer holds it
+            self._db_seen = seen
         newest = latest_snapshot(self.db)
         if newest is not None and newest != self.catalogue.snapshot:
             catalogue = load_catalogue(newest)  # aside, then swapped in whole
@@ -173,7 +172,7 @@ class ServerState:
         extra = 1 if exclude is not None else 0
         scores, ids = view.index.search(np.ascontiguousarray(xq[None], np.float32), k + extra)
         by_id = view.scan_of
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0 and i != exclude][:k]
+        pairs = ranked_pairs(scores[0], ids[0], k=k, exclude_id=exclude)
         cat = self.catalogue
         return [
             Hit(rank, score, vid, by_id[vid], cat.patients.get(by_id[vid]), cat.labels.get(by_id[vid], {}))

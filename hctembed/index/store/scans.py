@@ -57,27 +57,24 @@ class ScansRepo:
         with self.db.bulk("_pat_in", table):
             self.db.run("UPDATE scans SET patient_id = p.patient_id FROM _pat_in p WHERE scans.scan_id = p.scan_id")
 
-    def legacy_locations(self, scan_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """``{scan_id: (archive_root, source)}`` of scans whose paths a database written before the locator
-        recorded in its own columns (new rows leave them empty)."""
-        if not scan_ids:
+    def legacy_locations(self, scan_ids: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
+        """``{scan_id: (archive_root, source)}`` of the scans among ``scan_ids`` (all when None) whose paths a
+        database written before the locator recorded in its own columns (new rows leave them empty)."""
+        legacy = "s.archive_root IS NOT NULL AND s.source IS NOT NULL"
+        if scan_ids is None:
+            rows = self.db.rows(f"SELECT s.scan_id, s.archive_root, s.source FROM scans s WHERE {legacy}")
+        elif not scan_ids:
             return {}
-        with self.db.bulk("_roots_in", pa.table({"scan_id": list(scan_ids)})):
-            rows = self.db.rows(
-                "SELECT s.scan_id, s.archive_root, s.source FROM scans s JOIN _roots_in r ON r.scan_id = s.scan_id "
-                "WHERE s.archive_root IS NOT NULL AND s.source IS NOT NULL"
-            )
-        return {r[0]: (resolved_path(r[1], db=self.db.path), r[2]) for r in rows}
-
-    def take_legacy_locations(self) -> dict[str, tuple[str, str]]:
-        """Every ``{scan_id: (archive_root, source)}`` a database written before the locator recorded, with the
-        columns cleared (call in a transaction, after writing them to the locator)."""
-        rows = self.db.rows(
-            "SELECT scan_id, archive_root, source FROM scans WHERE archive_root IS NOT NULL AND source IS NOT NULL"
-        )
+        else:
+            with self.db.bulk("_roots_in", pa.table({"scan_id": list(scan_ids)})):
+                rows = self.db.rows(
+                    "SELECT s.scan_id, s.archive_root, s.source FROM scans s "
+                    f"JOIN _roots_in r ON r.scan_id = s.scan_id WHERE {legacy}"
+                )
         return {r[0]: (resolved_path(r[1], db=self.db.path), r[2]) for r in rows}
 
     def clear_legacy_locations(self) -> None:
+        """Empty the path columns (once :meth:`legacy_locations` has gone to the locator)."""
         self.db.run(
             "UPDATE scans SET archive_root = NULL, source = NULL WHERE archive_root IS NOT NULL OR source IS NOT NULL"
         )

@@ -103,12 +103,3 @@ def take_snapshot(db: Path) -> Path | None:
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
-
-
-def writer_holds(db: Path) -> bool:
-    """Whether another process has ``db`` open for writing (a read-only open is refused)."""
-    try:
-        duckdb.connect(str(db), read_only=True).close()
-    except duckdb.IOException:
-        return True
-    return False

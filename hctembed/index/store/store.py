@@ -101,7 +101,7 @@ class Store:
     def _move_paths_to_the_locator(self) -> None:
         """A database written before the locator kept paths in ``scans``: they move to the locator (written
         first, so a crash in between loses nothing) and leave the database."""
-        legacy = ScansRepo(self.db).take_legacy_locations()
+        legacy = ScansRepo(self.db).legacy_locations()
         if not legacy:
             return
         with Locator(self.paths.locator) as locator:
