@@ -32,6 +32,10 @@ PEERS := .peers/.installed
 $(PEERS): $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --target .peers merlin-vlm==0.0.7 lighter-zoo==0.1.3 \
 	  || echo "warning: could not install the peers' packages; their reference tests will be skipped" >&2
+	# torchvision only for the model code merlin-vlm builds its ResNet from (the torch 2.13 pair; see
+	# tests/peer_merlin_reference.py), in .peers/ so that it never enters hctembed's own environment
+	$(BIN)/python -m pip install --quiet --no-deps --target .peers torchvision==0.28.0 \
+	  || echo "warning: could not install torchvision into .peers; the Merlin encoder reference test will be skipped" >&2
 	mkdir -p .peers && touch $(PEERS)
 
 peers: $(PEERS)

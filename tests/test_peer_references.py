@@ -1,18 +1,26 @@
 """Other groups' models as their own code runs them: the authors' packages, installed by ``make peers`` into
 ``.peers/`` (without their dependencies: torch, MONAI and huggingface_hub come from this environment; the text
-and report-generation parts of merlin-vlm, which need transformers, torchvision and peft, are never imported),
-are the references.
+and report-generation parts of merlin-vlm, which need transformers and peft, are never imported; torchvision,
+for the ResNet merlin-vlm inflates, is imported only in a child process), are the references.
 
 * CT-FM: ``lighter_zoo.SegResEncoder`` with CT-FM's configuration and seeded random weights, saved with its
   ``save_pretrained``, loads strictly through ``load_encoder("ct-fm", weights=...)`` and gives the same pooled
   features on an asymmetric input.
-* Merlin: its package's own MONAI chain (``merlin/data/monai_transforms.py``) and hctembed's Merlin preset give
-  the same model input on an obliquely stored, anisotropic NIfTI (mean |difference| reported in BENCHMARKS.md).
+* Merlin's encoder: merlin-vlm's own ``I3ResNet`` (built from torchvision's ResNet-152 with seeded random weights
+  and randomised BatchNorm statistics, in a separate process: ``peer_merlin_reference.py``) saved in the released
+  checkpoint's layout loads strictly through ``load_encoder("merlin", weights=...)`` and gives the same pooled
+  features on an asymmetric input.
+* Merlin's preprocessing: its package's own MONAI chain (``merlin/data/monai_transforms.py``) and hctembed's
+  Merlin preset give the same model input on an obliquely stored, anisotropic NIfTI (mean |difference| reported
+  in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +76,23 @@ def test_merlin_preprocessing_equals_merlin_vlm_transforms(tmp_path):
     ours = preprocess(load_nifti(path), config=MERLIN_PREPROCESS)
     assert ours.shape == theirs.shape == (1, 224, 224, 160)
     assert float((ours - theirs).abs().mean()) < 1e-6 and float(np.abs(ours.numpy()).sum()) > 0
+
+
+@pytest.mark.skipif(not (PEERS / "torchvision").is_dir(), reason="torchvision is not installed in .peers/")
+def test_merlin_encoder_equals_merlin_vlm_i3resnet(tmp_path):
+    from hctembed.model.encoders import load_encoder
+
+    x = torch.rand(2, 1, 64, 48, 32, generator=torch.Generator().manual_seed(2))  # [B, 1, X, Y, Z], no axes alike
+    torch.save(x, tmp_path / "x.pt")
+    script = Path(__file__).with_name("peer_merlin_reference.py")
+    env = {**os.environ, "PYTHONPATH": str(PEERS)}
+    done = subprocess.run([sys.executable, str(script), str(PEERS), str(tmp_path / "x.pt"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = torch.load(tmp_path / "features.pt", weights_only=True)["features"]
+    encoder = load_encoder("merlin", weights=tmp_path / "merlin.pt")
+    with torch.no_grad():
+        ours = encoder.model.features(x)
+    assert ours.shape == theirs.shape == (2, 2048)
+    scale = float(theirs.abs().max())
+    assert scale > 0 and float((ours - theirs).abs().max()) <= 1e-5 * scale
