@@ -65,6 +65,19 @@ def test_blur_keeps_constants_and_smooths():
     assert float(out.sum()) == pytest.approx(1.0, rel=1e-5) and float(out.max()) < 0.1
 
 
+def test_views_without_intensity_jitter_keep_ct_numbers():
+    from dataclasses import replace
+
+    from hctembed.pretrain import PretrainConfig
+
+    base = torch.full((3, 56, 56, 56), 0.3)
+    paper = PretrainConfig(model="vit-micro", local_crops=2)
+    for config, constant in ((paper, False), (replace(paper, intensity_jitter=False), True)):
+        views = multi_crop(base, config=config.multi_crop(), g=torch.Generator().manual_seed(0))
+        assert len(views) == 4 and views[0].shape == (3, 48, 48, 48)
+        assert all(torch.allclose(v, base[:, :48, :48, :48], atol=1e-6) for v in views) == constant
+
+
 def test_crop_ranges_are_validated():
     with pytest.raises(ValueError):
         MultiCropConfig(global_mm=(112, 300))

@@ -98,6 +98,23 @@ def test_head_last_layer_is_weight_normalised():
     torch.testing.assert_close(head(x), bottleneck @ w.T)
 
 
+def test_batchnorm_head_separates_nearly_identical_backbone_vectors():
+    """A fresh ViT maps every head CT to nearly the same CLS vector: without BatchNorm the head's outputs are
+    as alike as its inputs (the centred teacher is uniform); with it each hidden unit is standardised over the
+    batch and the outputs differ."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 32) + 1e-3 * torch.randn(16, 32)  # [B, D]: vectors differing by 1e-3
+    spread = {}
+    for use_bn in (False, True):
+        torch.manual_seed(1)
+        head = DINOHead(32, DINOHeadConfig(out_dim=64, hidden_dim=48, bottleneck_dim=16, use_bn=use_bn)).train()
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == use_bn
+        with torch.no_grad():
+            out = head(x)
+        spread[use_bn] = float((out - out.mean(0)).std(0).mean())
+    assert spread[False] < 1e-3 and spread[True] > 100 * spread[False]
+
+
 @pytest.mark.slow
 def test_last_layer_frozen_in_first_epoch_only(tmp_path_factory, tmp_path):
     refs = discover(shared_archive(tmp_path_factory))

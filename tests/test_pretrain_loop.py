@@ -69,7 +69,11 @@ def _states(result) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [TINY_DINO, TINY_MAE], ids=["dino", "mae"])
+@pytest.mark.parametrize(
+    "config",
+    [TINY_DINO, replace(TINY_DINO, head_bn=True, intensity_jitter=False), TINY_MAE],
+    ids=["dino", "dino-bn-head", "mae"],
+)
 def test_interrupted_and_resumed_run_ends_with_identical_weights(refs, cache, tmp_path, config):
     full = run_pretrain(refs=refs, config=replace(config, max_steps=4), out=tmp_path / "full", cache_dir=cache)
     half = run_pretrain(refs=refs, config=replace(config, max_steps=2), out=tmp_path / "cut", cache_dir=cache)
@@ -97,6 +101,24 @@ def test_resume_refuses_other_settings(refs, cache, tmp_path):
     run_pretrain(refs=refs, config=replace(TINY_MAE, max_steps=1), out=tmp_path, cache_dir=cache)
     with pytest.raises(PretrainError, match="batch_size"):
         run_pretrain(refs=refs, config=replace(TINY_MAE, batch_size=1), out=tmp_path, resume=True, cache_dir=cache)
+
+
+def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
+    """A checkpoint written before head_bn / intensity_jitter existed had their defaults: it still resumes; a
+    run asking for a non-default value of such a setting is refused."""
+    run_pretrain(refs=refs, config=replace(TINY_DINO, max_steps=1), out=tmp_path, cache_dir=cache)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old = json.loads(ckpt["config"])
+    del old["head_bn"], old["intensity_jitter"]
+    ckpt["config"] = json.dumps(old, sort_keys=True)
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(PretrainError, match="head_bn"):
+        run_pretrain(refs=refs, config=replace(TINY_DINO, head_bn=True, max_steps=2), out=tmp_path, resume=True,
+                     cache_dir=cache)  # fmt: skip
+    resumed = run_pretrain(
+        refs=refs, config=replace(TINY_DINO, max_steps=2), out=tmp_path, resume=True, cache_dir=cache
+    )
+    assert resumed.steps_done == 2
 
 
 def test_too_few_scans_is_a_clear_error(refs, cache, tmp_path):
@@ -141,10 +163,19 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     archive = shared_archive(tmp_path_factory)
     runner = CliRunner()
     out = tmp_path / "run"
+    held_out = sorted(r.scan_id for r in discover(archive))[-1]  # a held-out patient's scan stays unseen
+    scans = tmp_path / "train.txt"
+    scans.write_text("".join(f"{r.scan_id}\n" for r in discover(archive) if r.scan_id != held_out))
     args = ["pretrain", archive, "--method", "dino", "--config", "vit-micro", "--out", out, "--epochs", "1"]
     args += ["--max-steps", "1", "--batch-size", "2", "--prototypes", "256", "--local-crops", "1", "--quiet"]
+    args += ["--scans", scans, "--head-bn", "--no-intensity-jitter"]
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert held_out not in ckpt["scan_ids"] and len(ckpt["scan_ids"]) == 3
+    saved = json.loads(ckpt["config"])
+    assert saved["head_bn"] is True and saved["intensity_jitter"] is False
+    assert any("head.mlp.1.running_mean" in k for k in ckpt["student"])  # the head's BatchNorm is there
     weights = out / "encoder.safetensors"
     assert weights.exists() and (out / "checkpoint.pt").exists()
     db = tmp_path / "h.duckdb"
@@ -153,7 +184,16 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     assert result.exit_code == 0, result.output
     with Store(db, read_only=True) as store:
         card = store.models.get(store.resolve_collection().model_id).card
-    assert card["method"] == "dino" and card["data_count"] == 4 and card["epochs"] == 1 and card["steps"] == 1
+    assert card["method"] == "dino" and card["data_count"] == 3 and card["epochs"] == 1 and card["steps"] == 1
     assert card["fingerprint"].startswith("pp-") and card["exported_from"] == "teacher"
     bad = runner.invoke(app, ["pretrain", str(archive), "--method", "simclr", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown method" in bad.output
+    mae = ["pretrain", archive, "--method", "mae", "--config", "vit-micro", "--out", tmp_path / "mae", "--epochs", "1"]
+    mae += ["--max-steps", "1", "--batch-size", "2", "--norm-pix-loss", "--quiet"]
+    assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0
+    saved = json.loads(torch.load(tmp_path / "mae" / "checkpoint.pt", weights_only=True)["config"])
+    assert saved["mae"]["norm_pix_loss"] is True
+    scans.write_text("no-such-scan\n")
+    args = ["pretrain", archive, "--config", "vit-micro", "--out", tmp_path / "y", "--scans", scans, "--quiet"]
+    bad = runner.invoke(app, [str(a) for a in args])
+    assert bad.exit_code != 0 and "not usable" in bad.output and "no-such-scan" in bad.output

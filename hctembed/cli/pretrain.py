@@ -28,6 +28,18 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt (exactly)."),
     local_crops: int = typer.Option(3, "--local-crops", min=0, help="DINO local crops per scan."),
     prototypes: int = typer.Option(65536, "--prototypes", min=2, help="DINO head output dimension."),
+    head_bn: bool = typer.Option(
+        False, "--head-bn/--no-head-bn", help="DINO head with BatchNorm (keeps a fresh ViT's teacher from collapsing)."
+    ),
+    intensity_jitter: bool = typer.Option(
+        True, "--intensity-jitter/--no-intensity-jitter", help="DINO views get the paper's intensity shift/contrast."
+    ),
+    norm_pix_loss: bool = typer.Option(
+        False, "--norm-pix-loss/--no-norm-pix-loss", help="MAE: per-patch normalised targets (the MAE paper's best)."
+    ),
+    scans: Path | None = typer.Option(
+        None, "--scans", help="Text file of scan ids (one per line): pretrain on these only, e.g. a training part."
+    ),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default: base lr x batch / 256)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, crops and sampling."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader workers cutting views."),
@@ -41,6 +53,7 @@ def pretrain(
 ) -> None:
     """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
     from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.mae import MAEConfig
     from hctembed.workflows.pretrain import pretrain_archive
 
     setup_logging(quiet=quiet)
@@ -55,13 +68,22 @@ def pretrain(
         checkpoint_every=checkpoint_every,
         local_crops=local_crops,
         prototypes=prototypes,
+        head_bn=head_bn,
+        intensity_jitter=intensity_jitter,
+        mae=MAEConfig(norm_pix_loss=norm_pix_loss),
         seed=seed,
         num_workers=workers,
         monitor_every=monitor_every,
     )
+    scan_ids = None
+    if scans is not None:
+        if not scans.is_file():
+            raise typer.BadParameter(f"--scans {scans}: no such file")
+        scan_ids = [line.strip() for line in scans.read_text().splitlines() if line.strip()]
     result = pretrain_archive(
-        archive, config=run, out=out, resume=resume, cache_dir=cache, device=device, monitor_labels=monitor_labels
-    )
+        archive, config=run, out=out, resume=resume, cache_dir=cache, device=device, monitor_labels=monitor_labels,
+        scan_ids=scan_ids,
+    )  # fmt: skip
     if result is not None:  # rank 0
         rows = {
             "out": str(out),

@@ -23,6 +23,7 @@ class DINOHeadConfig:
     bottleneck_dim: int = 256
     nlayers: int = 3
     norm_last_layer: bool = True  # weight-norm gain fixed at 1 (the stable choice for ViTs)
+    use_bn: bool = False  # BatchNorm after each hidden layer (DINO's use_bn_in_head)
 
 
 class WeightNormLinear(nn.Module):
@@ -42,8 +43,14 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """MLP (``nlayers`` linear layers, GELU between) to a ``bottleneck_dim`` vector, L2-normalised, then a
-    weight-normalised linear layer onto ``out_dim`` prototypes. ``[B, in_dim] -> [B, out_dim]``."""
+    """MLP (``nlayers`` linear layers, GELU between; with ``use_bn`` a BatchNorm before each GELU) to a
+    ``bottleneck_dim`` vector, L2-normalised, then a weight-normalised linear layer onto ``out_dim`` prototypes.
+    ``[B, in_dim] -> [B, out_dim]``.
+
+    The BatchNorm (DINO's ``use_bn_in_head``) standardises each hidden unit across the batch, so scans whose
+    backbone vectors differ only slightly (a fresh ViT gives nearly the same CLS token for every head CT) reach the
+    prototypes as distinct outputs. On its own it did not keep vit-micro's teacher from flattening on 1,080
+    synthetic scans (BENCHMARKS.md, issue 12)."""
 
     def __init__(self, in_dim: int, config: DINOHeadConfig) -> None:
         super().__init__()
@@ -52,6 +59,8 @@ class DINOHead(nn.Module):
         for i in range(len(dims) - 1):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
+                if config.use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:

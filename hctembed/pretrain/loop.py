@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hctembed import distributed as ddp
-from hctembed.augment import MaeCropConfig, MultiCropConfig, base_preprocess
+from hctembed.augment import MaeCropConfig, base_preprocess
 from hctembed.config import VIT_PRESETS
 from hctembed.model.encoders import REGISTRY
 from hctembed.model.vit3d import ViT3D
@@ -209,7 +209,7 @@ def _batches(run: _Run, *, epoch: int, in_epoch: int):
         method=c.method,
         seed=c.seed,
         epoch=epoch,
-        multi_crop_config=MultiCropConfig(out_size=image_size, n_local=c.local_crops),
+        multi_crop_config=c.multi_crop(),
         mae_config=MaeCropConfig(out_size=image_size),
     )
     loader = DataLoader(
@@ -314,7 +314,9 @@ def _checkpoint(run: _Run, step: int) -> None:
 def _check_resumable(state: dict, *, config: PretrainConfig, scan_ids: list[str], world: int) -> None:
     saved = json.loads(state["config"])
     now = json.loads(config.to_json())
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k) != now[k])
+    # a setting added after the checkpoint was written had its default value then
+    defaults = json.loads(PretrainConfig(model=config.model).to_json())
+    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, defaults[k]) != now[k])
     if diff:
         raise PretrainError(f"cannot resume: the checkpoint was made with other settings ({', '.join(diff)})")
     if state["scan_ids"] != scan_ids:

@@ -106,9 +106,16 @@ class DINOMethod(Method):
         super().__init__(config, device=device, generator=generator)
         vit = VIT_PRESETS[config.model]
         head_config = DINOHeadConfig(
-            out_dim=config.prototypes, hidden_dim=config.head_hidden, bottleneck_dim=config.bottleneck
+            out_dim=config.prototypes,
+            hidden_dim=config.head_hidden,
+            bottleneck_dim=config.bottleneck,
+            use_bn=config.head_bn,
         )
         self.module = DINOStudent(ViT3D(vit), DINOHead(vit.dim, head_config)).to(device)
+        if config.head_bn and ddp.active() and device.type == "cuda":
+            # batch statistics over every process's batch, as DINO does (SyncBatchNorm runs on CUDA only; CPU
+            # processes under gloo normalise over their own share)
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.teacher = make_teacher(self.module)
         self.criterion = DINOLoss(out_dim=config.prototypes, n_global=2).to(device)
         self._centre_sum: torch.Tensor | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from hctembed.augment import MultiCropConfig
 from hctembed.config import VIT_PRESETS
 from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
@@ -42,6 +43,8 @@ class PretrainConfig:
     prototypes: int = 65536
     head_hidden: int = 2048
     bottleneck: int = 256
+    head_bn: bool = False  # DINO head: BatchNorm in its hidden layers (see DINOHead)
+    intensity_jitter: bool = True  # DINO views: the paper's intensity shift and contrast change
     mae: MAEConfig = field(default_factory=MAEConfig)
     checkpoint_every: int = 100
     seed: int = 0
@@ -55,6 +58,14 @@ class PretrainConfig:
             raise PretrainError(f"unknown model {self.model!r}; known: {', '.join(VIT_PRESETS)}")
         if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every, self.monitor_every) < 1:
             raise PretrainError("epochs, batch size, accumulate, checkpoint and monitor intervals must be >= 1")
+
+    def multi_crop(self) -> MultiCropConfig:
+        """DINO's views at the model input size: ``local_crops`` local crops; without ``intensity_jitter`` no
+        intensity shift or contrast change (CT numbers are calibrated: blood stays blood)."""
+        out = VIT_PRESETS[self.model].image_size
+        if self.intensity_jitter:
+            return MultiCropConfig(out_size=out, n_local=self.local_crops)
+        return MultiCropConfig(out_size=out, n_local=self.local_crops, shift=0.0, contrast=(1.0, 1.0))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

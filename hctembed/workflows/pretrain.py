@@ -4,6 +4,7 @@ the method's loop (:func:`hctembed.pretrain.run_pretrain`). ``hctembed pretrain`
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from hctembed.pretrain import PretrainConfig, PretrainError, PretrainResult
@@ -20,10 +21,13 @@ def pretrain_archive(
     cache_dir: Path | None = None,
     device: str | None = None,
     monitor_labels: Path | None = None,
+    scan_ids: Collection[str] | None = None,
 ) -> PretrainResult | None:
     """Run ``config`` on the archive's scans (a folder, a file or a manifest); rank 0 returns the result, the
     other ranks of a torchrun job ``None``. ``device``: cpu or cuda (default: cuda when torch sees one).
-    ``monitor_labels``: a labels CSV for the kNN / retrieval monitor (see :mod:`hctembed.pretrain.monitors`)."""
+    ``monitor_labels``: a labels CSV for the kNN / retrieval monitor (see :mod:`hctembed.pretrain.monitors`).
+    ``scan_ids``: pretrain on these of the archive's scans only (e.g. the training part of a patient split, so
+    that held-out patients stay unseen); an id the archive lacks is an error."""
     import torch
 
     from hctembed import distributed as ddp
@@ -40,7 +44,15 @@ def pretrain_archive(
     method_class(config.method)  # an unknown method fails before the archive is read
     labels = read_labels(monitor_labels) if monitor_labels else None
     found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
-    if not found.selected:
+    refs = found.selected
+    if scan_ids is not None:
+        wanted = set(scan_ids)
+        missing = wanted - {r.scan_id for r in refs}
+        if missing:
+            raise PretrainError(f"{len(missing)} of the requested scans are not usable in {archive}, e.g. "
+                                f"{sorted(missing)[0]!r}")  # fmt: skip
+        refs = [r for r in refs if r.scan_id in wanted]
+    if not refs:
         raise PretrainError(f"no usable scans in {archive}")
     dev = ddp.init_from_env(use_cuda=use_cuda)
     rank, world = ddp.rank_world()
@@ -48,9 +60,8 @@ def pretrain_archive(
         if rank == 0:
             log.info(
                 "%d scans in %s; %s on %s, %d process(es) on %s",
-                len(found.selected), archive, config.method, config.model, world, dev.type,
+                len(refs), archive, config.method, config.model, world, dev.type,
             )  # fmt: skip
-        refs = found.selected
         result = run_pretrain(refs=refs, config=config, out=out, resume=resume, device=dev, cache_dir=cache_dir,
                               monitor_labels=labels)  # fmt: skip
     finally:
