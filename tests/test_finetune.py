@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -65,27 +66,34 @@ def test_starts_from_exactly_the_weight_file_and_refuses_a_wrong_one(tmp_path):
         build_classifier(model="vit-micro", weights=bad, n_tasks=1, seed=0)
 
 
-def test_head_and_backbone_learn_at_their_own_rates(tmp_path):
+@pytest.mark.parametrize("pool", ["cls", "attentive"])
+def test_head_and_backbone_learn_at_their_own_rates(tmp_path, pool):
     paths, y = separable(tmp_path, n=8)
     weights = tiny_weights(tmp_path / "w.safetensors")
     frozen = FinetuneConfig(model="vit-micro", epochs=1, batch_size=4, samples_per_epoch=8, lr_backbone=0.0,
-                            lr_head=1e-2, weight_decay=0.0)  # fmt: skip
-    before, _ = build_classifier(model="vit-micro", weights=weights, n_tasks=1, seed=0)
+                            lr_head=1e-2, weight_decay=0.0, pool=pool)  # fmt: skip
+    before, _ = build_classifier(model="vit-micro", weights=weights, n_tasks=1, seed=0, pool=pool)
     result = train_classifier(paths=paths, y=y, train=np.arange(8), config=frozen, weights=weights, out=tmp_path / "r")
     after = result.classifier
     for (name, a), b in zip(before.backbone.state_dict().items(), after.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"backbone {name} moved with lr 0"
     assert not torch.equal(before.head.weight, after.head.weight)
+    if pool == "attentive":  # the attention pooling is part of the head: it learns at the head's rate
+        assert not torch.equal(before.attend.query, after.attend.query)
+        assert not torch.equal(before.attend.attn.in_proj_weight, after.attend.attn.in_proj_weight)
+    else:
+        assert after.attend is None
     rows = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert rows[0]["lr_backbone"] == 0.0 and rows[0]["lr_head"] == pytest.approx(1e-2)
     assert (tmp_path / "r" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_tiny_model_learns_a_trivially_separable_task(tmp_path):
+@pytest.mark.parametrize("pool", ["cls", "attentive"])
+def test_a_tiny_model_learns_a_trivially_separable_task(tmp_path, pool):
     paths, y = separable(tmp_path)
     weights = tiny_weights(tmp_path / "w.safetensors")
     config = FinetuneConfig(model="vit-micro", epochs=3, batch_size=4, samples_per_epoch=40, lr_backbone=1e-4,
-                            lr_head=1e-2)  # fmt: skip
+                            lr_head=1e-2, pool=pool)  # fmt: skip
     result = train_classifier(paths=paths, y=y, train=np.arange(16), config=config, weights=weights)
     scores = predict(result.classifier, paths[16:])[:, 0]
     assert roc_auc(y[16:, 0], scores) == 1.0
@@ -140,7 +148,8 @@ def test_finetune_command_writes_results_and_an_encoder_embed_can_use(archive, t
     t1, t2 = busiest(archive)
     result = invoke("finetune", archive, "--labels", archive / "labels.csv", "--task", t1, "--task", t2,
                     "--weights", weights, "--out", out, "--epochs", "1", "--samples-per-epoch", "8", "--batch-size",
-                    "4", "--ratios", "0.6,0.2,0.2", "--cache", tmp_path / "cache", "--json", "--quiet")  # fmt: skip
+                    "4", "--ratios", "0.6,0.2,0.2", "--cache", tmp_path / "cache", "--pool", "attentive", "--json",
+                    "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["task"] for r in rows] == [t1, t2]
@@ -151,7 +160,9 @@ def test_finetune_command_writes_results_and_an_encoder_embed_can_use(archive, t
     for task in trained:
         assert (out / task / "encoder.safetensors").exists() and (out / task / "head.safetensors").exists()
     head = load_file(str(out / trained[0] / "head.safetensors"))
-    assert {"head.weight", "head.bias", "norm.running_mean", "norm.running_var"} <= set(head)
+    assert {"head.weight", "head.bias", "norm.running_mean", "norm.running_var", "attend.query"} <= set(head)
+    with safe_open(str(out / trained[0] / "head.safetensors"), "pt") as f:
+        assert f.metadata()["pool"] == "attentive"
     db = tmp_path / "h.duckdb"
     embedded = invoke("embed", archive, "--db", db, "--model", "vit-micro", "--weights",
                       out / trained[0] / "encoder.safetensors", "--workers", "0", "--json", "--quiet")  # fmt: skip

@@ -63,7 +63,9 @@ def finetune(
         None, "--samples-per-epoch", min=2, help="Balanced sample per epoch (default 5,000; 500 under 5,000 scans)."
     ),
     k_shot: int | None = typer.Option(None, "--k-shot", min=1, help="Train on K positives + K negatives per task."),
-    pool: str = typer.Option("cls", "--pool", help="Features for the head: cls (as embed stores) or mean patch."),
+    pool: str = typer.Option(
+        "cls", "--pool", help="Features for the head: cls (as embed stores), mean patch, or attentive (learned query)."
+    ),
     joint: bool = typer.Option(False, "--joint", help="One encoder with a head per task (default: one per task)."),
     ratios: str = typer.Option("0.8,0.1,0.1", "--ratios", help="Patient-level train,val,test ratios."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, sampling, augmentation and initialisation."),

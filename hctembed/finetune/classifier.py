@@ -1,5 +1,5 @@
 """The fine-tuned network: an encoder (ViT3D) and a classification layer with two logits per task on its CLS
-token (cross-entropy, as the paper's classifiers)."""
+token, its mean patch token or an attention-pooled patch token (cross-entropy, as the paper's classifiers)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import torch
 from torch import nn
 
 from hctembed.config import VIT_PRESETS
+from hctembed.model.attention_pool import AttentionPool
 from hctembed.model.vit3d import ViT3D
 
-POOLS = ("cls", "mean")
+POOLS = ("cls", "mean", "attentive")
+HEAD_PARTS = ("attend", "head")  # trained at the head's learning rate
 
 
 class Classifier(nn.Module):
     """``x [B, C, Z, Y, X]`` -> logits ``[B, T, 2]``.
 
-    ``pool``: the CLS token (what ``embed`` stores) or the mean patch token. ``head_norm``: the pooled features are
+    ``pool``: the CLS token (what ``embed`` stores), the mean patch token, or ``attentive``: a learned query attending
+    over the patch tokens (:class:`AttentionPool`, part of the head), so that a focal finding in a few of hundreds
+    of patches is not averaged away. ``head_norm``: the pooled features are
     standardised over the batch (BatchNorm without affine parameters, as MAE's linear probe) before the linear layer:
     a freshly initialised ViT gives nearly the same CLS vector for every head CT (cosine ~0.999), and without it the
     head barely sees the differences."""
@@ -27,6 +31,7 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.n_tasks = n_tasks
         self.pool = pool
+        self.attend = AttentionPool(backbone.config.dim, heads=backbone.config.heads) if pool == "attentive" else None
         self.norm = nn.BatchNorm1d(backbone.config.dim, affine=False) if head_norm else nn.Identity()
         self.head = nn.Linear(backbone.config.dim, 2 * n_tasks)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
@@ -34,7 +39,10 @@ class Classifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, self.backbone.num_prefix_tokens :].mean(1)
+        if self.pool == "cls":
+            return tokens[:, 0]
+        patches = tokens[:, self.backbone.num_prefix_tokens :]
+        return patches.mean(1) if self.attend is None else self.attend(patches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.features(x))).view(x.shape[0], self.n_tasks, 2)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from hctembed import distributed as ddp
-from hctembed.finetune.classifier import Classifier, build_classifier
+from hctembed.finetune.classifier import HEAD_PARTS, Classifier, build_classifier
 from hctembed.finetune.data import LabelledInputs, epoch_sample
 from hctembed.finetune.settings import RESUME_FREE, FinetuneConfig, FinetuneError
 from hctembed.pictures.training_curves import plot_training_curves
@@ -50,7 +50,8 @@ class FinetuneResult:
 def _param_groups(model: Classifier, config: FinetuneConfig) -> list[dict[str, Any]]:
     """Backbone and head at their own learning rates; weight decay on matrices only."""
     groups = []
-    for part, lr in (("backbone", config.lr_backbone), ("head", config.lr_head)):  # (norm has no parameters)
+    parts = [("backbone", config.lr_backbone)] + [(p, config.lr_head) for p in HEAD_PARTS if getattr(model, p)]
+    for part, lr in parts:  # (norm has no parameters)
         decay, no_decay = [], []
         for name, p in getattr(model, part).named_parameters():
             (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "register_tokens")) else decay).append(p)

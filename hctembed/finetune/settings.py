@@ -33,7 +33,7 @@ class FinetuneConfig:
     samples_per_epoch: int | None = None  # None: 5,000, or 500 when the training part is under 5,000 scans
     jitter: float = 0.25  # random shift of the 192 mm crop, as a fraction of the margin to the 224 mm base
     flip_p: float = 0.5  # left-right flips while training
-    pool: str = "cls"  # cls or mean (patch tokens)
+    pool: str = "cls"  # cls, mean (patch tokens) or attentive (a learned query over the patch tokens)
     head_norm: bool = True  # standardise the pooled features over the batch before the linear layer
     seed: int = 0
     checkpoint_every: int = 50
@@ -47,8 +47,8 @@ class FinetuneConfig:
             raise FinetuneError("epochs, batch size, checkpoint and log intervals must be >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 2:
             raise FinetuneError("--samples-per-epoch must be >= 2")
-        if self.pool not in ("cls", "mean"):
-            raise FinetuneError(f"pool must be cls or mean, not {self.pool!r}")
+        if self.pool not in ("cls", "mean", "attentive"):
+            raise FinetuneError(f"pool must be cls, mean or attentive, not {self.pool!r}")
         if self.lr_backbone < 0 or self.lr_head <= 0:
             raise FinetuneError("learning rates must be positive (backbone may be 0: a frozen backbone)")
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from hctembed.errors import HctembedError, InputError
 from hctembed.eval.classification import balanced_indices
+from hctembed.model.attention_pool import attend
 from hctembed.model.checkpoint import load_state_strict
 
 FORMAT = "hctembed-attentive-probe"
@@ -59,9 +60,7 @@ class AttentiveProbe(nn.Module):
         self.head = nn.Linear(config.dim, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        q = self.query.expand(tokens.shape[0], -1, -1)
-        pooled, _ = self.attn(q, tokens, tokens, need_weights=False)  # [B, 1, D]
-        return self.head(self.norm(pooled[:, 0]))
+        return self.head(self.norm(attend(self.query, self.attn, tokens)))
 
 
 def train_attentive(tokens: np.ndarray, y: np.ndarray, *, config: AttentiveConfig) -> AttentiveProbe:

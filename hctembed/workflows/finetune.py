@@ -173,9 +173,10 @@ def _export(result, folder: Path, *, tasks: tuple[str, ...], card: dict) -> dict
     classifier = result.classifier
     encoder = export_backbone(classifier.backbone, folder, card=card)
     head = folder / "head.safetensors"
-    # the classification layer and the batch standardisation in front of it (its running mean and variance)
+    # the classification layer, the batch standardisation in front of it (its running mean and variance) and, with
+    # --pool attentive, the attention pooling
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()
-             if k.startswith(("head.", "norm."))}  # fmt: skip
+             if k.startswith(("head.", "norm.", "attend."))}  # fmt: skip
     meta = {"tasks": json.dumps(list(tasks)), "encoder": encoder.name, "pool": classifier.pool,
             "head_norm": json.dumps(not isinstance(classifier.norm, torch.nn.Identity))}  # fmt: skip
     save_file(state, str(head), metadata=meta)
