@@ -36,7 +36,7 @@ from hctembed.workflows.progress import NO_PROGRESS
 log = logging.getLogger("learning_synthetic")
 
 BUDGETS = {
-    "full": {"n": 800, "matrix": 192, "mae_epochs": 30, "dino_epochs": 0, "ks": (8, 16, 32), "draws": 3,
+    "full": {"n": 1200, "matrix": 128, "mae_epochs": 30, "dino_epochs": 0, "ks": (8, 16, 32), "draws": 3,
              "k_epochs": 10, "k_samples": 64, "full_epochs": 10, "full_samples": 400},
     "quick": {"n": 48, "matrix": 96, "mae_epochs": 1, "dino_epochs": 0, "ks": (4,), "draws": 2,
               "k_epochs": 1, "k_samples": 16, "full_epochs": 1, "full_samples": 32},
@@ -72,29 +72,54 @@ def pretrain_config(method: str, epochs: int, args):
     from hctembed.pretrain import PretrainConfig
     from hctembed.pretrain.mae import MAEConfig
 
-    # a light decoder (96 wide, 2 blocks): the default 384 x 8 one is 5x the cost of vit-micro itself
+    # a light decoder (96 wide, 2 blocks): the default 384 x 8 one is 5x the cost of vit-micro itself; per-patch
+    # normalised targets (the MAE paper's better representation). DINO: BatchNorm head, no photometric jitter.
     return PretrainConfig(
         method=method, model=args.model, epochs=epochs, batch_size=8, lr=args.mae_lr if method == "mae" else
-        args.dino_lr, checkpoint_every=100, monitor_every=100, local_crops=2, prototypes=4096, warmup_epochs=1.0,
-        teacher_temp_warmup_epochs=max(1.0, epochs * 0.3), mae=MAEConfig(decoder_dim=96, decoder_depth=2,
-        decoder_heads=4), seed=args.seed,
+        args.dino_lr, checkpoint_every=100, monitor_every=200, local_crops=2, prototypes=4096, warmup_epochs=1.0,
+        teacher_temp_warmup_epochs=max(1.0, epochs * 0.1), head_bn=method == "dino", intensity_jitter=method != "dino",
+        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=True), seed=args.seed,
     )  # fmt: skip
 
 
-def pretrain(args, archive: Path, method: str, epochs: int) -> dict:
+def pretrain(args, archive: Path, method: str, epochs: int, *, scan_ids: list[str], monitor_labels: Path) -> dict:
+    """Pretrain on ``scan_ids`` (the training and validation patients' scans: the test patients stay unseen),
+    with the labelled monitor on the validation part only."""
     from hctembed.workflows.pretrain import pretrain_archive
 
     run_dir = args.out / f"{method}_run"
     result = pretrain_archive(archive, config=pretrain_config(method, epochs, args), out=run_dir,
-                              cache_dir=args.cache, device="cpu", monitor_labels=archive / "labels.csv",
-                              resume=True)  # fmt: skip
+                              cache_dir=args.cache, device="cpu", monitor_labels=monitor_labels, resume=True,
+                              scan_ids=scan_ids)  # fmt: skip
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     monitors = [{k: r.get(k) for k in ("step", "loss", "monitor_knn_auc", "monitor_map", "monitor_knn_auc_patches",
                                        "monitor_map_patches", "teacher_entropy", "embedding_std")}
                 for r in rows if "monitor_map" in r]  # fmt: skip
     warnings = sorted({r["warning"] for r in rows if "warning" in r})
-    return {"encoder": str(result.encoder_path), "steps": result.steps_done, "monitors": monitors,
-            "warnings": warnings}  # fmt: skip
+    return {"encoder": str(result.encoder_path), "steps": result.steps_done, "scans": len(scan_ids),
+            "monitors": monitors, "warnings": warnings}  # fmt: skip
+
+
+def split_of(args, data):
+    """The patient-level 8:1:1 split every stage uses (the probes' and fine-tuning's own)."""
+    from hctembed.eval.splits import patient_split
+
+    return patient_split(list(data.patient_ids), ratios=(0.8, 0.1, 0.1), seed=args.seed)
+
+
+def validation_labels(args, archive: Path, data, split) -> Path:
+    """A labels CSV holding the validation part's labels only: what the pretraining monitor may read."""
+    import csv
+
+    keep = {data.scan_ids[i] for i in split.val}
+    path = args.out / "validation_labels.csv"
+    with (archive / "labels.csv").open(newline="") as f_in, path.open("w", newline="") as f_out:
+        writer = csv.DictWriter(f_out, fieldnames=["scan_id", *SUBTYPES])
+        writer.writeheader()
+        for row in csv.DictReader(f_in):
+            if row["scan_id"] in keep:
+                writer.writerow({k: row[k] for k in ("scan_id", *SUBTYPES)})
+    return path
 
 
 def cached_inputs(args, archive: Path):
@@ -108,18 +133,22 @@ def cached_inputs(args, archive: Path):
 
 
 @torch.no_grad()
-def embeddings(model, paths, *, pool: str, image_size: int) -> np.ndarray:
+def encode(model, paths, *, image_size: int) -> dict[str, np.ndarray]:
+    """The evaluation input of every scan through ``model``: L2-normalised CLS token and mean patch token
+    (``[N, D]``) and the patch tokens themselves (``[N, P, D]``, for the attentive probe)."""
     from hctembed.augment import input_from_base
     from hctembed.pretrain.cache import read_base
 
     model.eval()
-    out = []
+    cls, mean, tokens = [], [], []
     for i in range(0, len(paths), 16):
         x = torch.stack([input_from_base(read_base(p), image_size=image_size) for p in paths[i : i + 16]])
-        tokens = model.forward_features(x).float()
-        feats = tokens[:, 0] if pool == "cls" else tokens[:, model.num_prefix_tokens :].mean(1)
-        out.append(torch.nn.functional.normalize(feats, dim=-1))
-    return torch.cat(out).numpy()
+        out = model.forward_features(x).float()
+        patches = out[:, model.num_prefix_tokens :]
+        cls.append(torch.nn.functional.normalize(out[:, 0], dim=-1))
+        mean.append(torch.nn.functional.normalize(patches.mean(1), dim=-1))
+        tokens.append(patches)
+    return {"cls": torch.cat(cls).numpy(), "mean": torch.cat(mean).numpy(), "tokens": torch.cat(tokens).numpy()}
 
 
 def histogram_features(paths, *, image_size: int) -> np.ndarray:
@@ -135,25 +164,30 @@ def histogram_features(paths, *, image_size: int) -> np.ndarray:
     return (h - h.mean(0)) / (h.std(0) + 1e-6)
 
 
-def frozen(args, data, encoders: dict[str, Path | None]) -> dict:
+def frozen(args, data, split, encoders: dict[str, Path | None]) -> dict:
     from hctembed.config import VIT_PRESETS
     from hctembed.eval.classification import linear_fit_score
     from hctembed.eval.protocols import Aligned, compare_classification, compare_retrieval
-    from hctembed.eval.splits import patient_split
     from hctembed.model.checkpoint import load_encoder_weights
     from hctembed.model.vit3d import ViT3D
+    from hctembed.probe.attentive import attentive_fit_score
 
-    names, xs = [], []
+    names, xs, tokens = [], [], []
     for name, path in encoders.items():
         torch.manual_seed(args.seed)
         model = ViT3D(VIT_PRESETS[args.model]) if path is None else load_encoder_weights(path)[0]
+        encoded = encode(model, data.paths, image_size=data.image_size)
+        tokens.append(encoded["tokens"])
         for pool in ("cls", "mean"):
             names.append(f"{name}/{pool}")
-            xs.append(embeddings(model, data.paths, pool=pool, image_size=data.image_size))
+            xs.append(encoded[pool])
     aligned = Aligned(model_ids=names, x=xs, scan_ids=data.scan_ids, patient_ids=list(data.patient_ids),
                       y=data.y.astype(np.float64), names=list(SUBTYPES), sources=[{} for _ in names])  # fmt: skip
-    split = patient_split(aligned.patient_ids, ratios=(0.8, 0.1, 0.1), seed=args.seed)
-    retrieval = compare_retrieval(aligned, exclude_same_patient=True, seed=args.seed)
+    test = split.test  # retrieval among the held-out patients' scans only (never seen by pretraining)
+    held_out = Aligned(model_ids=names, x=[x[test] for x in xs], scan_ids=[data.scan_ids[i] for i in test],
+                       patient_ids=[data.patient_ids[i] for i in test], y=data.y[test].astype(np.float64),
+                       names=list(SUBTYPES), sources=[{} for _ in names])  # fmt: skip
+    retrieval = compare_retrieval(held_out, exclude_same_patient=True, seed=args.seed)
     linear = compare_classification(aligned, method="linear", fit_score=lambda m: linear_fit_score(seed=args.seed),
                                     split=split, seed=args.seed)  # fmt: skip
     hist = Aligned(model_ids=["HU histogram"], x=[histogram_features(data.paths, image_size=data.image_size)],
@@ -161,7 +195,14 @@ def frozen(args, data, encoders: dict[str, Path | None]) -> dict:
                    names=list(SUBTYPES), sources=[{}])  # fmt: skip
     hist_linear = compare_classification(hist, method="linear", fit_score=lambda m: linear_fit_score(seed=args.seed),
                                          split=split, seed=args.seed)  # fmt: skip
-    return {"retrieval": retrieval, "linear": linear, "histogram_linear": hist_linear}
+    # the attentive probe on the frozen patch tokens: a learned query can find a focal bleed the pooled vectors dilute
+    per_encoder = Aligned(model_ids=list(encoders), x=[x[:, 0] for x in tokens], scan_ids=data.scan_ids,
+                          patient_ids=list(data.patient_ids), y=data.y.astype(np.float64), names=list(SUBTYPES),
+                          sources=[{} for _ in encoders])  # fmt: skip
+    probe = attentive_fit_score(config_kw={"seed": args.seed})
+    attentive = compare_classification(per_encoder, method="attentive", features=tokens, split=split,
+                                       fit_score=lambda m: probe, seed=args.seed)  # fmt: skip
+    return {"retrieval": retrieval, "linear": linear, "attentive": attentive, "histogram_linear": hist_linear}
 
 
 def finetune_request(args, archive: Path, encoders: dict[str, Path | None], *, epochs: int, samples: int):
@@ -212,7 +253,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit-micro")
     parser.add_argument("--tasks", default="IPH,SAH", help="fine-tuning tasks (frozen stages use all five)")
     parser.add_argument("--stages", default="pretrain,frozen,fewshot,finetune")
-    parser.add_argument("--mae-lr", type=float, default=2e-4)
+    parser.add_argument("--mae-lr", type=float, default=3e-4)
     parser.add_argument("--dino-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
     parser.add_argument("--ft-lr", type=float, default=1e-4, help="backbone lr of every fine-tuning (fixed)")
@@ -229,20 +270,31 @@ def main() -> None:
     archive = make_archive(args, budget)
     encoders: dict[str, Path | None] = {"random-init": None}
     summary = [f"# Learning on synthetic head CT ({args.model}, budget {args.budget}, archive {archive})", ""]
+    data = cached_inputs(args, archive)
+    split = split_of(args, data)
+    seen = [data.scan_ids[i] for i in (*split.train, *split.val)]
+    summary += [f"{len(data.scan_ids)} scans: {len(split.train)} train / {len(split.val)} validation / "
+                f"{len(split.test)} test; pretraining sees the first two parts, its monitor the validation "
+                "labels only", ""]  # fmt: skip
     if "pretrain" in stages:
+        monitor = validation_labels(args, archive, data, split)
         dino_epochs = budget["dino_epochs"] if args.dino_epochs is None else args.dino_epochs
         for method, epochs in (("mae", budget["mae_epochs"]), ("dino", dino_epochs)):
             if epochs:
-                done = stage(args.out, f"pretrain_{method}", lambda m=method, e=epochs: pretrain(args, archive, m, e))
+
+                def run(m=method, e=epochs):
+                    return pretrain(args, archive, m, e, scan_ids=seen, monitor_labels=monitor)
+
+                done = stage(args.out, f"pretrain_{method}", run)
                 encoders[method] = Path(done["encoder"])
                 summary += [f"## {method} pretraining monitors", "", "```", *(json.dumps(r) for r in
                             done["monitors"]), *done["warnings"], "```", ""]  # fmt: skip
-    data = cached_inputs(args, archive)
     if "frozen" in stages:
-        result = stage(args.out, "frozen", lambda: frozen(args, data, encoders))
+        result = stage(args.out, "frozen", lambda: frozen(args, data, split, encoders))
         summary += ["## Frozen embeddings (held-out patients)", "", "Retrieval mAP, same patient excluded:", "",
                     *rows_table(result["retrieval"], "mAP"), "", "Linear probe, test AUC:", "",
-                    *rows_table(result["linear"], "AUC"), "", "HU histogram, linear probe:", "",
+                    *rows_table(result["linear"], "AUC"), "", "Attentive probe on the frozen patch tokens, test AUC:",
+                    "", *rows_table(result["attentive"], "AUC"), "", "HU histogram, linear probe:", "",
                     *rows_table(result["histogram_linear"], "AUC"), ""]  # fmt: skip
     if "fewshot" in stages:
         from hctembed.workflows.bench_finetune import run_fewshot_finetune
