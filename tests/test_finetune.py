@@ -185,15 +185,16 @@ def test_bench_finetune_and_fewshot_finetune_compare_models(archive, tmp_path):
     result = invoke("bench", "finetune", *common, "--out-dir", out)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "results.json").read_text())
-    assert saved["protocol"] == "finetune" and saved["models"] == ["a", "b"]
+    assert saved["protocol"] == "finetune" and saved["models"] == ["a", "b"] and saved["params"]["pool"] == "cls"
     assert {p.name for p in out.glob("*.png")} == {"auc_per_task.png", "ap_per_task.png"}
     evaluated = [r for r in saved["rows"] if r["model"] == "b" and r["metrics"]]
     assert evaluated and all(0.0 <= r["p_values"]["AUC"] <= 1.0 for r in evaluated)
     few = tmp_path / "few"
-    result = invoke("bench", "fewshot", "--finetune", *common, "--ks", "2", "--draws", "2", "--out-dir", few)
+    result = invoke("bench", "fewshot", "--finetune", *common, "--ks", "2", "--draws", "2", "--pool", "attentive",
+                    "--out-dir", few)  # fmt: skip
     assert result.exit_code == 0, result.output
     saved = json.loads((few / "results.json").read_text())
-    assert saved["probe"] == "finetune"
+    assert saved["probe"] == "finetune" and saved["params"]["pool"] == "attentive"
     mean_b = next(c for c in saved["curves"] if c["task"] == "mean" and c["model"] == "b")["points"][0]
     per_task = [c["points"][0]["AUC"]["value"] for c in saved["curves"]
                 if c["model"] == "b" and c["task"] in mean_b["tasks"]]  # fmt: skip

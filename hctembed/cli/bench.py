@@ -42,6 +42,7 @@ EPOCHS = typer.Option(10, "--epochs", min=1, help="Fine-tuning epochs.")
 BATCH = typer.Option(8, "--batch-size", min=1, help="Scans per fine-tuning step.")
 LR_BACKBONE = typer.Option(1e-5, "--lr-backbone", help="Peak learning rate of the encoder.")
 LR_HEAD = typer.Option(1e-3, "--lr-head", help="Peak learning rate of the classification layer.")
+POOL = typer.Option("cls", "--pool", help="Fine-tuning head's features: cls, mean or attentive (learned query).")
 SAMPLES = typer.Option(None, "--samples-per-epoch", min=2, help="Balanced sample per epoch (default 5,000 / 500).")
 
 
@@ -239,6 +240,7 @@ def fewshot(
     lr_backbone: float = LR_BACKBONE,
     lr_head: float = LR_HEAD,
     samples_per_epoch: int | None = SAMPLES,
+    pool: str = POOL,
     n_permutations: int = PERMUTATIONS,
     as_json: bool = JSON,
     quiet: bool = QUIET,
@@ -260,7 +262,7 @@ def fewshot(
         request = _finetune_request(
             archive=archive, labels=labels, columns=columns, out_dir=out_dir, weights=weights, no_scratch=no_scratch,
             arch=arch, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
-            samples_per_epoch=samples_per_epoch, ratios=ratios, seed=seed, n_resamples=n_resamples,
+            samples_per_epoch=samples_per_epoch, pool=pool, ratios=ratios, seed=seed, n_resamples=n_resamples,
             n_permutations=n_permutations,
         )  # fmt: skip
         results = run_fewshot_finetune(request, ks=k_values, draws=draws, progress=BarProgress(quiet=quiet))
@@ -275,7 +277,8 @@ def fewshot(
 
 
 def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch, arch, epochs, batch_size,
-                      lr_backbone, lr_head, samples_per_epoch, ratios, seed, n_resamples, n_permutations):  # fmt: skip
+                      lr_backbone, lr_head, samples_per_epoch, pool, ratios, seed, n_resamples,
+                      n_permutations):  # fmt: skip
     from hctembed.cli.finetune import finetune_config
     from hctembed.io.labels import read_labels
     from hctembed.workflows.bench_finetune import FinetuneBenchRequest
@@ -289,7 +292,7 @@ def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch,
     tasks = tuple(columns.split(",")) if columns else tuple(read_labels(labels).names)
     config = finetune_config(
         model=arch, epochs=epochs, max_steps=None, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
-        samples_per_epoch=samples_per_epoch, seed=seed,
+        samples_per_epoch=samples_per_epoch, seed=seed, pool=pool,
     )  # fmt: skip
     return FinetuneBenchRequest(
         archive=archive, labels=labels, tasks=tasks, out_dir=out_dir, weights=tuple(weights or ()),
@@ -312,6 +315,7 @@ def finetune(
     lr_backbone: float = LR_BACKBONE,
     lr_head: float = LR_HEAD,
     samples_per_epoch: int | None = SAMPLES,
+    pool: str = POOL,
     out_dir: Path = typer.Option(..., "--out-dir", help="Cache, results.json, results.md and PNG plots."),
     ratios: str = RATIOS,
     seed: int = SEED,
@@ -328,7 +332,7 @@ def finetune(
     request = _finetune_request(
         archive=archive, labels=labels, columns=columns, out_dir=out_dir, weights=weights, no_scratch=no_scratch,
         arch=arch, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
-        samples_per_epoch=samples_per_epoch, ratios=ratios, seed=seed, n_resamples=n_resamples,
+        samples_per_epoch=samples_per_epoch, pool=pool, ratios=ratios, seed=seed, n_resamples=n_resamples,
         n_permutations=n_permutations,
     )  # fmt: skip
     show_results(run_bench_finetune(request, progress=BarProgress(quiet=quiet)), out_dir=out_dir, as_json=as_json)
