@@ -37,7 +37,7 @@ log = logging.getLogger("learning_synthetic")
 
 BUDGETS = {
     "full": {"n": 1200, "matrix": 128, "mae_epochs": 30, "dino_epochs": 0, "ks": (8, 16, 32), "draws": 3,
-             "k_epochs": 10, "k_samples": 64, "full_epochs": 10, "full_samples": 400},
+             "k_epochs": 10, "k_samples": 64, "full_epochs": 30, "full_samples": 800},
     "quick": {"n": 48, "matrix": 96, "mae_epochs": 1, "dino_epochs": 0, "ks": (4,), "draws": 2,
               "k_epochs": 1, "k_samples": 16, "full_epochs": 1, "full_samples": 32},
 }  # fmt: skip
@@ -210,7 +210,8 @@ def finetune_request(args, archive: Path, encoders: dict[str, Path | None], *, e
     from hctembed.workflows.bench_finetune import FinetuneBenchRequest
 
     config = FinetuneConfig(model=args.model, epochs=epochs, batch_size=8, samples_per_epoch=samples,
-                            lr_backbone=args.ft_lr, lr_head=1e-3, warmup_fraction=0.05, seed=args.seed)  # fmt: skip
+                            lr_backbone=args.ft_lr, lr_head=1e-3, warmup_fraction=0.05, pool=args.pool,
+                            seed=args.seed)  # fmt: skip
     return FinetuneBenchRequest(
         archive=archive, labels=archive / "labels.csv", tasks=args.tasks, out_dir=args.out / "finetune",
         weights=tuple(p for p in encoders.values() if p is not None), config=config, cache=args.cache,
@@ -256,7 +257,8 @@ def main() -> None:
     parser.add_argument("--mae-lr", type=float, default=3e-4)
     parser.add_argument("--dino-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
-    parser.add_argument("--ft-lr", type=float, default=1e-4, help="backbone lr of every fine-tuning (fixed)")
+    parser.add_argument("--ft-lr", type=float, default=3e-4, help="backbone lr of every fine-tuning (fixed)")
+    parser.add_argument("--pool", default="attentive", help="fine-tuning head's features (cls, mean, attentive)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
