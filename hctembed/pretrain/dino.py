@@ -49,7 +49,7 @@ class DINOHead(nn.Module):
 
     The BatchNorm (DINO's ``use_bn_in_head``) standardises each hidden unit across the batch, so scans whose
     backbone vectors differ only slightly (a fresh ViT gives nearly the same CLS token for every head CT) reach the
-    prototypes as distinct outputs. On its own it did not keep vit-micro's teacher from flattening on 1,080
+    prototypes as distinct outputs. On its own it did not keep vit-micro's teacher from flattening on 1,081
     synthetic scans (BENCHMARKS.md, issue 12)."""
 
     def __init__(self, in_dim: int, config: DINOHeadConfig) -> None:
