@@ -29,7 +29,7 @@ def pretrain(
     local_crops: int = typer.Option(3, "--local-crops", min=0, help="DINO local crops per scan."),
     prototypes: int = typer.Option(65536, "--prototypes", min=2, help="DINO head output dimension."),
     head_bn: bool = typer.Option(
-        False, "--head-bn/--no-head-bn", help="DINO head with BatchNorm (keeps a fresh ViT's teacher from collapsing)."
+        False, "--head-bn/--no-head-bn", help="DINO head with BatchNorm before each GELU (DINO's use_bn_in_head)."
     ),
     intensity_jitter: bool = typer.Option(
         True, "--intensity-jitter/--no-intensity-jitter", help="DINO views get the paper's intensity shift/contrast."
