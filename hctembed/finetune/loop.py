@@ -50,7 +50,8 @@ class FinetuneResult:
 def _param_groups(model: Classifier, config: FinetuneConfig) -> list[dict[str, Any]]:
     """Backbone and head at their own learning rates; weight decay on matrices only."""
     groups = []
-    parts = [("backbone", config.lr_backbone)] + [(p, config.lr_head) for p in HEAD_PARTS if getattr(model, p) is not None]
+    head = [(p, config.lr_head) for p in HEAD_PARTS if getattr(model, p) is not None]
+    parts = [("backbone", config.lr_backbone), *head]
     for part, lr in parts:  # (norm has no parameters)
         decay, no_decay = [], []
         for name, p in getattr(model, part).named_parameters():
