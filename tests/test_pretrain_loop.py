@@ -193,6 +193,10 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0
     saved = json.loads(torch.load(tmp_path / "mae" / "checkpoint.pt", weights_only=True)["config"])
     assert saved["mae"]["norm_pix_loss"] is True
+    scans.write_text("\n")
+    args = ["pretrain", archive, "--config", "vit-micro", "--out", tmp_path / "y", "--scans", scans, "--quiet"]
+    bad = runner.invoke(app, [str(a) for a in args])
+    assert bad.exit_code == 2 and "lists no scan ids" in bad.output
     scans.write_text("no-such-scan\n")
     args = ["pretrain", archive, "--config", "vit-micro", "--out", tmp_path / "y", "--scans", scans, "--quiet"]
     bad = runner.invoke(app, [str(a) for a in args])

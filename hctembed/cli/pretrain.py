@@ -80,6 +80,8 @@ def pretrain(
         if not scans.is_file():
             raise typer.BadParameter(f"--scans {scans}: no such file")
         scan_ids = [line.strip() for line in scans.read_text().splitlines() if line.strip()]
+        if not scan_ids:
+            raise typer.BadParameter(f"--scans {scans} lists no scan ids (one per line)")
     result = pretrain_archive(
         archive, config=run, out=out, resume=resume, cache_dir=cache, device=device, monitor_labels=monitor_labels,
         scan_ids=scan_ids,
