@@ -39,6 +39,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (in place); ``t`` itself in a single process."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` as a list indexed by rank; ``[obj]`` in a single process."""
     if not active():

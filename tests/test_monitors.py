@@ -14,8 +14,8 @@ from hctembed.pretrain.monitors import collapse_warning, dino_stats
 
 
 def stats_of(teacher_out, student_out, cls, k):
-    return dino_stats(teacher_out=teacher_out, student_global=student_out, teacher_cls=cls,
-                      center=torch.zeros(1, k), teacher_temp=0.04, student_temp=0.1)  # fmt: skip
+    probs = torch.softmax(teacher_out / 0.04, dim=-1)  # centre 0
+    return dino_stats(teacher_probs=probs, student_global=student_out, teacher_cls=cls, student_temp=0.1)
 
 
 def test_a_teacher_collapsed_on_purpose_is_named():

@@ -12,7 +12,16 @@ from hctembed.config import VIT_PRESETS
 from hctembed.io.archive import discover
 from hctembed.model.vit3d import ViT3D
 from hctembed.pretrain import PretrainConfig, run_pretrain
-from hctembed.pretrain.dino import DINOHead, DINOHeadConfig, DINOLoss, DINOStudent, ema_update, make_teacher
+from hctembed.pretrain.dino import (
+    DINOHead,
+    DINOHeadConfig,
+    DINOLoss,
+    DINOStudent,
+    ema_update,
+    koleo_loss,
+    make_teacher,
+    sinkhorn_knopp,
+)
 from hctembed.synth import generate_archive
 from hctembed.synth.protocol import SynthConfig
 
@@ -138,3 +147,60 @@ def test_last_layer_frozen_in_first_epoch_only(tmp_path_factory, tmp_path):
     second = run_pretrain(refs=refs, config=config3, out=tmp_path / "a", resume=True, cache_dir=cache)
     assert second.steps_done == 3 and second.last["epoch"] == 1
     assert not torch.equal(second.trained.head.last_layer.weight_v.detach(), v0)  # epoch 2: trained
+
+
+def reference_sinkhorn(logits: np.ndarray, *, temp: float, iterations: int) -> np.ndarray:
+    """SwAV's alternating normalisation restated in float64 numpy: ``[B, K] -> [B, K]``."""
+    q = np.exp(logits.astype(np.float64) / temp).T  # [K, B]
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * b
+    return (q * b).T
+
+
+def test_sinkhorn_targets_match_reference_and_balance_prototypes():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 7, generator=g)
+    got = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=3)
+    np.testing.assert_allclose(got.numpy(), reference_sinkhorn(logits.numpy(), temp=0.5, iterations=3), rtol=1e-5)
+    np.testing.assert_allclose(got.sum(dim=1).numpy(), 1.0, rtol=1e-6)  # each scan: a distribution
+    many = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=200)
+    np.testing.assert_allclose(many.sum(dim=0).numpy(), 12 / 7, rtol=1e-4)  # every prototype: equal mass
+    # a run that sums over processes with one process is the same computation
+    same = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=3, all_reduce_sum=lambda t: t)
+    assert torch.equal(same, got)
+
+
+def test_sinkhorn_targets_spread_a_batch_the_stale_centre_puts_on_one_prototype():
+    """Every scan's teacher output shares a large component the running centre has not caught up with: the
+    centred softmax puts every scan on the same prototype, Sinkhorn-Knopp balances the batch over prototypes."""
+    g = torch.Generator().manual_seed(1)
+    b, k = 16, 64
+    teacher = 0.1 * torch.randn(b, k, generator=g)
+    teacher[:, 3] += 1.0
+    centred = DINOLoss(out_dim=k).teacher_probs(teacher, teacher_temp=0.04)  # centre still 0
+    assert set(centred.argmax(dim=1).tolist()) == {3}
+    balanced = sinkhorn_knopp(teacher, teacher_temp=0.04, iterations=3)
+    assert len(set(balanced.argmax(dim=1).tolist())) > b // 2
+    assert float(balanced[:, 3].sum()) < 2.0  # the shared prototype gets about its share (b / k), not b
+
+
+def test_koleo_matches_brute_force_and_spreads_a_batch():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 5, generator=g)
+    unit = x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)
+    d = np.linalg.norm(unit[:, None] - unit[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    assert float(koleo_loss(x)) == pytest.approx(-np.log(d.min(axis=1)).mean(), rel=1e-4)
+    # its gradient pushes nearly identical vectors apart (finite even for exact duplicates)
+    close = (torch.ones(6, 5) + 1e-3 * torch.randn(6, 5, generator=g)).requires_grad_(True)
+    before = float(koleo_loss(close.detach()))
+    koleo_loss(close).backward()
+    assert torch.isfinite(close.grad).all()
+    after = float(koleo_loss(close.detach() - 1e-3 * close.grad))
+    assert after < before
+    dup = torch.ones(4, 5, requires_grad=True)
+    koleo_loss(dup).backward()
+    assert torch.isfinite(dup.grad).all()

@@ -71,8 +71,8 @@ def _states(result) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
-    [TINY_DINO, replace(TINY_DINO, head_bn=True, intensity_jitter=False), TINY_MAE],
-    ids=["dino", "dino-bn-head", "mae"],
+    [TINY_DINO, replace(TINY_DINO, head_bn=True, intensity_jitter=False, centering="sinkhorn", koleo=0.1), TINY_MAE],
+    ids=["dino", "dino-bn-head-sinkhorn-koleo", "mae"],
 )
 def test_interrupted_and_resumed_run_ends_with_identical_weights(refs, cache, tmp_path, config):
     full = run_pretrain(refs=refs, config=replace(config, max_steps=4), out=tmp_path / "full", cache_dir=cache)
@@ -95,6 +95,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(refs, cache, tm
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all("lr" in r and "loss" in r for r in lines)
     if config.method == "dino":
         assert all("teacher_temp" in r for r in lines)
+        assert all(("koleo" in r) == (config.koleo > 0) for r in lines)
 
 
 def test_resume_refuses_other_settings(refs, cache, tmp_path):
@@ -168,13 +169,14 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     scans.write_text("".join(f"{r.scan_id}\n" for r in discover(archive) if r.scan_id != held_out))
     args = ["pretrain", archive, "--method", "dino", "--config", "vit-micro", "--out", out, "--epochs", "1"]
     args += ["--max-steps", "1", "--batch-size", "2", "--prototypes", "256", "--local-crops", "1", "--quiet"]
-    args += ["--scans", scans, "--head-bn", "--no-intensity-jitter"]
+    args += ["--scans", scans, "--head-bn", "--no-intensity-jitter", "--centering", "sinkhorn", "--koleo", "0.1"]
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert held_out not in ckpt["scan_ids"] and len(ckpt["scan_ids"]) == 3
     saved = json.loads(ckpt["config"])
     assert saved["head_bn"] is True and saved["intensity_jitter"] is False
+    assert saved["centering"] == "sinkhorn" and saved["koleo"] == 0.1
     assert any("head.mlp.1.running_mean" in k for k in ckpt["student"])  # the head's BatchNorm is there
     weights = out / "encoder.safetensors"
     assert weights.exists() and (out / "checkpoint.pt").exists()
@@ -188,6 +190,8 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     assert card["fingerprint"].startswith("pp-") and card["exported_from"] == "teacher"
     bad = runner.invoke(app, ["pretrain", str(archive), "--method", "simclr", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown method" in bad.output
+    bad = runner.invoke(app, ["pretrain", str(archive), "--centering", "mean", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown centering 'mean'" in bad.output
     mae = ["pretrain", archive, "--method", "mae", "--config", "vit-micro", "--out", tmp_path / "mae", "--epochs", "1"]
     mae += ["--max-steps", "1", "--batch-size", "2", "--norm-pix-loss", "--quiet"]
     assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0

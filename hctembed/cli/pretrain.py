@@ -34,6 +34,12 @@ def pretrain(
     intensity_jitter: bool = typer.Option(
         True, "--intensity-jitter/--no-intensity-jitter", help="DINO views get the paper's intensity shift/contrast."
     ),
+    centering: str = typer.Option(
+        "ema", "--centering", help="DINO teacher targets: ema (DINO's running centre) or sinkhorn (DINOv2's)."
+    ),
+    koleo: float = typer.Option(
+        0.0, "--koleo", min=0.0, help="DINO: weight of DINOv2's KoLeo term spreading the batch's CLS vectors."
+    ),
     norm_pix_loss: bool = typer.Option(
         False, "--norm-pix-loss/--no-norm-pix-loss", help="MAE: per-patch normalised targets (the MAE paper's best)."
     ),
@@ -70,6 +76,8 @@ def pretrain(
         prototypes=prototypes,
         head_bn=head_bn,
         intensity_jitter=intensity_jitter,
+        centering=centering,
+        koleo=koleo,
         mae=MAEConfig(norm_pix_loss=norm_pix_loss),
         seed=seed,
         num_workers=workers,

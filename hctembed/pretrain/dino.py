@@ -1,12 +1,15 @@
-"""DINO for the 3D ViT: projection head, self-distillation loss with a centre, EMA teacher.
+"""DINO for the 3D ViT: projection head, self-distillation loss with a centre, EMA teacher; DINOv2's
+Sinkhorn-Knopp teacher targets and KoLeo spreading term as options.
 
 Pure maths: nothing here calls torch.distributed or CUDA. The training loop all-reduces the teacher's
-batch mean before :meth:`DINOLoss.update_center` when it runs on several processes.
+batch mean before :meth:`DINOLoss.update_center` when it runs on several processes, and hands
+:func:`sinkhorn_knopp` a summing all-reduce.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,15 +77,18 @@ class DINOHead(nn.Module):
 
 
 class DINOStudent(nn.Module):
-    """Backbone CLS -> head. Views are concatenated along the batch: ``[V*B, C, Z, Y, X] -> [V*B, K]``."""
+    """Backbone CLS -> head. Views are concatenated along the batch: ``[V*B, C, Z, Y, X] -> [V*B, K]``; with
+    ``with_cls`` also the backbone's CLS vectors ``[V*B, D]`` (for the KoLeo term)."""
 
     def __init__(self, backbone: ViT3D, head: DINOHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, *, with_cls: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cls = self.backbone(x)
+        out = self.head(cls)
+        return (out, cls) if with_cls else out
 
 
 def make_teacher(student: DINOStudent) -> DINOStudent:
@@ -118,11 +124,21 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, *, teacher_temp: float) -> torch.Tensor:
-        """``student_out [V*B, K]`` (views in blocks of B, globals first), ``teacher_out [G*B, K]`` -> scalar."""
+    def teacher_probs(self, teacher_out: torch.Tensor, *, teacher_temp: float) -> torch.Tensor:
+        """DINO's targets: the centred teacher output sharpened by ``teacher_temp``, ``[G*B, K]``."""
+        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
+
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, *, teacher_temp: float,
+        teacher_probs: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``student_out [V*B, K]`` (views in blocks of B, globals first), ``teacher_out [G*B, K]`` -> scalar.
+        ``teacher_probs`` ``[G*B, K]`` replaces the centred softmax (e.g. :func:`sinkhorn_knopp`'s targets)."""
         n_views = student_out.shape[0] // (teacher_out.shape[0] // self.n_global)
         s_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_views)
-        t_prob = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(self.n_global)
+        if teacher_probs is None:
+            teacher_probs = self.teacher_probs(teacher_out, teacher_temp=teacher_temp)
+        t_prob = teacher_probs.detach().chunk(self.n_global)
         total, terms = 0.0, 0
         for ti, q in enumerate(t_prob):
             for si, logp in enumerate(s_logp):
@@ -146,3 +162,40 @@ def cancel_last_layer_grads(head: DINOHead) -> None:
     """Drop the gradients of the prototype layer (done during the first epoch(s): stabilises the start)."""
     for p in head.last_layer.parameters():
         p.grad = None
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_out: torch.Tensor, *, teacher_temp: float, iterations: int = 3,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Teacher targets balanced over the batch (SwAV; DINOv2's ``centering="sinkhorn_knopp"``): ``[B, K] -> [B, K]``.
+
+    ``exp(teacher_out / teacher_temp)`` is rescaled alternately so that every prototype receives the same total
+    mass over the batch and every row sums to 1. Unlike the running centre, this cannot go uniform: scans whose
+    teacher outputs differ only slightly still get different, sharp targets, so the student has something to
+    match. ``all_reduce_sum`` sums a tensor over processes (the batch is the global one under DDP)."""
+    reduce = all_reduce_sum or (lambda t: t)
+    logits = teacher_out.float() / teacher_temp
+    q = torch.exp(logits - logits.max()).t()  # [K, B]; one shift for all: cancelled by the first normalisation
+    k = q.shape[0]
+    b = reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= reduce(q.sum())
+    for _ in range(iterations):
+        q /= reduce(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)  # each sample: mass 1/B
+        q /= b
+    return (q * b).t()
+
+
+def koleo_loss(x: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo term: ``-mean log(distance to the nearest other vector)`` of the L2-normalised rows of ``x``
+    ``[B, D]`` (B >= 2) -> scalar. Minimising it spreads the batch's embeddings over the sphere."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        sims = x @ x.t()
+        sims.fill_diagonal_(-2.0)
+        nearest = sims.argmax(dim=1)
+    distance = torch.sqrt(((x - x[nearest]) ** 2).sum(dim=-1) + eps)
+    return -torch.log(distance + eps).mean()

@@ -23,7 +23,9 @@ from hctembed.pretrain.dino import (
     DINOStudent,
     cancel_last_layer_grads,
     ema_update,
+    koleo_loss,
     make_teacher,
+    sinkhorn_knopp,
 )
 from hctembed.pretrain.mae import MAE3D
 from hctembed.pretrain.monitors import dino_stats
@@ -130,12 +132,24 @@ class DINOMethod(Method):
         with torch.no_grad():
             t_cls = self.teacher.backbone(torch.cat(views[:2]))
             t_out = self.teacher.head(t_cls)
-        s_out = trainable(torch.cat(views))
-        loss = self.criterion(s_out, t_out, teacher_temp=values["teacher_temp"])
+        s_out, s_cls = trainable(torch.cat(views), with_cls=True)
+        temp = values["teacher_temp"]
+        if self.config.centering == "sinkhorn":
+            probs = sinkhorn_knopp(t_out, teacher_temp=temp, all_reduce_sum=ddp.all_reduce_sum)
+        else:
+            probs = self.criterion.teacher_probs(t_out, teacher_temp=temp)
+        loss = self.criterion(s_out, t_out, teacher_temp=temp, teacher_probs=probs)
+        koleo = None
+        if self.config.koleo > 0:
+            # per global view, as DINOv2: spread this batch's student CLS vectors apart
+            koleo = sum(koleo_loss(c) for c in s_cls[: t_out.shape[0]].chunk(2))
+            loss = loss + self.config.koleo * koleo
         self._stats = dino_stats(
-            teacher_out=t_out, student_global=s_out[: t_out.shape[0]].detach(), teacher_cls=t_cls,
-            center=self.criterion.center, teacher_temp=values["teacher_temp"], student_temp=self.criterion.student_temp,
+            teacher_probs=probs, student_global=s_out[: t_out.shape[0]].detach(), teacher_cls=t_cls,
+            student_temp=self.criterion.student_temp,
         )  # fmt: skip
+        if koleo is not None:
+            self._stats["koleo"] = round(float(koleo.detach()), 6)
         centre = DINOLoss.batch_center(t_out)
         self._centre_sum = centre if self._centre_sum is None else self._centre_sum + centre
         self._micro += 1
@@ -147,7 +161,7 @@ class DINOMethod(Method):
 
     def after_optimizer_step(self, *, values: dict[str, float]) -> None:
         ema_update(teacher=self.teacher, student=self.module, momentum=values["momentum"])
-        self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))
+        self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))  # logged also with sinkhorn
         self._centre_sum, self._micro = None, 0
 
     def monitor_stats(self) -> dict[str, float]:

@@ -30,13 +30,13 @@ UNIFORM, PEAKED, FLAT = 0.98, 0.02, 0.1  # FLAT: std below a tenth of random vec
 
 @torch.no_grad()
 def dino_stats(
-    *, teacher_out: torch.Tensor, student_global: torch.Tensor, teacher_cls: torch.Tensor, center: torch.Tensor,
-    teacher_temp: float, student_temp: float,
+    *, teacher_probs: torch.Tensor, student_global: torch.Tensor, teacher_cls: torch.Tensor, student_temp: float,
 ) -> dict[str, float]:  # fmt: skip
-    """``teacher_out``, ``student_global`` ``[G*B, K]`` on the same views; ``teacher_cls`` ``[G*B, D]``."""
-    k = teacher_out.shape[-1]
-    logp = F.log_softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
-    p = logp.exp()
+    """``teacher_probs`` (the targets the loss used: centred and sharpened, or Sinkhorn-Knopp's) and the student's
+    logits ``student_global`` ``[G*B, K]`` on the same views; ``teacher_cls`` ``[G*B, D]``."""
+    k = teacher_probs.shape[-1]
+    p = teacher_probs.float()
+    logp = torch.log(p.clamp_min(1e-30))
     logq = F.log_softmax(student_global.float() / student_temp, dim=-1)
     entropy = float(-(p * logp).sum(-1).mean()) / math.log(k)
     kl = float((p * (logp - logq)).sum(-1).mean())

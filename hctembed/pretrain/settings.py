@@ -11,6 +11,7 @@ from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
 
 # settings that may differ between a run and its resumption (they do not change the maths)
+CENTERINGS = ("ema", "sinkhorn")
 RESUME_FREE = ("max_steps", "checkpoint_every", "num_workers", "log_every", "amp", "monitor_every")
 
 
@@ -45,6 +46,8 @@ class PretrainConfig:
     bottleneck: int = 256
     head_bn: bool = False  # DINO head: BatchNorm in its hidden layers (see DINOHead)
     intensity_jitter: bool = True  # DINO views: the paper's intensity shift and contrast change
+    centering: str = "ema"  # DINO teacher targets: "ema" (running centre, DINO's) or "sinkhorn" (DINOv2's)
+    koleo: float = 0.0  # DINO: weight of DINOv2's KoLeo term on the student's global CLS vectors (0: off)
     mae: MAEConfig = field(default_factory=MAEConfig)
     checkpoint_every: int = 100
     seed: int = 0
@@ -58,6 +61,10 @@ class PretrainConfig:
             raise PretrainError(f"unknown model {self.model!r}; known: {', '.join(VIT_PRESETS)}")
         if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every, self.monitor_every) < 1:
             raise PretrainError("epochs, batch size, accumulate, checkpoint and monitor intervals must be >= 1")
+        if self.centering not in CENTERINGS:
+            raise PretrainError(f"unknown centering {self.centering!r}; use {' or '.join(CENTERINGS)}")
+        if not self.koleo >= 0.0:
+            raise PretrainError(f"koleo weight must be >= 0, got {self.koleo}")
 
     def multi_crop(self) -> MultiCropConfig:
         """DINO's views at the model input size: ``local_crops`` local crops; without ``intensity_jitter`` no
