@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from hctembed.allocator import retain_freed_memory
 from hctembed.cli import (
     bench,
     common,
@@ -43,6 +44,7 @@ def _options(
 ) -> None:
     """Turn a head-CT archive into a searchable embedding index (FM-HCT)."""
     common.VERBOSE[0] = verbose
+    retain_freed_memory()  # a command that preprocesses scans reuses their buffers' pages (hctembed/allocator.py)
 
 
 app.command("synth")(friendly_errors(synth.synth))
