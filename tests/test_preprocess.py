@@ -144,6 +144,19 @@ def test_things_outside_the_head_box_are_padding_like_the_reference():
     assert float((fast - ref).abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("n, lo, hi, m", [(512, -0.7, 511.3, 230), (170, 0.0, 169.0, 170), (10, -20.0, 30.0, 41)])
+def test_spline_weights_equal_scipy_map_coordinates(n, lo, hi, m):
+    """The 1D construction against scipy's own interpolation of the identity (prefilter and edges included),
+    positions inside, on and beyond the edges."""
+    from scipy.ndimage import map_coordinates
+
+    positions = np.linspace(lo, hi, m) + np.random.default_rng(n).normal(0, 0.01, m)
+    grid = np.stack(np.broadcast_arrays(positions[:, None], np.arange(n, dtype=np.float64)[None, :]))
+    want = map_coordinates(np.eye(n), grid, order=3, mode="nearest", prefilter=True)
+    got = spline_weights(n=n, positions=positions)
+    np.testing.assert_allclose(got, np.where(np.abs(want) < 1e-7, 0.0, want), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("n, step, rows", [(512, 2.2, 32), (37, 0.4, 8), (20, 5.0, 64)])
 def test_banded_weights_equal_the_dense_products(n, step, rows):
     positions = np.arange(0, n - 1, step)

@@ -103,16 +103,52 @@ def finish(hu: torch.Tensor, *, grid: IsotropicGrid, config: PreprocessConfig) -
     src_lo = np.maximum(start, lo)
     src_hi = np.minimum(start + c, hi + 1)
     dst_lo = src_lo - start
-    windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32, device=hu.device)
-    if np.all(src_hi > src_lo):
-        (x0, y0, z0), (x1, y1, z1), (a, b, d) = src_lo, src_hi, dst_lo
-        region = hu[z0:z1, y0:y1, x0:x1]
-        for channel, w in zip(windowed, config.windows, strict=True):  # in place: no full-size temporaries
-            window_into(channel[d : d + z1 - z0, b : b + y1 - y0, a : a + x1 - x0], region, window=w)
     factor = c // config.out_size
-    if factor > 1:
-        windowed = F.avg_pool3d(windowed[None], kernel_size=factor)[0]
-    return windowed.contiguous()
+    if factor <= 1:
+        windowed = torch.zeros((config.channels, c, c, c), dtype=torch.float32, device=hu.device)
+        _window_region(windowed, hu, src_lo=src_lo, src_hi=src_hi, dst_lo=dst_lo, config=config)
+        return windowed
+    # windows and area average a slab of crop planes at a time: the full-size windowed crop (85 MB at 192³ x 3)
+    # is never allocated, and each slab is averaged while it is still in cache. Slabs start at multiples of
+    # the pooling factor, so every output voxel averages the same inputs in the same order as one whole pass.
+    out = config.out_size
+    pooled = torch.empty((config.channels, out, out, out), dtype=torch.float32, device=hu.device)
+    step = factor * SLAB_OUTPUT_PLANES
+    slab = torch.empty((config.channels, step, c, c), dtype=torch.float32, device=hu.device)
+    for z_dst in range(0, out * factor, step):
+        n = min(step, out * factor - z_dst)
+        part = slab[:, :n]
+        part.zero_()
+        # this slab's planes of the destination region, as a crop of the source and destination boxes
+        lo_z = max(int(dst_lo[2]), z_dst)
+        hi_z = min(int(dst_lo[2] + src_hi[2] - src_lo[2]), z_dst + n)
+        if hi_z > lo_z:
+            s_lo = src_lo.copy()
+            s_hi = src_hi.copy()
+            s_lo[2] = src_lo[2] + (lo_z - dst_lo[2])
+            s_hi[2] = src_lo[2] + (hi_z - dst_lo[2])
+            d_lo = dst_lo.copy()
+            d_lo[2] = lo_z - z_dst
+            _window_region(part, hu, src_lo=s_lo, src_hi=s_hi, dst_lo=d_lo, config=config)
+        pooled[:, z_dst // factor : (z_dst + n) // factor] = F.avg_pool3d(part[None], kernel_size=factor)[0]
+    return pooled
+
+
+SLAB_OUTPUT_PLANES = 4  # output planes per windowing slab (4 x 2 crop planes x 192² x 3 windows: 3.5 MB)
+
+
+def _window_region(
+    dst: torch.Tensor, hu: torch.Tensor, *, src_lo: np.ndarray, src_hi: np.ndarray, dst_lo: np.ndarray,
+    config: PreprocessConfig,
+) -> None:  # fmt: skip
+    """Each window of ``hu``'s box ``[src_lo, src_hi)`` (x, y, z) into ``dst [C, Z, Y, X]`` at ``dst_lo``, in place
+    (no full-size temporaries). An empty box writes nothing."""
+    if not np.all(src_hi > src_lo):
+        return
+    (x0, y0, z0), (x1, y1, z1), (a, b, d) = src_lo, src_hi, dst_lo
+    region = hu[z0:z1, y0:y1, x0:x1]
+    for channel, w in zip(dst, config.windows, strict=True):
+        window_into(channel[d : d + z1 - z0, b : b + y1 - y0, a : a + x1 - x0], region, window=w)
 
 
 def reference_chain(config: PreprocessConfig):
