@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from preprocess_speed import write_case
 
+from hctembed.allocator import retain_freed_memory
 from hctembed.config import PreprocessConfig
 from hctembed.io.archive import discover
 from hctembed.preprocessing.series import prepare
@@ -56,9 +57,11 @@ def timed(fn, repeats: int) -> list[float]:
 
 FIRST_CALL = """
 import sys, time
+from hctembed.allocator import retain_freed_memory
 from hctembed.config import PreprocessConfig
 from hctembed.io.archive import discover
 from hctembed.preprocessing.series import prepare
+retain_freed_memory()
 (ref,) = discover(sys.argv[1])
 times = []
 for _ in range(3):
@@ -85,6 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as every hctembed command and embedding worker does
     config = PreprocessConfig()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,6 +21,7 @@ from hctembed.config import FitPreprocessConfig, MonaiPreset, PreprocessConfig
 from hctembed.preprocessing.fit import preprocess_fit, preprocess_fit_reference
 from hctembed.preprocessing.monai_preset import preprocess_monai
 from hctembed.preprocessing.paper import preprocess_paper, preprocess_paper_reference, preprocess_stream
+from hctembed.preprocessing.threads import intra_op_threads
 from hctembed.volume import Volume
 
 AnyPreprocessConfig = PreprocessConfig | FitPreprocessConfig | MonaiPreset
@@ -57,9 +58,10 @@ def preprocess(
     """``volume`` (HU ``[Z, Y, X]``) -> model input float32 ``[C, S, S, S]`` (``[C, Z, Y, X]``), fast path, on
     ``device``: the paper preset runs there whole (:func:`preprocess_paper`); the other presets (MONAI chains,
     scipy) run on the CPU and their result moves there."""
-    if type(config) is PreprocessConfig:
-        return preprocess_paper(volume, config=config, device=device)
-    x = variant_of(config).fast(volume, config=config)
+    with intra_op_threads():  # see hctembed.preprocessing.threads
+        if type(config) is PreprocessConfig:
+            return preprocess_paper(volume, config=config, device=device)
+        x = variant_of(config).fast(volume, config=config)
     return x.to(device) if device is not None else x
 
 

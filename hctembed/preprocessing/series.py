@@ -13,6 +13,7 @@ from hctembed.head_check import image_looks_like_head
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.io.nifti_stream import open_stream
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
+from hctembed.preprocessing.threads import intra_op_threads
 from hctembed.volume import MAX_VOXELS, VolumeError
 
 
@@ -41,7 +42,9 @@ def prepare(
     if stream is not None:
         spacing = (float(config.spacing_mm),) * 3  # the isotropic grid the stream resamples onto
         look = (lambda hu: check_head(hu.numpy(), spacing_zyx=spacing)) if head_check else None
-        x, source = streamed(stream, config=config, look=look), stream
+        with intra_op_threads():  # the inflate thread is this scan's second (hctembed.preprocessing.threads)
+            x = streamed(stream, config=config, look=look)
+        source = stream
     else:
         volume = load_series(ref, max_voxels=max_voxels)
         if head_check:

@@ -1,0 +1,34 @@
+"""One intra-op thread for a scan's preprocessing, whatever the process's torch setting.
+
+A scan's spline products are dozens of small matrix products per slab, each ending at a barrier. With a second
+intra-op thread they gain little on a quiet machine (0.139 s against 0.118 s on one thread for a 5 mm head, 2
+cores) and on a busy one every barrier waits for a descheduled thread: 3.3x slower beside two busy processes,
+against 2.0x on one thread (BENCHMARKS.md, "Preprocessing on a busy machine"). The streamed path's inflate thread
+is the second thread a scan uses; scans run in parallel across DataLoader workers, not within one scan.
+
+``torch.set_num_threads`` acts on the calling thread's OpenMP and MKL settings (checked on the CPU wheels), so
+this does not slow an encoder running in another thread, and setting it costs microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+PREPROCESS_THREADS = 1
+
+
+@contextmanager
+def intra_op_threads(n: int = PREPROCESS_THREADS) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads in this thread; the previous count is restored after."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
