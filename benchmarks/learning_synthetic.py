@@ -78,7 +78,8 @@ def pretrain_config(method: str, epochs: int, args):
         method=method, model=args.model, epochs=epochs, batch_size=8, lr=args.mae_lr if method == "mae" else
         args.dino_lr, checkpoint_every=100, monitor_every=200, local_crops=2, prototypes=4096, warmup_epochs=1.0,
         teacher_temp_warmup_epochs=max(1.0, epochs * 0.1), head_bn=method == "dino", intensity_jitter=method != "dino",
-        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=True), seed=args.seed,
+        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=args.mae_targets == "normalised"),
+        seed=args.seed,
     )  # fmt: skip
 
 
@@ -255,6 +256,12 @@ def main() -> None:
     parser.add_argument("--tasks", default="IPH,SAH", help="fine-tuning tasks (frozen stages use all five)")
     parser.add_argument("--stages", default="pretrain,frozen,fewshot,finetune")
     parser.add_argument("--mae-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--mae-targets",
+        choices=("normalised", "raw"),
+        default="normalised",
+        help="MAE loss against per-patch normalised voxels (the MAE paper's) or the raw windowed ones",
+    )
     parser.add_argument("--dino-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="backbone lr of every fine-tuning (fixed)")
