@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.ndimage import spline_filter1d
 
 from hctembed.config import Window
 from hctembed.volume import Volume, VolumeError
@@ -261,8 +262,6 @@ PREFILTER_PAD = 12  # scipy.ndimage's _prepad_for_spline_filter for mode "neares
 @functools.lru_cache(maxsize=8)
 def _impulse_coefficients(n: int) -> np.ndarray:
     """Cubic-spline coefficients of each unit impulse of length ``n``, edge-padded: ``[n + 24, n]`` (read-only)."""
-    from scipy.ndimage import spline_filter1d
-
     padded = np.pad(np.eye(n), ((PREFILTER_PAD, PREFILTER_PAD), (0, 0)), mode="edge")
     out = spline_filter1d(padded, order=3, axis=0, mode="nearest")
     out.flags.writeable = False
