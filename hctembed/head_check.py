@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw  # imported here, not on a first call's clock (issue 16)
 from scipy import ndimage
 
 NOT_HEAD = "not_head"
@@ -151,7 +150,10 @@ def _body(sl: np.ndarray) -> np.ndarray:
 def _convex_hull_mask(mask: np.ndarray) -> np.ndarray:
     """The filled convex hull of ``mask`` (a 2D boolean array), rasterised by Pillow. The hull's corners are
     among each row's first and last set pixel, so the monotone chain runs on at most two points a row (and
-    needs no scipy.spatial, whose import alone cost a first call 0.75 s)."""
+    needs no scipy.spatial, whose import alone cost a first call 0.75 s). Pillow is imported here, so that reading
+    DICOM headers (which uses this module's header test) never needs it; hctembed.preprocessing.series loads it
+    with itself."""
+    from PIL import Image, ImageDraw
 
     rows = np.flatnonzero(mask.any(axis=1))
     if len(rows) == 0:

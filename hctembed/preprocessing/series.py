@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import PIL.ImageDraw  # noqa: F401  the image head check's rasteriser: loaded now, not on the first scan's clock
 import torch
 
 from hctembed.head_check import image_looks_like_head
