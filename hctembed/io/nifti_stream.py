@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # compressed bytes per read
+INFLATE_THREAD = "hctembed-inflate"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class NiftiStream:
         buffer = np.empty(total, np.uint8)
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
-        worker = threading.Thread(target=_inflate, args=(self.path, buffer, slice_bytes, ready, stop), daemon=True)
+        worker = threading.Thread(
+            target=_inflate, args=(self.path, buffer, slice_bytes, ready, stop), daemon=True, name=INFLATE_THREAD
+        )
         worker.start()
         try:
             done = 0  # slices handed out
