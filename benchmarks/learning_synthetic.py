@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--dino-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="backbone lr of every fine-tuning (fixed)")
+    parser.add_argument("--full-epochs", type=int, default=None, help="epochs of the whole-training-part runs")
     parser.add_argument("--pool", default="attentive", help="fine-tuning head's features (cls, mean, attentive)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -315,7 +316,7 @@ def main() -> None:
     if "finetune" in stages:
         from hctembed.workflows.bench_finetune import run_bench_finetune
 
-        request = finetune_request(args, archive, encoders, epochs=budget["full_epochs"],
+        request = finetune_request(args, archive, encoders, epochs=args.full_epochs or budget["full_epochs"],
                                    samples=budget["full_samples"])  # fmt: skip
         result = stage(args.out, "finetune", lambda: run_bench_finetune(request))
         summary += ["## Fine-tuning on the whole training part, scratch first", "", *rows_table(result, "AUC"), ""]
