@@ -168,9 +168,41 @@ def test_sinkhorn_targets_match_reference_and_balance_prototypes():
     np.testing.assert_allclose(got.sum(dim=1).numpy(), 1.0, rtol=1e-6)  # each scan: a distribution
     many = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=200)
     np.testing.assert_allclose(many.sum(dim=0).numpy(), 12 / 7, rtol=1e-4)  # every prototype: equal mass
-    # a run that sums over processes with one process is the same computation
-    same = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=3, all_reduce_sum=lambda t: t)
-    assert torch.equal(same, got)
+
+
+def test_sinkhorn_over_two_processes_equals_the_whole_batch():
+    """Two processes (threads here, summing through a barrier, as all_reduce does) holding half a batch each get
+    the targets of the whole batch. The halves' logits differ in scale, so a per-process shift would show."""
+    import threading
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 32, generator=g)
+    logits[8:] *= 3.0
+    want = sinkhorn_knopp(logits, teacher_temp=0.04, iterations=3)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def reducer(rank, op):
+        def reduce(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            combined = op(slots[0], slots[1])
+            barrier.wait()  # both have read before either writes its next value
+            return t.copy_(combined)
+
+        return reduce
+
+    def process(rank):
+        out[rank] = sinkhorn_knopp(
+            logits.chunk(2)[rank], teacher_temp=0.04, iterations=3,
+            all_reduce_sum=reducer(rank, torch.add),
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(torch.cat(out), want, rtol=1e-5, atol=1e-7)
 
 
 def test_sinkhorn_targets_spread_a_batch_the_stale_centre_puts_on_one_prototype():

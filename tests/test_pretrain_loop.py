@@ -104,6 +104,15 @@ def test_resume_refuses_other_settings(refs, cache, tmp_path):
         run_pretrain(refs=refs, config=replace(TINY_MAE, batch_size=1), out=tmp_path, resume=True, cache_dir=cache)
 
 
+def test_dino_only_settings_are_refused_where_they_cannot_act():
+    with pytest.raises(PretrainError, match="at least 2 scans"):
+        replace(TINY_DINO, koleo=0.1, batch_size=1)
+    with pytest.raises(PretrainError, match="DINO settings"):
+        replace(TINY_MAE, centering="sinkhorn")
+    with pytest.raises(PretrainError, match="unknown centering"):
+        replace(TINY_DINO, centering="mean")
+
+
 def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
     """A checkpoint written before head_bn / intensity_jitter existed had their defaults: it still resumes; a
     run asking for a non-default value of such a setting is refused."""

@@ -174,10 +174,13 @@ def sinkhorn_knopp(
     ``exp(teacher_out / teacher_temp)`` is rescaled alternately so that every prototype receives the same total
     mass over the batch and every row sums to 1. Unlike the running centre, this cannot go uniform: scans whose
     teacher outputs differ only slightly still get different, sharp targets, so the student has something to
-    match. ``all_reduce_sum`` sums a tensor over processes (the batch is the global one under DDP)."""
+    match. ``all_reduce_sum`` sums a tensor over processes (the batch is the global one under DDP; without it, one
+    process's)."""
     reduce = all_reduce_sum or (lambda t: t)
-    logits = teacher_out.float() / teacher_temp
-    q = torch.exp(logits - logits.max()).t()  # [K, B]; one shift for all: cancelled by the first normalisation
+    # float64 and no shift, as DINOv2 (no shift): a shift per process would survive the all-reduced prototype sums,
+    # and one global shift underflows the scans far below the batch's largest logit; float64 holds exp(x) to
+    # |x| < 700 (a cosine head at teacher temperature 0.04 reaches 25)
+    q = torch.exp(teacher_out.double() / teacher_temp).t()  # [K, B]
     k = q.shape[0]
     b = reduce(torch.tensor(float(q.shape[1]), device=q.device))
     q /= reduce(q.sum())
@@ -186,12 +189,14 @@ def sinkhorn_knopp(
         q /= k
         q /= q.sum(dim=0, keepdim=True)  # each sample: mass 1/B
         q /= b
-    return (q * b).t()
+    return (q * b).t().float()
 
 
+@torch.autocast("cuda", enabled=False)  # nearest neighbours in float32, as DINOv2 (bf16 picks wrong ones)
 def koleo_loss(x: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
     """DINOv2's KoLeo term: ``-mean log(distance to the nearest other vector)`` of the L2-normalised rows of ``x``
-    ``[B, D]`` (B >= 2) -> scalar. Minimising it spreads the batch's embeddings over the sphere."""
+    ``[B, D]`` (B >= 2; under DDP, each process's micro-batch, as DINOv2) -> scalar. Minimising it spreads the
+    batch's embeddings over the sphere."""
     x = F.normalize(x.float(), dim=-1, eps=eps)
     with torch.no_grad():
         sims = x @ x.t()

@@ -161,7 +161,7 @@ class DINOMethod(Method):
 
     def after_optimizer_step(self, *, values: dict[str, float]) -> None:
         ema_update(teacher=self.teacher, student=self.module, momentum=values["momentum"])
-        self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))  # logged also with sinkhorn
+        self.criterion.update_center(ddp.all_reduce_mean(self._centre_sum / self._micro))  # kept with sinkhorn too
         self._centre_sum, self._micro = None, 0
 
     def monitor_stats(self) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Training monitors: numbers that show learning (or its failure) while a run goes.
 
-- DINO, per step: the teacher's output entropy (normalised by ln K: 1.0 is a uniform output over the K
-  prototypes, 0 a single prototype), the KL divergence between the teacher and the student on the same global
-  views, and the per-dimension standard deviation of the teacher's L2-normalised CLS embeddings across the
-  batch. Collapse shows as entropy at 0 or 1 with KL near 0, or as std near 0; :func:`collapse_warning` says so.
+- DINO, per step: the entropy of the teacher targets the loss uses (centred and sharpened, or Sinkhorn-Knopp's;
+  normalised by ln K: 1.0 is a uniform output over the K prototypes, 0 a single prototype), the KL divergence
+  between the teacher and the student on the same global views, and the per-dimension standard deviation of the
+  teacher's L2-normalised CLS embeddings across the batch. Collapse shows as entropy at 0 or 1 with KL near 0, or as
+  std near 0; :func:`collapse_warning` says so.
 - With labels (``--monitor-labels``): every N steps, the exported backbone embeds a fixed set of labelled scans
   (the evaluation input: centre 192 mm), and a leave-one-out kNN AUC and the all-vs-all retrieval mAP, averaged
   over labels, are logged. The labels never reach the training loss.

@@ -65,6 +65,10 @@ class PretrainConfig:
             raise PretrainError(f"unknown centering {self.centering!r}; use {' or '.join(CENTERINGS)}")
         if not self.koleo >= 0.0:
             raise PretrainError(f"koleo weight must be >= 0, got {self.koleo}")
+        if self.koleo > 0 and self.batch_size < 2:
+            raise PretrainError("--koleo needs a batch of at least 2 scans per process (the nearest other vector)")
+        if self.method == "mae" and (self.centering != "ema" or self.koleo > 0):
+            raise PretrainError("--centering and --koleo are DINO settings; MAE has no teacher")
 
     def multi_crop(self) -> MultiCropConfig:
         """DINO's views at the model input size: ``local_crops`` local crops; without ``intensity_jitter`` no
