@@ -7,7 +7,9 @@ for 180 MB on the development VM, a third of a scan's whole cost (BENCHMARKS.md,
 Raising the mmap and trim thresholds lets the next scan reuse the same, already-mapped pages.
 
 This is a process-wide setting: the command line sets it for its own process and the embedding DataLoader sets it
-in each worker. The price is memory kept after a large scan (at most ``trim_threshold`` beyond what is in use).
+in each worker. The price is memory: a process keeps about its peak heap mapped (only free memory at the heap's top,
+beyond ``trim_threshold``, goes back). It acts on the main thread's heap, where preprocessing runs in a worker or
+a command; glibc still maps blocks above 64 MB that other threads allocate (their arenas are at most 64 MB).
 """
 
 from __future__ import annotations

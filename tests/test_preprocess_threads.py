@@ -59,3 +59,31 @@ def test_preprocess_leaves_the_callers_threads(two_threads):
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     x = preprocess(Volume(array=hu, affine=affine), config=PreprocessConfig(pad_size=64, crop_size=48, out_size=24))
     assert x.shape == (3, 24, 24, 24) and torch.get_num_threads() == 2
+
+
+def test_a_thread_started_during_preprocessing_gets_the_process_count(two_threads):
+    """A new thread inherits whatever count was set last, even by a block in another thread; an encoder thread
+    that starts with use_process_threads (as serve's query threads do) gets the process's own count."""
+    from hctembed.preprocessing.threads import use_process_threads
+
+    seen = {}
+    entered, done = threading.Event(), threading.Event()
+
+    def preprocessing_thread():
+        with intra_op_threads():
+            entered.set()
+            done.wait(timeout=10)
+
+    def encoder_thread():
+        use_process_threads()
+        seen["encoder"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=preprocessing_thread)
+    worker.start()
+    assert entered.wait(timeout=10)
+    encoder = threading.Thread(target=encoder_thread)
+    encoder.start()
+    encoder.join()
+    done.set()
+    worker.join()
+    assert seen["encoder"] == 2

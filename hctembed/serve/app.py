@@ -141,9 +141,16 @@ def _errors(app: FastAPI) -> None:
         return response
 
 
+def _query_thread_start() -> None:
+    from hctembed.preprocessing.threads import use_process_threads
+
+    use_process_threads()
+
+
 def _routes(app: FastAPI, *, state: ServerState) -> None:
-    embedding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hctembed-query")  # uploads wait here,
-    # not in the pool that answers every other request
+    # uploads wait here, not in the pool that answers every other request; each thread starts with the process's
+    # torch threads even if the other one is preprocessing (on one thread) at that moment
+    embedding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hctembed-query", initializer=_query_thread_start)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
