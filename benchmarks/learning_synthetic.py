@@ -37,7 +37,7 @@ log = logging.getLogger("learning_synthetic")
 
 BUDGETS = {
     "full": {"n": 1200, "matrix": 128, "mae_epochs": 30, "dino_epochs": 0, "ks": (8, 16, 32), "draws": 3,
-             "k_epochs": 10, "k_samples": 64, "full_epochs": 30, "full_samples": 800},
+             "k_epochs": 10, "k_samples": 64, "full_epochs": 60, "full_samples": 800},
     "quick": {"n": 48, "matrix": 96, "mae_epochs": 1, "dino_epochs": 0, "ks": (4,), "draws": 2,
               "k_epochs": 1, "k_samples": 16, "full_epochs": 1, "full_samples": 32},
 }  # fmt: skip
