@@ -121,6 +121,9 @@ def test_bench_classification_protocols(two_models, tmp_path, protocol):
     if protocol == "fewshot":
         assert {r["K"] for r in rows} == {2, 4, 64}
         assert all(r["skip_reason"] and "K=64" in r["skip_reason"] for r in rows if r["K"] == 64)
+        scored = [r for r in rows if r["model"] == m1 and r["K"] == 2 and r.get("AUC") is not None]
+        assert scored and all(0 < r["P_draws_AUC"] <= 1 for r in scored)
+        assert "P over draws (AUC)" in (out / "results.md").read_text()
     else:
         evaluated = [r for r in rows if r.get("AUC") is not None]
         skipped = [r for r in rows if r.get("skip_reason")]

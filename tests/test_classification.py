@@ -132,3 +132,45 @@ def test_fewshot_curve_skips_unavailable_k_with_reason():
     assert len(points[0].auc_per_draw) == 5 and points[0].auc.value > 0.8
     assert points[0].auc.value == pytest.approx(np.mean(points[0].auc_per_draw))
     assert points[2].auc is None and "K=256 needs 256 positives" in points[2].skip_reason
+
+
+def test_fewshot_p_over_draws_is_the_exact_sign_flip_test_of_per_draw_differences():
+    """``p_values_over_draws`` against numpy enumerating every sign pattern of the per-draw AUC differences (per
+    task, and of the per-draw mean over tasks); with 4 draws it can never fall below 2/16."""
+    import itertools
+
+    from hctembed.eval.classification import linear_fit_score
+    from hctembed.eval.fewshot import compare_fewshot
+    from hctembed.eval.protocols import Aligned
+    from hctembed.eval.splits import patient_split
+
+    rng = np.random.default_rng(0)
+    n = 160
+    y = rng.integers(0, 2, size=(n, 2)).astype(np.float64)
+    x_a = rng.normal(size=(n, 6))
+    x_b = x_a.copy()
+    x_b[:, :2] += 1.5 * y  # model b sees the labels, model a does not
+    ids = [f"s{i:03d}" for i in range(n)]
+    aligned = Aligned(model_ids=["a", "b"], x=[x_a, x_b], scan_ids=ids, patient_ids=ids, y=y, names=["T1", "T2"],
+                      sources=[{}, {}])  # fmt: skip
+    split = patient_split(ids, ratios=(0.6, 0.0, 0.4), seed=0)
+    result = compare_fewshot(aligned, fit_score=lambda m: linear_fit_score(), split=split, ks=(4,), n_draws=4,
+                             n_resamples=10, n_permutations=4000)  # fmt: skip
+
+    def exact_p(d):
+        d = np.asarray(d)
+        observed = abs(d.mean())
+        flips = [abs((np.array(s) * d).mean()) >= observed - 1e-12 for s in itertools.product((1, -1), repeat=d.size)]
+        return float(np.mean(flips))
+
+    per_draw = {}
+    for task in ("T1", "T2"):
+        a, b = (result.curve(task, m).points[0]["AUC_per_draw"] for m in ("a", "b"))
+        per_draw[task] = (np.asarray(a), np.asarray(b))
+        got = result.curve(task, "b").points[0]["p_values_over_draws"]["AUC"]
+        assert got == pytest.approx(exact_p(np.subtract(b, a)), abs=0.03)
+        assert got >= 2 / 16 - 0.03
+    mean_a = np.mean([per_draw[t][0] for t in per_draw], axis=0)
+    mean_b = np.mean([per_draw[t][1] for t in per_draw], axis=0)
+    got = result.curve("mean", "b").points[0]["p_values_over_draws"]["AUC"]
+    assert got == pytest.approx(exact_p(mean_b - mean_a), abs=0.03)

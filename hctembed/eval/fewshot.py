@@ -27,8 +27,9 @@ def compare_fewshot(
     n_permutations: int = 1000,
 ) -> FewshotComparison:
     """Few-shot curves per task and model (see :func:`hctembed.eval.classification.fewshot_curve`), and a
-    ``mean`` curve over the tasks every model could be scored on. P values against the first model: two-sided
-    paired permutation tests on the test scans' scores averaged over the draws (per task, and for the mean)."""
+    ``mean`` curve over the tasks every model could be scored on. P values against the first model, two-sided:
+    ``p_values``, paired permutation tests on the test scans' scores averaged over the draws (the draws held fixed);
+    ``p_values_over_draws``, sign-flip tests on the per-draw metric differences (per task, and for the mean)."""
     points: dict[tuple[int, int], list] = {}
     for m in range(len(data.model_ids)):
         for t in range(len(data.names)):
@@ -53,6 +54,9 @@ def compare_fewshot(
                 ref = points[0, t][i]
                 if m > 0 and pt.mean_scores is not None and ref.mean_scores is not None:
                     row["p_values"] = _paired_p(data.y[test, t], ref.mean_scores, pt.mean_scores, n_permutations, seed)
+                    row["p_values_over_draws"] = _draws_p(
+                        ref.auc_per_draw, pt.auc_per_draw, ref.ap_per_draw, pt.ap_per_draw, n_permutations, seed
+                    )
                 rows.append(row)
             curves.append({"task": name, "model": mid, "points": rows})
     curves += _fewshot_mean_curves(data, split, points, ks, n_permutations, seed)
@@ -81,6 +85,19 @@ def _paired_p(y, a, b, n_permutations: int, seed: int, *, over_tasks: bool = Fal
         metric = _mean_over_tasks(fn) if over_tasks else fn
         p = stats.paired_permutation_test_scores(metric, y, a, b, n_permutations=n_permutations, seed=seed).p_value
         out[metric_name] = None if np.isnan(p) else float(p)
+    return out
+
+
+def _draws_p(auc_a, auc_b, ap_a, ap_b, n_permutations: int, seed: int) -> dict[str, float | None]:
+    """P of AUC and AP, ``b`` against ``a``, over the draws: a sign-flip test on the per-draw differences (the same
+    draw's training scans for both models). Unlike :func:`_paired_p` it counts how much a draw of K scans moves the
+    result; with few draws it cannot get small (3 draws: never below 0.25)."""
+    out = {}
+    for name, a, b in (("AUC", auc_a, auc_b), ("AP", ap_a, ap_b)):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        ok = ~(np.isnan(a) | np.isnan(b))
+        p = stats.paired_permutation_test(b[ok], a[ok], n_permutations=n_permutations, seed=seed).p_value
+        out[name] = None if np.isnan(p) else float(p)
     return out
 
 
@@ -114,5 +131,10 @@ def _fewshot_mean_curves(data, split, points, ks, n_permutations, seed) -> list[
                 } | {"ci": "mean over tasks of the task rows' values and 95% bounds"}
             if m > 0:
                 row["p_values"] = _paired_p(y_all, matrices[0], matrices[m], n_permutations, seed, over_tasks=True)
+                row["p_values_over_draws"] = _draws_p(
+                    *(np.mean([getattr(points[mm, t][i], f"{metric}_per_draw") for t in tasks], axis=0)
+                      for metric in ("auc", "ap") for mm in (0, m)),
+                    n_permutations, seed,
+                )  # fmt: skip
             curves[m]["points"].append(row | {"skip_reason": None})
     return curves

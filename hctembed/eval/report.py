@@ -28,6 +28,8 @@ def flat_rows(results) -> list[dict]:
                     flat.update({m: e.get("value"), f"{m}_low": e.get("low"), f"{m}_high": e.get("high")})
                     if m in (pt.get("p_values") or {}):
                         flat[f"P_{m}"] = pt["p_values"][m]
+                    if m in (pt.get("p_values_over_draws") or {}):
+                        flat[f"P_draws_{m}"] = pt["p_values_over_draws"][m]
                 flat["skip_reason"] = pt["skip_reason"]
                 out.append(flat)
         return out
@@ -69,17 +71,20 @@ def markdown_table(results) -> str:
     if results["protocol"] == "fewshot":
         lines = [
             f"Few-shot ({results.get('probe', 'linear')}), {results['n_draws']} draws per K; "
-            f"mean over draws [95% CI]; P: paired permutation vs {first} on the draw-averaged test scores",
+            f"mean over draws [95% CI]; P: paired permutation vs {first} on the draw-averaged test scores (the draws "
+            "held fixed); P over draws: sign-flip test of the per-draw differences (counts what a draw of K scans "
+            "changes; with few draws it cannot get small)",
             "",
-            "| task | model | K | AUC | P (AUC) | AP | P (AP) | note |",
-            "|---|---|---|---|---|---|---|---|",
+            "| task | model | K | AUC | P (AUC) | P over draws (AUC) | AP | P (AP) | P over draws (AP) | note |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for curve in results["curves"]:
             for pt in curve["points"]:
-                p = pt.get("p_values") or {}
+                p, pd = pt.get("p_values") or {}, pt.get("p_values_over_draws") or {}
                 lines.append(
                     f"| {curve['task']} | {curve['model']} | {pt['K']} | {_estimate(pt['AUC'])} | {_p(p.get('AUC'))} | "
-                    f"{_estimate(pt['AP'])} | {_p(p.get('AP'))} | {pt['skip_reason'] or ''} |"
+                    f"{_p(pd.get('AUC'))} | {_estimate(pt['AP'])} | {_p(p.get('AP'))} | {_p(pd.get('AP'))} | "
+                    f"{pt['skip_reason'] or ''} |"
                 )
         return "\n".join(lines) + "\n"
     metrics = results["metrics"]
