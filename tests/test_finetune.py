@@ -149,12 +149,13 @@ def test_finetune_command_writes_results_and_an_encoder_embed_can_use(archive, t
     result = invoke("finetune", archive, "--labels", archive / "labels.csv", "--task", t1, "--task", t2,
                     "--weights", weights, "--out", out, "--epochs", "1", "--samples-per-epoch", "8", "--batch-size",
                     "4", "--ratios", "0.6,0.2,0.2", "--cache", tmp_path / "cache", "--pool", "attentive", "--json",
-                    "--quiet")  # fmt: skip
+                    "--warmup-fraction", "0.25", "--quiet")  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["task"] for r in rows] == [t1, t2]
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["lr_backbone"] == 1e-5 and saved["split"]["ratios"] == [0.6, 0.2, 0.2]
+    assert saved["settings"]["warmup_fraction"] == 0.25
     trained = [r["task"] for r in saved["rows"] if not r.get("skip_reason")]
     assert trained, saved["rows"]
     for task in trained:
@@ -182,10 +183,11 @@ def test_bench_finetune_and_fewshot_finetune_compare_models(archive, tmp_path):
               "--batch-size", "4", "--ratios", "0.6,0.0,0.4", "--n-resamples", "10", "--n-permutations", "50",
               "--json", "--quiet"]  # fmt: skip
     out = tmp_path / "bench"
-    result = invoke("bench", "finetune", *common, "--out-dir", out)
+    result = invoke("bench", "finetune", *common, "--out-dir", out, "--warmup-fraction", "0.1")
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "results.json").read_text())
     assert saved["protocol"] == "finetune" and saved["models"] == ["a", "b"] and saved["params"]["pool"] == "cls"
+    assert saved["params"]["warmup_fraction"] == 0.1
     assert {p.name for p in out.glob("*.png")} == {"auc_per_task.png", "ap_per_task.png"}
     evaluated = [r for r in saved["rows"] if r["model"] == "b" and r["metrics"]]
     assert evaluated and all(0.0 <= r["p_values"]["AUC"] <= 1.0 for r in evaluated)

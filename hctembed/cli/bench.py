@@ -15,6 +15,7 @@ from hctembed.cli.common import (
     setup_logging,
     stderr,
 )
+from hctembed.cli.finetune import WARMUP  # the same option as `hctembed finetune --warmup-fraction`
 
 app = typer.Typer(help="Benchmarks over stored embeddings.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -239,6 +240,7 @@ def fewshot(
     batch_size: int = BATCH,
     lr_backbone: float = LR_BACKBONE,
     lr_head: float = LR_HEAD,
+    warmup_fraction: float = WARMUP,
     samples_per_epoch: int | None = SAMPLES,
     pool: str = POOL,
     n_permutations: int = PERMUTATIONS,
@@ -262,6 +264,7 @@ def fewshot(
         request = _finetune_request(
             archive=archive, labels=labels, columns=columns, out_dir=out_dir, weights=weights, no_scratch=no_scratch,
             arch=arch, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
+            warmup_fraction=warmup_fraction,
             samples_per_epoch=samples_per_epoch, pool=pool, ratios=ratios, seed=seed, n_resamples=n_resamples,
             n_permutations=n_permutations,
         )  # fmt: skip
@@ -278,7 +281,7 @@ def fewshot(
 
 def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch, arch, epochs, batch_size,
                       lr_backbone, lr_head, samples_per_epoch, pool, ratios, seed, n_resamples,
-                      n_permutations):  # fmt: skip
+                      n_permutations, warmup_fraction=0.0):  # fmt: skip
     from hctembed.cli.finetune import finetune_config
     from hctembed.io.labels import read_labels
     from hctembed.workflows.bench_finetune import FinetuneBenchRequest
@@ -292,7 +295,7 @@ def _finetune_request(*, archive, labels, columns, out_dir, weights, no_scratch,
     tasks = tuple(columns.split(",")) if columns else tuple(read_labels(labels).names)
     config = finetune_config(
         model=arch, epochs=epochs, max_steps=None, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
-        samples_per_epoch=samples_per_epoch, seed=seed, pool=pool,
+        samples_per_epoch=samples_per_epoch, seed=seed, pool=pool, warmup_fraction=warmup_fraction,
     )  # fmt: skip
     return FinetuneBenchRequest(
         archive=archive, labels=labels, tasks=tasks, out_dir=out_dir, weights=tuple(weights or ()),
@@ -314,6 +317,7 @@ def finetune(
     batch_size: int = BATCH,
     lr_backbone: float = LR_BACKBONE,
     lr_head: float = LR_HEAD,
+    warmup_fraction: float = WARMUP,
     samples_per_epoch: int | None = SAMPLES,
     pool: str = POOL,
     out_dir: Path = typer.Option(..., "--out-dir", help="Cache, results.json, results.md and PNG plots."),
@@ -332,6 +336,7 @@ def finetune(
     request = _finetune_request(
         archive=archive, labels=labels, columns=columns, out_dir=out_dir, weights=weights, no_scratch=no_scratch,
         arch=arch, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
+            warmup_fraction=warmup_fraction,
         samples_per_epoch=samples_per_epoch, pool=pool, ratios=ratios, seed=seed, n_resamples=n_resamples,
         n_permutations=n_permutations,
     )  # fmt: skip

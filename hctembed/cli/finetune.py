@@ -19,14 +19,19 @@ from hctembed.cli.common import (
 
 
 def finetune_config(*, model, epochs, max_steps, batch_size, lr_backbone, lr_head, samples_per_epoch, seed,
-                    workers=0, checkpoint_every=50, pool="cls"):  # fmt: skip
+                    workers=0, checkpoint_every=50, pool="cls", warmup_fraction=0.0):  # fmt: skip
     from hctembed.finetune import FinetuneConfig
 
     return FinetuneConfig(
         model=model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
         lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed, num_workers=workers,
-        checkpoint_every=checkpoint_every, pool=pool,
+        checkpoint_every=checkpoint_every, pool=pool, warmup_fraction=warmup_fraction,
     )  # fmt: skip
+
+
+WARMUP = typer.Option(
+    0.0, "--warmup-fraction", min=0.0, max=0.5, help="Linear warm-up over this fraction of the steps, then cosine."
+)
 
 
 def result_rows(results: dict) -> list[dict]:
@@ -59,6 +64,7 @@ def finetune(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Scans per optimiser step."),
     lr_backbone: float = typer.Option(1e-5, "--lr-backbone", help="Peak learning rate of the encoder."),
     lr_head: float = typer.Option(1e-3, "--lr-head", help="Peak learning rate of the classification layer."),
+    warmup_fraction: float = WARMUP,
     samples_per_epoch: int | None = typer.Option(
         None, "--samples-per-epoch", min=2, help="Balanced sample per epoch (default 5,000; 500 under 5,000 scans)."
     ),
@@ -83,7 +89,7 @@ def finetune(
         raise typer.BadParameter("give --weights FILE or --scratch (one of them)")
     config = finetune_config(
         model=model, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr_backbone=lr_backbone,
-        lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed, pool=pool,
+        lr_head=lr_head, samples_per_epoch=samples_per_epoch, seed=seed, pool=pool, warmup_fraction=warmup_fraction,
     )  # fmt: skip
     request = FinetuneRequest(
         archive=archive, labels=labels, tasks=tuple(task), out=out, weights=weights, config=config, k_shot=k_shot,
