@@ -3,14 +3,17 @@
 Stages (each one's result is kept as OUT/<stage>.json, so an interrupted run picks up where it stopped):
 
 1. archive: ``hctembed synth`` (or ``--archive``, an existing archive with its labels.csv);
-2. pretrain: MAE (and, with ``--dino-epochs``, DINO) on the archive's scans through ``hctembed.workflows.pretrain``
-   (no labels reach the loss; the labelled monitor reads them only to log kNN AUC and mAP);
+2. pretrain: MAE (and, with ``--dino-epochs`` / ``--simclr-epochs``, DINO / SimCLR) on the archive's scans through
+   ``hctembed.workflows.pretrain`` (no labels reach the loss; the labelled monitor reads them only to log kNN AUC and
+   mAP);
 3. frozen: every scan's embedding-time input (the centre 192 mm of the cached 224 mm base, resized) through the
    random-initialised encoder and the pretrained ones, CLS token and mean patch token; all-vs-all retrieval mAP
    (same patient excluded) and a linear probe's test AUC per subtype with bootstrap CIs and paired permutation P
    values against random init; the HU histogram of the same input as a hand-made reference;
 4. fewshot: fine-tuning from scratch against from the pretrained encoder at each K (``--draws`` draws), per task;
-5. finetune: the same on the whole training part (the supervised bound for scratch).
+5. finetune: the same on the whole training part (the supervised bound for scratch);
+6. contents (on request): what varies in each encoder's embeddings: the share of their variance between patients,
+   the share the bleed labels explain linearly, and how often a scan's nearest neighbour is the same patient's.
 
 Settings are fixed here before the run and nothing is tuned on the test part. Prints the tables and writes
 OUT/summary.md.
@@ -74,11 +77,14 @@ def pretrain_config(method: str, epochs: int, args):
 
     # a light decoder (96 wide, 2 blocks): the default 384 x 8 one is 5x the cost of vit-micro itself; per-patch
     # normalised targets (the MAE paper's better representation). DINO: BatchNorm head, no photometric jitter.
+    # SimCLR: a batch of 16 scans (30 negatives per view), temperature 0.1
+    lr = {"mae": args.mae_lr, "dino": args.dino_lr, "simclr": args.simclr_lr}[method]
     return PretrainConfig(
-        method=method, model=args.model, epochs=epochs, batch_size=8, lr=args.mae_lr if method == "mae" else
-        args.dino_lr, checkpoint_every=100, monitor_every=200, local_crops=2, prototypes=4096, warmup_epochs=1.0,
+        method=method, model=args.model, epochs=epochs, batch_size=16 if method == "simclr" else 8, lr=lr,
+        checkpoint_every=100, monitor_every=200, local_crops=2, prototypes=4096, warmup_epochs=1.0,
         teacher_temp_warmup_epochs=max(1.0, epochs * 0.1), head_bn=method == "dino", intensity_jitter=method != "dino",
-        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=args.mae_targets == "normalised"),
+        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=args.mae_targets == "normalised",
+                      target="histogram" if args.mae_targets == "histogram" else "pixels", mask_ratio=args.mask_ratio),
         seed=args.seed,
     )  # fmt: skip
 
@@ -94,7 +100,7 @@ def pretrain(args, archive: Path, method: str, epochs: int, *, scan_ids: list[st
                               scan_ids=scan_ids)  # fmt: skip
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     monitors = [{k: r.get(k) for k in ("step", "loss", "monitor_knn_auc", "monitor_map", "monitor_knn_auc_patches",
-                                       "monitor_map_patches", "teacher_entropy", "embedding_std")}
+                                       "monitor_map_patches", "teacher_entropy", "embedding_std", "pair_top1")}
                 for r in rows if "monitor_map" in r]  # fmt: skip
     warnings = sorted({r["warning"] for r in rows if "warning" in r})
     return {"encoder": str(result.encoder_path), "steps": result.steps_done, "scans": len(scan_ids),
@@ -206,6 +212,48 @@ def frozen(args, data, split, encoders: dict[str, Path | None]) -> dict:
     return {"retrieval": retrieval, "linear": linear, "attentive": attentive, "histogram_linear": hist_linear}
 
 
+def embedding_contents(x: np.ndarray, *, patients: list[str], y: np.ndarray) -> dict:
+    """What varies in embeddings ``x [N, D]``: the share of their variance that is between patients (1 - pooled
+    within-patient variance / total), the share a linear fit on the 0/1 bleed labels ``y [N, 5]`` explains (R²), and
+    how often a scan's nearest other scan (cosine) is the same patient's, among scans whose patient has another."""
+    x = x - x.mean(0)
+    total = float((x**2).sum())
+    ids = np.unique(np.asarray(patients), return_inverse=True)[1]
+    means = np.zeros((ids.max() + 1, x.shape[1]))
+    np.add.at(means, ids, x)
+    counts = np.bincount(ids)
+    within = float(((x - (means / counts[:, None])[ids]) ** 2).sum())
+    design = np.column_stack([np.ones(len(x)), y.astype(np.float64)])
+    residual = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = sim.argmax(1)
+    has_other = counts[ids] > 1
+    return {"between_patient_share": round(1 - within / total, 4), "bleed_label_r2": round(1 - float((residual**2)
+            .sum()) / total, 4), "nearest_is_same_patient": round(float((ids[nearest] == ids)[has_other].mean()), 4),
+            "scans_with_another": int(has_other.sum())}  # fmt: skip
+
+
+def contents(args, data, encoders: dict[str, Path | None]) -> dict:
+    """:func:`embedding_contents` of every encoder's CLS and mean patch token, and of the HU histogram, on every
+    scan (a description of the embeddings: nothing is fitted for a prediction)."""
+    from hctembed.config import VIT_PRESETS
+    from hctembed.model.checkpoint import load_encoder_weights
+    from hctembed.model.vit3d import ViT3D
+
+    out = {}
+    for name, path in encoders.items():
+        torch.manual_seed(args.seed)
+        model = ViT3D(VIT_PRESETS[args.model]) if path is None else load_encoder_weights(path)[0]
+        encoded = encode(model, data.paths, image_size=data.image_size)
+        for pool in ("cls", "mean"):
+            out[f"{name}/{pool}"] = embedding_contents(encoded[pool], patients=list(data.patient_ids), y=data.y)
+    hist = histogram_features(data.paths, image_size=data.image_size)
+    out["HU histogram"] = embedding_contents(hist, patients=list(data.patient_ids), y=data.y)
+    return out
+
+
 def finetune_request(args, archive: Path, encoders: dict[str, Path | None], *, epochs: int, samples: int):
     from hctembed.finetune import FinetuneConfig
     from hctembed.workflows.bench_finetune import FinetuneBenchRequest
@@ -258,14 +306,20 @@ def main() -> None:
     parser.add_argument("--mae-lr", type=float, default=3e-4)
     parser.add_argument(
         "--mae-targets",
-        choices=("normalised", "raw"),
+        choices=("normalised", "raw", "histogram"),
         default="normalised",
-        help="MAE loss against per-patch normalised voxels (the MAE paper's) or the raw windowed ones",
+        help="MAE loss against per-patch normalised voxels (the MAE paper's), the raw windowed ones, or each patch's "
+        "intensity histogram per window",
     )
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked")
+    parser.add_argument("--mae-epochs", type=int, default=None, help="default: the budget's (0: no MAE)")
     parser.add_argument("--dino-lr", type=float, default=5e-4)
+    parser.add_argument("--simclr-epochs", type=int, default=0, help="SimCLR pretraining epochs (0: none)")
+    parser.add_argument("--simclr-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="backbone lr of every fine-tuning (fixed)")
     parser.add_argument("--full-epochs", type=int, default=None, help="epochs of the whole-training-part runs")
+    parser.add_argument("--draws", type=int, default=None, help="few-shot draws per K (default: the budget's)")
     parser.add_argument("--pool", default="attentive", help="fine-tuning head's features (cls, mean, attentive)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -289,7 +343,8 @@ def main() -> None:
     if "pretrain" in stages:
         monitor = validation_labels(args, archive, data, split)
         dino_epochs = budget["dino_epochs"] if args.dino_epochs is None else args.dino_epochs
-        for method, epochs in (("mae", budget["mae_epochs"]), ("dino", dino_epochs)):
+        mae_epochs = budget["mae_epochs"] if args.mae_epochs is None else args.mae_epochs
+        for method, epochs in (("mae", mae_epochs), ("dino", dino_epochs), ("simclr", args.simclr_epochs)):
             if epochs:
 
                 def run(m=method, e=epochs):
@@ -306,12 +361,18 @@ def main() -> None:
                     *rows_table(result["linear"], "AUC"), "", "Attentive probe on the frozen patch tokens, test AUC:",
                     "", *rows_table(result["attentive"], "AUC"), "", "HU histogram, linear probe:", "",
                     *rows_table(result["histogram_linear"], "AUC"), ""]  # fmt: skip
+    if "contents" in stages:
+        result = stage(args.out, "contents", lambda: contents(args, data, encoders))
+        summary += ["## What the embeddings hold (every scan)", "", "| embedding | variance between patients | "
+                    "variance explained by the bleed labels | nearest other scan is the same patient's |",
+                    "|---|---|---|---|", *(f"| {k} | {v['between_patient_share']:.3f} | {v['bleed_label_r2']:.3f} | "
+                    f"{v['nearest_is_same_patient']:.3f} |" for k, v in result.items()), ""]  # fmt: skip
     if "fewshot" in stages:
         from hctembed.workflows.bench_finetune import run_fewshot_finetune
 
         request = finetune_request(args, archive, encoders, epochs=budget["k_epochs"], samples=budget["k_samples"])
-        result = stage(args.out, "fewshot", lambda: run_fewshot_finetune(request, ks=budget["ks"],
-                                                                         draws=budget["draws"]))  # fmt: skip
+        draws = args.draws or budget["draws"]
+        result = stage(args.out, "fewshot", lambda: run_fewshot_finetune(request, ks=budget["ks"], draws=draws))
         summary += ["## Fine-tuning at K, scratch first", "", *curves_table(result), ""]
     if "finetune" in stages:
         from hctembed.workflows.bench_finetune import run_bench_finetune

@@ -9,6 +9,10 @@ the paper, and converted to base voxels.
   place), each resized to the model input, then random flips along each axis, an intensity shift and a
   contrast change, and a Gaussian blur.
 * MAE: one random cubic crop (144-224 mm) resized to the model input, and a random left-right flip.
+* SimCLR (contrastive pairs): two views of the *whole* head at the embedding-time field of view, each with its own
+  random rotation, anisotropic scaling and shift, a left-right flip, Gaussian noise and blur. Both views hold the
+  same tissue, so what they share is what survives deformation (how much of the head is blood-dense, fluid, bone),
+  not where the head's outline lies; no intensity jitter (CT numbers are calibrated).
 
 All randomness comes from the ``torch.Generator`` passed in, so a run reproduces exactly from its seeds.
 """
@@ -155,6 +159,78 @@ def mae_crop(base: torch.Tensor, *, config: MaeCropConfig, g: torch.Generator) -
     if float(torch.rand((), generator=g)) < config.flip_p:
         view = view.flip(3)
     return view.contiguous()
+
+
+@dataclass(frozen=True)
+class PairViewConfig:
+    """SimCLR views: two independently deformed copies of the model input (the centre 192 mm of the base)."""
+
+    out_size: int = 96
+    rotate_deg: float = 15.0  # about each axis, U(-r, r)
+    scale: tuple[float, float] = (0.85, 1.15)  # per axis
+    shift: float = 0.08  # per axis, a fraction of the field of view
+    flip_p: float = 0.5  # left-right (X)
+    noise_std: tuple[float, float] = (0.0, 0.03)  # window units
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 1.0)  # in output voxels
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise InputError(f"scale range {self.scale} must be positive and ordered")
+
+
+def _rotation(angles: tuple[float, float, float]) -> torch.Tensor:
+    """The 3x3 rotation about the three axes in turn by ``angles`` (radians), float64."""
+    out = torch.eye(3, dtype=torch.float64)
+    for axis, a in enumerate(angles):
+        i, j = [k for k in range(3) if k != axis]
+        r = torch.eye(3, dtype=torch.float64)
+        r[i, i] = r[j, j] = math.cos(a)
+        r[i, j], r[j, i] = -math.sin(a), math.sin(a)
+        out = r @ out
+    return out
+
+
+def affine_resample(
+    x: torch.Tensor, *, angles: tuple[float, float, float], scales: tuple[float, float, float],
+    shifts: tuple[float, float, float],
+) -> torch.Tensor:  # fmt: skip
+    """``x [C, S, S, S]`` resampled (trilinear, air outside) so that the head turns by ``angles`` (radians, about each
+    axis in turn), grows by ``scales`` and moves by ``shifts`` (fractions of the field of view), in the grid's
+    (x, y, z) = (X, Y, Z) order; all zeros and ones give ``x`` back."""
+    s = torch.tensor(scales, dtype=torch.float64)
+    t = torch.tensor(shifts, dtype=torch.float64) * 2  # affine_grid's coordinates span [-1, 1]
+    # affine_grid maps output to input coordinates: the inverse of turning, then growing, then moving
+    theta = torch.cat([_rotation(angles) @ torch.diag(1.0 / s), -t[:, None]], dim=1)
+    grid = F.affine_grid(theta[None].to(x.dtype), [1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+
+
+def random_affine(x: torch.Tensor, *, config: PairViewConfig, g: torch.Generator) -> torch.Tensor:
+    """:func:`affine_resample` with a rotation, scaling and shift drawn from ``config``'s ranges."""
+    r = math.radians(config.rotate_deg)
+    angles = tuple(_uniform(-r, r, g) for _ in range(3))
+    scales = tuple(_uniform(*config.scale, g) for _ in range(3))
+    # negated: the same views as the first release of this function, which BENCHMARKS.md's SimCLR run used
+    shifts = tuple(-_uniform(-config.shift, config.shift, g) for _ in range(3))
+    return affine_resample(x, angles=angles, scales=scales, shifts=shifts)
+
+
+def pair_views(base: torch.Tensor, *, config: PairViewConfig, g: torch.Generator) -> list[torch.Tensor]:
+    """``base [C, S, S, S]`` -> two views ``[C, out, out, out]`` of the whole head (see the module docstring)."""
+    x = input_from_base(base, image_size=config.out_size)
+    views = []
+    for _ in range(2):
+        v = random_affine(x, config=config, g=g)
+        if float(torch.rand((), generator=g)) < config.flip_p:
+            v = v.flip(3)
+        std = _uniform(*config.noise_std, g)
+        if std > 0:
+            v = v + std * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        if float(torch.rand((), generator=g)) < config.blur_p:
+            v = gaussian_blur(v, sigma=_uniform(*config.blur_sigma, g))
+        views.append(v.clamp_(0.0, 1.0).contiguous())
+    return views
 
 
 def sample_generator(*, seed: int, epoch: int, index: int) -> torch.Generator:

@@ -1,7 +1,10 @@
-"""Multi-crop and MAE views: crop sizes in range, shapes, determinism under a seed."""
+"""Multi-crop, MAE and SimCLR views: crop sizes in range, shapes, determinism under a seed, exact geometry."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from hctembed.augment import (
     random_crop,
     sample_generator,
 )
+from hctembed.errors import InputError
 
 
 def test_base_volume_sizes_follow_the_paper():
@@ -81,3 +85,44 @@ def test_views_without_intensity_jitter_keep_ct_numbers():
 def test_crop_ranges_are_validated():
     with pytest.raises(ValueError):
         MultiCropConfig(global_mm=(112, 300))
+
+
+def test_affine_resample_turns_and_moves_the_grid_exactly():
+    from hctembed.augment import affine_resample
+
+    x = torch.rand(2, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    same = affine_resample(x, angles=(0.0, 0.0, 0.0), scales=(1.0, 1.0, 1.0), shifts=(0.0, 0.0, 0.0))
+    torch.testing.assert_close(same, x, atol=1e-6, rtol=0)
+    # a quarter turn about Z maps voxel centres onto voxel centres: numpy's rot90 in the (Y, X) plane
+    turned = affine_resample(x, angles=(0.0, 0.0, math.pi / 2), scales=(1.0, 1.0, 1.0), shifts=(0.0, 0.0, 0.0))
+    np.testing.assert_allclose(turned.numpy(), np.rot90(x.numpy(), 1, axes=(2, 3)), atol=1e-6)
+    # a shift of one voxel (1/6 of the field of view) along X, then along Z; air comes in at the edge
+    moved = affine_resample(x, angles=(0.0, 0.0, 0.0), scales=(1.0, 1.0, 1.0), shifts=(1 / 6, 0.0, 0.0))
+    torch.testing.assert_close(moved[..., 1:], x[..., :-1], atol=1e-6, rtol=0)
+    assert moved[..., 0].abs().max() < 1e-6
+    moved = affine_resample(x, angles=(0.0, 0.0, 0.0), scales=(1.0, 1.0, 1.0), shifts=(0.0, 0.0, 1 / 6))
+    torch.testing.assert_close(moved[:, 1:], x[:, :-1], atol=1e-6, rtol=0)
+    # growing by 2 about the centre: the middle of the output is the middle of the input, stretched
+    ball = torch.zeros(1, 16, 16, 16)
+    ball[:, 6:10, 6:10, 6:10] = 1.0
+    grown = affine_resample(ball, angles=(0.0, 0.0, 0.0), scales=(2.0, 2.0, 2.0), shifts=(0.0, 0.0, 0.0))
+    assert float(grown.sum()) == pytest.approx(8 * float(ball.sum()), rel=0.05)
+
+
+def test_pair_views_are_two_deformed_copies_of_the_embedding_input():
+    from hctembed.augment import PairViewConfig, input_from_base, pair_views
+
+    base = torch.rand(3, 28, 28, 28, generator=torch.Generator().manual_seed(1))
+    plain = PairViewConfig(out_size=12, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, flip_p=0.0, noise_std=(0.0, 0.0),
+                           blur_p=0.0)  # fmt: skip
+    for view in pair_views(base, config=plain, g=torch.Generator().manual_seed(0)):
+        torch.testing.assert_close(view, input_from_base(base, image_size=12), atol=1e-6, rtol=0)
+    config = PairViewConfig(out_size=12)
+    a = pair_views(base, config=config, g=torch.Generator().manual_seed(3))
+    b = pair_views(base, config=config, g=torch.Generator().manual_seed(3))
+    assert len(a) == 2 and all(v.shape == (3, 12, 12, 12) for v in a)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # a function of the generator only
+    assert not torch.equal(a[0], a[1])  # the two views differ
+    assert all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in a)
+    with pytest.raises(InputError, match="scale range"):
+        PairViewConfig(scale=(1.2, 0.8))

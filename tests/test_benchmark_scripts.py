@@ -7,6 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -18,3 +19,28 @@ def test_benchmark_script_imports(script, monkeypatch):
     module = importlib.import_module(script)
     assert callable(getattr(module, "main", None)), f"benchmarks/{script}.py has no main()"
     sys.modules.pop(script, None)
+
+
+def test_learning_benchmark_describes_what_embeddings_hold(monkeypatch):
+    """The evidence script's ``embedding_contents`` against constructed embeddings with known answers and
+    scikit-learn's variance-weighted R²."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("learning_synthetic")
+    rng = np.random.default_rng(0)
+    patients = [f"p{i // 2}" for i in range(40)] + ["p-alone"]  # 20 patients with 2 scans, one with 1
+    y = rng.integers(0, 2, size=(41, 5))
+    identity = rng.normal(size=(21, 8))[[i // 2 for i in range(40)] + [20]]  # one vector per patient
+    held = module.embedding_contents(identity, patients=patients, y=y)
+    assert held["between_patient_share"] == pytest.approx(1.0) and held["nearest_is_same_patient"] == 1.0
+    assert held["scans_with_another"] == 40
+    noisy = identity + rng.normal(scale=0.5, size=identity.shape)
+    held = module.embedding_contents(noisy, patients=patients, y=y)
+    want = r2_score(noisy, LinearRegression().fit(y, noisy).predict(y), multioutput="variance_weighted")
+    assert held["bleed_label_r2"] == pytest.approx(want, abs=1e-4)
+    assert 0.5 < held["between_patient_share"] < 1.0
+    by_labels = y @ rng.normal(size=(5, 8))
+    assert module.embedding_contents(by_labels, patients=patients, y=y)["bleed_label_r2"] == pytest.approx(1.0)
+    sys.modules.pop("learning_synthetic", None)

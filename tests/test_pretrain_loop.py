@@ -31,6 +31,7 @@ TINY_DINO = PretrainConfig(
     local_crops=1, lr=1e-3, checkpoint_every=100,
 )  # fmt: skip
 TINY_MAE = replace(TINY_DINO, method="mae", mae=MAEConfig(decoder_dim=48, decoder_depth=1, decoder_heads=4))
+TINY_SIMCLR = replace(TINY_DINO, method="simclr")
 
 
 def shared_archive(tmp_path_factory, n: int = 4) -> Path:
@@ -71,8 +72,13 @@ def _states(result) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
-    [TINY_DINO, replace(TINY_DINO, head_bn=True, intensity_jitter=False, centering="sinkhorn", koleo=0.1), TINY_MAE],
-    ids=["dino", "dino-bn-head-sinkhorn-koleo", "mae"],
+    [
+        TINY_DINO,
+        replace(TINY_DINO, head_bn=True, intensity_jitter=False, centering="sinkhorn", koleo=0.1),
+        TINY_MAE,
+        TINY_SIMCLR,
+    ],
+    ids=["dino", "dino-bn-head-sinkhorn-koleo", "mae", "simclr"],
 )
 def test_interrupted_and_resumed_run_ends_with_identical_weights(refs, cache, tmp_path, config):
     full = run_pretrain(refs=refs, config=replace(config, max_steps=4), out=tmp_path / "full", cache_dir=cache)
@@ -96,6 +102,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(refs, cache, tm
     if config.method == "dino":
         assert all("teacher_temp" in r for r in lines)
         assert all(("koleo" in r) == (config.koleo > 0) for r in lines)
+    if config.method == "simclr":
+        assert all(0.0 <= r["pair_top1"] <= 1.0 and "pair_cosine" in r and "embedding_std" in r for r in lines)
 
 
 def test_resume_refuses_other_settings(refs, cache, tmp_path):
@@ -111,6 +119,34 @@ def test_dino_only_settings_are_refused_where_they_cannot_act():
         replace(TINY_MAE, centering="sinkhorn")
     with pytest.raises(PretrainError, match="unknown centering"):
         replace(TINY_DINO, centering="mean")
+    with pytest.raises(PretrainError, match="simclr has no teacher"):
+        replace(TINY_SIMCLR, koleo=0.1)
+    with pytest.raises(PretrainError, match="negatives"):
+        replace(TINY_SIMCLR, batch_size=1)
+    with pytest.raises(PretrainError, match="temperature"):
+        replace(TINY_SIMCLR, temperature=0.0)
+
+
+def test_cli_simclr_run_exports_the_encoder_its_checkpoint_holds(tmp_path_factory, tmp_path):
+    from safetensors.torch import load_file
+
+    from hctembed.pretrain.export import export_from_checkpoint
+
+    archive = shared_archive(tmp_path_factory)
+    out = tmp_path / "run"
+    args = ["pretrain", archive, "--method", "simclr", "--config", "vit-micro", "--out", out, "--epochs", "1"]
+    args += ["--max-steps", "2", "--batch-size", "2", "--temperature", "0.2", "--quiet"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert json.loads(ckpt["config"])["temperature"] == 0.2
+    assert any(k.startswith("projector.") for k in ckpt["student"])  # the projector trains but is not exported
+    again = export_from_checkpoint(out / "checkpoint.pt", tmp_path / "again")
+    exported, reexported = load_file(str(out / "encoder.safetensors")), load_file(str(again))
+    assert exported.keys() == reexported.keys() and not any(k.startswith("projector.") for k in exported)
+    assert all(torch.equal(exported[k], reexported[k]) for k in exported)
+    card = json.loads((out / "encoder.json").read_text())
+    assert card["card"]["method"] == "simclr" and card["card"]["exported_from"] == "encoder"
 
 
 def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
@@ -119,11 +155,15 @@ def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
     run_pretrain(refs=refs, config=replace(TINY_DINO, max_steps=1), out=tmp_path, cache_dir=cache)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     old = json.loads(ckpt["config"])
-    del old["head_bn"], old["intensity_jitter"]
+    del old["head_bn"], old["intensity_jitter"], old["mae"]["target"], old["mae"]["histogram_bins"]  # nested too
     ckpt["config"] = json.dumps(old, sort_keys=True)
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(PretrainError, match="head_bn"):
         run_pretrain(refs=refs, config=replace(TINY_DINO, head_bn=True, max_steps=2), out=tmp_path, resume=True,
+                     cache_dir=cache)  # fmt: skip
+    with pytest.raises(PretrainError, match=r"\(mae\)"):
+        other = replace(TINY_DINO.mae, histogram_bins=8)
+        run_pretrain(refs=refs, config=replace(TINY_DINO, mae=other, max_steps=2), out=tmp_path, resume=True,
                      cache_dir=cache)  # fmt: skip
     resumed = run_pretrain(
         refs=refs, config=replace(TINY_DINO, max_steps=2), out=tmp_path, resume=True, cache_dir=cache
@@ -197,7 +237,7 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
         card = store.models.get(store.resolve_collection().model_id).card
     assert card["method"] == "dino" and card["data_count"] == 3 and card["epochs"] == 1 and card["steps"] == 1
     assert card["fingerprint"].startswith("pp-") and card["exported_from"] == "teacher"
-    bad = runner.invoke(app, ["pretrain", str(archive), "--method", "simclr", "--out", str(tmp_path / "x")])
+    bad = runner.invoke(app, ["pretrain", str(archive), "--method", "byol", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown method" in bad.output
     bad = runner.invoke(app, ["pretrain", str(archive), "--centering", "mean", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown centering 'mean'" in bad.output
@@ -206,6 +246,16 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0
     saved = json.loads(torch.load(tmp_path / "mae" / "checkpoint.pt", weights_only=True)["config"])
     assert saved["mae"]["norm_pix_loss"] is True
+    mae[mae.index("--norm-pix-loss")] = "--mae-target"
+    mae[mae.index("--mae-target") + 1 : mae.index("--mae-target") + 1] = ["histogram", "--mask-ratio", "0.5"]
+    mae[mae.index(tmp_path / "mae")] = tmp_path / "mae-histogram"
+    assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0
+    saved = json.loads(torch.load(tmp_path / "mae-histogram" / "checkpoint.pt", weights_only=True)["config"])
+    assert saved["mae"]["target"] == "histogram" and saved["mae"]["mask_ratio"] == 0.5
+    bad = runner.invoke(app, [str(a) for a in [*mae, "--norm-pix-loss"]])
+    assert bad.exit_code == 2 and "pixels only" in bad.output
+    bad = runner.invoke(app, [str(a) for a in [*mae[:-1], "--mae-target", "hog", "--quiet"]])
+    assert bad.exit_code == 2 and "use pixels or histogram" in bad.output
     scans.write_text("\n")
     args = ["pretrain", archive, "--config", "vit-micro", "--out", tmp_path / "y", "--scans", scans, "--quiet"]
     bad = runner.invoke(app, [str(a) for a in args])

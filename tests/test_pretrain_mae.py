@@ -1,4 +1,4 @@
-"""MAE: masking exactly 75 %, order restored, loss only on masked patches, normalised targets."""
+"""MAE: masking exactly 75 %, order restored, loss only on masked patches, normalised and histogram targets."""
 
 from __future__ import annotations
 
@@ -105,3 +105,83 @@ def test_unpatchify_inverts_patchify_and_reconstruction_keeps_visible_patches():
     kept = (visible != 0).any(dim=1)  # voxels of visible patches (zeroed elsewhere)
     assert 0.15 < kept.float().mean() < 0.35  # 25 % of patches visible
     assert torch.equal(recon.permute(0, 2, 3, 4, 1)[kept], x.permute(0, 2, 3, 4, 1)[kept])
+
+
+def test_patch_histograms_equal_numpy_per_patch_and_channel():
+    from hctembed.pretrain.mae import patch_histograms
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 16, 16, 16, generator=g) * 1.2 - 0.1  # some values outside [0, 1]: counted in the end bins
+    h = patch_histograms(x, patch=8, bins=5).numpy()  # [2, 8, 3, 5]
+    assert h.shape == (2, 8, 3, 5)
+    a = x.numpy()
+    for b in range(2):
+        for i in range(8):
+            gz, rem = divmod(i, 4)
+            gy, gx = divmod(rem, 2)
+            for c in range(3):
+                v = np.clip(a[b, c, gz * 8 : gz * 8 + 8, gy * 8 : gy * 8 + 8, gx * 8 : gx * 8 + 8], 0.0, 1.0)
+                want = np.histogram(v, bins=5, range=(0.0, 1.0))[0] / 512
+                np.testing.assert_allclose(h[b, i, c], want, atol=1e-7)
+
+
+def test_histogram_target_loss_is_the_kl_over_masked_patches():
+    from scipy.stats import entropy
+
+    from hctembed.pretrain.mae import patch_histograms
+
+    torch.manual_seed(0)
+    config = MAEConfig(**{**SMALL.__dict__, "target": "histogram", "histogram_bins": 8})
+    model = MAE3D(ViT3D(VIT_PRESETS["vit-micro"]), config)
+    x = torch.rand(2, 3, 48, 48, 48)
+    with torch.no_grad():
+        loss, pred, mask = model(x, generator=torch.Generator().manual_seed(5))
+    assert pred.shape == (2, 216, 3 * 8)
+    t = patch_histograms(x, patch=8, bins=8).double().numpy()
+    p = torch.softmax(pred.double().unflatten(-1, (3, 8)), -1).numpy()
+    kl = np.array([[np.mean([entropy(t[b, n, c], p[b, n, c]) for c in range(3)]) for n in range(216)]
+                   for b in range(2)])  # fmt: skip
+    m = mask.numpy()
+    assert float(loss) == pytest.approx((kl * m).sum() / m.sum(), rel=1e-5)
+    # a perfect prediction scores 0
+    perfect = torch.log(patch_histograms(x, patch=8, bins=8).clamp_min(1e-12)).flatten(2)
+    assert float(model.loss(x, perfect, mask)) == pytest.approx(0.0, abs=1e-6)
+    # the masked patches only: moving a visible patch's voxels to another bin leaves the loss unchanged
+    vis = int(torch.nonzero(mask[0] == 0)[0])
+    hid = int(torch.nonzero(mask[0] == 1)[0])
+
+    def moved(index: int) -> torch.Tensor:
+        gz, rem = divmod(index, 36)
+        gy, gx = divmod(rem, 6)
+        y = x.clone()
+        y[0, :, gz * 8 : gz * 8 + 8, gy * 8 : gy * 8 + 8, gx * 8 : gx * 8 + 8] = 0.99
+        return y
+
+    assert float(model.loss(moved(vis), pred, mask)) == float(loss)
+    assert float(model.loss(moved(hid), pred, mask)) != float(loss)
+
+
+def test_histogram_reconstruction_fills_masked_patches_with_their_predicted_mean():
+    from hctembed.pretrain.mae import unpatchify
+
+    vit = ViTConfig(name="t", image_size=16, patch_size=4, dim=48, depth=1, heads=2, mlp_dim=96)
+    config = MAEConfig(decoder_dim=24, decoder_depth=1, decoder_heads=2, target="histogram", histogram_bins=4)
+    mae = MAE3D(ViT3D(vit), config).eval()
+    x = torch.rand(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(6))
+    _visible, recon = mae.reconstruct(x, generator=torch.Generator().manual_seed(1))
+    latent, mask, ids = mae.encode(x, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(mae.decode(latent, ids).unflatten(-1, (3, 4)), -1)  # [1, 64, 3, 4]
+    means = (probs * torch.tensor([0.125, 0.375, 0.625, 0.875])).sum(-1)  # [1, 64, 3]
+    want = unpatchify(means[:, :, None, :].expand(-1, -1, 64, -1).flatten(2), patch=4, grid=4, channels=3)
+    hidden = unpatchify(mask[..., None].expand(-1, -1, 192), patch=4, grid=4, channels=3).bool()
+    torch.testing.assert_close(recon[hidden], want[hidden])
+    assert torch.equal(recon[~hidden], x[~hidden])
+
+
+def test_mae_settings_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="unknown MAE target"):
+        MAEConfig(target="hog")
+    with pytest.raises(ValueError, match="pixel targets only"):
+        MAEConfig(target="histogram", norm_pix_loss=True)
+    with pytest.raises(ValueError, match="histogram_bins"):
+        MAEConfig(target="histogram", histogram_bins=1)

@@ -1,4 +1,4 @@
-"""``hctembed pretrain``: self-supervised pretraining (DINO or MAE) of the 3D ViT on an archive.
+"""``hctembed pretrain``: self-supervised pretraining (DINO, MAE or SimCLR) of the 3D ViT on an archive.
 
 Single process: ``hctembed pretrain ARCHIVE --method dino --config vit-small --out runs/dino``.
 Several GPUs or nodes: ``torchrun --nproc-per-node 4 -m hctembed.cli pretrain ...`` (DDP; nccl on GPU,
@@ -17,7 +17,7 @@ from hctembed.cli.common import print_table, setup_logging
 
 def pretrain(
     archive: Path = typer.Argument(..., help="Archive folder / file, or a manifest.parquet from `hctembed scan`."),
-    method: str = typer.Option("dino", "--method", help="dino or mae."),
+    method: str = typer.Option("dino", "--method", help="dino, mae or simclr (contrastive pairs of whole heads)."),
     config: str = typer.Option("vit-base", "--config", help="vit-base, vit-small, vit-tiny or vit-micro."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoint, log.jsonl, encoder.safetensors."),
     epochs: int = typer.Option(100, "--epochs", min=1, help="Planned epochs (the schedules span these)."),
@@ -43,6 +43,14 @@ def pretrain(
     norm_pix_loss: bool = typer.Option(
         False, "--norm-pix-loss/--no-norm-pix-loss", help="MAE: per-patch normalised targets (the MAE paper's best)."
     ),
+    temperature: float = typer.Option(0.1, "--temperature", min=1e-3, help="SimCLR: the NT-Xent temperature."),
+    mae_target: str = typer.Option(
+        "pixels",
+        "--mae-target",
+        help="MAE: predict each masked patch's voxels (pixels) or intensity histogram "
+        "per window (histogram: the patch's tissue make-up rather than its edges).",
+    ),
+    mask_ratio: float = typer.Option(0.75, "--mask-ratio", min=0.01, max=0.99, help="MAE: fraction of patches masked."),
     scans: Path | None = typer.Option(
         None, "--scans", help="Text file of scan ids (one per line): pretrain on these only, e.g. a training part."
     ),
@@ -57,9 +65,8 @@ def pretrain(
     monitor_every: int = typer.Option(50, "--monitor-every", min=1, help="Steps between labelled monitors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
-    """Pretrain the encoder with DINO or MAE and export it for `hctembed embed --weights`."""
+    """Pretrain the encoder with DINO, MAE or SimCLR and export it for `hctembed embed --weights`."""
     from hctembed.pretrain import PretrainConfig
-    from hctembed.pretrain.mae import MAEConfig
     from hctembed.workflows.pretrain import pretrain_archive
 
     setup_logging(quiet=quiet)
@@ -78,7 +85,8 @@ def pretrain(
         intensity_jitter=intensity_jitter,
         centering=centering,
         koleo=koleo,
-        mae=MAEConfig(norm_pix_loss=norm_pix_loss),
+        temperature=temperature,
+        mae=mae_settings(norm_pix_loss=norm_pix_loss, target=mae_target, mask_ratio=mask_ratio),
         seed=seed,
         num_workers=workers,
         monitor_every=monitor_every,
@@ -104,3 +112,14 @@ def pretrain(
             "loss": result.last.get("loss"),
         }
         print_table([{"field": k, "value": v} for k, v in rows.items()], title="pretrain")
+
+
+def mae_settings(*, norm_pix_loss: bool, target: str, mask_ratio: float):
+    """The MAE options as a config; an inconsistent pair is a usage error naming the options."""
+    from hctembed.pretrain.mae import MAE_TARGETS, MAEConfig
+
+    if target not in MAE_TARGETS:
+        raise typer.BadParameter(f"--mae-target {target!r}: use {' or '.join(MAE_TARGETS)}")
+    if norm_pix_loss and target != "pixels":
+        raise typer.BadParameter("--norm-pix-loss applies to --mae-target pixels only")
+    return MAEConfig(norm_pix_loss=norm_pix_loss, target=target, mask_ratio=mask_ratio)

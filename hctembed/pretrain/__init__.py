@@ -1,6 +1,6 @@
-"""Self-supervised pretraining of the 3D ViT (FM-HCT Methods): DINO and MAE, one training loop, export.
+"""Self-supervised pretraining of the 3D ViT: DINO and MAE (FM-HCT Methods) and SimCLR, one training loop, export.
 
-``run_pretrain`` (loop.py) trains; ``dino.py`` and ``mae.py`` hold the maths; ``schedules.py`` the
+``run_pretrain`` (loop.py) trains; ``dino.py``, ``mae.py`` and ``simclr.py`` hold the maths; ``schedules.py`` the
 per-step values; ``cache.py`` the on-disk preprocessed volumes; ``state.py`` the checkpoint files;
 ``export.py`` writes the encoder for ``hctembed embed --weights``.
 """

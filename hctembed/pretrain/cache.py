@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hctembed.augment import MaeCropConfig, MultiCropConfig, mae_crop, multi_crop, sample_generator
+from hctembed.augment import (
+    MaeCropConfig,
+    MultiCropConfig,
+    PairViewConfig,
+    mae_crop,
+    multi_crop,
+    pair_views,
+    sample_generator,
+)
 from hctembed.config import PreprocessConfig
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.preprocessing import preprocess
@@ -90,9 +98,9 @@ def read_base(path: Path) -> torch.Tensor:
 class ViewDataset(Dataset):
     """Item ``k`` of an epoch's ordered sample list -> the views of that scan.
 
-    DINO: a list of ``n_global + n_local`` tensors ``[C, s, s, s]``; MAE: one tensor. The views are drawn
-    from :func:`augment.sample_generator` (seed, epoch, position in the epoch's order), so they are the
-    same whichever process, rank or worker draws them, and on a resumed run.
+    DINO: a list of ``n_global + n_local`` tensors ``[C, s, s, s]``; SimCLR: a list of 2; MAE: one tensor. The
+    views are drawn from :func:`augment.sample_generator` (seed, epoch, position in the epoch's order), so they are
+    the same whichever process, rank or worker draws them, and on a resumed run.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class ViewDataset(Dataset):
         epoch: int,
         multi_crop_config: MultiCropConfig,
         mae_config: MaeCropConfig,
+        pair_config: PairViewConfig | None = None,
     ) -> None:
         self.scans = list(scans)
         self.order = list(order)  # (global position in the epoch, scan index)
@@ -113,6 +122,7 @@ class ViewDataset(Dataset):
         self.epoch = epoch
         self.multi_crop_config = multi_crop_config
         self.mae_config = mae_config
+        self.pair_config = pair_config
 
     def __len__(self) -> int:
         return len(self.order)
@@ -123,11 +133,13 @@ class ViewDataset(Dataset):
         g = sample_generator(seed=self.seed, epoch=self.epoch, index=position)
         if self.method == "dino":
             return multi_crop(base, config=self.multi_crop_config, g=g)
+        if self.method == "simclr":
+            return pair_views(base, config=self.pair_config or PairViewConfig(out_size=self.mae_config.out_size), g=g)
         return mae_crop(base, config=self.mae_config, g=g)
 
 
 def collate_views(items: list):
-    """DINO: list of V tensors ``[B, C, s, s, s]`` (view-major); MAE: ``[B, C, s, s, s]``."""
+    """DINO and SimCLR: list of V tensors ``[B, C, s, s, s]`` (view-major); MAE: ``[B, C, s, s, s]``."""
     if isinstance(items[0], list):
         return [torch.stack([item[v] for item in items]) for v in range(len(items[0]))]
     return torch.stack(items)

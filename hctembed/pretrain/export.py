@@ -21,7 +21,7 @@ from hctembed.model.vit3d import ViT3D
 ENCODER_FILE = "encoder.safetensors"
 
 # where the backbone lives inside each method's training module
-BACKBONE_PREFIX = {"dino": "backbone.", "mae": "encoder."}
+BACKBONE_PREFIX = {"dino": "backbone.", "mae": "encoder.", "simclr": "backbone."}
 
 
 def export_backbone(backbone: ViT3D, out_dir: str | Path, *, card: Mapping[str, Any]) -> Path:
@@ -32,20 +32,20 @@ def export_backbone(backbone: ViT3D, out_dir: str | Path, *, card: Mapping[str, 
 
 
 def backbone_state(state: Mapping[str, torch.Tensor], *, method: str) -> dict[str, torch.Tensor]:
-    """The encoder's tensors out of a DINO student/teacher or MAE state dict (prefix stripped)."""
+    """The encoder's tensors out of a DINO student/teacher, MAE or SimCLR state dict (prefix stripped)."""
     prefix = BACKBONE_PREFIX[method]
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, which: str = "teacher") -> Path:
     """Export the backbone of a ``hctembed pretrain`` checkpoint (``which``: teacher or student; MAE has
-    only its encoder)."""
+    only its encoder, SimCLR its one network)."""
     ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
     if ckpt.get("format") != "hctembed-pretrain":
         raise CheckpointError(f"{checkpoint} is not an hctembed pretraining checkpoint")
     run = json.loads(ckpt["config"])
     method = run["method"]
-    key = "student" if method == "mae" else which
+    key = which if method == "dino" else "student"
     if key not in ckpt:
         raise CheckpointError(f"{checkpoint} holds no {key!r} state")
     model = ViT3D(ViTConfig.from_dict(json.loads(ckpt["vit"])))

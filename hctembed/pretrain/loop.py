@@ -211,6 +211,7 @@ def _batches(run: _Run, *, epoch: int, in_epoch: int):
         epoch=epoch,
         multi_crop_config=c.multi_crop(),
         mae_config=MaeCropConfig(out_size=image_size),
+        pair_config=c.pair_views(),
     )
     loader = DataLoader(
         dataset, batch_size=c.batch_size, num_workers=c.num_workers, collate_fn=collate_views, shuffle=False
@@ -314,9 +315,14 @@ def _checkpoint(run: _Run, step: int) -> None:
 def _check_resumable(state: dict, *, config: PretrainConfig, scan_ids: list[str], world: int) -> None:
     saved = json.loads(state["config"])
     now = json.loads(config.to_json())
-    # a setting added after the checkpoint was written had its default value then
+    # a setting added after the checkpoint was written had its default value then (also inside nested settings)
     defaults = json.loads(PretrainConfig(model=config.model).to_json())
-    diff = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, defaults[k]) != now[k])
+
+    def then(key: str):
+        value = saved.get(key, defaults[key])
+        return {**defaults[key], **value} if isinstance(value, dict) else value
+
+    diff = sorted(k for k in now if k not in RESUME_FREE and then(k) != now[k])
     if diff:
         raise PretrainError(f"cannot resume: the checkpoint was made with other settings ({', '.join(diff)})")
     if state["scan_ids"] != scan_ids:

@@ -3,6 +3,16 @@
 The encoder is the :class:`~hctembed.model.vit3d.ViT3D` itself (its patch embedding, position embedding,
 prefix tokens, blocks and final norm), so the pretrained weights export as a plain encoder. The decoder
 has its own width, blocks and fixed 3D sine-cosine position embedding.
+
+What the decoder predicts for each masked patch (``MAEConfig.target``):
+
+- ``"pixels"``: its voxels (the MAE paper's; with ``norm_pix_loss`` each patch minus its mean over its spread), scored
+  by mean squared error;
+- ``"histogram"``: its intensity histogram per window channel (``histogram_bins`` equal bins of the windowed [0, 1]
+  range), scored by the KL divergence from the true one (a hand-made target in the manner of MaskFeat's HOG). A
+  patch's tissue make-up (how much of it is blood-dense, brain, fluid, bone) is then what the encoder must carry
+  from the visible patches to the masked ones, rather than where each edge of the skull lies, which dominates the
+  squared error on voxels.
 """
 
 from __future__ import annotations
@@ -24,10 +34,21 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 12
     norm_pix_loss: bool = False
+    target: str = "pixels"  # "pixels" or "histogram" (see the module docstring)
+    histogram_bins: int = 16
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError("mask_ratio must be in (0, 1)")
+        if self.target not in MAE_TARGETS:
+            raise ValueError(f"unknown MAE target {self.target!r}; use {' or '.join(MAE_TARGETS)}")
+        if self.norm_pix_loss and self.target != "pixels":
+            raise ValueError("norm_pix_loss applies to pixel targets only")
+        if self.histogram_bins < 2:
+            raise ValueError("histogram_bins must be >= 2")
+
+
+MAE_TARGETS = ("pixels", "histogram")
 
 
 def random_masking(x: torch.Tensor, *, mask_ratio: float, generator: torch.Generator | None = None):
@@ -62,6 +83,19 @@ def patchify(x: torch.Tensor, *, patch: int) -> torch.Tensor:
     return t.reshape(b, gz * gy * gx, patch**3 * c)
 
 
+def patch_histograms(x: torch.Tensor, *, patch: int, bins: int) -> torch.Tensor:
+    """Each patch's intensity histogram per channel: ``[B, C, Z, Y, X]`` in [0, 1] -> fractions ``[B, N, C, bins]``
+    (patches in :func:`patchify` order; ``bins`` equal bins of [0, 1], values outside it counted in the end bins;
+    each row sums to 1)."""
+    c = x.shape[1]
+    voxels = patchify(x, patch=patch).unflatten(-1, (patch**3, c)).transpose(-1, -2)  # [B, N, C, p³]
+    index = (voxels.float() * bins).floor().clamp_(0, bins - 1).long()
+    counts = torch.zeros(*voxels.shape[:-1], bins, device=x.device).scatter_add_(
+        -1, index, torch.ones_like(index, dtype=torch.float32)
+    )
+    return counts / patch**3
+
+
 def unpatchify(patches: torch.Tensor, *, patch: int, grid: int, channels: int) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``[B, grid³, p³·C]`` -> ``[B, C, grid·p, grid·p, grid·p]``."""
     b = patches.shape[0]
@@ -71,7 +105,7 @@ def unpatchify(patches: torch.Tensor, *, patch: int, grid: int, channels: int) -
 
 
 class MAE3D(nn.Module):
-    """``forward(x [B, C, Z, Y, X]) -> (loss, pred [B, N, p³·C], mask [B, N])``."""
+    """``forward(x [B, C, Z, Y, X]) -> (loss, pred [B, N, p³·C] or [B, N, C·bins] logits, mask [B, N])``."""
 
     def __init__(self, encoder: ViT3D, config: MAEConfig = MAEConfig()) -> None:
         super().__init__()
@@ -95,7 +129,8 @@ class MAE3D(nn.Module):
         )
         self.decoder_blocks = nn.ModuleList([Block(dec) for _ in range(config.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(config.decoder_dim, eps=vit.block_norm_eps)
-        self.decoder_pred = nn.Linear(config.decoder_dim, vit.patch_size**3 * vit.in_channels)
+        per_channel = config.histogram_bins if config.target == "histogram" else vit.patch_size**3
+        self.decoder_pred = nn.Linear(config.decoder_dim, per_channel * vit.in_channels)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):
@@ -134,7 +169,11 @@ class MAE3D(nn.Module):
         return self.decoder_pred(self.decoder_norm(t))[:, p:]
 
     def loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches only (per-patch normalised target if configured)."""
+        """Over the masked patches only: mean squared error against the voxels (per-patch normalised if configured),
+        or the KL divergence of the predicted histograms from the true ones, averaged over channels."""
+        if self.config.target == "histogram":
+            per_patch = self._histogram_kl(x, pred)
+            return (per_patch * mask).sum() / mask.sum()
         target = patchify(x, patch=self.vit.patch_size)
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -143,17 +182,38 @@ class MAE3D(nn.Module):
         per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, N]
         return (per_patch * mask).sum() / mask.sum()
 
+    def _histogram_kl(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """KL(true || predicted) per patch ``[B, N]``, averaged over channels; ``pred`` ``[B, N, C·bins]`` logits."""
+        bins = self.config.histogram_bins
+        target = patch_histograms(x, patch=self.vit.patch_size, bins=bins)  # [B, N, C, bins]
+        log_p = torch.log_softmax(pred.float().unflatten(-1, (self.vit.in_channels, bins)), dim=-1)
+        return (torch.special.xlogy(target, target) - target * log_p).sum(-1).mean(-1)
+
+    def predicted_patches(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The decoder's output in voxel space ``[B, N, p³·C]`` for pictures: pixel targets as they are
+        (de-normalised with each patch's true mean and spread under ``norm_pix_loss``, as the MAE paper's pictures
+        are); histogram targets as each patch filled with its predicted mean intensity per channel."""
+        p3 = self.vit.patch_size**3
+        if self.config.target == "histogram":
+            bins = self.config.histogram_bins
+            probs = torch.softmax(pred.float().unflatten(-1, (self.vit.in_channels, bins)), dim=-1)
+            centres = (torch.arange(bins, device=pred.device, dtype=torch.float32) + 0.5) / bins
+            means = probs @ centres  # [B, N, C]
+            return means[:, :, None, :].expand(-1, -1, p3, -1).flatten(2)
+        pred = pred.float()
+        if self.config.norm_pix_loss:
+            target = patchify(x, patch=self.vit.patch_size)
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6) ** 0.5 + mean
+        return pred
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, C, Z, Y, X]`` -> (the input with masked patches zeroed, the input with masked patches replaced by
-        the prediction), both like ``x`` (pixel space; with ``norm_pix_loss`` the prediction is de-normalised with
-        each patch's true mean and spread, as the MAE paper's pictures are)."""
+        the prediction), both like ``x`` (voxel space, see :meth:`predicted_patches`)."""
         latent, mask, ids_restore = self.encode(x, generator=generator)
-        pred = self.decode(latent, ids_restore).float()
+        pred = self.predicted_patches(x, self.decode(latent, ids_restore))
         target = patchify(x, patch=self.vit.patch_size)
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            pred = pred * (var + 1e-6) ** 0.5 + mean
         m = mask[..., None]
         shape = {"patch": self.vit.patch_size, "grid": self.vit.grid, "channels": self.vit.in_channels}
         return unpatchify(target * (1 - m), **shape), unpatchify(target * (1 - m) + pred * m, **shape)

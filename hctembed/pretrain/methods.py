@@ -31,6 +31,7 @@ from hctembed.pretrain.mae import MAE3D
 from hctembed.pretrain.monitors import dino_stats
 from hctembed.pretrain.schedules import Schedules, build_schedules
 from hctembed.pretrain.settings import PretrainConfig, PretrainError
+from hctembed.pretrain.simclr import ContrastiveModel, nt_xent
 
 
 class Method:
@@ -216,13 +217,48 @@ class MAEMethod(Method):
         return plot_reconstruction(images, out=out / "reconstruction.png", title=f"MAE step {step}")
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (DINOMethod, MAEMethod)}
+class SimCLRMethod(Method):
+    """Contrastive pairs: two deformed views of the whole head; each view must find its partner in the batch."""
+
+    name = "simclr"
+    base_lr = 1e-3
+    exported_from = "encoder"
+
+    def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
+        super().__init__(config, device=device, generator=generator)
+        self.module = ContrastiveModel(ViT3D(VIT_PRESETS[config.model])).to(device)
+        self._stats: dict[str, float] = {}
+
+    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
+        return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
+
+    def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
+        views = torch.cat([v.to(self.device, non_blocking=True) for v in batch])  # [2B, C, s, s, s], view-major
+        z, cls = trainable(views)
+        loss, hits = nt_xent(z, temperature=self.config.temperature)
+        b = cls.shape[0] // 2
+        unit = torch.nn.functional.normalize(cls.detach().float(), dim=-1)
+        self._stats = {
+            "pair_top1": round(float(hits), 6),  # how often a view's nearest other view is its partner
+            "pair_cosine": round(float((unit[:b] * unit[b:]).sum(-1).mean()), 6),  # CLS of the two views
+            "embedding_std": round(float(unit.std(dim=0, unbiased=False).mean()), 6),
+        }
+        return loss
+
+    def monitor_stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def backbone(self) -> ViT3D:
+        return self.module.backbone
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (DINOMethod, MAEMethod, SimCLRMethod)}
 
 
 def method_class(name: str) -> type[Method]:
     """The method called ``name``, or a PretrainError that lists the known ones."""
     if name not in METHODS:
-        raise PretrainError(f"unknown method {name!r}; use {' or '.join(METHODS)}")
+        raise PretrainError(f"unknown method {name!r}; use {', '.join(METHODS)}")
     return METHODS[name]
 
 

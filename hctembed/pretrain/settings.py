@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from hctembed.augment import MultiCropConfig
+from hctembed.augment import MultiCropConfig, PairViewConfig
 from hctembed.config import VIT_PRESETS
 from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
@@ -49,6 +49,7 @@ class PretrainConfig:
     centering: str = "ema"  # DINO teacher targets: "ema" (running centre, DINO's) or "sinkhorn" (DINOv2's)
     koleo: float = 0.0  # DINO: weight of DINOv2's KoLeo term on the student's global CLS vectors (0: off)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    temperature: float = 0.1  # SimCLR: the NT-Xent temperature
     checkpoint_every: int = 100
     seed: int = 0
     amp: bool = True  # bf16 autocast, CUDA only (CPU runs in fp32)
@@ -67,8 +68,12 @@ class PretrainConfig:
             raise PretrainError(f"koleo weight must be >= 0, got {self.koleo}")
         if self.koleo > 0 and self.batch_size < 2:
             raise PretrainError("--koleo needs a batch of at least 2 scans per process (the nearest other vector)")
-        if self.method == "mae" and (self.centering != "ema" or self.koleo > 0):
-            raise PretrainError("--centering and --koleo are DINO settings; MAE has no teacher")
+        if self.method != "dino" and (self.centering != "ema" or self.koleo > 0):
+            raise PretrainError(f"--centering and --koleo are DINO settings; {self.method} has no teacher")
+        if not self.temperature > 0:
+            raise PretrainError(f"temperature must be > 0, got {self.temperature}")
+        if self.method == "simclr" and self.batch_size < 2:
+            raise PretrainError("simclr needs a batch of at least 2 scans per process (the other scans are negatives)")
 
     def multi_crop(self) -> MultiCropConfig:
         """DINO's views at the model input size: ``local_crops`` local crops; without ``intensity_jitter`` no
@@ -77,6 +82,10 @@ class PretrainConfig:
         if self.intensity_jitter:
             return MultiCropConfig(out_size=out, n_local=self.local_crops)
         return MultiCropConfig(out_size=out, n_local=self.local_crops, shift=0.0, contrast=(1.0, 1.0))
+
+    def pair_views(self) -> PairViewConfig:
+        """SimCLR's views at the model input size."""
+        return PairViewConfig(out_size=VIT_PRESETS[self.model].image_size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
