@@ -251,7 +251,7 @@ def contents(args, data, encoders: dict[str, Path | None]) -> dict:
             out[f"{name}/{pool}"] = embedding_contents(encoded[pool], patients=list(data.patient_ids), y=data.y)
     hist = histogram_features(data.paths, image_size=data.image_size)
     out["HU histogram"] = embedding_contents(hist, patients=list(data.patient_ids), y=data.y)
-    return out
+    return {"embeddings": out}
 
 
 def finetune_request(args, archive: Path, encoders: dict[str, Path | None], *, epochs: int, samples: int):
@@ -366,7 +366,7 @@ def main() -> None:
         summary += ["## What the embeddings hold (every scan)", "", "| embedding | variance between patients | "
                     "variance explained by the bleed labels | nearest other scan is the same patient's |",
                     "|---|---|---|---|", *(f"| {k} | {v['between_patient_share']:.3f} | {v['bleed_label_r2']:.3f} | "
-                    f"{v['nearest_is_same_patient']:.3f} |" for k, v in result.items()), ""]  # fmt: skip
+                    f"{v['nearest_is_same_patient']:.3f} |" for k, v in result["embeddings"].items()), ""]  # fmt: skip
     if "fewshot" in stages:
         from hctembed.workflows.bench_finetune import run_fewshot_finetune
 

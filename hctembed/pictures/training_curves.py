@@ -15,6 +15,7 @@ PANELS = (
     ("teacher entropy / ln K (1 = uniform, 0 = one prototype)", ("teacher_entropy",)),
     ("teacher-student KL", ("teacher_student_kl",)),
     ("embedding std per dimension", ("embedding_std",)),
+    ("SimCLR pairs (partner is nearest; CLS cosine of the two views)", ("pair_top1", "pair_cosine")),
     (
         "labelled monitor (kNN AUC, retrieval mAP)",
         ("monitor_knn_auc", "monitor_map", "monitor_knn_auc_patches", "monitor_map_patches"),
