@@ -195,9 +195,10 @@ def affine_resample(
     x: torch.Tensor, *, angles: tuple[float, float, float], scales: tuple[float, float, float],
     shifts: tuple[float, float, float],
 ) -> torch.Tensor:  # fmt: skip
-    """``x [C, S, S, S]`` resampled (trilinear, air outside) so that the head turns by ``angles`` (radians, about each
-    axis in turn), grows by ``scales`` and moves by ``shifts`` (fractions of the field of view), in the grid's
-    (x, y, z) = (X, Y, Z) order; all zeros and ones give ``x`` back."""
+    """``x [C, S, S, S]`` resampled (trilinear, air outside): output point ``p`` takes the input at
+    ``R(angles) · p / scales - 2 · shifts`` in ``affine_grid``'s [-1, 1] coordinates, (x, y, z) = (X, Y, Z) order, with
+    ``R`` the turns about each axis in turn (radians). The head thus moves by ``shifts`` (fractions of the field of
+    view), then turns by ``-angles`` and grows by ``scales`` about the centre; all zeros and ones give ``x`` back."""
     s = torch.tensor(scales, dtype=torch.float64)
     t = torch.tensor(shifts, dtype=torch.float64) * 2  # affine_grid's coordinates span [-1, 1]
     # affine_grid maps output to input coordinates: the inverse of turning, then growing, then moving
@@ -211,7 +212,8 @@ def random_affine(x: torch.Tensor, *, config: PairViewConfig, g: torch.Generator
     r = math.radians(config.rotate_deg)
     angles = tuple(_uniform(-r, r, g) for _ in range(3))
     scales = tuple(_uniform(*config.scale, g) for _ in range(3))
-    # negated: the same views as the first release of this function, which BENCHMARKS.md's SimCLR run used
+    # drawn negated: this keeps the views bit for bit those of BENCHMARKS.md's SimCLR run (checked when the resampler
+    # was split out of this function, whose first form added the shift to the grid)
     shifts = tuple(-_uniform(-config.shift, config.shift, g) for _ in range(3))
     return affine_resample(x, angles=angles, scales=scales, shifts=shifts)
 

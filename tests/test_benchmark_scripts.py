@@ -35,12 +35,15 @@ def test_learning_benchmark_describes_what_embeddings_hold(monkeypatch):
     identity = rng.normal(size=(21, 8))[[i // 2 for i in range(40)] + [20]]  # one vector per patient
     held = module.embedding_contents(identity, patients=patients, y=y)
     assert held["between_patient_share"] == pytest.approx(1.0) and held["nearest_is_same_patient"] == 1.0
-    assert held["scans_with_another"] == 40
+    assert held["scans_with_another"] == 40 and held["between_patient_share_shuffled"] < 0.8
+    noise = rng.normal(size=identity.shape)  # patients do not matter: the share sits at its shuffled level
+    held = module.embedding_contents(noise, patients=patients, y=y)
+    assert abs(held["between_patient_share"] - held["between_patient_share_shuffled"]) < 0.15
     noisy = identity + rng.normal(scale=0.5, size=identity.shape)
     held = module.embedding_contents(noisy, patients=patients, y=y)
     want = r2_score(noisy, LinearRegression().fit(y, noisy).predict(y), multioutput="variance_weighted")
     assert held["bleed_label_r2"] == pytest.approx(want, abs=1e-4)
-    assert 0.5 < held["between_patient_share"] < 1.0
+    assert held["between_patient_share_shuffled"] < held["between_patient_share"] < 1.0
     by_labels = y @ rng.normal(size=(5, 8))
     assert module.embedding_contents(by_labels, patients=patients, y=y)["bleed_label_r2"] == pytest.approx(1.0)
     sys.modules.pop("learning_synthetic", None)

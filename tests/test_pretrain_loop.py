@@ -147,6 +147,7 @@ def test_cli_simclr_run_exports_the_encoder_its_checkpoint_holds(tmp_path_factor
     assert all(torch.equal(exported[k], reexported[k]) for k in exported)
     card = json.loads((out / "encoder.json").read_text())
     assert card["card"]["method"] == "simclr" and card["card"]["exported_from"] == "encoder"
+    assert card["card"]["temperature"] == 0.2
 
 
 def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
@@ -252,6 +253,8 @@ def test_cli_pretrain_then_embed_stores_the_card(tmp_path_factory, tmp_path):
     assert runner.invoke(app, [str(a) for a in mae]).exit_code == 0
     saved = json.loads(torch.load(tmp_path / "mae-histogram" / "checkpoint.pt", weights_only=True)["config"])
     assert saved["mae"]["target"] == "histogram" and saved["mae"]["mask_ratio"] == 0.5
+    card = json.loads((tmp_path / "mae-histogram" / "encoder.json").read_text())["card"]
+    assert card["mae_target"] == "histogram" and card["mask_ratio"] == 0.5  # the card says what the loss asked for
     bad = runner.invoke(app, [str(a) for a in [*mae, "--norm-pix-loss"]])
     assert bad.exit_code == 2 and "pixels only" in bad.output
     bad = runner.invoke(app, [str(a) for a in [*mae[:-1], "--mae-target", "hog", "--quiet"]])

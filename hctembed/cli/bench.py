@@ -336,7 +336,7 @@ def finetune(
     request = _finetune_request(
         archive=archive, labels=labels, columns=columns, out_dir=out_dir, weights=weights, no_scratch=no_scratch,
         arch=arch, epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_head=lr_head,
-            warmup_fraction=warmup_fraction,
+        warmup_fraction=warmup_fraction,
         samples_per_epoch=samples_per_epoch, pool=pool, ratios=ratios, seed=seed, n_resamples=n_resamples,
         n_permutations=n_permutations,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """One training loop for every pretraining method: schedules, accumulation, AMP on CUDA, DDP, checkpoints, exact
-resume. What differs between DINO and MAE lives in :mod:`hctembed.pretrain.methods`; this loop has no branch on
-the method.
+resume. What differs between DINO, MAE and SimCLR lives in :mod:`hctembed.pretrain.methods`; this loop has no
+branch on the method.
 
 A *step* is one optimiser update (``accumulate`` micro-batches of ``batch_size`` scans per process). The
 schedules are built from the planned run (``epochs``), so ``max_steps`` only stops early and a resumed run
@@ -114,7 +114,19 @@ def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: 
         "pretrain_fingerprint": base_cfg.fingerprint(),
         "source": "hctembed pretrain",
         "exported_from": method.exported_from,
+        **_objective(config),
     }
+
+
+def _objective(config: PretrainConfig) -> dict:
+    """The settings that say what a method's loss asked for, so that a card tells e.g. a histogram MAE from a pixel
+    one."""
+    if config.method == "mae":
+        return {"mae_target": config.mae.target, "mask_ratio": config.mae.mask_ratio,
+                "norm_pix_loss": config.mae.norm_pix_loss}  # fmt: skip
+    if config.method == "simclr":
+        return {"temperature": config.temperature}
+    return {"centering": config.centering, "koleo": config.koleo, "head_bn": config.head_bn}
 
 
 def run_pretrain(

@@ -227,6 +227,10 @@ class SimCLRMethod(Method):
     def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
         super().__init__(config, device=device, generator=generator)
         self.module = ContrastiveModel(ViT3D(VIT_PRESETS[config.model])).to(device)
+        if ddp.active() and device.type == "cuda":
+            # the projector's batch statistics over every process's pairs, as SimCLR's global BatchNorm (per
+            # process on CPU, where SyncBatchNorm does not run)
+            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self._stats: dict[str, float] = {}
 
     def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:

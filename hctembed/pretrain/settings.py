@@ -31,7 +31,7 @@ class PretrainConfig:
     accumulate: int = 1
     lr: float | None = None
     min_lr: float = 1e-6
-    warmup_epochs: float = 5.0  # DINO; MAE warms up over 5 % of the steps
+    warmup_epochs: float = 5.0  # DINO and SimCLR; MAE warms up over 5 % of the steps
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 3.0

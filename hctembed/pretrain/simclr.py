@@ -1,9 +1,9 @@
 """SimCLR-style contrastive pretraining: a projector on the CLS token and the NT-Xent loss over view pairs.
 
 Each scan gives two views of the whole head (:func:`hctembed.augment.pair_views`); the loss asks each view to pick
-its partner out of the other ``2B - 2`` views of the process's batch (cross-entropy over cosine similarities divided
-by a temperature). The negatives are the process's own batch: under DDP each process scores its own pairs, as the
-gradients are then averaged.
+its partner among the other ``2B - 1`` views of the process's batch, ``2B - 2`` of them negatives (cross-entropy over
+cosine similarities divided by a temperature). The negatives are the process's own batch: under DDP each process
+scores its own pairs, as the gradients are then averaged (the projector's BatchNorm is synchronised on CUDA).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class ContrastiveModel(nn.Module):
         return self.projector(cls), cls
 
 
+@torch.autocast("cuda", enabled=False)  # logits of +-1/T in bf16 would be off by about the solved task's loss
 def nt_xent(z: torch.Tensor, *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """NT-Xent over ``z`` ``[2B, D]`` whose rows ``i`` and ``i + B`` are the two views of one scan.
 
