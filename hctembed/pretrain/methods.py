@@ -49,7 +49,8 @@ class Method:
         self.module: nn.Module = nn.Identity()  # trained by gradients
 
     def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
-        raise NotImplementedError
+        """Linear lr warm-up: ``warmup_epochs`` epochs, at most a tenth of the run (DINO's; MAE overrides it)."""
+        return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
 
     def schedules(self, *, steps_per_epoch: int, total_steps: int, peak_lr: float) -> Schedules:
         """Per-step values (lr, weight decay, and whatever the method reads in ``values``)."""
@@ -124,9 +125,6 @@ class DINOMethod(Method):
         self._centre_sum: torch.Tensor | None = None
         self._micro = 0
         self._stats: dict[str, float] = {}
-
-    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
-        return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
 
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
         views = [v.to(self.device, non_blocking=True) for v in batch]
@@ -232,9 +230,6 @@ class SimCLRMethod(Method):
             # process on CPU, where SyncBatchNorm does not run)
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self._stats: dict[str, float] = {}
-
-    def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
-        return min(round(self.config.warmup_epochs * steps_per_epoch), total_steps // 10)
 
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
         views = torch.cat([v.to(self.device, non_blocking=True) for v in batch])  # [2B, C, s, s, s], view-major
