@@ -113,7 +113,7 @@ class ViewDataset(Dataset):
         epoch: int,
         multi_crop_config: MultiCropConfig,
         mae_config: MaeCropConfig,
-        pair_config: PairViewConfig | None = None,
+        pair_config: PairViewConfig,
     ) -> None:
         self.scans = list(scans)
         self.order = list(order)  # (global position in the epoch, scan index)
@@ -134,7 +134,7 @@ class ViewDataset(Dataset):
         if self.method == "dino":
             return multi_crop(base, config=self.multi_crop_config, g=g)
         if self.method == "simclr":
-            return pair_views(base, config=self.pair_config or PairViewConfig(out_size=self.mae_config.out_size), g=g)
+            return pair_views(base, config=self.pair_config, g=g)
         return mae_crop(base, config=self.mae_config, g=g)
 
 

@@ -114,19 +114,8 @@ def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: 
         "pretrain_fingerprint": base_cfg.fingerprint(),
         "source": "hctembed pretrain",
         "exported_from": method.exported_from,
-        **_objective(config),
+        **method.card_settings(),
     }
-
-
-def _objective(config: PretrainConfig) -> dict:
-    """The settings that say what a method's loss asked for, so that a card tells e.g. a histogram MAE from a pixel
-    one."""
-    if config.method == "mae":
-        return {"mae_target": config.mae.target, "mask_ratio": config.mae.mask_ratio,
-                "norm_pix_loss": config.mae.norm_pix_loss}  # fmt: skip
-    if config.method == "simclr":
-        return {"temperature": config.temperature}
-    return {"centering": config.centering, "koleo": config.koleo, "head_bn": config.head_bn}
 
 
 def run_pretrain(

@@ -28,7 +28,7 @@ from hctembed.pretrain.dino import (
     sinkhorn_knopp,
 )
 from hctembed.pretrain.mae import MAE3D
-from hctembed.pretrain.monitors import dino_stats
+from hctembed.pretrain.monitors import dino_stats, embedding_spread
 from hctembed.pretrain.schedules import Schedules, build_schedules
 from hctembed.pretrain.settings import PretrainConfig, PretrainError
 from hctembed.pretrain.simclr import ContrastiveModel, nt_xent
@@ -83,6 +83,11 @@ class Method:
         """Numbers of the last micro-batch that show learning or collapse (logged with the loss)."""
         return {}
 
+    def card_settings(self) -> dict[str, Any]:
+        """The settings that say what this method's loss asked for, for the model card (so that a card tells e.g. a
+        histogram MAE from a pixel one)."""
+        return {}
+
     def draw_monitor(self, base: torch.Tensor, *, out: Path, step: int) -> Path | None:
         """A picture of what the method does with one fixed scan (``base``: its cached base volume), or None."""
         return None
@@ -116,10 +121,8 @@ class DINOMethod(Method):
             use_bn=config.head_bn,
         )
         self.module = DINOStudent(ViT3D(vit), DINOHead(vit.dim, head_config)).to(device)
-        if config.head_bn and ddp.active() and device.type == "cuda":
-            # batch statistics over every process's batch, as DINO does (SyncBatchNorm runs on CUDA only; CPU
-            # processes under gloo normalise over their own share)
-            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        if config.head_bn:
+            self.module = _global_batchnorm(self.module, device=device)  # as DINO does
         self.teacher = make_teacher(self.module)
         self.criterion = DINOLoss(out_dim=config.prototypes, n_global=2).to(device)
         self._centre_sum: torch.Tensor | None = None
@@ -175,6 +178,10 @@ class DINOMethod(Method):
         self.teacher.load_state_dict(state["teacher"])
         self.criterion.load_state_dict(state["loss"])
 
+    def card_settings(self) -> dict[str, Any]:
+        c = self.config
+        return {"centering": c.centering, "koleo": c.koleo, "head_bn": c.head_bn}
+
     def backbone(self) -> ViT3D:
         return self.teacher.backbone
 
@@ -196,6 +203,10 @@ class MAEMethod(Method):
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
         loss, _, _ = trainable(batch.to(self.device, non_blocking=True), generator=self.generator)
         return loss
+
+    def card_settings(self) -> dict[str, Any]:
+        mae = self.config.mae
+        return {"mae_target": mae.target, "mask_ratio": mae.mask_ratio, "norm_pix_loss": mae.norm_pix_loss}
 
     def backbone(self) -> ViT3D:
         return self.module.encoder
@@ -224,11 +235,8 @@ class SimCLRMethod(Method):
 
     def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
         super().__init__(config, device=device, generator=generator)
-        self.module = ContrastiveModel(ViT3D(VIT_PRESETS[config.model])).to(device)
-        if ddp.active() and device.type == "cuda":
-            # the projector's batch statistics over every process's pairs, as SimCLR's global BatchNorm (per
-            # process on CPU, where SyncBatchNorm does not run)
-            self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        # the projector's batch statistics over every process's pairs, as SimCLR's global BatchNorm
+        self.module = _global_batchnorm(ContrastiveModel(ViT3D(VIT_PRESETS[config.model])).to(device), device=device)
         self._stats: dict[str, float] = {}
 
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:
@@ -240,15 +248,26 @@ class SimCLRMethod(Method):
         self._stats = {
             "pair_top1": round(float(hits), 6),  # how often a view's nearest other view is its partner
             "pair_cosine": round(float((unit[:b] * unit[b:]).sum(-1).mean()), 6),  # CLS of the two views
-            "embedding_std": round(float(unit.std(dim=0, unbiased=False).mean()), 6),
+            "embedding_std": embedding_spread(cls),
         }
         return loss
+
+    def card_settings(self) -> dict[str, Any]:
+        return {"temperature": self.config.temperature}
 
     def monitor_stats(self) -> dict[str, float]:
         return dict(self._stats)
 
     def backbone(self) -> ViT3D:
         return self.module.backbone
+
+
+def _global_batchnorm(module: nn.Module, *, device: torch.device) -> nn.Module:
+    """``module`` with its BatchNorm statistics over every process's batch under DDP on CUDA (SyncBatchNorm runs on
+    CUDA only; CPU processes under gloo normalise over their own share)."""
+    if ddp.active() and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (DINOMethod, MAEMethod, SimCLRMethod)}

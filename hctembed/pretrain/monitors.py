@@ -41,8 +41,14 @@ def dino_stats(
     logq = F.log_softmax(student_global.float() / student_temp, dim=-1)
     entropy = float(-(p * logp).sum(-1).mean()) / math.log(k)
     kl = float((p * (logp - logq)).sum(-1).mean())
-    std = float(F.normalize(teacher_cls.float(), dim=-1).std(dim=0, unbiased=False).mean())
-    return {"teacher_entropy": round(entropy, 6), "teacher_student_kl": round(kl, 6), "embedding_std": round(std, 6)}
+    return {"teacher_entropy": round(entropy, 6), "teacher_student_kl": round(kl, 6),
+            "embedding_std": embedding_spread(teacher_cls)}  # fmt: skip
+
+
+def embedding_spread(cls: torch.Tensor) -> float:
+    """The per-dimension std across the batch of the L2-normalised vectors ``cls`` ``[N, D]``, averaged over the
+    dimensions (random unit vectors: about 1/sqrt(D); a collapse: near 0)."""
+    return round(float(F.normalize(cls.detach().float(), dim=-1).std(dim=0, unbiased=False).mean()), 6)
 
 
 def collapse_warning(stats: dict[str, float], *, dim: int) -> tuple[str, str] | None:
