@@ -22,7 +22,7 @@ from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, S
 from hctembed.index.vectors import VectorIndex, open_index
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
-from hctembed.model.encoders import Encoder, persist_weights
+from hctembed.model.encoders import Encoder
 from hctembed.scan_loading import Loading, Outcome, encode_refs
 from hctembed.volume import MAX_VOXELS
 
@@ -169,8 +169,6 @@ def embed_archive(
     goes to ``feed`` when a server has attached to it.
     """
     start = time.perf_counter()
-    # a random-initialised encoder is saved beside the database so that queries can be embedded later
-    encoder = persist_weights(encoder, folder=store.paths.models)
     collection = register(store, encoder)
     refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
     store.record_locations([r.located() for r in refs] + list(locations))

@@ -71,14 +71,16 @@ def search_panels(
     function that loads it (called only when a scan must be read from its file)."""
     encoder = encoder if callable(encoder) else (lambda fixed=encoder: fixed)
     if query_path is not None:
-        scan_id = QUERY_FILE  # not its file name: pictures get shared, and names can carry PHI
+        # not its file name (pictures get shared, and names carry PHI); its scan id when its content is stored
+        scan_id = f"{QUERY_FILE} ({query_scan_id})" if query_scan_id else QUERY_FILE
         path: str | Path | None = query_path
     else:
         scan_id = query_scan_id
         vid, _ = collection.vector_of(scan_id)
         row = collection.hits([vid]).get(vid)
         path = row.path if row else None
-    query_labels = positive_labels(collection.store.labels.of([scan_id]).get(scan_id, {}))
+    labelled = query_scan_id if query_scan_id else scan_id
+    query_labels = positive_labels(collection.store.labels.of([labelled]).get(labelled, {}))
     # the planes stored at embedding time (a query file is embedded now, so its own are made now)
     stored = collection.planes([h.scan_id for h in hits] + ([scan_id] if query_path is None else []))
     query_planes = stored.get(scan_id) if query_path is None else None  # a file is not the stored scan of its name

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hctembed.index.store import Collection, ModelMismatchError, Store, StoreError
+from hctembed.index.store import Collection, ModelMismatchError, Store
 from hctembed.index.vectors import open_index
 
 if TYPE_CHECKING:  # the model and preprocessing (torch) load only when a query file is embedded
@@ -39,20 +39,19 @@ class Hit:
 
 
 def stored_encoder(collection: Collection) -> Encoder:
-    """Reload the encoder a collection was embedded with; refuses if the weights changed on disk."""
-    from hctembed.model.encoders import load_encoder
+    """Rebuild the encoder a collection was embedded with (its weights file, or its architecture and seed for a
+    random initialisation); refuses if the result is not bit for bit the stored model, or preprocesses
+    otherwise."""
+    from hctembed.errors import InputError
+    from hctembed.model.encoders import rebuild_encoder
 
     row = collection.model()
-    if not row.weights_path:
-        raise StoreError(f"model {collection.model_id} has no weights file recorded; cannot embed a query")
-    if not Path(row.weights_path).exists():
-        raise StoreError(f"weights of {collection.model_id} not found at {row.weights_path}")
-    encoder = load_encoder(row.name, weights=row.weights_path)
-    if encoder.model_id != collection.model_id:
-        raise ModelMismatchError(
-            f"weights at {row.weights_path} are now model {encoder.model_id}, but the index holds "
-            f"model {collection.model_id}"
+    try:
+        encoder = rebuild_encoder(
+            name=row.name, model_id=collection.model_id, weights_path=row.weights_path, card=row.card
         )
+    except InputError as exc:
+        raise ModelMismatchError(f"cannot embed a query: {exc}") from None
     if encoder.fingerprint != collection.fingerprint:
         raise ModelMismatchError(
             f"model {encoder.name} now preprocesses as {encoder.fingerprint}, but the index holds "
@@ -70,11 +69,35 @@ def embed_file(encoder: Encoder, path: str | Path) -> np.ndarray:
     return encoder.encode(x[None])[0]
 
 
+@dataclass(frozen=True)
+class FileSearch:
+    """A search by a scan file: its hits, and the stored scan whose vector the file's equals (the file is that
+    scan, by content), or None."""
+
+    hits: list[Hit]
+    stored_as: str | None
+
+
 def search_file(store: Store, *, path: str | Path, k: int = 10, model: str | None = None) -> list[Hit]:
+    return query_file(store, path=path, k=k, model=model).hits
+
+
+def query_file(store: Store, *, path: str | Path, k: int = 10, model: str | None = None) -> FileSearch:
+    """Embed the scan at ``path`` with the collection's encoder and find its ``k`` nearest stored scans."""
     collection = store.resolve_collection(model_id=model)
     encoder = stored_encoder(collection)
     xq = embed_file(encoder, path)
-    return _search(collection, xq, k=k, exclude_id=None, fingerprint=encoder.fingerprint)
+    hits = _search(collection, xq, k=k, exclude_id=None, fingerprint=encoder.fingerprint)
+    return FileSearch(hits=hits, stored_as=_same_vector(collection, xq, hits))
+
+
+def _same_vector(collection: Collection, xq: np.ndarray, hits: list[Hit]) -> str | None:
+    """The first hit's scan id when its stored vector equals ``xq`` (to float rounding: the same file embedded
+    again, on whatever thread count), else None."""
+    if not hits or hits[0].score < 1 - 1e-5:
+        return None
+    _, stored = collection.vector_of(hits[0].scan_id)
+    return hits[0].scan_id if np.allclose(stored, xq, rtol=0, atol=1e-5) else None
 
 
 def search_id(store: Store, *, scan_id: str, k: int = 10, model: str | None = None) -> list[Hit]:

@@ -34,7 +34,7 @@ from hctembed.index.store import Store, StoreError
 from hctembed.io.archive import scan_archive
 from hctembed.io.locator import locator_path
 from hctembed.io.manifest import write_manifest
-from hctembed.model.encoders import load_encoder, persist_weights
+from hctembed.model.encoders import load_encoder
 
 runner = CliRunner()
 
@@ -78,7 +78,7 @@ def _shard_run(archive: Path, db: Path, *, world: int, ranks=None, **kw) -> Path
     """Every rank of a sharded run, one after another in this process, then the merge."""
     folder = Path(str(db) + ".shards")
     found = scan_archive(archive)
-    encoder = persist_weights(load_encoder("vit-micro"), folder=Path(str(db) + ".models"))
+    encoder = load_encoder("vit-micro")
     write_manifest(found, folder / "manifest.parquet")  # as rank 0 does: the paths go to its locator
     locator = locator_path(folder / "manifest.parquet")
     write_run_info(folder, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped, locator=locator)
@@ -156,7 +156,6 @@ def test_killed_rank_resumes_from_its_parts_and_merge_is_idempotent(archive, sin
 def test_rerun_after_merge_embeds_nothing_new(archive, single, tmp_path):
     db = tmp_path / "h.duckdb"
     shutil.copy(single, db)
-    shutil.copytree(Path(str(single) + ".models"), Path(str(db) + ".models"))
     with Store(db, read_only=True) as store:
         coll = store.resolve_collection()
         stored = coll.status()

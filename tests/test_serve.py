@@ -253,7 +253,6 @@ def test_feed_files_older_than_the_snapshot_are_ignored_and_a_stopped_server_is_
     _, source, _ = served
     db = tmp_path / "h.duckdb"
     shutil.copy(source, db)
-    shutil.copytree(Path(str(source) + ".models"), Path(str(db) + ".models"))
     state = ServerState(db, poll_s=60)
     state.start()
     try:

@@ -3,12 +3,15 @@
 ``load_encoder(name)`` gives a ready :class:`Encoder` (random-initialised from a seed, or from a weights
 file). Its ``model_id`` is the architecture name plus the first 12 hex digits of the weights digest, so
 two different weight files never share an id.
+
+A random-initialised encoder is never written to disk: its card records ``{"init": "random", "seed": S}``, and
+:func:`rebuild_encoder` builds it again from the architecture and seed, checked bit for bit against the
+stored digest (which the model id carries). Only trained or imported weights live in files.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 
 from hctembed.config import PREPROCESS_PRESETS, VIT_PRESETS, FitPreprocessConfig, PreprocessConfig, ViTConfig
 from hctembed.errors import InputError, UnknownNameError
-from hctembed.model.checkpoint import load_encoder_weights, read_card, save_encoder, weights_digest
+from hctembed.model.checkpoint import load_encoder_weights, read_card, weights_digest
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,15 @@ class Encoder:
         return self
 
 
+def check_model_name(name: str) -> None:
+    """Refuse an unknown ``--model`` name (UnknownNameError, listing the known ones) before any work starts."""
+    from hctembed.model.foreign import FOREIGN
+
+    if name not in REGISTRY and name not in FOREIGN:
+        known = sorted(REGISTRY) + sorted(FOREIGN)
+        raise UnknownNameError(f"unknown model {name!r}; known: {', '.join(known)}")
+
+
 def load_encoder(
     name: str = DEFAULT_MODEL, *, weights: str | Path | None = None, seed: int = 0, random_init: bool | None = None
 ) -> Encoder:
@@ -116,10 +128,9 @@ def load_encoder(
             preprocess=FOREIGN[name].preprocess,
             weights_digest=digest,
             weights_path=path,
+            card=random_init_card(seed) if path is None else None,
         )
-    if name not in REGISTRY:
-        known = sorted(REGISTRY) + sorted(FOREIGN)
-        raise UnknownNameError(f"unknown model {name!r}; known: {', '.join(known)}")
+    check_model_name(name)
     spec = REGISTRY[name]
     if weights is not None:
         model, sha = load_encoder_weights(weights)
@@ -141,7 +152,7 @@ def load_encoder(
             model = ViT3D(spec.vit).eval()
         sha = weights_digest(model.state_dict())
         weights_path = None
-        card = None
+        card = random_init_card(seed)
     return Encoder(
         name=name,
         model_id=f"{name}-{sha[:12]}",
@@ -153,29 +164,29 @@ def load_encoder(
     )
 
 
-def persist_weights(encoder: Encoder, *, folder: Path) -> Encoder:
-    """Save a random-initialised encoder's weights under ``folder`` so later searches can reload it."""
-    if encoder.weights_path is not None:
-        return encoder
-    path = folder / f"{encoder.model_id}.safetensors"
-    if not path.exists():
-        from hctembed.model.foreign import FOREIGN, save_foreign
+def random_init_card(seed: int) -> dict:
+    """The card of a random-initialised encoder: all :func:`rebuild_encoder` needs besides the architecture."""
+    return {"init": "random", "seed": int(seed)}
 
-        card = {"init": "random", "model_id": encoder.model_id}
-        # written under a temporary name and renamed: a run killed mid-write leaves no truncated weights
-        tmp = folder / f".{encoder.model_id}.{os.getpid()}.safetensors"
-        if encoder.name in FOREIGN:
-            save_foreign(encoder.model, tmp, card=card)
-        else:
-            save_encoder(encoder.model, tmp, card=card)
-        os.replace(tmp.with_suffix(".json"), path.with_suffix(".json"))
-        os.replace(tmp, path)
-    return Encoder(
-        name=encoder.name,
-        model_id=encoder.model_id,
-        model=encoder.model,
-        preprocess=encoder.preprocess,
-        weights_digest=encoder.weights_digest,
-        weights_path=str(path.resolve()),
-        card=encoder.card,
-    )
+
+def rebuild_encoder(*, name: str, model_id: str, weights_path: str | None, card: dict | None) -> Encoder:
+    """The encoder a stored model row describes: loaded from its weights file, or (random initialisation)
+    built again from its architecture and seed. Refuses (InputError) unless the result is bit for bit
+    the model stored: its digest, hence its ``model_id``, must match."""
+    card = card or {}
+    if weights_path:
+        if not Path(weights_path).exists():
+            raise InputError(f"weights of {model_id} not found at {weights_path}")
+        encoder = load_encoder(name, weights=weights_path)
+        where = f"weights at {weights_path} are"
+    elif card.get("init") == "random" and isinstance(card.get("seed"), int):
+        encoder = load_encoder(name, seed=card["seed"], random_init=True)
+        where = f"{name} random-initialised from seed {card['seed']} is"
+    else:
+        raise InputError(f"model {model_id} has no weights file and no seed recorded; cannot rebuild its encoder")
+    if encoder.model_id != model_id:
+        raise InputError(
+            f"{where} now model {encoder.model_id}, but the database holds model {model_id} "
+            "(a different torch build can draw other random weights: embed again, or pass trained --weights)"
+        )
+    return encoder

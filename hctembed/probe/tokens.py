@@ -46,17 +46,18 @@ def compute_tokens(
 ) -> np.ndarray:
     """Patch tokens ``[len(scan_ids), N, D]`` (after the final norm) of the collection's encoder on each scan's
     file, preprocessed as at embedding time."""
+    from hctembed.errors import InputError
     from hctembed.io.archive import load_volume
-    from hctembed.model.encoders import load_encoder
+    from hctembed.model.encoders import rebuild_encoder
     from hctembed.preprocessing import preprocess
 
     info = collection.model()
-    encoder = load_encoder(info.name, weights=info.weights_path) if info.weights_path else None
-    if encoder is None or encoder.model_id != collection.model_id:
-        raise ProbeError(
-            f"cannot rebuild encoder {collection.model_id} from its stored weights ({info.weights_path}); "
-            "pass precomputed tokens with --tokens"
+    try:
+        encoder = rebuild_encoder(
+            name=info.name, model_id=collection.model_id, weights_path=info.weights_path, card=info.card
         )
+    except InputError as exc:
+        raise ProbeError(f"{exc}; pass precomputed tokens with --tokens") from None
     if encoder.fingerprint != collection.fingerprint:
         raise ProbeError(f"encoder preprocessing {encoder.fingerprint} != stored {collection.fingerprint}")
     if not hasattr(encoder.model, "embed"):

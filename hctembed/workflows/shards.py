@@ -19,6 +19,8 @@ from hctembed.workflows.embed import (
     EmbedRequest,
     EmbedSummary,
     InputError,
+    check_request_inputs,
+    disk_use,
     find_scans,
     hand_over_to_server,
     import_labels,
@@ -97,6 +99,7 @@ def run_merge(request: MergeRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         skipped=[],
         seconds=merged.seconds,
         extra={"parts": merged.parts},
+        written=disk_use(request.db),
     )
 
 
@@ -113,12 +116,10 @@ def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -
         write_manifest(found, shards / "manifest.parquet")
 
 
-def _persist_and_merge_stale(request: EmbedRequest, encoder, *, shards: Path, world: int, found) -> object:
+def _merge_stale_and_write_run_info(request: EmbedRequest, encoder, *, shards: Path, world: int, found) -> None:
     from hctembed.embed_shards import merge_shards, run_key, stale_parts, write_run_info
-    from hctembed.index.store import SidecarPaths, Store
-    from hctembed.model.encoders import persist_weights
+    from hctembed.index.store import Store
 
-    encoder = persist_weights(encoder, folder=SidecarPaths(request.db).models)
     stale = stale_parts(shards, key=run_key(encoder=encoder, refs=found.selected, world=world))
     if request.db.exists() or stale:
         with Store(request.db) as store:  # migrates an older schema before the ranks open it read-only
@@ -138,7 +139,6 @@ def _persist_and_merge_stale(request: EmbedRequest, encoder, *, shards: Path, wo
         len(found.selected), len(found.skipped), request.archive, world, encoder.model_id, encoder.fingerprint,
         shards,
     )  # fmt: skip
-    return encoder
 
 
 def _stored_status(request: EmbedRequest, encoder, refs) -> dict:
@@ -168,6 +168,7 @@ def run_embed_distributed(
     from hctembed.io.manifest import is_manifest, read_manifest
 
     start = time.perf_counter()
+    check_request_inputs(request)
     shards = shards or SidecarPaths(request.db).shards
     # gloo carries only barriers (no tensors), on CPU and GPU hosts alike; the slowest rank may take hours
     ddp.init_from_env(use_cuda=False, backend="gloo", timeout=timedelta(days=3))
@@ -185,7 +186,7 @@ def run_embed_distributed(
     refs = found.selected  # every rank, rank 0 included: the same refs in the same order
     encoder = load_request_encoder(request, device=device)
     if rank == 0:
-        encoder = _persist_and_merge_stale(request, encoder, shards=shards, world=world, found=found)
+        _merge_stale_and_write_run_info(request, encoder, shards=shards, world=world, found=found)
     ddp.barrier()  # rank 0 has closed the database it may have migrated or merged into
     stored = _stored_status(request, encoder, refs)
     with progress.task(f"embedding (rank {rank} of {world})", total=(len(refs) - rank + world - 1) // world) as advance:
@@ -217,6 +218,7 @@ def run_embed_distributed(
             failed=failed,
             skipped=list(found.skipped) + skipped_on_loading(refs, not_selected),
             seconds=time.perf_counter() - start,
+            written=disk_use(request.db),
             extra={
                 "ranks": world,
                 "rank_seconds": [round(r.seconds, 2) for r in reports],
