@@ -8,6 +8,8 @@ a caller would expect (``ValueError``, ``KeyError``), so ``except ValueError`` k
 class HctembedError(Exception):
     """An error whose message tells the user what is wrong and what to do."""
 
+    exit_code = 2  # the CLI's exit status for it (documented in docs/quick-start.md, "Exit status")
+
 
 class InputError(HctembedError, ValueError):
     """Bad input from the user: a file's content, an option's value, a configuration."""
@@ -18,6 +20,13 @@ class UnknownNameError(HctembedError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NothingToDoError(HctembedError):
+    """A run asked for work and found none to do (an archive without a single scan): exit status 3, so that a
+    script can tell "nothing there" from "done"."""
+
+    exit_code = 3
 
 
 def first_line(exc: BaseException, *, limit: int = 300) -> str:

@@ -26,13 +26,15 @@ from hctembed.cli import locate as locate_cli
 from hctembed.cli import map as map_cli
 from hctembed.cli import serve as serve_cli
 from hctembed.cli.common import friendly_errors
+from hctembed.cli.help_format import PlainGroup
 
 app = typer.Typer(
     help="Turn a head-CT archive into a searchable embedding index (FM-HCT).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # click's plain help: nothing cut at 80 columns, flags shown as flags
+    rich_markup_mode=None,
+    cls=PlainGroup,  # click's plain help: nothing cut at 80 columns, flags shown as flags
 )
 
 

@@ -16,8 +16,11 @@ from hctembed.cli.common import (
     stderr,
 )
 from hctembed.cli.finetune import WARMUP  # the same option as `hctembed finetune --warmup-fraction`
+from hctembed.cli.help_format import PlainGroup
 
-app = typer.Typer(help="Benchmarks over stored embeddings.", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Benchmarks over stored embeddings.", no_args_is_help=True, rich_markup_mode=None, cls=PlainGroup
+)
 
 DB = typer.Option(..., "--db", help="DuckDB file (repeatable: one model per file).")
 LABELS = typer.Option(

@@ -7,7 +7,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -88,15 +88,71 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(
-    rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: Sequence[str] | None = None
+    rows: Sequence[dict[str, Any]],
+    *,
+    title: str | None = None,
+    columns: Sequence[str] | None = None,
+    formats: dict[str, Callable[[Any], str]] | None = None,
 ) -> None:
+    """Rows as a table on stdout, every word whole: no id, path or word is cut or broken across lines, at any
+    terminal width. A table too wide for the terminal even with its text wrapped at spaces is printed as one
+    block of ``field value`` lines per row instead. ``formats``: a column's own cell formatter."""
     columns = list(columns or (rows[0].keys() if rows else []))
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), int | float) else "left")
-    for row in rows:
-        table.add_row(*[_fmt(row.get(c)) for c in columns])
-    stdout.print(table)
+    formats = formats or {}
+    cells = [[formats.get(c, _fmt)(row.get(c)) for c in columns] for row in rows]
+    numeric = {c: bool(rows) and isinstance(rows[0].get(c), int | float) for c in columns}
+    # each column's narrowest width that breaks no word (header included)
+    narrowest = [max([_longest_word(c)] + [_longest_word(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    if sum(narrowest) + 3 * len(columns) + 1 <= stdout.width or not columns:
+        table = Table(title=title)
+        for c, least in zip(columns, narrowest, strict=True):
+            table.add_column(c, justify="right" if numeric[c] else "left", min_width=least, overflow="fold")
+        for r in cells:
+            table.add_row(*r)
+        stdout.print(table)
+        return
+    if title:
+        stdout.print(f"[bold]{escape(title)}[/]", highlight=False)
+    if columns == ["field", "value"]:  # a one-row summary: one "field  value" line each
+        block = Table.grid(padding=(0, 2))
+        block.add_column(no_wrap=True, style="bold")
+        block.add_column(overflow="fold")
+        for field_name, value in cells:
+            block.add_row(escape(field_name), escape(value))
+        stdout.print(block)
+        return
+    for k, r in enumerate(cells):
+        block = Table.grid(padding=(0, 2))
+        block.add_column(no_wrap=True, style="bold")
+        block.add_column(overflow="fold")
+        for c, value in zip(columns, r, strict=True):
+            block.add_row(escape(c), escape(value))
+        if k:
+            stdout.print()
+        stdout.print(block)
+
+
+def _longest_word(text: str) -> int:
+    return max((len(w) for w in text.split()), default=0)
+
+
+def distinct_decimals(values: Sequence[float], *, least: int = 4, most: int = 8) -> int:
+    """The fewest decimals (``least`` to ``most``) that keep every pair of different ``values`` different when
+    printed, so that a ranking of scores never shows as ties (0.9997 four times)."""
+    distinct = sorted({float(v) for v in values if not math.isnan(v)})
+    for decimals in range(least, most + 1):
+        if len({f"{v:.{decimals}f}" for v in distinct}) == len(distinct):
+            return decimals
+    return most
+
+
+def human_bytes(n: int) -> str:
+    """``1.3 MB``, ``812 kB``, ``0 B`` (powers of 1000, as ``du --si``)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{n} B"
 
 
 def print_json_lines(rows: Iterable[dict[str, Any]]) -> None:
@@ -109,6 +165,13 @@ USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Perm
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # full, over a size limit, read-only
 
 
+def os_error_message(exc: OSError) -> str:
+    """``No such file or directory: nope.csv`` rather than ``[Errno 2] No such file or directory: 'nope.csv'``."""
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror.lower()}: {exc.filename}"
+    return exc.strerror or str(exc)
+
+
 def friendly_errors(command):
     """Turn errors a user can act on (:class:`HctembedError`, named I/O failures) into one red line on stderr and
     exit status 2. Anything else is a bug and keeps its traceback."""
@@ -119,8 +182,11 @@ def friendly_errors(command):
 
         try:
             return command(*args, **kwargs)
-        except (HctembedError, *USER_OS_ERRORS) as exc:
+        except HctembedError as exc:
             stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except USER_OS_ERRORS as exc:
+            stderr.print(f"[red]error:[/] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:
             if exc.errno not in FULL_OR_READ_ONLY:

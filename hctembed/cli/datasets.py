@@ -7,9 +7,13 @@ from pathlib import Path
 import typer
 
 from hctembed.cli.common import friendly_errors, setup_logging, stderr
+from hctembed.cli.help_format import PlainGroup
 
 app = typer.Typer(
-    help="Turn public data-set layouts into series-level labels.", no_args_is_help=True, rich_markup_mode=None
+    help="Turn public data-set layouts into series-level labels.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    cls=PlainGroup,
 )
 
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from hctembed.cli.common import ARCHITECTURES, BarProgress, print_json_lines, print_table, setup_logging
+from hctembed.cli.common import (
+    ARCHITECTURES,
+    BarProgress,
+    human_bytes,
+    print_json_lines,
+    print_table,
+    setup_logging,
+    stderr,
+)
 from hctembed.volume import MAX_VOXELS
 
 
@@ -68,6 +77,7 @@ def embed(
         MAX_VOXELS,
         "--max-voxels",
         min=1,
+        show_default=False,
         help="A scan whose headers claim more voxels fails with that reason, before anything of that size is read "
         "(default: 1024 x 1024 x 2000).",
     ),
@@ -128,6 +138,14 @@ def embed(
         summary = run_embed(request, progress=progress)
     if summary is not None:  # None on ranks other than 0
         print_summary(summary, as_json=as_json)
+        exit_if_nothing_embedded(summary)
+
+
+def exit_if_nothing_embedded(summary) -> None:
+    """Exit status 3 with the reason when a run asked for scans and stored none (all skipped or failed)."""
+    if summary.nothing_embedded:
+        stderr.print(f"[red]error:[/] {escape(summary.nothing_embedded)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
 
 
 def print_summary(summary, *, as_json: bool) -> None:
@@ -135,7 +153,12 @@ def print_summary(summary, *, as_json: bool) -> None:
     if as_json:
         print_json_lines([summary.to_dict()])
         return
-    print_table([{"field": k, "value": v} for k, v in summary.counts().items()], title="embed")
+    counts = summary.counts()
+    for name, size in counts.pop("written", {}).items():  # what is on disk now, one row a file or folder
+        counts[f"on disk: {name}"] = human_bytes(size)
+    if "seconds" in counts:
+        counts["seconds"] = f"{counts['seconds']:.1f}"
+    print_table([{"field": k, "value": v} for k, v in counts.items()], title="embed")
     if summary.failed:
         print_table([{"source": s, "reason": r} for s, r in summary.failed], title="scans that failed to load")
     if summary.skipped:
@@ -160,4 +183,6 @@ def merge_shards_command(
 
     setup_logging(quiet=quiet)
     request = MergeRequest(shards=shards, db=db, labels=labels, index=index, keep_parts=keep_parts)
-    print_summary(run_merge(request, progress=BarProgress(quiet=quiet)), as_json=as_json)
+    summary = run_merge(request, progress=BarProgress(quiet=quiet))
+    print_summary(summary, as_json=as_json)
+    exit_if_nothing_embedded(summary)

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from hctembed.cli.common import friendly_errors, print_json_lines, setup_logging, stdout
+from hctembed.cli.common import friendly_errors, print_json_lines, print_table, setup_logging
+from hctembed.cli.help_format import PlainGroup
 
-app = typer.Typer(invoke_without_command=True, rich_markup_mode=None)  # help: the callback's docstring
+app = typer.Typer(invoke_without_command=True, rich_markup_mode=None, cls=PlainGroup)  # help: the callback's docstring
 
 TABLE_COLUMNS = ("model", "architecture", "input", "params", "dim", "licence", "weights")
-
-
-def _print_table(rows: list[dict]) -> None:
-    """Every cell in full (folded, never cut with an ellipsis): ids and paths must stay copyable."""
-    from rich.table import Table
-
-    table = Table()
-    for column in TABLE_COLUMNS:
-        table.add_column(
-            column,
-            justify="right" if column in ("params", "dim") else "left",
-            no_wrap=column in ("model", "params", "dim"),
-            overflow="fold",
-        )
-    for row in rows:
-        params = f"{row['params'] / 1e6:.1f} M"
-        table.add_row(*[params if c == "params" else str(row[c]) for c in TABLE_COLUMNS])
-    stdout.print(table)
 
 
 @app.callback(invoke_without_command=True)
@@ -50,7 +33,7 @@ def models(
     if as_json:
         print_json_lines(rows)
         return
-    _print_table(rows)
+    print_table(rows, columns=TABLE_COLUMNS, formats={"params": lambda n: f"{n / 1e6:.1f} M"})
 
 
 @app.command("pull")

@@ -15,8 +15,11 @@ from hctembed.cli.common import (
     setup_logging,
     stderr,
 )
+from hctembed.cli.help_format import PlainGroup
 
-app = typer.Typer(help="Train and apply probes on frozen embeddings.", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(
+    help="Train and apply probes on frozen embeddings.", no_args_is_help=True, rich_markup_mode=None, cls=PlainGroup
+)
 
 
 @app.command("train")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.common import distinct_decimals, print_json_lines, print_table, setup_logging, stderr
 
 
 def search(
-    query: Path | None = typer.Argument(None, help="Query scan file (NIfTI)."),
+    query: Path | None = typer.Argument(None, help="Query scan: a NIfTI file, or a DICOM series' folder or zip."),
     db: Path = typer.Option(..., "--db", help="DuckDB file written by `hctembed embed`."),
     scan_id: str | None = typer.Option(None, "--id", help="Query by a stored scan id instead of a file."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Number of neighbours."),
@@ -24,23 +24,34 @@ def search(
 ) -> None:
     """Find the k most similar scans (cosine similarity of the stored embeddings)."""
     from hctembed.index.store import Store
-    from hctembed.search import search_file, search_id
+    from hctembed.search import query_file, search_id
 
     setup_logging(quiet=quiet)
     if (query is None) == (scan_id is None):
         raise typer.BadParameter("give either a QUERY scan file or --id SCAN_ID")
     with Store(db, read_only=True) as store:
         model = store.resolve_collection(model_id=model).model_id  # chosen (and said) once
+        stored_as = None  # a query file whose content is a stored scan is named by that scan's id
         if query is not None:
-            hits = search_file(store, path=query, k=k, model=model)
+            found = query_file(store, path=query, k=k, model=model)
+            hits, stored_as = found.hits, found.stored_as
         else:
             hits = search_id(store, scan_id=scan_id, k=k, model=model)
         if montage is not None or html_page is not None:
             for path in write_search_pictures(
-                store, hits, query=query, scan_id=scan_id, model=model, montage=montage, html_page=html_page
-            ):
+                store, hits, query=query, scan_id=scan_id or stored_as, model=model, montage=montage,
+                html_page=html_page,
+            ):  # fmt: skip
                 stderr.print(f"wrote {path}")
-    print_hits(hits, title=f"top {k} for {'the query file' if query else scan_id}", as_json=as_json)
+    print_hits(hits, title=f"top {k} for {query_name(query, scan_id or stored_as)}", as_json=as_json)
+
+
+def query_name(query: Path | None, scan_id: str | None) -> str:
+    """How titles name the query: its scan id (a file whose content is a stored scan says so), else "the query
+    file" (never its file name: names can carry patient names)."""
+    if query is None:
+        return str(scan_id)
+    return f"the query file ({scan_id})" if scan_id else "the query file"
 
 
 def print_hits(hits, *, title: str, as_json: bool = False) -> None:
@@ -58,7 +69,8 @@ def print_hits(hits, *, title: str, as_json: bool = False) -> None:
         }
         for h in hits
     ]
-    print_table(table, title=title)
+    decimals = distinct_decimals([h.score for h in hits])
+    print_table(table, title=title, formats={"score": lambda v: f"{v:.{decimals}f}"})
 
 
 def write_search_pictures(store, hits, *, query, scan_id, model, montage, html_page) -> list[Path]:
@@ -79,7 +91,7 @@ def write_search_pictures(store, hits, *, query, scan_id, model, montage, html_p
     panels = search_panels(collection, encoder, hits, query_path=query, query_scan_id=scan_id)
     stored = collection.preprocess().get("windows")
     windows = tuple(Window(**w) for w in stored) if stored else encoder().preprocess.windows
-    title = f"top {len(hits)} for {'a query file' if query else scan_id} ({collection.model_id})"
+    title = f"top {len(hits)} for {query_name(query, scan_id)} ({collection.model_id})"
     written = []
     if montage is not None:
         render_montage(panels, out=montage, windows=windows, title=title)

@@ -156,8 +156,9 @@ class RetrievalReport:
         scored = [lab for lab in self.labels if lab.n_queries]
         chance = float(np.mean([lab.chance_mAP for lab in scored])) if scored else float("nan")
         mean = self.mean()
-        rows.append({"label": "mean", "queries": sum(r["queries"] for r in rows), "skipped": None,
-                     "mAP": mean.pop("mAP"), "chance": chance, **mean, "note": ""})  # fmt: skip
+        # the mean row averages labels, not queries: it has no query count of its own
+        rows.append({"label": "mean", "queries": None, "skipped": None, "mAP": mean.pop("mAP"), "chance": chance,
+                     **mean, "note": f"unweighted mean over {len(scored)} labels with queries"})  # fmt: skip
         return rows
 
     def to_dict(self) -> dict:

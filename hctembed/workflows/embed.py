@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hctembed.errors import InputError
+from hctembed.errors import InputError, NothingToDoError
 from hctembed.index.live_feed import LiveFeed
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
@@ -67,6 +67,16 @@ class EmbedSummary:
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)  # ranks, rank_seconds, merge_seconds, parts
 
+    written: dict[str, int] = field(default_factory=dict)  # file or folder name beside the db -> bytes on disk
+
+    @property
+    def nothing_embedded(self) -> str | None:
+        """Why the database holds no vector of this archive after the run (every candidate skipped or failed),
+        or None. An up-to-date re-run (scans unchanged) is not this."""
+        if self.embedded or self.unchanged:
+            return None
+        return "nothing embedded: every candidate was skipped or failed (reasons in the summary)"
+
     def counts(self) -> dict[str, Any]:
         """The one-row summary (what ``embed`` prints as its table)."""
         head = {"db": str(self.db), "model_id": self.model_id, "fingerprint": self.fingerprint}
@@ -76,15 +86,19 @@ class EmbedSummary:
             "unchanged": self.unchanged,
             "failed": len(self.failed),
             "skipped": len(self.skipped),
-            "seconds": round(self.seconds, 2),
+            "seconds": round(self.seconds, 1),
         }
-        return head | tail | self.extra
+        return head | tail | self.extra | ({"written": self.written} if self.written else {})
 
     def to_dict(self) -> dict[str, Any]:
-        return self.counts() | {
-            "failures": [{"source": s, "reason": r} for s, r in self.failed],
-            "skips": [{"source": k.source, "code": k.reason_code, "reason": k.reason} for k in self.skipped],
-        }
+        return (
+            self.counts()
+            | {"nothing_embedded": self.nothing_embedded}
+            | {
+                "failures": [{"source": s, "reason": r} for s, r in self.failed],
+                "skips": [{"source": k.source, "code": k.reason_code, "reason": k.reason} for k in self.skipped],
+            }
+        )
 
 
 def find_scans(
@@ -174,15 +188,20 @@ def load_request_encoder(request: EmbedRequest, *, device: str | None = None):
 
 
 def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> EmbedSummary:
-    """Embed ``request.archive`` into ``request.db`` in this process; re-runs skip unchanged scans."""
+    """Embed ``request.archive`` into ``request.db`` in this process; re-runs skip unchanged scans.
+
+    Raises NothingToDoError (and creates no database) when the archive holds no candidate scan at all."""
     from hctembed.embed import embed_archive
     from hctembed.index.store import Store
 
+    check_request_inputs(request)
     found = find_scans(
         request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
         allow_non_head=request.allow_non_head, progress=progress,
     )  # fmt: skip
     refs = found.selected
+    if not refs and not found.skipped:  # nothing to put in a database: none is created
+        raise NothingToDoError(f"nothing to embed: no NIfTI file, DICOM series or zip of DICOM in {request.archive}")
     warn_header_skips_kept(request, found)
     located = found.locations()
     table, origin = labels_of(request.archive, request.labels, locations=located)
@@ -226,7 +245,34 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
         failed=list(report.failed),
         skipped=list(found.skipped) + skipped_on_loading(refs, report.skipped),
         seconds=report.seconds,
+        written=disk_use(request.db),
     )
+
+
+def check_request_inputs(request: EmbedRequest) -> None:
+    """The options a user can get wrong, checked before the archive is walked: the model name and the files
+    named (archive, weights, labels) exist."""
+    from hctembed.model.encoders import check_model_name
+
+    check_model_name(request.model)
+    for option, path in (("ARCHIVE", request.archive), ("--weights", request.weights), ("--labels", request.labels)):
+        if path is not None and not Path(path).exists():
+            raise InputError(f"{option} {path}: no such file or folder")
+
+
+def disk_use(db: Path) -> dict[str, int]:
+    """Bytes on disk of the database and each file or folder beside it (index, locator, live feed, weights
+    of older versions), by name."""
+    from hctembed.index.store import SidecarPaths
+
+    paths = SidecarPaths(db)
+    found = {}
+    for path in (db, Path(str(db) + ".wal"), paths.faiss, paths.locator, paths.live, paths.models):
+        if path.is_file():
+            found[path.name] = path.stat().st_size
+        elif path.is_dir():
+            found[path.name + "/"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return found
 
 
 def preprocess_device_for(request: EmbedRequest, encoder) -> str | None:
