@@ -182,6 +182,7 @@ def write_explanation(expl: Explanation, *, out_dir: Path, windows: tuple[Window
         colorbar_label="attention distance (mm)",
         normalise=False,
         through="centre",
+        inside=expl.image.max(axis=0) > 0,  # the head: above the lowest window's floor in any window
     )
     render_distance_plot(
         expl.distance, out=paths["distance_plot"], title=f"{title}: attention distance (patch {expl.patch_mm:g} mm)"

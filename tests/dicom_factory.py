@@ -11,11 +11,13 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+# identifiers planted in test series: values that cannot turn up by chance (in digits of a number, a hash or
+# compressed bytes), so that finding one anywhere means it leaked
 PHI = {
-    "PatientName": "DOE^JANE^Q",
-    "PatientID": "MRN-4455667",
-    "AccessionNumber": "ACC-99887766",
-    "PatientBirthDate": "19610722",
+    "PatientName": "ZEBULON^QUARTZ^Q",
+    "PatientID": "MRN99887766",
+    "AccessionNumber": "ACCXQ5544332211",
+    "PatientBirthDate": "18770412",
 }
 
 

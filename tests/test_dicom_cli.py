@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.index.store import Store
+from hctembed.index.store.locator import Locator
 
 runner = CliRunner()
 
@@ -82,18 +83,45 @@ def test_scan_writes_a_manifest_and_embed_reads_it(tmp_path, secret):
     assert json.loads(again.stdout.strip().splitlines()[-1])["unchanged"] == 4
 
 
-def _all_text_in_db(path: Path) -> str:
+TEXT_TYPES = ("VARCHAR", "JSON", "BLOB")
+
+
+def _text_in_db(path: Path) -> str:
+    """Every value of every column where an identifier could be stored: text, JSON and bytes (lists and
+    structs of them too), never the decimal rendering of a float, whose digits can hold any number."""
     con = duckdb.connect(str(path), read_only=True)
-    tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
-    text = "\n".join(str(con.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables)
+    columns = con.execute(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns WHERE table_schema = 'main'"
+    ).fetchall()
+    parts = []
+    for table, column, kind in columns:
+        if any(t in kind for t in TEXT_TYPES):
+            parts += [str(v) for (v,) in con.execute(f'SELECT "{column}" FROM "{table}"').fetchall()]
     con.close()
-    return text
+    return "\n".join(parts)
+
+
+def _png_text(path: Path) -> str:
+    """A PNG's text chunks (tEXt, iTXt and the compressed zTXt) as one string."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return "\n".join(f"{k}: {v}" for k, v in getattr(image, "text", {}).items())
+
+
+def _planted_folders(root: Path) -> Path:
+    """A series whose folder names carry the planted identifiers (as hospital exports do)."""
+    folder = root / f"{PHI['PatientName'].replace('^', '_')}_{PHI['PatientID']}" / PHI["AccessionNumber"]
+    write_series(folder, SeriesSpec(n=12, seed=7, patient=dict(PHI, PatientID=PHI["PatientID"] + "-9")))
+    return folder
 
 
 def test_no_phi_anywhere_in_outputs(tmp_path, secret):
     archive = make_archive(tmp_path / "archive", patient_name="../../x")
-    # also a second archive with the plain PHI name
+    # also a second archive with the plain PHI name, and folders named after the patient
     make_archive(tmp_path / "archive" / "more", n_series=2)
+    _planted_folders(tmp_path / "archive" / "export")
     before = sorted(p for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     outputs = []
@@ -109,18 +137,28 @@ def test_no_phi_anywhere_in_outputs(tmp_path, secret):
     with Store(out / "h.duckdb", read_only=True) as store:
         scan_id = store.resolve_collection().vectors()[2][0]
     for args in (
-        ("search", "--id", scan_id, "--db", out / "h.duckdb", "--json"),
-        ("search", archive / "study1" / "series", "--db", out / "h.duckdb"),
+        ("search", "--id", scan_id, "--db", out / "h.duckdb", "--json", "--montage", out / "by-id.png"),
+        ("search", archive / "study1" / "series", "--db", out / "h.duckdb", "--html", out / "by-file.html"),
     ):
         result = invoke(*args)
         assert result.exit_code == 0, result.output
         outputs.append(result.stdout + result.stderr)
-    planted = [*PHI.values(), "DOE", "JANE", "4455667", "99887766", "1961"]
-    blobs = {"cli output": "\n".join(outputs), "database rows": _all_text_in_db(out / "h.duckdb")}
+    planted = [*PHI.values(), "ZEBULON", "QUARTZ", "99887766", "5544332211"]
+    locators = {out / "h.duckdb.locator", out / "manifest.parquet.locator"}
+    # the search can fail: the locators (paths, kept apart on purpose) hold the planted folder names
+    for path in locators:
+        with Locator(path, read_only=True) as locator:
+            paths = "\n".join(f"{e.root}/{e.location}\n" + "\n".join(e.files) for e in locator.all())
+        assert PHI["PatientID"] in paths and PHI["AccessionNumber"] in paths, path
+    blobs = {"cli output": "\n".join(outputs), "database text": _text_in_db(out / "h.duckdb")}
     for path in out.rglob("*"):
         blobs[f"name {path}"] = path.name
-        if path.is_file():
+        if path.is_file() and path not in locators:
             blobs[f"bytes {path.name}"] = path.read_bytes().decode("latin-1")
+            if path.suffix == ".png":
+                blobs[f"text chunks {path.name}"] = _png_text(path)
+    assert "text chunks by-id.png" in blobs
+    assert "se-" in blobs["database text"]  # pseudonymous ids are there: the text was read
     for where, text in blobs.items():
         for value in planted:
             assert value not in text, f"{value!r} found in {where}"

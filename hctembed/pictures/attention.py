@@ -32,20 +32,29 @@ def render_overlays(
     normalise: bool = True,
     through: str = "peak",
     width_px: int = 1200,
+    inside: np.ndarray | None = None,
 ) -> dict[str, tuple[int, int, int, int]]:
     """Heat map over the image: one row per window, columns axial / coronal / sagittal through the peak.
 
     ``image`` ``[C, S, S, S]`` (the model input), ``heat`` ``[S, S, S]`` on the same grid; the slices pass
     through the map's peak (``through="peak"``) or the volume's centre (``"centre"``). The PNG is
     ``width_px`` x ``width_px + 100`` pixels. Returns panel boxes keyed ``"<window index>/<view>"``.
+
+    ``inside`` (bool ``[S, S, S]``): colour only there, evenly, with the colour scale spanning the map's values
+    there (a map of a quantity such as attention distance, whose extremes lie in the air around the head);
+    otherwise the colour's opacity follows the map's strength.
     """
     n_rows = len(windows)
     dpi = 100
     fig = Figure(figsize=(width_px / dpi, (width_px + 100) / dpi), dpi=dpi, facecolor="black")
     fig.subplots_adjust(left=0.06, right=0.88, top=0.92, bottom=0.02, wspace=0.04, hspace=0.08)
     h = heat.astype(np.float64)
-    strength = (h - h.min()) / (np.ptp(h) or 1.0)  # [0, 1]: the overlay's opacity follows the map
-    norm = Normalize(0.0, 1.0) if normalise else Normalize(float(h.min()), float(h.max()))
+    if inside is not None and not inside.any():
+        inside = None  # nothing to mask to: the whole map
+    values = h[inside] if inside is not None else h
+    low, high = float(values.min()), float(values.max())
+    strength = np.clip((h - low) / ((high - low) or 1.0), 0.0, 1.0)  # [0, 1]: the overlay's opacity follows it
+    norm = Normalize(0.0, 1.0) if normalise else Normalize(low, high)
     cmap = colormaps["jet"]
     peak = tuple(int(v) for v in np.unravel_index(int(np.argmax(heat)), heat.shape))
     centre = peak if through == "peak" else tuple(n // 2 for n in heat.shape)
@@ -57,7 +66,10 @@ def render_overlays(
             index = slice_index(centre, view=view)
             ax.imshow(display_slice(image[r], view=view, index=index), cmap="gray", vmin=0, vmax=1)
             rgba = cmap(norm(display_slice(strength if normalise else h, view=view, index=index)))
-            rgba[..., 3] = overlay_alpha(display_slice(strength, view=view, index=index))
+            if inside is None:
+                rgba[..., 3] = overlay_alpha(display_slice(strength, view=view, index=index))
+            else:
+                rgba[..., 3] = 0.55 * display_slice(inside, view=view, index=index)
             ax.imshow(rgba)
             if through == "peak":
                 row, col = display_point(peak, shape=heat.shape, view=view)
@@ -77,7 +89,7 @@ def render_overlays(
     fig.suptitle(
         title
         + ("\n+ = peak; " if through == "peak" else "\nslices through the centre; ")
-        + "colour where the map exceeds 25 % of its range; "
+        + ("colour where the map exceeds 25 % of its range; " if inside is None else "colour inside the head; ")
         + "radiological convention (patient right on image left)",
         color="white",
     )

@@ -136,8 +136,8 @@ def render_montage(
             left, top = c * panel_px + pad, top0 + r * panel_px + pad
             boxes[f"{c}/{row_name}"] = (left, top, left + side, top + side)
             canvas[top : top + side, left : left + side] = 0.2  # the cell, grey where there is no image
-            if c == 0:
-                texts.append((left + 3, top + side - 3, row_name, "cyan", "ld", 11))
+            if c == 0:  # in the lower left corner, clear of the orientation letter at the bottom's middle
+                texts.append((left + 3, top + side - 3, row_name, "cyan", "ld", _size_to_fit(row_name, side // 2 - 12)))
             if planes is None:
                 if r == 1:
                     texts.append((left + side // 2, top + side // 2, _wrap(panel.missing or "not available"),
@@ -203,6 +203,14 @@ def _cross(canvas: np.ndarray, y: float, x: float, *, arm: int = 6) -> None:
 
 
 @lru_cache(maxsize=8)
+def _size_to_fit(text: str, width_px: int, *, largest: int = 11, smallest: int = 7) -> int:
+    """The largest font size (``smallest`` at least) at which ``text`` is at most ``width_px`` wide."""
+    for size in range(largest, smallest, -1):
+        if _font(size).getlength(text) <= width_px:
+            return size
+    return smallest
+
+
 def _font(size: int):
     return ImageFont.load_default(size=size)
 

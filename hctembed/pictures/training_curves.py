@@ -52,8 +52,9 @@ def plot_training_curves(log_path: Path, out: Path, *, title: str = "") -> Path 
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
                     label=key)  # fmt: skip
-        if name == "learning rate":
-            ax.set_yscale("log")
+        if name == "learning rate":  # linear: the warm-up starts at 0, which a log axis turns into a spike
+            ax.set_ylim(bottom=0)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
