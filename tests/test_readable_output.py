@@ -155,5 +155,5 @@ def test_options_are_checked_before_the_archive_is_walked(tmp_path):
     assert result.exit_code == 2 and "unknown model 'nope'" in result.stderr
     assert "non-image" not in result.stderr  # the walk did not start
     result = invoke("embed", archive, "--db", tmp_path / "h.duckdb", "--model", "vit-micro", "--labels", "nope.csv")
-    assert result.exit_code == 2 and "--labels nope.csv: no such file" in result.stderr
+    assert result.exit_code == 2 and "--labels nope.csv: not found" in result.stderr
     assert "Errno" not in result.stderr and not (tmp_path / "h.duckdb").exists()

@@ -257,7 +257,7 @@ def check_request_inputs(request: EmbedRequest) -> None:
     check_model_name(request.model)
     for option, path in (("ARCHIVE", request.archive), ("--weights", request.weights), ("--labels", request.labels)):
         if path is not None and not Path(path).exists():
-            raise InputError(f"{option} {path}: no such file or folder")
+            raise InputError(f"{option} {path}: not found (no such file or folder)")
 
 
 def disk_use(db: Path) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """Every file that lives beside a database, derived in one place: ``<db>.faiss/`` (the FAISS indices and their
-manifests), ``<db>.models/`` (weights of random-initialised encoders, so queries can be embedded later),
+manifests), ``<db>.models/`` (random weights that older versions saved; still read, no longer written),
 ``<db>.shards/`` (Parquet parts of a sharded run), ``<db>.snapshot-<time>`` and ``<db>.live/`` (what a server
 reads while an ``embed`` writes) and ``<db>.locator`` (where each scan's files lie: paths, which the database
 never holds; see :mod:`hctembed.io.locator`)."""
