@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import enum
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -77,6 +78,27 @@ def summary(command: Any) -> str:
 _SENTENCE_END = re.compile(r"(?<!\beq)(?<!\bFig)(?<!\be\.g)(?<!\bi\.e)\.\s+(?=[A-Z`(])")
 
 
+def write_definitions(formatter: Any, rows: list[tuple[str, str]], *, col_max: int = 30, spacing: int = 2) -> None:
+    """click's definition list (options, commands) wrapped at spaces only: never inside a hyphenated name
+    (``vit-micro``, ``--max-voxels``, ``ct-fm``) or a long word, so every name can be copied whole."""
+    first_col = min(max((len(first) for first, _ in rows), default=0), col_max) + spacing
+    indent = " " * formatter.current_indent
+    width = max(formatter.width - first_col - 2, 10)
+    for first, second in rows:
+        formatter.write(f"{indent}{first}")
+        if not second:
+            formatter.write("\n")
+            continue
+        if len(first) <= first_col - spacing:
+            formatter.write(" " * (first_col - len(first)))
+        else:
+            formatter.write("\n" + " " * (first_col + formatter.current_indent))
+        lines = textwrap.wrap(" ".join(second.split()), width, break_on_hyphens=False, break_long_words=False) or [""]
+        formatter.write(lines[0] + "\n")
+        for line in lines[1:]:
+            formatter.write(" " * (first_col + formatter.current_indent) + line + "\n")
+
+
 def _usage_pieces(command: Any, ctx: Any) -> list[str]:
     pieces = [command.options_metavar] if command.options_metavar else []
     for param in command.get_params(ctx):
@@ -106,7 +128,7 @@ class PlainCommand(typer.core.TyperCommand):
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
                 with formatter.section(title):
-                    formatter.write_dl(rows)
+                    write_definitions(formatter, rows)
 
 
 class PlainGroup(typer.core.TyperGroup):
@@ -135,4 +157,4 @@ class PlainGroup(typer.core.TyperGroup):
                 rows.append((name, summary(command)))
         if rows:
             with formatter.section("Commands"):
-                formatter.write_dl(rows)
+                write_definitions(formatter, rows)
