@@ -42,30 +42,34 @@ def stored_encoder(collection: Collection) -> Encoder:
     """Rebuild the encoder a collection was embedded with (its weights file, or its architecture and seed for a
     random initialisation); refuses if the result is not bit for bit the stored model, or preprocesses
     otherwise."""
+    return encoder_of(collection.model(), model_id=collection.model_id, fingerprint=collection.fingerprint)
+
+
+def encoder_of(row, *, model_id: str, fingerprint: str) -> Encoder:
+    """:func:`stored_encoder` from a collection's model row (``store.models.get``), its id and fingerprint."""
     from hctembed.errors import InputError
     from hctembed.model.encoders import rebuild_encoder
 
-    row = collection.model()
     try:
-        encoder = rebuild_encoder(
-            name=row.name, model_id=collection.model_id, weights_path=row.weights_path, card=row.card
-        )
+        encoder = rebuild_encoder(name=row.name, model_id=model_id, weights_path=row.weights_path, card=row.card)
     except InputError as exc:
         raise ModelMismatchError(f"cannot embed a query: {exc}") from None
-    if encoder.fingerprint != collection.fingerprint:
+    if encoder.fingerprint != fingerprint:
         raise ModelMismatchError(
             f"model {encoder.name} now preprocesses as {encoder.fingerprint}, but the index holds "
-            f"vectors made with {collection.fingerprint}"
+            f"vectors made with {fingerprint}"
         )
     return encoder
 
 
-def embed_file(encoder: Encoder, path: str | Path) -> np.ndarray:
-    """One scan file -> L2-normalised ``[dim]``."""
-    from hctembed.io.archive import load_volume
-    from hctembed.preprocessing import preprocess
+def embed_file(encoder: Encoder, path: str | Path, *, max_voxels: int | None = None, limits=None) -> np.ndarray:
+    """One scan file -> L2-normalised ``[dim]``; refused (VolumeError) over ``max_voxels`` (its headers or its
+    resampled grid) or the zip ``limits`` (:class:`hctembed.io.admission.Limits`) before anything of that size is
+    read."""
+    from hctembed.preprocessing.series import prepare_file
+    from hctembed.volume import MAX_VOXELS
 
-    x = preprocess(load_volume(path), config=encoder.preprocess)
+    x = prepare_file(path, config=encoder.preprocess, max_voxels=max_voxels or MAX_VOXELS, limits=limits)
     return encoder.encode(x[None])[0]
 
 

@@ -24,6 +24,7 @@ from hctembed.index.store import Store
 from hctembed.io.archive import load_volume, scan_archive
 from hctembed.io.dicom import load_dicom_series
 from hctembed.io.nifti import _inflate_at_most, load_nifti
+from hctembed.io.nifti_stream import open_stream
 from hctembed.model.encoders import load_encoder
 from hctembed.volume import VolumeError
 
@@ -79,11 +80,22 @@ def test_a_gzip_stream_longer_than_its_header_is_never_held(tmp_path):
         for _ in range(16):
             f.write(zeros)
     assert padded.stat().st_size < 2_000_000
-    buffer = _inflate_at_most(padded, len(raw))
-    assert len(buffer) == len(raw) and buffer.tobytes() == raw
     before = peak_rss_mb()
-    np.testing.assert_array_equal(load_nifti(padded).array, reference)
+    with pytest.raises(VolumeError, match="gzip bomb"):  # refused a MiB past the image, not inflated to its end
+        _inflate_at_most(padded, len(raw))
+    with pytest.raises(VolumeError, match="gzip bomb"):
+        load_nifti(padded)
     assert peak_rss_mb() - before < 100  # not the 256 MB the stream holds
+    # the streaming reader (embed's path for .nii.gz) refuses it too, holding no more than the image
+    stream = open_stream(padded)
+    with pytest.raises(VolumeError, match="gzip bomb"):
+        list(stream.slabs())
+    assert peak_rss_mb() - before < 100
+    # a little padding past the image (under 1 MiB) is still read, and the image is the same
+    slightly = tmp_path / "slightly.nii.gz"
+    with gzip.open(slightly, "wb") as f:
+        f.write(raw + bytes(4096))
+    np.testing.assert_array_equal(load_nifti(slightly).array, reference)
     with pytest.raises(VolumeError, match="over the limit of 1,000"):
         load_nifti(good, max_voxels=1000)
 

@@ -41,7 +41,7 @@ def served(tmp_path_factory):
     run = _cli("embed", archive, "--db", db, "--model", "vit-micro", "--workers", "0", "--quiet")
     assert run.returncode == 0, run.stderr
     app = create_app(ServeConfig(db=db, poll_s=0.3))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client, db, archive
     app.state.hctembed.stop()
 
@@ -106,7 +106,7 @@ def test_errors_are_json_with_their_status(served, tmp_path):
     nib.save(nib.Nifti1Image(nan, np.eye(4)), path)
     assert "non-finite" in error(client.post("/api/search", files={"file": ("q", path.read_bytes())}), 400)
     small = create_app(ServeConfig(db=db, max_upload_mb=0.01, token="s3cret"), state=client.app.state.hctembed)
-    with TestClient(small) as guarded:
+    with TestClient(small, base_url="http://127.0.0.1") as guarded:
         assert "bearer token" in error(guarded.get("/api/search", params={"id": "x"}), 401)
         bad = {"Authorization": "Bearer wrong"}
         assert "bearer token" in error(guarded.get("/api/search", params={"id": "x"}, headers=bad), 401)
@@ -164,7 +164,7 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read_whole(served):
     boundary = b"--b\r\nContent-Disposition: form-data; name=file; filename=q\r\n\r\n"
     try:
         # a 10 GB Content-Length, and not one byte of it sent: refused from the header
-        head = b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        head = b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         answer = _raw_post(url, head + b"Content-Length: 10737418240\r\n\r\n", [])
         assert answer.startswith(b"HTTP/1.1 413") and b"over the limit" in answer
         # chunked (no length): 0.6 MB of a body that never ends, refused as it passes the limit
@@ -187,7 +187,7 @@ def test_a_server_keeps_answering_while_embed_writes_and_picks_up_its_scans(tmp_
         f.rename(f.with_name("b-" + f.name))
     (second / "labels.csv").unlink()
     statuses, seen_live = [], 0
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         known = _stored_ids(db)
         embed = subprocess.Popen(
             [sys.executable, "-m", "hctembed.cli", "embed", str(second), "--db", str(db), "--model", "vit-micro",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 
 from hctembed.cli.common import setup_logging, stderr
+from hctembed.serve.limits import LOOPBACK_NAMES, ConnectionLimits, QueryLimits
 
 CONFIG_ENV = "HCTEMBED_SERVE_CONFIG"  # how worker processes (--workers > 1) receive the configuration
 
@@ -22,6 +24,40 @@ def serve(
         None, "--token-file", help="A file holding the bearer token every /api request must send."
     ),
     max_upload_mb: float = typer.Option(2048.0, "--max-upload-mb", min=0.001, help="Largest query upload (MB)."),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="A Host name the server answers to (repeatable; '*' for any). Default: the loopback names on "
+        "loopback, else the --host address; add the names clients use (DNS name, proxy).",
+    ),
+    max_query_voxels: int = typer.Option(
+        QueryLimits().max_query_voxels,
+        "--max-query-voxels",
+        min=1,
+        help="An upload whose headers, or whose 1 mm grid, hold more voxels gets 400 before it is read.",
+    ),
+    query_memory_mb: float = typer.Option(
+        QueryLimits().memory_mb,
+        "--query-memory-mb",
+        min=64,
+        help="Memory the uploads embedded at once may hold together (estimated from their headers); an upload "
+        "waits for room, then gets 503.",
+    ),
+    header_timeout: float = typer.Option(
+        ConnectionLimits().header_timeout_s,
+        "--header-timeout",
+        min=0.1,
+        help="Seconds a connection may take to send a request head (idle sockets are closed after it).",
+    ),
+    body_timeout: float = typer.Option(
+        ConnectionLimits().body_timeout_s, "--body-timeout", min=0.1, help="Seconds between two chunks of a body."
+    ),
+    max_connections: int = typer.Option(
+        ConnectionLimits().max_connections,
+        "--max-connections",
+        min=2,
+        help="Open sockets kept; past it the ones idle longest are closed.",
+    ),
     workers: int = typer.Option(1, "--workers", min=1, help="Server processes (each loads the index once)."),
     poll_seconds: float = typer.Option(
         2.0, "--poll-seconds", min=0.1, help="How often to look for scans an embed has committed since."
@@ -41,12 +77,22 @@ def serve(
         raise InputError(f"{token_file} is empty: it should hold the bearer token")
     if token is None and not _loopback(host):
         raise InputError(f"--host {host} is reachable from other machines: give --token-file, or serve on 127.0.0.1")
-    config = {"db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds, "quiet": quiet}
+    hosts = tuple(allowed_host) or (LOOPBACK_NAMES if _loopback(host) else (host,))
+    connections = ConnectionLimits(
+        header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_connections=max_connections
+    )
+    queries = QueryLimits(max_query_voxels=max_query_voxels, memory_mb=query_memory_mb)
+    config = {
+        "db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds, "quiet": quiet,
+        "allowed_hosts": list(hosts), "queries": asdict(queries), "connections": asdict(connections),
+    }  # fmt: skip
     os.environ[CONFIG_ENV] = json.dumps(config)  # for the worker processes; the token never reaches argv
     stderr.print(f"serving {db} on http://{host}:{port}/ (API documentation at /docs)")
     uvicorn.run(
         "hctembed.cli.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
         access_log=False, log_level="warning" if quiet else "info",
+        http="hctembed.cli.serve:ServeProtocol", timeout_keep_alive=int(max(1, connections.keep_alive_s)),
+        timeout_graceful_shutdown=5,
     )  # fmt: skip
 
 
@@ -65,4 +111,17 @@ def app_from_env():
 
     raw = json.loads(os.environ[CONFIG_ENV])
     setup_logging(quiet=raw.pop("quiet", False))  # a worker process of its own (--workers > 1) logs as the parent
-    return create_app(ServeConfig(**{**raw, "db": Path(raw["db"])}))
+    queries, connections = QueryLimits(**raw.pop("queries")), ConnectionLimits(**raw.pop("connections"))
+    raw.update(db=Path(raw["db"]), allowed_hosts=tuple(raw["allowed_hosts"]))
+    return create_app(ServeConfig(**raw, queries=queries, connections=connections))
+
+
+def __getattr__(name: str):
+    """``ServeProtocol``: uvicorn's HTTP protocol with the connection limits :data:`CONFIG_ENV` carries, built
+    when uvicorn asks for it (``http="hctembed.cli.serve:ServeProtocol"``, in each worker process)."""
+    if name != "ServeProtocol":
+        raise AttributeError(name)
+    from hctembed.serve.connections import guarded_protocol
+
+    limits = json.loads(os.environ.get(CONFIG_ENV, "{}")).get("connections", {})
+    return guarded_protocol(ConnectionLimits(**limits))

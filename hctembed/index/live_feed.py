@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,24 @@ class LiveBatch:
 HEARTBEAT_S = 120.0  # a server whose heartbeat is older than this is gone (killed): nobody reads the feed
 
 
+def _running(heartbeat_name: str) -> bool:
+    """Whether the server of a heartbeat named ``.server-<host>-<pid>-<ns>`` may still run: on another host it
+    may (its age decides); on this one, only if its process exists."""
+    parts = heartbeat_name.split("-")
+    if len(parts) < 4 or not parts[-2].isdigit():
+        return True  # an older name: its age decides
+    host, pid = "-".join(parts[1:-2]), int(parts[-2])
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def feed_time(name: str) -> int:
     """The ``time_ns`` a feed file's name starts with."""
     return int(name.split("-", 1)[0])
@@ -64,31 +83,57 @@ def drop_older_than(folder: Path, stamp: int) -> None:
 
 
 class LiveFeed:
-    """The ``<db>.live/`` folder of one database; :meth:`publish` is a no-op while no server is attached."""
+    """The ``<db>.live/`` folder of one database; :meth:`publish` is a no-op while no server is attached.
 
-    def __init__(self, folder: Path) -> None:
+    The folder and every file in it get the database's permissions (``like``, the database file, when it
+    exists): the feed holds vectors, labels and pictures of the scans, so a private database keeps a private
+    feed. A heartbeat is named by the server's host and pid; one of a process on this host that is gone (a
+    server killed, or stopped without its goodbye) counts for nothing, whatever its age."""
+
+    def __init__(self, folder: Path, *, like: Path | None = None) -> None:
         self.folder = Path(folder)
-        self.heartbeat = self.folder / f".server-{os.getpid()}-{time.time_ns()}"
+        self.like = Path(like) if like is not None else None
+        self.heartbeat = self.folder / f".server-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
 
     @property
     def attached(self) -> bool:
-        """Whether a server has touched its heartbeat in the last :data:`HEARTBEAT_S` seconds."""
+        """Whether a server has touched its heartbeat in the last :data:`HEARTBEAT_S` seconds and, when it runs
+        on this host, is still running."""
         now = time.time()
         for beat in self.folder.glob(".server-*") if self.folder.is_dir() else ():
             try:
-                if now - beat.stat().st_mtime < HEARTBEAT_S:
-                    return True
+                fresh = now - beat.stat().st_mtime < HEARTBEAT_S
             except FileNotFoundError:
                 continue
+            if fresh and _running(beat.name):
+                return True
         return False
 
     def beat(self) -> None:
         """A server says it is reading (call at least every :data:`HEARTBEAT_S` seconds)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._make_folder()
         self.heartbeat.touch()
+        self._private(self.heartbeat)
 
     def detach(self) -> None:
         self.heartbeat.unlink(missing_ok=True)
+
+    def _mode(self) -> int | None:
+        try:
+            return os.stat(self.like).st_mode & 0o666 if self.like is not None else None
+        except OSError:
+            return None
+
+    def _make_folder(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        mode = self._mode()
+        if mode is not None:  # a folder needs x where the file has r
+            os.chmod(self.folder, mode | ((mode & 0o444) >> 2))
+
+    def _private(self, path: Path) -> None:
+        mode = self._mode()
+        if mode is not None:
+            os.chmod(path, mode)
 
     def publish(
         self,
@@ -127,7 +172,9 @@ class LiveFeed:
         path = self.folder / f"{time.time_ns():020d}-{os.getpid()}.parquet"
         tmp = self.folder / f".{path.name}.tmp"
         try:
+            self._make_folder()
             pq.write_table(table, tmp)
+            self._private(tmp)
             os.replace(tmp, path)
         except OSError as exc:  # the feed is a courtesy to a server: the run itself must go on
             log.warning("could not write the live feed for a server (%s); it will see these scans later", exc)

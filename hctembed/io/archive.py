@@ -15,12 +15,12 @@ import logging
 import os
 import re
 import secrets
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hctembed.io.admission import Limits, ZipFiles, ZipRefused
 from hctembed.io.dicom_headers import ZIP_SEP, HeaderError, read_header
 from hctembed.io.dicom_series import SeriesCandidate, group_series
 from hctembed.io.locator import Location
@@ -138,10 +138,13 @@ def scan_archive(
     pseudonyms: Pseudonymizer | None = None,
     pseudonymise_files: bool = False,
     progress: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
 ) -> ArchiveScan:
     """Walk ``archive`` (a folder searched recursively, a NIfTI file, a DICOM file or a zip) once.
 
     ``pseudonymise_files``: NIfTI scan ids are keyed pseudonyms of their paths (``fi-…``) instead of the paths.
+    Each zip is opened once and checked against ``limits`` (:mod:`hctembed.io.admission`): one over them is
+    skipped whole with its reason; a member's header is read from its first bytes.
     """
     archive = Path(archive)
     if not archive.exists():
@@ -155,34 +158,31 @@ def scan_archive(
     sizes: dict[str, tuple[int, int]] = {}
     if pseudonymise_files or skipped or any(not is_nifti(p) for p in files):
         pseudonyms = pseudonyms or Pseudonymizer.from_file()
-    for path in files:
-        rel = path.relative_to(walk_root).as_posix()
-        stat = path.stat()
-        if is_nifti(path):
-            scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
-            if pseudonymise_files:
-                scan_id = pseudonyms.path("fi", scan_id)
-            source = scan_id if pseudonymise_files else rel
-            selected.append(
-                SeriesRef(source, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel)
-            )
-        elif path.suffix.lower() == ".zip":
-            members = _zip_members(path, rel, skipped)
-            dicom_refs.extend(members)
-            sizes.update({m: (stat.st_size // max(len(members), 1), stat.st_mtime_ns) for m in members})
-        elif path.suffix.lower() not in NON_IMAGE_SUFFIXES:
-            dicom_refs.append(rel)
-            sizes[rel] = (stat.st_size, stat.st_mtime_ns)
-    if dicom_refs:
+    with ZipFiles(limits=limits) as zips:
+        _walk(
+            files,
+            walk_root=walk_root,
+            root=root,
+            zips=zips,
+            skipped=skipped,
+            selected=selected,
+            dicom_refs=dicom_refs,
+            sizes=sizes,
+            pseudonyms=pseudonyms,
+            pseudonymise_files=pseudonymise_files,
+        )
         headers = []
         for i, ref in enumerate(dicom_refs):
             try:
-                headers.append(read_header(root, ref))
+                headers.append(read_header(root, ref, zips=zips))
             except HeaderError as exc:
                 code = "empty_file" if sizes.get(ref, (1, 0))[0] == 0 and ZIP_SEP not in ref else "not_dicom"
                 skipped.append(Skipped(ref, None, None, "file", code, str(exc)))
+            except VolumeError as exc:  # a member named by a zip that is gone
+                skipped.append(Skipped(ref, None, None, "file", "not_dicom", str(exc)))
             if progress:
                 progress(i + 1)
+    if headers:
         for cand in group_series(headers, pseudonyms=pseudonyms, config=selection):
             if cand.selected:
                 selected.append(_ref_of(cand, root=root, sizes=sizes))
@@ -204,6 +204,28 @@ def scan_archive(
         log.info("ignored %d non-image files (csv, txt, json, ...) under %s", ignored, archive)
     skipped = [_named_by_pseudonym(s, pseudonyms) for s in skipped]
     return ArchiveScan(selected=selected, skipped=skipped, root=root)
+
+
+def _walk(files, *, walk_root, root, zips, skipped, selected, dicom_refs, sizes, pseudonyms, pseudonymise_files):
+    """Sort the walked files: NIfTI files become refs, zips and other files DICOM candidates (in place)."""
+    for path in files:
+        rel = path.relative_to(walk_root).as_posix()
+        stat = path.stat()
+        if is_nifti(path):
+            scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
+            if pseudonymise_files:
+                scan_id = pseudonyms.path("fi", scan_id)
+            source = scan_id if pseudonymise_files else rel
+            selected.append(
+                SeriesRef(source, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel)
+            )
+        elif path.suffix.lower() == ".zip":
+            members = _zip_members(path, rel, skipped, zips=zips)
+            dicom_refs.extend(members)
+            sizes.update({m: (stat.st_size // max(len(members), 1), stat.st_mtime_ns) for m in members})
+        elif path.suffix.lower() not in NON_IMAGE_SUFFIXES:
+            dicom_refs.append(rel)
+            sizes[rel] = (stat.st_size, stat.st_mtime_ns)
 
 
 def _named_by_pseudonym(skip: Skipped, pseudonyms: Pseudonymizer | None) -> Skipped:
@@ -247,12 +269,11 @@ def _files_under(folder: Path, skipped: list[Skipped]) -> list[Path]:
     return sorted(files)
 
 
-def _zip_members(path: Path, rel: str, skipped: list[Skipped]) -> list[str]:
+def _zip_members(path: Path, rel: str, skipped: list[Skipped], *, zips: ZipFiles) -> list[str]:
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/") and not Path(n).name.startswith(".")]
-    except (zipfile.BadZipFile, OSError) as exc:
-        skipped.append(Skipped(rel, None, None, "file", "bad_zip", f"unreadable zip ({type(exc).__name__})"))
+        names = [n for n in zips.names(path) if not Path(n).name.startswith(".")]
+    except ZipRefused as exc:
+        skipped.append(Skipped(rel, None, None, "file", exc.code, str(exc)))
         return []
     return [f"{rel}{ZIP_SEP}{n}" for n in sorted(names) if Path(n).suffix.lower() not in NON_IMAGE_SUFFIXES]
 
@@ -291,21 +312,28 @@ def load_series(ref: SeriesRef, *, selection: SelectionConfig | None = None, max
     raise VolumeError(f"unsupported format {ref.format}")
 
 
-def load_volume(path: str | Path, *, pseudonyms: Pseudonymizer | None = None) -> Volume:
-    """Load a NIfTI file, or the one selected DICOM series in a file, folder or zip."""
+def load_volume(
+    path: str | Path,
+    *,
+    pseudonyms: Pseudonymizer | None = None,
+    max_voxels: int = MAX_VOXELS,
+    limits: Limits | None = None,
+) -> Volume:
+    """Load a NIfTI file, or the one selected DICOM series in a file, folder or zip (zips checked against
+    ``limits``, headers against ``max_voxels``)."""
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"file not found: {path}")
     if is_nifti(path):
-        return load_nifti(path)
+        return load_nifti(path, max_voxels=max_voxels)
     if path.is_file() and path.suffix.lower() in NON_IMAGE_SUFFIXES:
         raise VolumeError(f"unsupported file type: {path.name} (expected NIfTI, DICOM or a zip of DICOM)")
     # a query is never stored: a throwaway secret keeps the real one out of it
-    found = scan_archive(path, pseudonyms=pseudonyms or Pseudonymizer(secrets.token_bytes(32)))
+    found = scan_archive(path, pseudonyms=pseudonyms or Pseudonymizer(secrets.token_bytes(32)), limits=limits)
     if len(found.selected) != 1:
         reasons = "; ".join(sorted({s.reason for s in found.skipped}))[:300]
         raise VolumeError(
             f"{path.name}: {len(found.selected)} usable scans (expected exactly one)"
             + (f"; {reasons}" if reasons else "")
         )
-    return load_series(found.selected[0])
+    return load_series(found.selected[0], max_voxels=max_voxels)

@@ -48,6 +48,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
+from hctembed.io.admission import ZipFiles
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.selection import SelectionConfig
 from hctembed.io.slice_grid import AIR_HU, in_plane_grid, resample, slice_grid
@@ -81,24 +82,33 @@ def load_dicom_series(
     slices: list[_Slice] = []
     flags: list[str] = []
     claimed = 0
-    for ref in files:
-        try:
-            ds = read_dataset(root, ref, pixels=True)
-        except HeaderError as exc:
-            raise VolumeError(f"unreadable slice file: {exc}") from None
-        try:
-            frame = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
-        except (TypeError, ValueError):
-            raise VolumeError("a slice has a malformed Rows, Columns or NumberOfFrames") from None
-        claimed += check_voxel_count(frame, max_voxels=max_voxels, what="a slice header")
-        if claimed > max_voxels:
-            raise VolumeError(f"the series' headers claim over {max_voxels:,} voxels in all (--max-voxels)")
-        slices.extend(_slices_of(ds))
+    with ZipFiles() as zips:  # each zip of the series opened once, not once per member
+        for ref in files:
+            ds = _read_slice(root, ref, zips=zips)
+            try:
+                frame = (
+                    int(ds.get("NumberOfFrames", 1) or 1),
+                    int(ds.get("Rows", 0) or 0),
+                    int(ds.get("Columns", 0) or 0),
+                )
+            except (TypeError, ValueError):
+                raise VolumeError("a slice has a malformed Rows, Columns or NumberOfFrames") from None
+            claimed += check_voxel_count(frame, max_voxels=max_voxels, what="a slice header")
+            if claimed > max_voxels:
+                raise VolumeError(f"the series' headers claim over {max_voxels:,} voxels in all (--max-voxels)")
+            slices.extend(_slices_of(ds))
     if not slices:
         raise VolumeError("no image slices")
     if any(s.rescale_missing for s in slices):
         flags.append("rescale_missing")
     return assemble(slices, flags=flags, config=config, max_voxels=max_voxels)
+
+
+def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> pydicom.Dataset:
+    try:
+        return read_dataset(root, ref, pixels=True, zips=zips)
+    except HeaderError as exc:
+        raise VolumeError(f"unreadable slice file: {exc}") from None
 
 
 def _decode(ds: pydicom.Dataset) -> np.ndarray:

@@ -7,7 +7,6 @@ pseudonyms before anything is logged or stored.
 from __future__ import annotations
 
 import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-ZIP_SEP = "!"  # a file inside a zip: "folder/archive.zip!member/path.dcm"
+from hctembed.io.admission import ZIP_SEP, ZipFiles, ZipRefused, parse_header_prefix, split_ref
+
+__all__ = ["ZIP_SEP", "HeaderError", "SliceHeader", "header_of", "read_bytes", "read_dataset", "read_header"]
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -76,27 +77,39 @@ class SliceHeader:
         return self.sop_class.startswith(STRUCTURED_REPORT_PREFIX) or self.modality.upper() == "SR"
 
 
-def read_bytes(root: Path, ref: str) -> bytes:
-    """Bytes of a file or zip member named by ``ref`` relative to ``root``."""
-    if ZIP_SEP in ref:
-        zip_part, member = ref.split(ZIP_SEP, 1)
-        with zipfile.ZipFile(root / zip_part) as zf:
-            return zf.read(member)
-    return (root / ref).read_bytes()
+def read_bytes(root: Path, ref: str, *, zips: ZipFiles | None = None) -> bytes:
+    """Bytes of a file or zip member named by ``ref`` relative to ``root`` (``zips``: zips already opened)."""
+    if zips is not None:
+        return zips.read(root, ref)
+    with ZipFiles() as own:
+        return own.read(root, ref)
 
 
-def read_dataset(root: Path, ref: str, *, pixels: bool) -> pydicom.Dataset:
-    """Parse a DICOM file; raises HeaderError (PHI-free) for anything that is not readable DICOM."""
+def read_dataset(root: Path, ref: str, *, pixels: bool, zips: ZipFiles | None = None) -> pydicom.Dataset:
+    """Parse a DICOM file; raises HeaderError (PHI-free) for anything that is not readable DICOM, and
+    ZipRefused for a zip over the admission limits. A zip member's header (``pixels=False``) is parsed from its
+    first bytes: only those are inflated. ``zips``: the zips of this walk or series, opened once each."""
+    own = None if zips is not None else ZipFiles()
+    zips = zips or own
     try:
-        if ZIP_SEP in ref:
-            source: object = io.BytesIO(read_bytes(root, ref))
+        if split_ref(ref) is None:
+            ds = pydicom.dcmread(str(root / ref), stop_before_pixels=not pixels)
+        elif pixels:
+            ds = pydicom.dcmread(io.BytesIO(zips.read(root, ref)))
         else:
-            source = str(root / ref)
-        ds = pydicom.dcmread(source, stop_before_pixels=not pixels)
+            ds = parse_header_prefix(
+                lambda n: zips.header_bytes(root, ref, at_least=n),
+                parse=lambda f: pydicom.dcmread(f, stop_before_pixels=True),
+            )
     except InvalidDicomError:
         raise HeaderError("not a DICOM file (no DICM preamble)") from None
+    except ZipRefused:
+        raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError) as exc:
         raise HeaderError(f"unreadable DICOM ({type(exc).__name__})") from None
+    finally:
+        if own is not None:
+            own.close()
     if "SOPInstanceUID" not in ds:
         raise HeaderError("DICOM file without SOPInstanceUID")
     return ds
@@ -179,5 +192,5 @@ def header_of(ds: pydicom.Dataset, *, file: str) -> SliceHeader:
     )
 
 
-def read_header(root: Path, ref: str) -> SliceHeader:
-    return header_of(read_dataset(root, ref, pixels=False), file=ref)
+def read_header(root: Path, ref: str, *, zips: ZipFiles | None = None) -> SliceHeader:
+    return header_of(read_dataset(root, ref, pixels=False, zips=zips), file=ref)

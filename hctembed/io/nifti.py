@@ -95,6 +95,9 @@ def open_image(path: Path, *, max_voxels: int = MAX_VOXELS) -> tuple[nib.Nifti1I
     if min(shape) < 2:
         raise VolumeError(f"not a 3D volume: shape {tuple(img.shape)} has a singleton axis")
     check_voxel_count(shape, max_voxels=max_voxels)
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields:
+        raise VolumeError(f"voxel type {dtype.name if not dtype.fields else 'RGB'} is not a CT intensity")
     if not path.name.lower().endswith(".gz"):  # a plain file must hold what its header claims
         needed = int(img.dataobj.offset) + int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
         size = path.stat().st_size
@@ -130,7 +133,9 @@ def _inflate_at_most(path: Path, limit: int) -> np.ndarray:
     """Inflate a gzip file into one buffer of at most ``limit`` bytes (uint8 ``[<= limit]``): what follows the
     voxels the header declares is never held, so a small file that inflates to gigabytes (a gzip bomb)
     costs no more memory than its header says, and the header's size was checked before. The member holding
-    the last voxels is still inflated to its end (output dropped a megabyte at a time), so its CRC is checked."""
+    the last voxels is inflated on to its end (output dropped a megabyte at a time), so its CRC is checked,
+    unless it holds more than :func:`trailing_slack` past the image: then the file is refused there, without
+    inflating the rest."""
     out = np.empty(limit, np.uint8)
     filled, chunk, fresh = 0, b"", True
     inflater = _igzip_zlib.decompressobj(31)
@@ -150,12 +155,28 @@ def _inflate_at_most(path: Path, limit: int) -> np.ndarray:
                     if not chunk.strip(b"\x00"):
                         chunk = b""
         if filled == limit and not fresh:  # the member holding the last voxels: on to its checksum
+            extra, slack = 0, trailing_slack(limit)
             while not inflater.eof:
                 if not chunk and not (chunk := f.read(1 << 22)):
                     raise VolumeError("unreadable NIfTI voxel data (the gzip stream ends before its checksum)")
-                inflater.decompress(chunk, 1 << 20)
+                extra += len(inflater.decompress(chunk, 1 << 20))
                 chunk = inflater.unconsumed_tail
+                if extra > slack:
+                    raise trailing_error(slack)
     return out[:filled]
+
+
+def trailing_slack(image_bytes: int) -> int:
+    """How many bytes past the image its header declares a gzip member may still inflate to before the file is
+    refused: 1 MiB, or 1 % of the image (a file's own padding and extensions), not gigabytes of zeros."""
+    return max(1 << 20, image_bytes // 100)
+
+
+def trailing_error(slack: int) -> VolumeError:
+    return VolumeError(
+        f"the gzip stream inflates to over {slack / 2**20:.0f} MiB more than the image its header declares "
+        "(a gzip bomb or a damaged file)"
+    )
 
 
 def header_affine(img: nib.Nifti1Image) -> np.ndarray:

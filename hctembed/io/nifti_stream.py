@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hctembed.io.nifti import header_affine, open_image
+from hctembed.io.nifti import header_affine, open_image, trailing_error, trailing_slack
 from hctembed.volume import MAX_VOXELS, VolumeError, check_affine, ras_orientation
 
 try:
@@ -78,7 +78,7 @@ class NiftiStream:
             while not finished:
                 kind, value = ready.get()
                 if kind == "error":
-                    if isinstance(value, MemoryError):
+                    if isinstance(value, MemoryError | VolumeError):
                         raise value
                     raise VolumeError(f"unreadable NIfTI voxel data ({type(value).__name__}: {value})")
                 finished = kind == "end"
@@ -104,29 +104,38 @@ class NiftiStream:
 
 
 def _inflate(path: Path, buffer: np.ndarray, slice_bytes: int, ready: queue.Queue, stop: threading.Event) -> None:
-    """Inflate all of ``path`` into ``buffer`` (bytes past its end are dropped), telling ``ready`` how many
-    bytes are there: ``("progress", n)`` after each new whole slice; at the end of the file ``("end", n)``
-    once every gzip member's checksum has been verified, or ``("error", exception)``. Stops early when
-    ``stop`` is set."""
-    filled = last_reported = 0
+    """Inflate ``path`` into ``buffer``, telling ``ready`` how many bytes are there: ``("progress", n)`` after
+    each new whole slice; at the end of the file ``("end", n)`` once every gzip member's checksum has been
+    verified, or ``("error", exception)``. Each call inflates at most a few megabytes (``max_length``), so a
+    member of gigabytes of zeros never sits in memory at once; past the buffer's end at most
+    :func:`~hctembed.io.nifti.trailing_slack` bytes are inflated (to reach the checksum) before the file is
+    refused as a gzip bomb. Stops early when ``stop`` is set."""
+    filled = last_reported = extra = 0
     step = max(slice_bytes, CHUNK)
+    slack = trailing_slack(len(buffer))
     try:
         with open(path, "rb") as f:
             inflater, started = _zlib.decompressobj(31), False  # gzip: each member's CRC is checked at its end
             while not stop.is_set() and (data := f.read(CHUNK)):
-                while data:
+                capped = False  # the last call filled its max_length: output may be pending without more input
+                while (data or capped) and not stop.is_set():
                     if not started and not data.strip(b"\x00"):
                         break  # zero padding after the last member
                     started = True
-                    out = inflater.decompress(data)
                     room = len(buffer) - filled
-                    if room > 0 and out:
-                        n = min(room, len(out))
+                    cap = max(min(room, 4 * CHUNK), 0) or CHUNK
+                    out = inflater.decompress(data, cap)
+                    capped = len(out) == cap
+                    n = min(room, len(out))
+                    if n > 0:
                         buffer[filled : filled + n] = np.frombuffer(out, np.uint8, count=n)
                         filled += n
-                    data = b""
+                    extra += len(out) - n
+                    if extra > slack:
+                        raise trailing_error(slack)
+                    data = inflater.unconsumed_tail
                     if inflater.eof:  # the next member (multi-member gzip) starts in unused_data or the next read
-                        data = inflater.unused_data
+                        data, capped = inflater.unused_data, False
                         inflater, started = _zlib.decompressobj(31), False
                     if filled - last_reported >= step:
                         ready.put(("progress", filled))

@@ -11,9 +11,11 @@ import PIL.ImageDraw  # noqa: F401  the image head check's rasteriser: loaded no
 import torch
 
 from hctembed.head_check import image_looks_like_head
-from hctembed.io.archive import SeriesRef, load_series
+from hctembed.io.admission import Limits, check_grid
+from hctembed.io.archive import SeriesRef, load_series, load_volume
 from hctembed.io.nifti_stream import open_stream
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
+from hctembed.preprocessing.resample import grid_for
 from hctembed.preprocessing.threads import intra_op_threads
 from hctembed.volume import MAX_VOXELS, VolumeError
 
@@ -41,6 +43,7 @@ def prepare(
     use_stream = ref.format == "nifti" and streamed is not None
     stream = open_stream(ref.path, max_voxels=max_voxels) if use_stream else None
     if stream is not None:
+        check_resampled_grid(stream.affine, stream.shape_xyz, config=config, max_voxels=max_voxels)
         spacing = (float(config.spacing_mm),) * 3  # the isotropic grid the stream resamples onto
         look = (lambda hu: check_head(hu.numpy(), spacing_zyx=spacing)) if head_check else None
         with intra_op_threads():  # the inflate thread is this scan's second (hctembed.preprocessing.threads)
@@ -48,10 +51,31 @@ def prepare(
         source = stream
     else:
         volume = load_series(ref, max_voxels=max_voxels)
+        check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
         if head_check:
             check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
+
+
+def check_resampled_grid(affine, shape_xyz, *, config: AnyPreprocessConfig, max_voxels: int) -> None:
+    """Refuse (VolumeError) a scan whose isotropic grid (``config.spacing_mm``) would hold more than
+    ``max_voxels`` voxels, before it is allocated: a 290-byte NIfTI of 32 x 32 x 20 voxels that claims 156 mm
+    voxels would be resampled to 4,992 x 4,992 x 20."""
+    spacing = getattr(config, "spacing_mm", None)
+    if spacing:
+        grid = grid_for(affine=affine, shape_xyz=tuple(shape_xyz), spacing_mm=float(spacing))
+        check_grid(grid.shape, max_voxels=max_voxels, what=f"resampled to {float(spacing):g} mm, the scan")
+
+
+def prepare_file(
+    path, *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS, limits: Limits | None = None
+) -> torch.Tensor:
+    """One query file (NIfTI, or a DICOM series' file, folder or zip) -> the model input ``[C, Z, Y, X]``, through
+    the same admission checks as an archive's scans (declared voxels, zip limits, the resampled grid)."""
+    volume = load_volume(path, max_voxels=max_voxels, limits=limits)
+    check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
+    return preprocess(volume, config=config)
 
 
 def source_facts(source) -> dict[str, Any]:

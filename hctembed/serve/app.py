@@ -15,13 +15,14 @@ page, over one :class:`~hctembed.serve.state.ServerState`.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import logging
+import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -30,7 +31,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hctembed.errors import HctembedError
+from hctembed.errors import HctembedError, InputError
+from hctembed.serve.admission import MemoryBudget, ServerBusy, estimated_bytes
+from hctembed.serve.guard import Guard
+from hctembed.serve.limits import LOOPBACK_NAMES, ConnectionLimits, QueryLimits
 from hctembed.serve.page import PAGE
 from hctembed.serve.state import NotFound, ServerState
 
@@ -45,64 +49,74 @@ class ServeConfig:
     token: str | None = None  # required as ``Authorization: Bearer <token>`` on /api/* when set
     max_upload_mb: float = 2048.0
     poll_s: float = 2.0
-
-
-class Guard:
-    """ASGI middleware in front of everything else: with a token configured, every request but the page and the
-    API's documentation needs ``Authorization: Bearer <token>`` (checked before any of its body is read); and a
-    POST whose Content-Length is over ``max_bytes`` gets 413 unread, one without a length (chunked) is cut off
-    with 413 as soon as what arrived passes the limit."""
-
-    OPEN = ("/", "/docs", "/openapi.json", "/docs/oauth2-redirect")
-
-    def __init__(self, app, *, token: str | None, max_bytes: int) -> None:
-        self.app, self.token, self.max_bytes = app, token, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.token is not None and scope["path"] not in self.OPEN:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
-                return await _send_json(send, 401, "a bearer token is required", auth=True)
-        if scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        limit = f"the upload is over the limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)"
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _send_json(send, 413, limit)
-        received = 0
-
-        async def counted():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(413, limit)  # FastAPI passes an HTTPException raised while parsing through
-            return message
-
-        await self.app(scope, counted, send)
-
-
-async def _send_json(send, status: int, error: str, *, auth: bool = False) -> None:
-    body = JSONResponse({"error": error}, status_code=status).body
-    headers = [(b"content-type", b"application/json")] + ([(b"www-authenticate", b"Bearer")] if auth else [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host names the server answers to
+    queries: QueryLimits = field(default_factory=QueryLimits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 def create_app(config: ServeConfig, *, state: ServerState | None = None) -> FastAPI:
-    """The application over ``state`` (started here when not given)."""
+    """The application over ``state`` (started here when not given, and then stopped with the application:
+    its heartbeat goes when the server stops in order)."""
+    sweep_upload_folders()
+    owned = state is None
     if state is None:
         state = ServerState(config.db, poll_s=config.poll_s)
         state.start()
-    app = FastAPI(title="hctembed", summary="Search a head-CT archive by example", version="1", redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        try:
+            yield
+        finally:
+            if owned:
+                state.stop()
+
+    app = FastAPI(
+        title="hctembed", summary="Search a head-CT archive by example", version="1", redoc_url=None,
+        lifespan=lifespan,
+    )  # fmt: skip
     app.state.hctembed = state
-    app.add_middleware(Guard, token=config.token, max_bytes=int(config.max_upload_mb * 2**20))
+    app.add_middleware(
+        Guard, token=config.token, max_bytes=int(config.max_upload_mb * 2**20), allowed_hosts=config.allowed_hosts,
+        body_timeout_s=config.connections.body_timeout_s, max_requests=config.connections.max_requests,
+    )  # fmt: skip
     _errors(app)
-    _routes(app, state=state)
+    _routes(app, state=state, limits=config.queries)
     return app
+
+
+UPLOAD_PREFIX = "hctembed-query-"
+
+
+def sweep_upload_folders() -> list[Path]:
+    """Remove the upload folders a killed server left in the temporary folder (named with the pid of the
+    server that made them; one whose process is gone is left over). Returns what was removed."""
+    import shutil
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*"):
+        pid = folder.name[len(UPLOAD_PREFIX) :].split("-", 1)[0]
+        try:
+            mine = folder.is_dir() and folder.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if not mine or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed %d upload folders a stopped server left behind", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _errors(app: FastAPI) -> None:
@@ -119,6 +133,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound):
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(ServerBusy)
+    async def busy(_: Request, exc: ServerBusy):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(HctembedError)
     async def bad_input(_: Request, exc: HctembedError):
@@ -147,10 +165,11 @@ def _query_thread_start() -> None:
     use_process_threads()
 
 
-def _routes(app: FastAPI, *, state: ServerState) -> None:
+def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
     # uploads wait here, not in the pool that answers every other request; each thread starts with the process's
     # torch threads even if the other one is preprocessing (on one thread) at that moment
     embedding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hctembed-query", initializer=_query_thread_start)
+    budget = MemoryBudget(total_bytes=int(limits.memory_mb * 2**20))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -176,10 +195,10 @@ def _routes(app: FastAPI, *, state: ServerState) -> None:
         model: str | None = Query(None),
     ) -> dict:
         view = state.view(model)
-        with tempfile.TemporaryDirectory(prefix="hctembed-query-") as folder:
+        with tempfile.TemporaryDirectory(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-") as folder:
             path = await run_in_threadpool(_save_upload, file, Path(folder))
             loop = asyncio.get_running_loop()
-            xq = await loop.run_in_executor(embedding, _embed_query, state, view, path)
+            xq = await loop.run_in_executor(embedding, _embed_query, state, view, path, limits, budget)
         hits = state.search_vector(xq, view=view, k=k)
         return {"query": {"file": "uploaded", "model_id": view.model_id}, "hits": [h.to_dict() for h in hits]}
 
@@ -192,13 +211,37 @@ def _routes(app: FastAPI, *, state: ServerState) -> None:
         planes, windows = state.planes(scan_id, model=model)
         if planes is None:
             raise NotFound(f"scan {scan_id} has no stored pictures (embedded before they were kept)")
-        return Response(_thumbnail_png(scan_id, planes, windows), media_type="image/png")
+        labels = state.scan(scan_id)["labels"]
+        return Response(_thumbnail_png(scan_id, planes, windows, labels=labels), media_type="image/png")
 
 
-def _embed_query(state: ServerState, view, path: Path):
+# what reading an upload can raise besides hctembed's own errors: the file's content, not a bug of the server
+UNREADABLE = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError, AttributeError, NotImplementedError)
+
+
+def _embed_query(state: ServerState, view, path: Path, limits: QueryLimits, budget: MemoryBudget):
+    """An upload's vector, admitted first: its headers decide what it may cost (over the limits: 400; no room in
+    the memory budget now: 503). Error messages never name the server's temporary folder."""
     from hctembed.search import embed_file
 
-    return embed_file(state.encoder(view), path)
+    encoder = state.encoder(view)
+    spacing = getattr(encoder.preprocess, "spacing_mm", None)
+    try:
+        need = estimated_bytes(path, limits=limits, spacing_mm=spacing)
+        with budget.reserve(need, wait_s=limits.wait_s):
+            return embed_file(encoder, path, max_voxels=limits.max_query_voxels, limits=limits.file_limits())
+    except ServerBusy:
+        raise
+    except HctembedError as exc:
+        raise InputError(_without_folder(str(exc), path)) from None
+    except UNREADABLE as exc:
+        log.debug("an upload could not be read", exc_info=exc)
+        raise InputError(f"not a readable scan ({type(exc).__name__}: {_without_folder(str(exc), path)})") from None
+
+
+def _without_folder(message: str, path: Path) -> str:
+    """``message`` with the upload's temporary folder left out (its file name, chosen by the server, stays)."""
+    return message.replace(str(path.parent) + "/", "").replace(str(path.parent), "the upload")[:500]
 
 
 def _save_upload(file: UploadFile, folder: Path) -> Path:
@@ -220,11 +263,14 @@ def _save_upload(file: UploadFile, folder: Path) -> Path:
     return path
 
 
-def _thumbnail_png(scan_id: str, planes: bytes, windows: list[dict]) -> bytes:
+def _thumbnail_png(scan_id: str, planes: bytes, windows: list[dict], *, labels: dict[str, float]) -> bytes:
+    """The scan's montage column, stamped with its positive labels."""
     from hctembed.config import Window
-    from hctembed.pictures.montage import PanelPlanes, ScanPanel, render_montage
+    from hctembed.pictures.montage import PanelPlanes, ScanPanel, positive_labels, render_montage
 
-    panel = ScanPanel(title="", scan_id=scan_id, score=None, labels=(), planes=PanelPlanes.from_bytes(planes))
+    panel = ScanPanel(
+        title="", scan_id=scan_id, score=None, labels=positive_labels(labels), planes=PanelPlanes.from_bytes(planes)
+    )
     buf = io.BytesIO()
     shown = tuple(Window(**w) for w in windows) or (Window(40.0, 80.0),)
     render_montage([panel], out=buf, windows=shown, panel_px=150, header=False)

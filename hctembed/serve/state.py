@@ -86,13 +86,15 @@ class ServerState:
         self.db = Path(db)
         self.paths = SidecarPaths(self.db)
         self.poll_s = poll_s
-        self.feed = LiveFeed(self.paths.live)
+        self.feed = LiveFeed(self.paths.live, like=self.db)
         self.lock = threading.RLock()
         self.catalogue = Catalogue({}, {}, {}, {}, None, 0)
         self._seen: set[str] = set()
         self._db_seen: tuple | None = None  # the database's file signature when last found in a snapshot
         self._encoders: dict[int, Any] = {}
         self._encoder_lock = threading.Lock()
+        self._reader_lock = threading.Lock()
+        self._snapshot_store: tuple[Path, Store] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -107,10 +109,15 @@ class ServerState:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling, say goodbye to writers (the heartbeat goes), close the snapshot connection."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.feed.detach()
+        with self._reader_lock:
+            if self._snapshot_store is not None:
+                self._snapshot_store[1].close()
+                self._snapshot_store = None
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -202,26 +209,49 @@ class ServerState:
             if scan_id in view.planes:
                 return view.planes[scan_id], view.windows
             snapshot = self.catalogue.snapshot
-        if snapshot is not None and not snapshot.exists():  # replaced a moment ago: read the newer one
-            snapshot = latest_snapshot(self.db)
         if snapshot is None:
             return None, view.windows
-        with Store(snapshot, read_only=True) as store:
+        with self._reader_lock:  # one connection to the snapshot, shared: DuckDB connections opened per request
+            store = self._reader(snapshot)  # at once failed now and then (python_arrow_scan not found)
+            if store is None:
+                return None, view.windows
             found = store.collection(model_id=view.model_id, fingerprint=view.fingerprint).planes([scan_id])
         return found.get(scan_id), view.windows
+
+    def _reader(self, snapshot: Path) -> Store | None:
+        """The open read-only connection to ``snapshot`` (or, when it was replaced a moment ago, the newest one),
+        opened once and kept while it is current: an open file stays readable after a newer snapshot deletes
+        its name, so a request never loses the snapshot it started on. Call with ``_reader_lock`` held."""
+        if self._snapshot_store is not None and self._snapshot_store[0] == snapshot:
+            return self._snapshot_store[1]
+        if not snapshot.exists():
+            snapshot = latest_snapshot(self.db)
+            if snapshot is None:
+                return None
+        if self._snapshot_store is not None:
+            self._snapshot_store[1].close()
+        self._snapshot_store = (snapshot, Store(snapshot, read_only=True))
+        return self._snapshot_store[1]
 
     def encoder(self, view: CollectionView):
         """The encoder a view was embedded with, loaded once (torch and the weights)."""
         with self._encoder_lock:
             if view.collection_id not in self._encoders:
-                from hctembed.search import stored_encoder
+                from hctembed.search import encoder_of
 
                 snapshot = self.catalogue.snapshot
                 if snapshot is None:
                     raise InputError(f"model {view.model_id} is not in the snapshot yet; try again after the embed")
-                with Store(snapshot, read_only=True) as store:
+                with self._reader_lock:
+                    store = self._reader(snapshot)
+                    if store is None:
+                        raise InputError(f"model {view.model_id} is not in a snapshot yet; try again shortly")
                     collection = store.collection(model_id=view.model_id, fingerprint=view.fingerprint)
-                    self._encoders[view.collection_id] = stored_encoder(collection)
+                    model = collection.model()
+                # torch and the weights load outside the snapshot's lock
+                self._encoders[view.collection_id] = encoder_of(
+                    model, model_id=view.model_id, fingerprint=view.fingerprint
+                )
             return self._encoders[view.collection_id]
 
     def health(self) -> dict[str, Any]:

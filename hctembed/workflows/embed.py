@@ -212,7 +212,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     )  # fmt: skip
     with Store(request.db) as store:
         import_labels(store, table, origin)
-        feed = LiveFeed(store.paths.live)
+        feed = LiveFeed(store.paths.live, like=store.path)
         with progress.task("embedding", total=len(refs)) as advance:
             report = embed_archive(
                 refs=refs,

@@ -60,7 +60,7 @@ def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str 
 
     with Store(request.db) as store:
         import_labels(store, table, origin)
-        feed = LiveFeed(store.paths.live)
+        feed = LiveFeed(store.paths.live, like=store.path)
         with progress.task("merging parts", total=part_rows(request.shards)) as advance:
             merged = merge_shards(
                 folder=request.shards,

@@ -6,6 +6,7 @@ Row-wise inserts of 768-float lists are ~60x slower than Arrow, so every multi-r
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -68,12 +69,16 @@ class Database:
 
     def close(self) -> None:
         self._con.close()
+        if not self.read_only:
+            self._wal_as_private_as_the_database()
 
     # -- statements ---------------------------------------------------------------------------------
     def run(self, sql: str, params: list | None = None) -> None:
         """Execute a statement whose result is not needed."""
         with self._damage_is_one_line():
             self._con.execute(sql, params or [])
+        if not self._tx_depth and not self.read_only:  # a write outside a transaction may have made the log
+            self._wal_as_private_as_the_database()
 
     def rows(self, sql: str, params: list | None = None) -> list[tuple]:
         """Every row (read whole: DuckDB 2 refuses new work on a half-read result)."""
@@ -147,6 +152,18 @@ class Database:
                 f"could not commit to {self.path} ({first_line(exc)}); nothing of this batch was stored and "
                 "earlier batches are intact: free space (or fix the cause) and run again"
             ) from None
+        self._wal_as_private_as_the_database()
+
+    def _wal_as_private_as_the_database(self) -> None:
+        """DuckDB creates ``<db>.wal`` with the process's umask; it holds the same rows as the database, so it
+        gets the database's permissions (a private database, a private log)."""
+        wal = Path(str(self.path) + ".wal")
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+            if (os.stat(wal).st_mode & 0o777) != mode:
+                os.chmod(wal, mode)
+        except OSError:
+            return
 
 
 def json_column(values: list[Any]) -> pa.Array:
