@@ -8,11 +8,16 @@ per mode:
 * ``id``   ``GET /api/search?id=...&k=10`` (a random stored scan each time);
 * ``file`` ``POST /api/search?k=10`` with one of the archive's ``.nii.gz`` files.
 
+* ``hostile`` (with ``--hostile N``): the ``id`` mode again while ``N`` more threads send issue 27's hostile
+  uploads (``hostile_payloads.py``: zip and gzip bombs, absurd headers, 8,000-member zips) and hold 50 idle
+  half-sent connections each; the honest clients' p50 / p99 beside their ``id`` run alone, the hostile
+  requests' answers by status, and the server's peak memory (VmHWM) above its idle memory.
+
 Prints p50 / p99 latency and throughput per mode, the CLI's ``search --id`` and ``search FILE`` wall time
 (median of ``--cli-runs`` fresh processes), and the ratio CLI p50 / server p50; errors are counted, never
 retried. Writes ``benchmarks/results/serve_load.json``. Loopback only; bounded in clients and time.
 
-    python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--scans 40]
+    python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--scans 40] [--hostile 4]
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))  # hostile_payloads, beside this script
 
 MAX_CLIENTS, MAX_SECONDS = 64, 120
 
@@ -93,12 +100,74 @@ def drive(url: str, *, clients: int, seconds: float, request) -> dict:
     }
 
 
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(resident now, peak resident) of a process in MB, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def hostile_mix(url: str, port: int, *, threads: int, seconds: float) -> dict:
+    """``threads`` threads that, until their ``stop`` event (or twice ``seconds``), each hold 50 half-sent
+    connections open and send the hostile uploads in turn; returns the threads, the event and a live count
+    of the answers by status."""
+    import hostile_payloads
+
+    payloads = list(hostile_payloads.payloads().values())
+    statuses: dict[str, int] = {}
+    lock, stop = threading.Lock(), threading.Event()
+    deadline = time.perf_counter() + 2 * seconds
+
+    def worker(k: int) -> None:
+        idle = []
+        with httpx.Client(base_url=url, timeout=60) as client:
+            i = k
+            while not stop.is_set() and time.perf_counter() < deadline:
+                while len(idle) < 50:
+                    try:
+                        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                        s.sendall(b"GET /api/sea")  # never finished
+                        idle.append(s)
+                    except OSError:
+                        break
+                for s in [s for s in idle if not _still_open(s)]:  # closed by the server: let go of it
+                    s.close()
+                    idle.remove(s)
+                name, data, _ = payloads[i % len(payloads)]
+                i += 1
+                try:
+                    status = str(client.post("/api/search", files={"file": (name, data)}).status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    statuses[status] = statuses.get(status, 0) + 1
+        for s in idle:
+            s.close()
+
+    started = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for t in started:
+        t.start()
+    return {"threads": started, "stop": stop, "statuses": statuses}
+
+
+def _still_open(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.setblocking(True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--scans", type=int, default=40)
     parser.add_argument("--cli-runs", type=int, default=3)
+    parser.add_argument("--hostile", type=int, default=4, help="hostile client threads beside the honest ones")
     args = parser.parse_args()
     clients, seconds = min(args.clients, MAX_CLIENTS), min(args.seconds, MAX_SECONDS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +207,16 @@ def main() -> None:
 
             by_id = drive(url, clients=clients, seconds=seconds, request=one_id)
             by_file = drive(url, clients=clients, seconds=seconds, request=one_file)
+            hostile = None
+            if args.hostile:
+                idle_mb = memory_mb(server.pid)[0]
+                hostile = hostile_mix(url, port, threads=min(args.hostile, 16), seconds=seconds)
+                mixed = drive(url, clients=clients, seconds=seconds, request=one_id)
+                hostile["stop"].set()
+                for t in hostile.pop("threads"):
+                    t.join()
+                hostile.pop("stop")
+                hostile["peak_above_idle_mb"] = memory_mb(server.pid)[1] - idle_mb
         finally:
             server.terminate()
             server.wait(timeout=20)
@@ -145,6 +224,14 @@ def main() -> None:
         {"mode": "search by id", **by_id, "cli_s": cli_id, "cli_over_p50": cli_id / by_id["p50_s"]},
         {"mode": "search by file", **by_file, "cli_s": cli_file, "cli_over_p50": cli_file / by_file["p50_s"]},
     ]
+    if hostile is not None:
+        print(
+            f"hostile mix ({args.hostile} threads): honest p50 {mixed['p50_s'] * 1000:.1f} ms "
+            f"({mixed['p50_s'] / by_id['p50_s']:.2f}x alone), p99 {mixed['p99_s'] * 1000:.1f} ms "
+            f"({mixed['p99_s'] / by_id['p99_s']:.2f}x alone), honest errors {mixed['errors']}; hostile answers "
+            f"{hostile['statuses']}; peak {hostile['peak_above_idle_mb']:.0f} MB above idle",
+            flush=True,
+        )
     for r in rows:
         print(
             f"{r['mode']:15} {clients} clients: p50 {r['p50_s'] * 1000:7.1f} ms  p99 {r['p99_s'] * 1000:7.1f} ms  "
@@ -162,7 +249,8 @@ def main() -> None:
     }
     out = Path(__file__).parent / "results" / "serve_load.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=2))
+    extra = {"hostile": {**hostile, "honest_under_hostile": mixed}} if hostile is not None else {}
+    out.write_text(json.dumps({"facts": facts, "rows": rows, **extra}, indent=2))
     print(f"wrote {out}")
 
 

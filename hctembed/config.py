@@ -108,6 +108,14 @@ PREPROCESS_PRESETS: dict[str, PreprocessConfig | FitPreprocessConfig] = {
 }
 
 
+# (field, lowest, highest) of ViTConfig's whole numbers: wide enough for any encoder here, narrow enough that a
+# config cannot ask for an input or a model no machine holds (a 512³ input is 1.6 GB as three float32 windows)
+VIT_INT_RANGES = (
+    ("image_size", 8, 512), ("patch_size", 1, 64), ("in_channels", 1, 16), ("dim", 6, 8192),
+    ("depth", 1, 128), ("heads", 1, 256), ("mlp_dim", 1, 65536), ("register_tokens", 0, 64),
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ViTConfig:
     """A 3D ViT: cubic input ``image_size``³ with ``in_channels``, cut into ``patch_size``³ patches."""
@@ -129,6 +137,21 @@ class ViTConfig:
     stored_pos_embed: bool = False
 
     def __post_init__(self) -> None:
+        # a schema check first, so that a malformed config (from a weights file's metadata, say) is one line,
+        # never a ZeroDivisionError or TypeError from the arithmetic below
+        for name, low, high in VIT_INT_RANGES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise InputError(f"ViTConfig {name} must be a whole number from {low} to {high}, not {value!r}")
+        for name in ("qkv_bias", "stored_pos_embed"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"ViTConfig {name} must be true or false, not {getattr(self, name)!r}")
+        for name in ("block_norm_eps", "final_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < 1:
+                raise InputError(f"ViTConfig {name} must be a number between 0 and 1, not {value!r}")
+        if not isinstance(self.name, str):
+            raise InputError(f"ViTConfig name must be text, not {self.name!r}")
         if self.image_size % self.patch_size:
             raise InputError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
         if self.dim % self.heads:
@@ -149,6 +172,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        if not isinstance(data, dict):
+            raise InputError(f"a ViTConfig is a JSON object, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

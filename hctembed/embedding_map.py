@@ -8,7 +8,6 @@ Few distinct values (<= 12) or text give a categorical legend; more numeric valu
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -55,11 +54,12 @@ def project(x: np.ndarray, *, method: str = "pca", seed: int = 0) -> np.ndarray:
 
 
 def _csv_columns(path: Path) -> dict[str, dict[str, str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if "scan_id" not in (reader.fieldnames or []):
-            raise MapError(f"{path}: no scan_id column")
-        return {row["scan_id"].strip(): row for row in reader}
+    from hctembed.io.labels import ROW, read_csv_rows
+
+    fields, rows = read_csv_rows(path)
+    if "scan_id" not in fields:
+        raise MapError(f"{path}: no scan_id column")
+    return {row["scan_id"].strip(): {k: v for k, v in row.items() if k != ROW} for row in rows}
 
 
 def _number(value):

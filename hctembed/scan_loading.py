@@ -16,16 +16,28 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.allocator import retain_freed_memory
-from hctembed.head_check import NOT_HEAD
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess
-from hctembed.preprocessing.series import NotHeadError, check_head, prepare, source_facts
+from hctembed.preprocessing.series import SkipError, check_scan, prepare, source_facts
 from hctembed.volume import MAX_VOXELS, Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
 NON_FINITE = "the encoder gave a non-finite embedding (NaN or inf) for it"
+NOT_UNIT = "the encoder gave an embedding of norm {norm:.3g}, not 1 (zero weights?)"
+
+
+def usable_vectors(vectors: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """Which rows of ``vectors [n, dim]`` may be stored: finite and of unit norm (every encoder here returns
+    L2-normalised vectors; a zero vector, from weights cast to zero say, would match nothing). Returns the mask
+    and, per row, why it may not (None where it may)."""
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+    unit = np.abs(norms - 1.0) < 1e-3
+    why = [None if ok and u else NON_FINITE if not ok else NOT_UNIT.format(norm=n)
+           for ok, u, n in zip(finite, unit, norms, strict=True)]  # fmt: skip
+    return finite & unit, why
 
 
 @dataclass(frozen=True)
@@ -71,10 +83,11 @@ class ScanDataset(Dataset):
                 volume = load_series(ref, max_voxels=self.loading.max_voxels)
                 hu = torch.from_numpy(np.ascontiguousarray(volume.array))  # shared memory across processes
                 return Prepared(i, None, None, dict(ref.facts), decoded=(hu, volume.affine, volume.meta))
-            check = _head_check_for(self.loading, ref)
-            x, facts = prepare(ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=check)
-        except NotHeadError as exc:
-            return Prepared(i, None, f"{NOT_HEAD}: {exc}", skipped=True)
+            x, facts = prepare(
+                ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=self.loading.head_check
+            )
+        except SkipError as exc:
+            return Prepared(i, None, f"{exc.code}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
             return Prepared(i, None, ref.redact(str(exc)))
         except KeyboardInterrupt:
@@ -87,21 +100,15 @@ class ScanDataset(Dataset):
         return Prepared(i, x, None, {**ref.facts, **facts})
 
 
-def _head_check_for(loading: Loading, ref: SeriesRef) -> bool:
-    """Whether to run the image head test: asked for, and the header did not already say head (trusted)."""
-    return loading.head_check and ref.facts.get("header_region") != "head"
-
-
 def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, loading: Loading) -> Prepared:
     """A decoded item preprocessed in this process on ``loading.preprocess_device`` (head check first)."""
     hu, affine, meta = item.decoded
     try:
         volume = Volume(array=hu.numpy(), affine=affine, meta=meta)
-        if _head_check_for(loading, ref):
-            check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
+        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=loading.head_check)
         x = preprocess(volume, config=config, device=loading.preprocess_device)
-    except NotHeadError as exc:
-        return replace(item, reason=f"{NOT_HEAD}: {exc}", skipped=True, decoded=None)
+    except SkipError as exc:
+        return replace(item, reason=f"{exc.code}: {exc}", skipped=True, decoded=None)
     except VolumeError as exc:
         return replace(item, reason=ref.redact(str(exc)), decoded=None)
     return replace(item, x=x, meta={**item.meta, **source_facts(volume)}, decoded=None)
@@ -232,19 +239,19 @@ def _encode_batches(
             for item in batch
         ]  # fmt: skip
         good = [item for item in batch if item.x is not None]
-        vectors, planes, non_finite = np.zeros((0, encoder.dim), np.float32), None, set()
+        vectors, planes, non_finite = np.zeros((0, encoder.dim), np.float32), None, {}
         if good:
             vectors, planes = encoder.encode_with_planes(torch.stack([item.x for item in good]))
-            finite = np.isfinite(vectors).all(axis=1)
-            if not finite.all():  # never stored: such a vector matches nothing and breaks every score
-                non_finite = {item.position for item, ok in zip(good, finite, strict=True) if not ok}
-                vectors = vectors[finite]
-                planes = [p for p, ok in zip(planes, finite, strict=True) if ok] if planes else planes
+            usable, why = usable_vectors(vectors)
+            if not usable.all():  # never stored: such a vector matches nothing and breaks every score
+                non_finite = {item.position: why[i] for i, item in enumerate(good) if not usable[i]}
+                vectors = vectors[usable]
+                planes = [p for p, ok in zip(planes, usable, strict=True) if ok] if planes else planes
         next_planes = iter(planes or [])
         outcomes = []
         for item in batch:
             position, ref = todo[item.position]
-            reason = item.reason or (NON_FINITE if item.position in non_finite else None)
+            reason = item.reason or non_finite.get(item.position)
             shown = next(next_planes, None) if reason is None else None
             outcomes.append(
                 Outcome.of(position, ref, reason=reason, meta=item.meta, planes=shown, skipped=item.skipped)

@@ -67,10 +67,15 @@ def embed_file(encoder: Encoder, path: str | Path, *, max_voxels: int | None = N
     resampled grid) or the zip ``limits`` (:class:`hctembed.io.admission.Limits`) before anything of that size is
     read."""
     from hctembed.preprocessing.series import prepare_file
-    from hctembed.volume import MAX_VOXELS
+    from hctembed.scan_loading import usable_vectors
+    from hctembed.volume import MAX_VOXELS, VolumeError
 
     x = prepare_file(path, config=encoder.preprocess, max_voxels=max_voxels or MAX_VOXELS, limits=limits)
-    return encoder.encode(x[None])[0]
+    vector = encoder.encode(x[None])
+    usable, why = usable_vectors(vector)
+    if not usable[0]:
+        raise VolumeError(str(why[0]))
+    return vector[0]
 
 
 @dataclass(frozen=True)

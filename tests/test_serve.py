@@ -234,12 +234,19 @@ def test_the_page_shows_hits_in_headless_chromium(served, tmp_path):
         shot = tmp_path / "page.png"
         subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,900", f"{url}/?id={scan_id}"],
                        capture_output=True, timeout=120)  # fmt: skip
+        import httpx
+
+        hits = httpx.get(f"{url}/api/search", params={"id": scan_id, "k": 5}, timeout=30).json()["hits"]
     finally:
         server.terminate()
         server.wait(timeout=10)
     assert dom.stdout.count('class="hit"') == 5 and 'class="query"' in dom.stdout, dom.stdout[-2000:]
     assert "cosine" in dom.stdout and "5 hits" in dom.stdout
     assert dom.stdout.count("blob:") >= 6  # the thumbnails arrived (query and hits)
+    assert dom.stdout.count('data-loaded="1"') == 6 and 'data-loaded="0"' not in dom.stdout  # and were drawn
+    for hit in hits:  # each card says its scan's labels
+        positive = ", ".join(sorted(k for k, v in hit["labels"].items() if v == 1)) or "none positive"
+        assert f"{hit['scan_id']}</div>" in dom.stdout and f"labels: {positive}" in dom.stdout
     assert shot.exists() and shot.stat().st_size > 10_000
 
 

@@ -54,41 +54,106 @@ class LabelTable:
         return {s: p for s, p in zip(self.scan_ids, self.patient_ids, strict=True) if p}
 
 
-def read_labels(path: str | Path, *, columns: list[str] | None = None) -> LabelTable:
-    """Parse a labels CSV. Without ``columns``, every column whose non-empty values are all 0 or 1 is a label.
+ROW = "\0row"  # each row dict's own key: its line number in the file (never a header name)
+UNKNOWN = {"", "na", "n/a", "nan", "null", "none", "unknown", "?", "-"}  # a blank or NA cell: not known
+POSITIVE = {"1", "1.0", "true", "yes", "y", "positive", "pos"}
+NEGATIVE = {"0", "0.0", "false", "no", "n", "negative", "neg"}
 
-    Raises:
-        ValueError: no ``scan_id`` column, duplicate scan ids, a named column missing or not 0/1.
+
+def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's header and rows as every command reads it: UTF-8 with or without the BOM that Excel's "CSV UTF-8"
+    writes (other bytes read as Latin-1, with a warning), header names stripped of spaces, short rows padded
+    with blanks (cells that are not there are unknown); InputError for a header named twice or a row with more
+    cells than the header, naming the row."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("latin-1")
+        log.warning("%s is not UTF-8 (byte 0x%02x at offset %d): read as Latin-1", path.name, raw[exc.start], exc.start)
+    reader = csv.reader(text.splitlines())
+    header = [h.strip() for h in next(reader, [])]
+    twice = sorted({h for h in header if header.count(h) > 1 and h})
+    if twice:
+        raise InputError(f"{path.name}: column {twice[0]!r} is named twice in the header")
+    rows = []
+    for number, cells in enumerate(reader, start=2):  # row 1 is the header
+        if not any(c.strip() for c in cells):
+            continue  # a blank line
+        if len(cells) > len(header):
+            raise InputError(
+                f"{path.name}: row {number} has {len(cells)} cells but the header names {len(header)} columns"
+            )
+        rows.append({h: (cells[i] if i < len(cells) else "") for i, h in enumerate(header)} | {ROW: str(number)})
+    return header, rows
+
+
+def label_value(cell: str) -> float | None:
+    """A label cell as 1.0, 0.0 or NaN (blank, NA: unknown); None when it is none of these."""
+    text = cell.strip().lower()
+    if text in UNKNOWN:
+        return float("nan")
+    if text in POSITIVE:
+        return 1.0
+    if text in NEGATIVE:
+        return 0.0
+    return None
+
+
+def read_labels(path: str | Path, *, columns: list[str] | None = None) -> LabelTable:
+    """Parse a labels CSV (:func:`read_csv_rows`): ``scan_id``, optional ``patient_id``, and label columns whose
+    cells are 0/1 (also yes/no, true/false; blank or NA for unknown).
+
+    Without ``columns``, every other column is a label if all its cells read as such; each column left out is
+    named in a warning with the first cell that could not be read, so no label is dropped without a word. A
+    ``columns`` name that is missing, or a cell of one that cannot be read, is a one-line InputError naming the
+    row and the column.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        rows = list(reader)
+    fields, rows = read_csv_rows(path)
     if "scan_id" not in fields:
-        raise InputError(f"{path}: no scan_id column (columns: {fields})")
-    candidates = [c for c in fields if c not in ID_COLUMNS]
+        raise InputError(f"{path.name}: no scan_id column (columns: {', '.join(fields) or 'none'})")
+    candidates = [c for c in fields if c not in ID_COLUMNS and c]
     if columns is None:
-        columns = [c for c in candidates if _is_binary([r[c] for r in rows])]
+        columns = []
+        for c in candidates:
+            bad = _first_unreadable(rows, c)
+            if bad is None and any(label_value(r[c]) == label_value(r[c]) for r in rows):
+                columns.append(c)
+            elif bad is None:
+                log.warning("%s: column %r left out: every cell is blank or NA", path.name, c)
+            else:
+                log.warning(
+                    "%s: column %r left out: row %s holds %r, not 0/1 (blank or NA for unknown)",
+                    path.name, c, bad[ROW], bad[c].strip()[:40],
+                )  # fmt: skip
     else:
         missing = [c for c in columns if c not in fields]
         if missing:
-            raise InputError(f"{path}: no column(s) {missing}")
-        not_binary = [c for c in columns if not _is_binary([r[c] for r in rows])]
-        if not_binary:
-            raise InputError(f"{path}: column(s) {not_binary} hold values other than 0/1")
-    scan_ids = [r["scan_id"].strip() for r in rows]
+            raise InputError(f"{path.name}: no column(s) {missing} (columns: {', '.join(fields)})")
+        for c in columns:
+            bad = _first_unreadable(rows, c)
+            if bad is not None:
+                raise InputError(
+                    f"{path.name}: row {bad[ROW]}, column {c!r}: {bad[c].strip()[:40]!r} is not 0/1 "
+                    "(blank or NA for unknown)"
+                )
+    scan_ids = []
+    for r in rows:
+        scan_id = r["scan_id"].strip()
+        if not scan_id:
+            raise InputError(f"{path.name}: row {r[ROW]} has no scan_id")
+        scan_ids.append(scan_id)
     seen: set[str] = set()
     dupes = {s for s in scan_ids if s in seen or seen.add(s)}
     if dupes:
-        raise InputError(f"{path}: duplicate scan ids, e.g. {sorted(dupes)[:3]}")
-    values = np.array(
-        [[float(r[c]) if r[c].strip() != "" else np.nan for c in columns] for r in rows], dtype=np.float64
-    ).reshape(len(rows), len(columns))
+        raise InputError(f"{path.name}: duplicate scan ids, e.g. {sorted(dupes)[:3]}")
+    values = np.array([[label_value(r[c]) for c in columns] for r in rows], dtype=np.float64)
+    values = values.reshape(len(rows), len(columns))
     patients = [(r.get("patient_id") or "").strip() or None for r in rows]
     return LabelTable(scan_ids=scan_ids, patient_ids=patients, names=list(columns), values=values)
 
 
-def _is_binary(values: list[str]) -> bool:
-    present = [v.strip() for v in values if v is not None and v.strip() != ""]
-    return bool(present) and all(v in {"0", "1", "0.0", "1.0"} for v in present)
+def _first_unreadable(rows: list[dict[str, str]], column: str) -> dict[str, str] | None:
+    return next((r for r in rows if label_value(r[column]) is None), None)

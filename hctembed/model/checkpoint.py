@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 from hctembed.config import ViTConfig
-from hctembed.errors import HctembedError, first_line
+from hctembed.errors import HctembedError, InputError, first_line
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,26 @@ def read_config(path: str | Path) -> ViTConfig:
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
     if "config" in meta:
-        return ViTConfig.from_dict(json.loads(meta["config"]))
+        return config_from_json(meta["config"], where=f"{path.name}'s metadata")
     sidecar = path.with_suffix(".json")
     if sidecar.exists():
-        return ViTConfig.from_dict(json.loads(sidecar.read_text())["config"])
+        return _sidecar_config(path)
     raise CheckpointError(f"{path} carries no encoder config (no metadata 'config', no {sidecar.name})")
+
+
+def config_from_json(text: str | dict, *, where: str) -> ViTConfig:
+    """A ViTConfig from JSON text (or its parsed object), validated as a schema before any model is built: every
+    malformed value is a one-line CheckpointError naming ``where`` it came from."""
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+    except ValueError as exc:
+        raise CheckpointError(f"{where} is not valid JSON ({first_line(exc, limit=120)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: the encoder config is a {type(data).__name__}, not a JSON object")
+    try:
+        return ViTConfig.from_dict(data)
+    except InputError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def read_card(path: str | Path) -> dict:
@@ -129,11 +145,16 @@ def torch_load_safely(path: Path):
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zipfile errors
-        lines = str(exc).strip().splitlines()
-        cause = next((line for line in lines if "WeightsUnpickler error" in line), None)
-        cause = cause.split("WeightsUnpickler error:", 1)[1].strip() if cause else first_line(exc, limit=200)
+        text = str(exc)
+        found = re.search(r"(?:Unsupported global|GLOBAL) (?:GLOBAL )?([\w.]+)", text)
+        if found or "WeightsUnpickler" in text:  # torch's own advice (rerun with weights_only=False) is left out
+            what = f"objects of {found.group(1)}" if found else "objects other than tensors"
+            cause = f"it holds {what}, which only an unsafe load would create (it could run code)"
+        else:
+            cause = f"damaged or not a PyTorch file ({first_line(exc, limit=120)})"
         raise CheckpointError(
-            f"{path.name} cannot be read as weights (only tensors are loaded, never code): {cause[:200]}"
+            f"{path.name} cannot be read as weights: {cause}; hctembed loads tensors only. Save the weights as "
+            ".safetensors (or a plain state dict) where they were made"
         ) from None
 
 
@@ -157,14 +178,16 @@ def check_finite(state: Mapping[str, torch.Tensor]) -> None:
 
 
 def check_size(config: ViTConfig, state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a config that asks for far more parameters than the file holds, before building it."""
+    """Refuse a config that asks for far more than the file holds, before building it: its parameters and
+    everything else the model allocates (the fixed position embedding, one token per patch)."""
     from hctembed.model.catalogue import vit_params
 
-    wanted = vit_params(config)
+    wanted = vit_params(config) + (config.num_patches + 1) * config.dim  # the sine-cosine buffer too
     held = sum(int(t.numel()) for t in state.values() if torch.is_tensor(t))
     if wanted > MAX_PARAMETERS or wanted > 2 * held + 1_000_000:
         raise CheckpointError(
-            f"the file's config describes a {wanted:,}-parameter encoder but the file holds {held:,} values"
+            f"the file's config describes an encoder of {wanted:,} values ({config.image_size}³ input, "
+            f"{config.num_patches:,} patches) but the file holds {held:,}"
         )
 
 
@@ -188,6 +211,15 @@ def load_state_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor])
         if misshaped:
             parts.append(f"wrong shape {misshaped}")
         raise CheckpointError("checkpoint does not match the encoder: " + "; ".join(parts))
+    not_float = sorted(
+        f"{k} ({state[k].dtype})" for k in expected
+        if expected[k].is_floating_point() and not state[k].is_floating_point()
+    )  # fmt: skip
+    if not_float:
+        raise CheckpointError(
+            f"{len(not_float)} tensor(s) are not floating point, e.g. {not_float[0]}: cast weights would give "
+            "meaningless (zero) embeddings"
+        )
     check_finite(state)
     model.load_state_dict(dict(state), strict=True)
 
@@ -215,4 +247,10 @@ def _sidecar_config(path: Path) -> ViTConfig:
     sidecar = path.with_suffix(".json")
     if not sidecar.exists():
         raise CheckpointError(f"{path} needs a config: write {sidecar.name} or convert to .safetensors")
-    return ViTConfig.from_dict(json.loads(sidecar.read_text())["config"])
+    try:
+        data = json.loads(sidecar.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{sidecar.name} is not valid JSON ({first_line(exc, limit=120)})") from None
+    if not isinstance(data, dict) or "config" not in data:
+        raise CheckpointError(f"{sidecar.name} has no 'config' object")
+    return config_from_json(data["config"], where=sidecar.name)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hctembed.config import ViTConfig
-from hctembed.model.checkpoint import CheckpointError, load_state_strict, save_encoder, torch_load_safely
+from hctembed.model.checkpoint import CheckpointError, load_state_strict, read_weights, save_encoder, torch_load_safely
 from hctembed.model.vit3d import ViT3D
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ def _read_state(path: Path, *, entry: str | None) -> dict[str, torch.Tensor]:
     DINO checkpoint, or a fine-tuning checkpoint's ``state_dict``; any other layout is refused naming its
     entries. Non-tensor metadata (epochs, numpy losses) is read as data, never as code."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_weights(path)  # a damaged file: one line, not safetensors' own error
     obj = torch_load_safely(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path.name} holds a {type(obj).__name__}, not a checkpoint dictionary")

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.ImageDraw  # noqa: F401  the image head check's rasteriser: loaded now, not on the first scan's clock
 import torch
 
-from hctembed.head_check import image_looks_like_head
+from hctembed.head_check import NOT_HEAD, image_looks_like_head
 from hctembed.io.admission import Limits, check_grid
 from hctembed.io.archive import SeriesRef, load_series, load_volume
 from hctembed.io.nifti_stream import open_stream
@@ -20,8 +20,22 @@ from hctembed.preprocessing.threads import intra_op_threads
 from hctembed.volume import MAX_VOXELS, VolumeError
 
 
-class NotHeadError(VolumeError):
-    """The image is not a head CT (:func:`hctembed.head_check.image_looks_like_head`): a skip, not a failure."""
+class SkipError(VolumeError):
+    """A scan that is not what an archive is embedded for: recorded as skipped with ``code``, not as a failure."""
+
+    code = "skipped"
+
+
+class NotHeadError(SkipError):
+    """The image is not a head CT (:func:`hctembed.head_check.image_looks_like_head`)."""
+
+    code = NOT_HEAD
+
+
+class NotHuError(SkipError):
+    """The voxels are not Hounsfield units (a rescale that was not applied): embedding them would be wrong."""
+
+    code = "not_hu"
 
 
 def check_head(hu: np.ndarray, *, spacing_zyx) -> None:
@@ -29,6 +43,33 @@ def check_head(hu: np.ndarray, *, spacing_zyx) -> None:
     evidence = image_looks_like_head(hu, spacing_zyx=spacing_zyx)
     if not evidence.is_head:
         raise NotHeadError(f"not a head CT: {evidence.reason} (--allow-non-head keeps it)")
+
+
+def check_hu(hu: np.ndarray) -> None:
+    """Raise NotHuError when the volume's values do not look like Hounsfield units: every CT holds air (the
+    field of view around the patient, or padding) near -1000 HU, so when even its lowest percent sits above
+    -500, the stored values were not rescaled (e.g. raw detector units with air near +24, RescaleIntercept or
+    scl_inter missing)."""
+    sample = np.asarray(hu[::2, ::4, ::4], dtype=np.float32)
+    air = float(np.percentile(sample, 1))
+    if air <= -500:
+        return
+    tissue = sample[(sample > air + 200) & (sample < air + 1500)]
+    mode = ""
+    if tissue.size:
+        counts, edges = np.histogram(tissue, bins=64)
+        mode = f", soft tissue at {edges[int(np.argmax(counts))]:+.0f}"
+    raise NotHuError(
+        f"values look unrescaled (air at {air:+.0f}{mode}; HU has air at -1000): check RescaleIntercept / "
+        "RescaleSlope (DICOM) or scl_slope / scl_inter (NIfTI)"
+    )
+
+
+def check_scan(hu: np.ndarray, *, spacing_zyx, head_check: bool) -> None:
+    """The image checks of every scan before it is embedded: Hounsfield units always, the head when asked."""
+    check_hu(hu)
+    if head_check:
+        check_head(hu, spacing_zyx=spacing_zyx)
 
 
 def prepare(
@@ -45,15 +86,17 @@ def prepare(
     if stream is not None:
         check_resampled_grid(stream.affine, stream.shape_xyz, config=config, max_voxels=max_voxels)
         spacing = (float(config.spacing_mm),) * 3  # the isotropic grid the stream resamples onto
-        look = (lambda hu: check_head(hu.numpy(), spacing_zyx=spacing)) if head_check else None
+
+        def look(hu: torch.Tensor) -> None:
+            check_scan(hu.numpy(), spacing_zyx=spacing, head_check=head_check)
+
         with intra_op_threads():  # the inflate thread is this scan's second (hctembed.preprocessing.threads)
             x = streamed(stream, config=config, look=look)
         source = stream
     else:
         volume = load_series(ref, max_voxels=max_voxels)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
-        if head_check:
-            check_head(volume.array, spacing_zyx=volume.spacing_xyz[::-1])
+        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
 

@@ -51,7 +51,10 @@ function modelParam(sep) {
 }
 async function thumbnail(img, scanId) {
   const r = await api("/api/scans/" + encodeURIComponent(scanId) + "/thumbnail.png" + modelParam("?"));
-  if (r.ok) { img.src = URL.createObjectURL(await r.blob()); } else { img.alt = "no picture"; }
+  if (r.ok) {
+    img.onload = () => { img.dataset.loaded = "1"; };
+    img.src = URL.createObjectURL(await r.blob());
+  } else { img.alt = "no picture"; img.dataset.loaded = "0"; }
 }
 function card(title, hit, isQuery) {
   const fig = document.createElement("figure");
