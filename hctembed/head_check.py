@@ -1,22 +1,26 @@
-"""Is this a head CT? From the header where it says so, else from the image.
+"""Is this a head CT? The image decides; a header can add evidence that it is not.
 
-An archive export mixes head CT with chest, abdominal and spine CT, and an encoder pretrained on heads gives
-a body scan a vector anyway: it would be searched as a head. Two checks decide ``not_head`` (a recorded skip
-reason; ``--allow-non-head`` overrides both):
+An archive export mixes head CT with chest, abdominal, pelvic, spine and limb CT, and an encoder pretrained on
+heads gives a body scan a vector anyway: it would be searched as a head. Two checks decide ``not_head`` (a
+recorded skip reason; ``--allow-non-head`` overrides both):
 
 * **Header** (DICOM, when the archive is scanned, before any pixel is read): BodyPartExamined naming a body
-  region other than the head, or, where BodyPartExamined is empty, study or series descriptions naming only
-  body regions; or a reconstructed field of view wider than any head needs (:data:`MAX_HEAD_FOV_MM`).
-  Descriptions are matched in memory and never stored.
-* **Image** (every scan, on the HU volume it is loaded into): on axial slices through the middle of the
-  volume, a head is a cross-section of head size (:data:`BODY_AREA_CM2`, the patient and the convex hull of
-  its bone) whose bone forms a ring (:data:`MIN_RING` of the directions from its centre reach bone; a missing
-  bone flap leaves most of them) around tissue of brain density (0-90 HU: brain, blood) with little fat or
-  air, or a closed ring (:data:`CLOSED_RING`) around air with hardly any tissue beyond it (a dry-skull
-  phantom). An adult chest or abdomen is several times a head's cross-section; a small chest holds lung
-  inside a thick chest wall, an abdomen fat, and their bone covers fewer directions.
+  region other than the head (NECK is not one: a neck CT or a CTA holds the head at one end); else study or
+  series descriptions naming a body region in a whole word (a body word beats a head word: "CT CHEST" with
+  "AX 3MM cranio-caudal" is a chest, "L-SPINE NEUROFORAMINA" a spine); or a reconstructed field of view wider
+  than any head needs (:data:`MAX_HEAD_FOV_MM`). A header that says "head" proves nothing: the image test runs
+  on every scan. Descriptions are matched in memory and never stored.
+* **Image** (every scan, on the HU volume it is loaded into): axial slices every :data:`SAMPLE_MM` along the
+  whole z extent, so a head at one end of a head-and-neck scan or a CT angiogram from the aortic arch is found.
+  A slice is a cranial cross-section when it is of head size (:data:`BODY_AREA_CM2`, the patient and the convex
+  hull of its bone), its bone forms a ring (:data:`MIN_RING` of the directions from its centre reach bone; a
+  missing bone flap leaves most of them), only a scalp lies outside that ring (:data:`MAX_SCALP_MM` mean depth:
+  a pelvis, abdomen or knee has centimetres of muscle and fat around its bone), and the ring holds tissue of
+  brain density (0-90 HU: brain, blood) with little fat or air; or it is a closed ring (:data:`CLOSED_RING`)
+  around air with nothing beyond it (a dry-skull phantom). A head needs :data:`HEAD_SLICES_NEEDED` such slices.
+  Judged on a labelled set of synthetic and real volumes (tests/test_head_check.py; BENCHMARKS.md).
 
-Pure numpy/scipy on a few slices, resampled to about 2 mm: a few milliseconds per scan.
+Pure numpy/scipy on a few dozen slices at about 2 mm pixels: 5-50 milliseconds per scan.
 """
 
 from __future__ import annotations
@@ -30,17 +34,24 @@ from scipy import ndimage
 
 NOT_HEAD = "not_head"
 
-HEAD_PARTS = {"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "HEADNECK", "HEAD_NECK", "HEADANDNECK"}
+HEAD_PARTS = {"HEAD", "BRAIN", "SKULL", "CRANIUM", "CEREBRUM", "HEADNECK", "HEAD_NECK", "HEADANDNECK", "NECK"}
+# (a neck CT, or a CTA from the arch to the vertex, holds the head at one end: the image decides)
 BODY_PARTS = {
     "CHEST", "THORAX", "LUNG", "HEART", "ABDOMEN", "ABD", "PELVIS", "ABDOMENPELVIS", "CHESTABDOMEN",
-    "CHESTABDOMENPELVIS", "CAP", "WHOLEBODY", "BODY", "TRUNK", "LIVER", "KIDNEY", "SPINE", "CSPINE", "TSPINE",
-    "LSPINE", "SSPINE", "NECK", "SHOULDER", "ARM", "ELBOW", "WRIST", "HAND", "HIP", "LEG", "KNEE", "ANKLE",
+    "CHESTABDOMENPELVIS", "CAP", "WHOLEBODY", "BODY", "TRUNK", "LIVER", "KIDNEY", "SPINE", "TSPINE",
+    "LSPINE", "SSPINE", "SHOULDER", "ARM", "ELBOW", "WRIST", "HAND", "HIP", "LEG", "KNEE", "ANKLE",
     "FOOT", "EXTREMITY", "BREAST", "COLON", "AORTA",
 }  # fmt: skip
-_HEAD_WORDS = re.compile(r"head|brain|skull|cran|cereb|neuro|stroke|kopf|sch(a|ae|ä)del|t(ê|e)te|cabeza", re.I)
-_BODY_WORDS = re.compile(  # whole words where a short stem would match inside a head word (hippocampus)
-    r"chest|thora|\blungs?\b|pulmo|ctpa|cardiac|\bheart\b|coronar|\babd|pelvi|\bliver\b|hepat|\brenal\b|kidney|"
-    r"\bcolon|spine|lumbar|\bknees?\b|\bhips?\b|shoulder|extremit|aort|runoff|whole.?body|\bbauch|becken",
+# whole words only: "cranio-caudal" names no skull, "NEUROFORAMINA" no brain
+_HEAD_WORDS = re.compile(
+    r"\b(head|brain|skull|cranial|cranium|cerebral|cerebrum|neuro|stroke|kopf|sch(a|ae|ä)del|t(ê|e)te|cabeza|"
+    r"cerveau|craneo)\b",
+    re.I,
+)
+_BODY_WORDS = re.compile(
+    r"\b(chest|thorax|thoracic|lungs?|pulmonary|ctpa|cardiac|heart|coronary|abd|abdomen|abdominal|pelvis|pelvic|"
+    r"liver|hepatic|renal|kidneys?|colon|spine|spinal|[ctls]-?spine|lumbar|knees?|hips?|shoulders?|extremity|"
+    r"extremities|aorta|aortic|runoff|whole.?body|bauch|becken)\b",
     re.I,
 )
 MAX_HEAD_FOV_MM = 400.0  # heads are reconstructed at 180-300 mm; 400 mm and more is a body field of view
@@ -50,9 +61,13 @@ MIN_RING = 0.55  # an open ring (a missing bone flap) is a head only with brain 
 MIN_BRAIN_FRACTION = 0.6  # of the tissue inside the bone's hull at 0-90 HU
 MAX_AIR_FRACTION = 0.10  # inside the hull below -200 HU (lung)
 MAX_FAT_FRACTION = 0.15  # inside the hull at -200..-20 HU (abdominal fat)
-MAX_OUTSIDE_FRACTION = 0.15  # tissue beyond a closed ring around air, as a fraction of what it encloses: a
-# skull's scalp is thin (nothing on a dry-skull phantom), a chest wall thick
-HEAD_SLICES_NEEDED = 2  # of the slices checked through the middle of the volume
+BONE_HU = 250.0  # bone at about 2 mm pixels: a neonate's 1.5 mm skull averages down to 300-600 HU
+MAX_SCALP_MM = 14.0  # mean depth of tissue outside the bone's hull: a scalp is 3-8 mm (ears add a little);
+# a chest wall, the abdominal wall or the muscles and fat around a pelvis or a knee are 20-60 mm
+MAX_PHANTOM_SCALP_MM = 6.0  # around a closed ring of bone holding air: a dry-skull phantom has none, a chest lots
+SAMPLE_MM = 8.0  # axial slices looked at, every this far along z
+MAX_SAMPLES = 48
+HEAD_SLICES_NEEDED = 3  # cranial cross-sections needed anywhere along z (fewer slices sampled: all of them)
 
 
 def header_region(
@@ -68,10 +83,9 @@ def header_region(
     if part in HEAD_PARTS:
         return "head", f"BodyPartExamined is {part}"
     text = " ".join(d for d in descriptions if d)
-    head, body = bool(_HEAD_WORDS.search(text)), bool(_BODY_WORDS.search(text))
-    if body and not head:
-        return NOT_HEAD, "the study or series description names a body region, not the head"
-    if head:
+    if _BODY_WORDS.search(text):  # a body region beats the head: "CT CHEST" with "AX 3MM cranio-caudal"
+        return NOT_HEAD, "the study or series description names a body region"
+    if _HEAD_WORDS.search(text):
         return "head", "the study or series description names the head"
     return None, ""
 
@@ -88,26 +102,34 @@ class HeadEvidence:
 
 def image_looks_like_head(hu: np.ndarray, *, spacing_zyx: Sequence[float]) -> HeadEvidence:
     """The image test on a HU volume ``[Z, Y, X]`` (axial slices along Z, as volumes here are ordered) with
-    voxel sizes ``spacing_zyx`` (mm)."""
+    voxel sizes ``spacing_zyx`` (mm): axial slices every :data:`SAMPLE_MM` along the whole z extent (a
+    head-and-neck or CTA scan is a head CT whose head is at one end), a head where at least
+    :data:`HEAD_SLICES_NEEDED` of them are cranial cross-sections."""
     nz = hu.shape[0]
-    dy, dx = float(spacing_zyx[1]), float(spacing_zyx[2])
+    dz, dy, dx = (float(s) for s in spacing_zyx)
     step_y, step_x = max(1, int(2.0 / dy + 0.5)), max(1, int(2.0 / dx + 0.5))  # about 2 mm pixels
-    picks = sorted({int(f * (nz - 1) + 0.5) for f in np.linspace(0.3, 0.7, 7)})
-    pixel_cm2 = dy * step_y * dx * step_x / 100
-    results = [_slice_evidence(np.asarray(hu[z, ::step_y, ::step_x]), pixel_cm2=pixel_cm2) for z in picks]
+    step_z = max(1, int(SAMPLE_MM / dz + 0.5))
+    picks = list(range(step_z // 2, nz, step_z)) or [nz // 2]
+    if len(picks) > MAX_SAMPLES:
+        picks = sorted({int(v) for v in np.linspace(0, nz - 1, MAX_SAMPLES).round()})
+    pixel_mm = (dy * step_y * dx * step_x) ** 0.5
+    results = [_slice_evidence(np.asarray(hu[z, ::step_y, ::step_x]), pixel_mm=pixel_mm) for z in picks]
     head = sum(ok for ok, _ in results)
     needed = min(HEAD_SLICES_NEEDED, len(results))
     if head >= needed:
         return HeadEvidence(True, head, len(results), "")
     reasons = [why for ok, why in results if not ok]
     common = max(reasons, key=reasons.count)  # ties: the first slice's (deterministic)
-    why = f"{head} of {len(results)} middle slices look like a head ({common})"
+    why = f"{head} of {len(results)} slices along the scan look like a head ({common})"
     return HeadEvidence(False, head, len(results), why)
 
 
-def _slice_evidence(sl: np.ndarray, *, pixel_cm2: float) -> tuple[bool, str]:
-    bone = sl > 300
-    if bone.sum() * pixel_cm2 < 2.0:
+def _slice_evidence(sl: np.ndarray, *, pixel_mm: float) -> tuple[bool, str]:
+    """Whether one axial slice (HU, square pixels of ``pixel_mm``) is a cross-section of the cranium, and why
+    not."""
+    pixel_cm2 = pixel_mm**2 / 100
+    bone = sl > BONE_HU
+    if bone.sum() * pixel_cm2 < 1.0:
         return False, "no bone"
     hull = _convex_hull_mask(bone)
     body = _body(sl)
@@ -116,18 +138,22 @@ def _slice_evidence(sl: np.ndarray, *, pixel_cm2: float) -> tuple[bool, str]:
     if not lo <= area <= hi:
         return False, f"a cross-section of {area:.0f} cm2, not a head's {lo:.0f}-{hi:.0f}"
     inside = hull & ~ndimage.binary_dilation(bone, iterations=1)
-    if inside.sum() * pixel_cm2 < 20.0:
+    if inside.sum() * pixel_cm2 < 15.0:
         return False, "too little inside the bone"
     ring = _ring_coverage(bone, inside)
     if ring < MIN_RING:
         return False, f"bone in {ring:.0%} of the directions around it, not a skull's ring"
+    rim = hull & ~ndimage.binary_erosion(hull)
+    beyond = body & ~hull
+    outside_mm = float(beyond.sum()) * pixel_mm / max(float(rim.sum()), 1.0)  # mean depth of tissue beyond it
     values = sl[inside]
     air = float(np.mean(values < -200))
     if air > MAX_AIR_FRACTION:
-        beyond = float((body & ~hull).sum() / max(hull.sum(), 1))
-        if ring >= CLOSED_RING and beyond <= MAX_OUTSIDE_FRACTION:  # an empty skull (a phantom), not a chest
+        if ring >= CLOSED_RING and outside_mm <= MAX_PHANTOM_SCALP_MM:  # an empty skull (a phantom), not a chest
             return True, ""
         return False, f"{air:.0%} air inside the bone (lung?)"
+    if outside_mm > MAX_SCALP_MM:
+        return False, f"{outside_mm:.0f} mm of tissue around the bone (a scalp is under {MAX_SCALP_MM:.0f} mm)"
     fat = float(np.mean((values >= -200) & (values < -20)))
     if fat > MAX_FAT_FRACTION:
         return False, f"{fat:.0%} fat inside the bone"

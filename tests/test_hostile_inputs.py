@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import resource
 import signal
 import struct
@@ -198,9 +199,10 @@ def test_a_malicious_pickle_as_weights_is_refused_and_never_run(tmp_path):
     (tmp_path / "x.json").write_text('{"config": {"name": "vit-micro"}}')
     root = _archive(tmp_path, n=1)
     line = _one_line_error(_cli("embed", root, "--db", tmp_path / "h.duckdb", "--model", "vit-micro", "--weights", bad))
-    assert "never code" in line and not marker.exists()
+    assert "loads tensors only" in line and "could run code" in line and not marker.exists()
+    assert "weights_only" not in line and "False" not in line  # never torch's advice to load it unsafely
     line = _one_line_error(_cli("import-fmhct", bad, "--out", tmp_path / "o.safetensors"))
-    assert not marker.exists()
+    assert "loads tensors only" in line and not marker.exists()
 
 
 def test_nan_weights_and_absurd_metadata_are_refused_before_use(tmp_path):
@@ -230,7 +232,93 @@ def test_nan_weights_and_absurd_metadata_are_refused_before_use(tmp_path):
     )
     before = peak_rss_mb()
     line = _one_line_error(_cli("embed", root, "--db", db, "--model", "vit-micro", "--weights", huge))
-    assert "parameter encoder but the file holds 4 values" in line and peak_rss_mb() - before < 500
+    assert "dim must be a whole number from 6 to 8192, not 96000" in line and peak_rss_mb() - before < 500
+    # within every range, and still far more than the file holds: refused by its size, buffers included
+    config.update(dim=6144, depth=100, heads=64, mlp_dim=24576)
+    save_file({"w": torch.zeros(4)}, str(huge), metadata={"config": json.dumps(config)})
+    line = _one_line_error(_cli("embed", root, "--db", db, "--model", "vit-micro", "--weights", huge))
+    assert "the file holds 4" in line
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"patch_size": 0}', "patch_size must be a whole number from 1"),
+        ('{"dim": "96"}', "dim must be a whole number from 6 to 8192, not '96'"),
+        ('{"qkv_bias": "yes"}', "qkv_bias must be true or false"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"image_size": 960, "patch_size": 8}', "image_size must be a whole number from 8 to 512, not 960"),
+    ],
+)
+def test_malformed_configs_are_one_line_before_any_model_is_built(tmp_path, metadata, words):
+    import torch
+    from safetensors.torch import save_file
+
+    from hctembed.model.checkpoint import CheckpointError, load_encoder_weights
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(4)}, str(path), metadata={"config": metadata})
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        load_encoder_weights(path)
+
+
+def test_a_big_input_is_counted_with_its_position_embedding(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from hctembed.model.checkpoint import CheckpointError, load_encoder_weights
+
+    model = load_encoder("vit-micro", seed=0).model
+    config = dict(model.config.to_dict(), image_size=512, patch_size=8)  # 262,144 patches x 96 for 2.4 MB
+    path = tmp_path / "w.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"config": json.dumps(config)}
+    )
+    before = peak_rss_mb()
+    with pytest.raises(CheckpointError, match="262,144 patches"):
+        load_encoder_weights(path)
+    assert peak_rss_mb() - before < 100
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bool"])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    import torch
+
+    from hctembed.model.checkpoint import CheckpointError, load_encoder_weights, save_encoder
+
+    model = load_encoder("vit-micro", seed=0).model
+    path = tmp_path / "w.safetensors"
+    save_encoder(model, path)
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.to(getattr(torch, dtype)) for k, v in load_file(str(path)).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="not floating point"):
+        load_encoder_weights(path)
+
+
+def test_a_zero_embedding_is_never_stored(tmp_path, monkeypatch):
+    """Zero vectors (weights cast to zero, say) are a recorded failure, never a stored row."""
+    from hctembed.model.encoders import Encoder
+
+    root = _archive(tmp_path, n=2)
+    monkeypatch.setattr(Encoder, "encode_with_planes", lambda self, batch: (np.zeros((len(batch), self.dim)), None))
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    from typer.testing import CliRunner
+
+    from hctembed.cli.app import app
+
+    result = CliRunner().invoke(app, ["embed", str(root), "--db", str(tmp_path / "h.duckdb"), "--model", "vit-micro",
+                                      "--workers", "0", "--json"])  # fmt: skip
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["embedded"] == 0 and summary["failed"] == 2 and result.exit_code == 3
+    assert all("norm 0, not 1" in f["reason"] for f in summary["failures"])
 
 
 def test_a_non_finite_embedding_is_never_stored(tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def torch_load_safely(path: Path):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zipfile errors
         text = str(exc)
-        found = re.search(r"(?:Unsupported global|GLOBAL) (?:GLOBAL )?([\w.]+)", text)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
         if found or "WeightsUnpickler" in text:  # torch's own advice (rerun with weights_only=False) is left out
             what = f"objects of {found.group(1)}" if found else "objects other than tensors"
             cause = f"it holds {what}, which only an unsafe load would create (it could run code)"
