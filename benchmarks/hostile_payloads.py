@@ -94,7 +94,7 @@ def payloads() -> dict[str, tuple[str, bytes, str]]:
     return {
         # 1: one DICOM member that inflates to 512 MB: refused from the zip's directory
         "zip bomb": ("q.zip", zip_bomb(512), "inflates"),
-        # 2: 32 x 32 x 20 voxels of 156 mm: its 1 mm grid would be 4,992 x 4,992 x 20
+        # 2: 32 x 32 x 20 voxels of 156 mm: its 1 mm grid would be 4,837 x 4,837 x 20
         "huge voxels": ("q.nii.gz", nifti((32, 32, 20), (156.0, 156.0, 1.0)), "resampled to 1 mm"),
         # 3: a header declaring 1024 x 1024 x 1000 (the voxels never sent)
         "huge header": ("q.nii.gz", nifti((1024, 1024, 1000), (1.0, 1.0, 1.0), data_bytes=4096), "voxels"),

@@ -106,6 +106,25 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def each_hostile_upload(url: str, pid: int, *, idle_mb: float) -> list[dict]:
+    """Each hostile upload sent alone: its answer, wall time, the server's peak memory above idle so far, and
+    how long ``/health`` took right after it."""
+    import hostile_payloads
+
+    rows = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for what, (name, data, _) in hostile_payloads.payloads().items():
+            start = time.perf_counter()
+            status = client.post("/api/search", files={"file": (name, data)}).status_code
+            took = time.perf_counter() - start
+            start = time.perf_counter()
+            client.get("/health")
+            health = time.perf_counter() - start
+            rows.append({"what": what, "bytes": len(data), "status": status, "seconds": took,
+                         "peak_above_idle_mb": memory_mb(pid)[1] - idle_mb, "health_s": health})  # fmt: skip
+    return rows
+
+
 def hostile_mix(url: str, port: int, *, threads: int, seconds: float) -> dict:
     """``threads`` threads that, until their ``stop`` event (or twice ``seconds``), each hold 50 half-sent
     connections open and send the hostile uploads in turn; returns the threads, the event and a live count
@@ -210,6 +229,11 @@ def main() -> None:
             hostile = None
             if args.hostile:
                 idle_mb = memory_mb(server.pid)[0]
+                alone = each_hostile_upload(url, server.pid, idle_mb=idle_mb)
+                for row in alone:
+                    peak, health = row["peak_above_idle_mb"], row["health_s"] * 1000
+                    print(f"  {row['what']:13} {row['status']}  {row['seconds']:.2f} s  peak {peak:.0f} MB above "
+                          f"idle  /health {health:.0f} ms", flush=True)  # fmt: skip
                 hostile = hostile_mix(url, port, threads=min(args.hostile, 16), seconds=seconds)
                 mixed = drive(url, clients=clients, seconds=seconds, request=one_id)
                 hostile["stop"].set()
@@ -217,6 +241,7 @@ def main() -> None:
                     t.join()
                 hostile.pop("stop")
                 hostile["peak_above_idle_mb"] = memory_mb(server.pid)[1] - idle_mb
+                hostile["alone"] = alone
         finally:
             server.terminate()
             server.wait(timeout=20)

@@ -456,3 +456,26 @@ def test_the_checksum_of_the_member_holding_the_voxels_is_still_checked(tmp_path
     cut.write_bytes(good.read_bytes()[:-6])  # every voxel there, the trailer not
     with pytest.raises(VolumeError, match="checksum"):
         load_nifti(cut)
+
+
+def test_a_scan_without_its_rescale_is_skipped_as_not_hu_and_the_counts_agree(tmp_path, monkeypatch):
+    """Stored values that were never rescaled (air near +24, tissue near +1060) are not HU: the scan is skipped
+    with its own reason (not "not a head"), before the head test, and the summary's counts add up."""
+    from typer.testing import CliRunner
+
+    from hctembed.cli.app import app
+
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    root = tmp_path / "archive"
+    root.mkdir()
+    hu, affine = head_phantom_xyz(shape_xyz=(48, 56, 20), spacing=(4.0, 4.0, 8.0))
+    write_nifti(root / "good.nii.gz", hu, affine)
+    write_nifti(root / "raw.nii.gz", (hu.astype(np.int32) + 1024).astype(np.int16), affine)  # scl_inter 0
+    result = CliRunner().invoke(app, ["embed", str(root), "--db", str(tmp_path / "h.duckdb"), "--model",
+                                      "vit-micro", "--workers", "0", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["scans"], summary["embedded"], summary["skipped"], summary["failed"]) == (2, 1, 1, 0)
+    (skip,) = summary["skips"]
+    assert skip["source"] == "raw.nii.gz" and skip["code"] == "not_hu"
+    assert "soft tissue at +10" in skip["reason"] and "scl_inter" in skip["reason"] and "head" not in skip["reason"]

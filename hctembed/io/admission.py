@@ -90,6 +90,11 @@ class ZipFiles:
         """The opened zip, checked: member count, total inflated bytes, each member's inflate ratio."""
         path = Path(path)
         if path not in self._open:
+            declared = _declared_members(path)  # from the end record alone: 8,000 entries are never parsed
+            if declared is not None and declared > self.limits.max_zip_members:
+                raise ZipRefused(
+                    "zip_limit", f"{declared:,} members, over the limit of {self.limits.max_zip_members:,}"
+                )
             try:
                 zf = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -150,6 +155,24 @@ class ZipFiles:
         with zf.open(info) as member:
             data = member.read(at_least)
         return data, len(data) >= info.file_size
+
+
+def _declared_members(path: Path) -> int | None:
+    """The member count a zip's end-of-central-directory record declares (None when it cannot be read here, as
+    in a ZIP64 file; zipfile's own parse then counts)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 65_557))  # the record (22 bytes) and a comment of at most 65,535
+            tail = f.read()
+    except OSError:
+        return None
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + 22 > len(tail):
+        return None
+    total = int.from_bytes(tail[at + 10 : at + 12], "little")
+    return None if total == 0xFFFF else total
 
 
 def parse_header_prefix(read, *, parse) -> object:

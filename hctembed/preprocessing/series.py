@@ -46,22 +46,25 @@ def check_head(hu: np.ndarray, *, spacing_zyx) -> None:
 
 
 def check_hu(hu: np.ndarray) -> None:
-    """Raise NotHuError when the volume's values do not look like Hounsfield units: every CT holds air (the
-    field of view around the patient, or padding) near -1000 HU, so when even its lowest percent sits above
-    -500, the stored values were not rescaled (e.g. raw detector units with air near +24, RescaleIntercept or
-    scl_inter missing)."""
+    """Raise NotHuError when the volume's values do not look like Hounsfield units: CT holds air (the field of
+    view around the patient, or padding) near -1000 HU and soft tissue near 0-100; stored values that were not
+    rescaled (RescaleIntercept or scl_inter missing) have air near +24 and soft tissue near +1060. Flagged when
+    the lowest percent sits above -500 and the commonest tissue value above +500."""
     sample = np.asarray(hu[::2, ::4, ::4], dtype=np.float32)
     air = float(np.percentile(sample, 1))
     if air <= -500:
         return
+    # and soft tissue a rescale away from 0-100 HU: a volume cropped inside the head (no air) is still HU
     tissue = sample[(sample > air + 200) & (sample < air + 1500)]
-    mode = ""
-    if tissue.size:
-        counts, edges = np.histogram(tissue, bins=64)
-        mode = f", soft tissue at {edges[int(np.argmax(counts))]:+.0f}"
+    if tissue.size < 0.05 * sample.size:
+        return
+    counts, edges = np.histogram(tissue, bins=64)
+    mode = float(edges[int(np.argmax(counts))])
+    if mode < 500:
+        return
     raise NotHuError(
-        f"values look unrescaled (air at {air:+.0f}{mode}; HU has air at -1000): check RescaleIntercept / "
-        "RescaleSlope (DICOM) or scl_slope / scl_inter (NIfTI)"
+        f"values look unrescaled (air at {air:+.0f}, soft tissue at {mode:+.0f}; in HU they are -1000 and 0-100): "
+        "check RescaleIntercept / RescaleSlope (DICOM) or scl_slope / scl_inter (NIfTI)"
     )
 
 
@@ -104,7 +107,7 @@ def prepare(
 def check_resampled_grid(affine, shape_xyz, *, config: AnyPreprocessConfig, max_voxels: int) -> None:
     """Refuse (VolumeError) a scan whose isotropic grid (``config.spacing_mm``) would hold more than
     ``max_voxels`` voxels, before it is allocated: a 290-byte NIfTI of 32 x 32 x 20 voxels that claims 156 mm
-    voxels would be resampled to 4,992 x 4,992 x 20."""
+    voxels would be resampled to 4,837 x 4,837 x 20."""
     spacing = getattr(config, "spacing_mm", None)
     if spacing:
         grid = grid_for(affine=affine, shape_xyz=tuple(shape_xyz), spacing_mm=float(spacing))

@@ -241,6 +241,7 @@ def _embed_query(state: ServerState, view, path: Path, limits: QueryLimits, budg
 
 def _without_folder(message: str, path: Path) -> str:
     """``message`` with the upload's temporary folder left out (its file name, chosen by the server, stays)."""
+    message = message.replace("(--max-voxels)", "(--max-query-voxels)")  # the server's own option says it
     return message.replace(str(path.parent) + "/", "").replace(str(path.parent), "the upload")[:500]
 
 

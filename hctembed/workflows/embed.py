@@ -207,7 +207,8 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     table, origin = labels_of(request.archive, request.labels, locations=located)
     encoder = load_request_encoder(request)
     log.info(
-        "%d scans selected, %d skipped in %s; model %s, preprocessing %s",
+        "%d scans selected and %d skipped by their headers in %s (images are checked as they load); model %s, "
+        "preprocessing %s",
         len(refs), len(found.skipped), request.archive, encoder.model_id, encoder.fingerprint,
     )  # fmt: skip
     with Store(request.db) as store:
