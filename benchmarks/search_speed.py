@@ -18,6 +18,12 @@ the paper's RSNA run has 10,379 scans and 4 subtypes), against the score matrice
 
     python benchmarks/search_speed.py [--sizes 10000 100000] [--full] [--queries 1000] [--quick] [--eval-only]
     python benchmarks/search_speed.py --data lowrank --out benchmarks/results/search_speed_lowrank.json
+    python benchmarks/search_speed.py --data lowrank --sizes 1000000 --hnsw-sweep 32 48 --efs 128 192 256 384 512
+
+``--hnsw-sweep M ...`` builds one HNSW graph per ``M`` (efConstruction ``--ef-construction``) on the same vectors
+and, for each ``efSearch`` of ``--efs``, measures p50 / p99 and recall@10 on the held-out queries, with the build
+time and the process's peak memory: the table behind ``hctembed.index.choice``'s HNSW settings for large
+collections.
 
 Writes JSON to ``benchmarks/results/search_speed.json``.
 """
@@ -124,6 +130,52 @@ def _fmt(row: dict) -> str:
     )
 
 
+def hnsw_sweep(
+    n: int, *, dim: int, n_queries: int, seed: int, data: str, ms: list[int], efs: list[int], ef_construction: int
+) -> list[dict]:
+    """Per (M, efSearch): build seconds, p50 / p99 ms and recall@10 of ``IndexHNSWFlat`` against exact."""
+    import resource
+
+    rng = np.random.default_rng(seed)
+    make = lowrank_unit_vectors if data == "lowrank" else unit_vectors
+    xb = make(rng, n, dim)
+    xq = make(rng, n_queries, dim)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(xb)
+    exact_lat = latencies_ms(flat, xq[:100])
+    truth = flat.search(xq, 10)[1]
+    del flat
+    rows = []
+    for m in ms:
+        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        start = time.perf_counter()
+        index.add(xb)
+        build_s = time.perf_counter() - start
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        for ef in efs:
+            index.hnsw.efSearch = ef
+            lat = latencies_ms(index, xq)
+            found = index.search(xq, 10)[1]
+            rows.append({
+                "n": n, "dim": dim, "data": data, "M": m, "efConstruction": ef_construction, "efSearch": ef,
+                "build_s": round(build_s, 1), "peak_rss_gb": round(peak_gb, 2),
+                "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
+                "recall_at_10": round(recall_at(found, truth), 4),
+                "exact_p50_ms": round(float(np.percentile(exact_lat, 50)), 2),
+            })  # fmt: skip
+            r = rows[-1]
+            print(
+                f"N={n} HNSW{m} efC {ef_construction} efSearch {ef:5d}: build {build_s:7.1f} s  "
+                f"p50 {r['p50_ms']:7.3f} ms  "
+                f"p99 {r['p99_ms']:7.3f} ms  recall@10 {r['recall_at_10']:.4f}  (exact p50 {r['exact_p50_ms']} ms; "
+                f"peak {peak_gb:.1f} GB)",
+                flush=True,
+            )
+        del index
+    return rows
+
+
 def bench_all_vs_all(*, n: int, dim: int, repeats: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim), dtype=np.float32)
@@ -173,7 +225,27 @@ def main() -> None:
     )
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="index kinds (exact always)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_speed.json")
+    parser.add_argument("--hnsw-sweep", type=int, nargs="+", metavar="M", help="sweep HNSW M x efSearch instead")
+    parser.add_argument("--efs", type=int, nargs="+", default=[128, 192, 256, 384, 512])
+    parser.add_argument("--ef-construction", type=int, default=40)
     args = parser.parse_args()
+    if args.hnsw_sweep:
+        rows = [
+            row
+            for n in args.sizes
+            for row in hnsw_sweep(
+                n, dim=args.dim, n_queries=args.queries, seed=0, data=args.data, ms=args.hnsw_sweep, efs=args.efs,
+                ef_construction=args.ef_construction,
+            )
+        ]  # fmt: skip
+        out = args.out.with_name(args.out.stem + "_hnsw_sweep.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        facts = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                 "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
+                 "load_average_at_end": os.getloadavg()[0]}  # fmt: skip
+        out.write_text(json.dumps({"facts": facts, "sweep": rows}, indent=2))
+        print(f"wrote {out}")
+        return
     load_at_start = os.getloadavg()[0]
     sizes, dim, queries, eval_n = args.sizes + ([1_000_000] if args.full else []), args.dim, args.queries, args.eval_n
     if args.quick:

@@ -39,6 +39,7 @@ like a NIfTI file, so the same series gives the same Volume whichever way it was
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from hctembed.io.admission import ZipFiles
+from hctembed.io.admission import ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
+from hctembed.io.dicom_native import read_native
 from hctembed.io.selection import SelectionConfig
 from hctembed.io.slice_grid import AIR_HU, in_plane_grid, resample, slice_grid
 from hctembed.volume import MAX_VOXELS, Volume, VolumeError, check_affine, check_voxel_count, orient_to_ras
@@ -84,7 +86,7 @@ def load_dicom_series(
     claimed = 0
     with ZipFiles() as zips:  # each zip of the series opened once, not once per member
         for ref in files:
-            ds = _read_slice(root, ref, zips=zips)
+            ds, pixels = _read_slice(root, ref, zips=zips)
             try:
                 frame = (
                     int(ds.get("NumberOfFrames", 1) or 1),
@@ -96,7 +98,7 @@ def load_dicom_series(
             claimed += check_voxel_count(frame, max_voxels=max_voxels, what="a slice header")
             if claimed > max_voxels:
                 raise VolumeError(f"the series' headers claim over {max_voxels:,} voxels in all (--max-voxels)")
-            slices.extend(_slices_of(ds))
+            slices.extend(_slices_of(ds, pixels=pixels))
     if not slices:
         raise VolumeError("no image slices")
     if any(s.rescale_missing for s in slices):
@@ -104,9 +106,14 @@ def load_dicom_series(
     return assemble(slices, flags=flags, config=config, max_voxels=max_voxels)
 
 
-def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> pydicom.Dataset:
+def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> tuple[pydicom.Dataset, np.ndarray | None]:
+    """One file's header and, for an uncompressed single-frame slice, its stored values read straight from the
+    file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom."""
+    native = read_native(root / ref if split_ref(ref) is None else io.BytesIO(zips.read(root, ref)))
+    if native is not None:
+        return native
     try:
-        return read_dataset(root, ref, pixels=True, zips=zips)
+        return read_dataset(root, ref, pixels=True, zips=zips), None
     except HeaderError as exc:
         raise VolumeError(f"unreadable slice file: {exc}") from None
 
@@ -141,9 +148,10 @@ def _rescale(item) -> tuple[float, float, bool]:
     return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0), False
 
 
-def _slices_of(ds: pydicom.Dataset) -> list[_Slice]:
+def _slices_of(ds: pydicom.Dataset, *, pixels: np.ndarray | None = None) -> list[_Slice]:
+    """The slices of one file; ``pixels``: its stored values when already read (else decoded here)."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    pixels = _decode(ds)
+    pixels = _decode(ds) if pixels is None else pixels
     padding = _padding(ds)
     if frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         if pixels.ndim != 2:

@@ -1,0 +1,127 @@
+"""The native DICOM read path (hctembed/io/dicom_native.py) gives pydicom's values bit for bit, and whole series
+the same volumes as pydicom's full read: written test series (explicit and implicit VR, signed and unsigned,
+12 of 16 bits stored with stray high bits), a zip, and the shared real Philips series; what it does not handle
+(compressed, multi-frame) falls back."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import SeriesSpec, write_series
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+
+from hctembed.io import dicom as dicom_module
+from hctembed.io.archive import scan_archive
+from hctembed.io.dicom import load_dicom_series
+from hctembed.io.dicom_native import read_native
+
+PHILIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dcm_qa_ct_philips"
+
+
+def _rewrite(path: Path, **changes) -> None:
+    ds = pydicom.dcmread(path)
+    syntax = changes.pop("syntax", None)
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _variants(tmp_path: Path) -> dict[str, list[Path]]:
+    out = {"explicit signed": write_series(tmp_path / "a", SeriesSpec(n=12, seed=1))}
+    implicit = write_series(tmp_path / "b", SeriesSpec(n=12, seed=2))
+    for p in implicit:
+        _rewrite(p, syntax=ImplicitVRLittleEndian)
+    out["implicit"] = implicit
+    unsigned = write_series(tmp_path / "c", SeriesSpec(n=12, seed=3))
+    for p in unsigned:  # 12 of 16 bits, unsigned, with stray bits above the stored ones
+        ds = pydicom.dcmread(p)
+        raw = np.frombuffer(ds.PixelData, np.int16).astype(np.int32) + 1024
+        words = (np.clip(raw, 0, 4095) | 0xA000).astype(np.uint16)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
+        ds.RescaleIntercept = -2048
+        ds.PixelData = words.tobytes()
+        ds.save_as(p, enforce_file_format=True)
+    out["unsigned 12 bits, stray high bits"] = unsigned
+    signed12 = write_series(tmp_path / "d", SeriesSpec(n=12, seed=4))
+    for p in signed12:  # 12 of 16 bits, signed: the sign is bit 11
+        ds = pydicom.dcmread(p)
+        values = np.frombuffer(ds.PixelData, np.int16).astype(np.int32)
+        words = (values & 0x0FFF) | 0x5000  # stray bits above the twelve
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.PixelData = words.astype(np.uint16).tobytes()
+        ds.save_as(p, enforce_file_format=True)
+    out["signed 12 bits"] = signed12
+    return out
+
+
+def test_stored_values_equal_pydicoms_pixel_array(tmp_path):
+    for what, paths in _variants(tmp_path).items():
+        for path in paths:
+            native = read_native(path)
+            assert native is not None, what
+            ds, pixels = native
+            reference = pydicom.dcmread(path).pixel_array
+            assert pixels.dtype == reference.dtype and np.array_equal(pixels, reference), what
+            assert {"ImagePositionPatient", "RescaleIntercept", "PixelSpacing"} <= set(ds.dir())
+
+
+def _both_ways(root: Path, files, monkeypatch) -> tuple:
+    fast = load_dicom_series(root, files)
+    with monkeypatch.context() as m:
+        m.setattr(dicom_module, "read_native", lambda source: None)  # pydicom's full read, as before
+        slow = load_dicom_series(root, files)
+    return fast, slow
+
+
+def _same(a, b) -> None:
+    assert a.array.dtype == b.array.dtype and a.array.shape == b.array.shape
+    assert np.array_equal(a.array.view(np.uint32), b.array.view(np.uint32))  # bit for bit, NaN-safe
+    assert np.array_equal(a.affine, b.affine) and a.meta == b.meta
+
+
+def test_volumes_are_bit_identical_to_the_full_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    for paths in _variants(tmp_path).values():
+        found = scan_archive(paths[0].parent)
+        ref = found.selected[0]
+        _same(*_both_ways(ref.root, ref.files, monkeypatch))
+    # tilted, two zones, and inside a zip
+    write_series(tmp_path / "tilt", SeriesSpec(n=16, tilt_deg=18.5, seed=5))
+    ref = scan_archive(tmp_path / "tilt").selected[0]
+    _same(*_both_ways(ref.root, ref.files, monkeypatch))
+    paths = write_series(tmp_path / "z", SeriesSpec(n=12, seed=6))
+    with zipfile.ZipFile(tmp_path / "s.zip", "w") as zf:
+        for p in paths:
+            zf.write(p, f"series/{p.name}")
+    (tmp_path / "zipped").mkdir()
+    (tmp_path / "s.zip").rename(tmp_path / "zipped" / "s.zip")
+    ref = scan_archive(tmp_path / "zipped").selected[0]
+    _same(*_both_ways(ref.root, ref.files, monkeypatch))
+
+
+@pytest.mark.skipif(not PHILIPS.is_dir(), reason="the shared Philips series (../shared/data) is absent")
+@pytest.mark.parametrize("series", ["S21570/S2010", "S21610/S2010"])
+def test_the_real_philips_series_is_bit_identical(series, tmp_path, monkeypatch):
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    found = scan_archive(PHILIPS / series)
+    ref = max(found.selected, key=lambda r: len(r.files))
+    assert all(read_native(ref.root / f) is not None for f in ref.files)  # every file takes the fast path
+    _same(*_both_ways(ref.root, ref.files, monkeypatch))
+
+
+def test_what_it_does_not_read_falls_back(tmp_path):
+    paths = write_series(tmp_path / "rle", SeriesSpec(n=2, seed=7))
+    ds = pydicom.dcmread(paths[0])
+    ds.compress(RLELossless)
+    ds.save_as(paths[0], enforce_file_format=True)
+    assert read_native(paths[0]) is None and read_native(paths[1]) is not None
+    assert read_native(io.BytesIO(b"not dicom at all" * 20)) is None
+    short = paths[1].read_bytes()[:-100]
+    assert read_native(io.BytesIO(short)) is None  # a truncated file: the full reader names the problem
