@@ -69,7 +69,22 @@ def test_stored_values_equal_pydicoms_pixel_array(tmp_path):
             ds, pixels = native
             reference = pydicom.dcmread(path).pixel_array
             assert pixels.dtype == reference.dtype and np.array_equal(pixels, reference), what
-            assert {"ImagePositionPatient", "RescaleIntercept", "PixelSpacing"} <= set(ds.dir())
+            assert {"ImagePositionPatient", "RescaleIntercept", "PixelSpacing"} <= set(ds)
+            _same_header(ds, pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def _same_header(ds, reference) -> None:
+    """Every tag the native header decoded has pydicom's value."""
+    for keyword, value in ds.items():
+        expected = reference.get(keyword)
+        if keyword.endswith("Sequence"):
+            assert keyword in reference
+        elif isinstance(value, list):
+            assert value == [float(v) for v in expected], keyword
+        elif isinstance(value, str):
+            assert value == str(expected), keyword
+        else:
+            assert value == expected and type(value)(expected) == value, keyword
 
 
 def _both_ways(root: Path, files, monkeypatch) -> tuple:
@@ -113,6 +128,8 @@ def test_the_real_philips_series_is_bit_identical(series, tmp_path, monkeypatch)
     found = scan_archive(PHILIPS / series)
     ref = max(found.selected, key=lambda r: len(r.files))
     assert all(read_native(ref.root / f) is not None for f in ref.files)  # every file takes the fast path
+    for name in ref.files[:3]:
+        _same_header(read_native(ref.root / name)[0], pydicom.dcmread(ref.root / name, stop_before_pixels=True))
     _same(*_both_ways(ref.root, ref.files, monkeypatch))
 
 
@@ -125,3 +142,22 @@ def test_what_it_does_not_read_falls_back(tmp_path):
     assert read_native(io.BytesIO(b"not dicom at all" * 20)) is None
     short = paths[1].read_bytes()[:-100]
     assert read_native(io.BytesIO(short)) is None  # a truncated file: the full reader names the problem
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(1.0, -1024.0), (1.0, 0.0), (0.5, -1000.0), (2.0, -3000.0)])
+@pytest.mark.parametrize("padding", [None, (-2000.0, -2000.0)])
+def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding):
+    """``_to_hu``'s one-pass shortcuts (no multiply for a slope of 1, no clamp when nothing maps below air) give
+    the float32 of rescale, padding and clamp done in full, bit for bit."""
+    from hctembed.io.dicom import AIR_HU, _Slice, _to_hu
+
+    rng = np.random.default_rng(0)
+    for low in (-2000, 0, 1000):  # stored values that do, and do not, map below air
+        raw = rng.integers(low, 4000, size=(64, 64)).astype(np.int16)
+        s = _Slice(np.zeros(3), np.zeros(6), (1.0, 1.0), raw, slope, intercept, padding, False)
+        got = _to_hu(s, out=np.empty(raw.shape, np.float32))
+        want = np.multiply(raw, np.float32(slope), dtype=np.float32) + np.float32(intercept)
+        if padding is not None:
+            want[(raw >= padding[0]) & (raw <= padding[1])] = AIR_HU
+        want = np.maximum(want, np.float32(AIR_HU))
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (slope, intercept, low)

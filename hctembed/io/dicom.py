@@ -268,13 +268,23 @@ def assemble(
 
 
 def _to_hu(s: _Slice, *, out: np.ndarray) -> np.ndarray:
-    """Stored values -> HU in ``out [rows, cols]`` (float32): rescale, padding and out-of-field to air."""
-    np.multiply(s.raw, np.float32(s.slope), out=out, casting="unsafe")
-    out += np.float32(s.intercept)
+    """Stored values -> HU in ``out [rows, cols]`` (float32): rescale, padding and out-of-field to air.
+
+    A slope of 1 (most CT) skips the multiply, and the clamp to air runs only when the lowest stored value
+    maps below it (float32 arithmetic is monotonic, so the lowest value decides): the same numbers, bit for
+    bit, in one pass over the slice instead of three."""
+    slope, intercept = np.float32(s.slope), np.float32(s.intercept)
+    if slope == 1:  # x * 1 is x exactly: the sum alone gives the same float32
+        np.add(s.raw, intercept, out=out, casting="unsafe")
+    else:
+        np.multiply(s.raw, slope, out=out, casting="unsafe")
+        out += intercept
     if s.padding is not None:
         lo, hi = s.padding
         out[(s.raw >= lo) & (s.raw <= hi)] = AIR_HU
-    np.maximum(out, AIR_HU, out=out)  # out-of-field values (-2048, -3024) are air
+    extreme = s.raw.min() if slope > 0 else s.raw.max()
+    if slope <= 0 or np.float32(extreme) * slope + intercept < AIR_HU:
+        np.maximum(out, AIR_HU, out=out)  # out-of-field values (-2048, -3024) are air
     return out
 
 

@@ -1,16 +1,18 @@
-"""Uncompressed single-frame DICOM read at the decode floor: each file's header parsed once, for the few tags the
-assembly needs, and its pixel bytes read straight into a numpy array.
+"""Uncompressed single-frame DICOM read at the decode floor: each file's header walked once, decoding only the
+tags the assembly needs, and its pixel bytes copied straight into the slice's array.
 
 Real scanner files carry hundreds of tags (125 per slice on the shared Philips series, most of them private)
-that assembling a volume never looks at; parsing every one of them and then decoding through pydicom's pixel
-handlers cost 0.39 s of a 140-file series' 0.55 s of loading. Here a file is parsed up to its pixel data
-element, keeping only :data:`LOAD_TAGS`, and the pixel element's value (``Rows x Columns`` little-endian 16-bit
-words: explicit or implicit VR little endian) is read with ``readinto`` into the array the slice will use.
+that assembling a volume never looks at; pydicom parses every element into a Python object (about 1 ms a file
+here, even when asked for a few tags) before its pixel handlers decode the values. :func:`parse_header` instead
+steps over the elements of an explicit or implicit VR little-endian file by their lengths (sequences of
+undefined length item by item), decodes only :data:`_WANTED` (as pydicom would: DS and IS strings to numbers,
+US/SS by the VR or PixelRepresentation), and finds the pixel element; its ``Rows x Columns`` 16-bit words are
+then copied (or read with ``readinto``) into the array the slice keeps.
 
 Anything else (compressed or big-endian transfer syntaxes, multi-frame or enhanced files, other bit depths,
-colour) returns None, and the caller decodes it through pydicom's handlers as before. The values are the
-same as ``Dataset.pixel_array``'s, bit for bit (tests/test_dicom_native.py, on every DICOM the tests write and
-the shared real series).
+colour, an element this walker does not take) returns None, and the caller reads the file through pydicom as
+before. The values are the same as ``Dataset.pixel_array``'s and the volumes the same as pydicom's full read, bit
+for bit (tests/test_dicom_native.py: every kind of DICOM the tests write, a zip, and the shared real series).
 """
 
 from __future__ import annotations
@@ -19,53 +21,232 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pydicom
-from pydicom.tag import Tag
 
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2.1": True, "1.2.840.10008.1.2": False}  # UID -> explicit VR
-LOAD_TAGS = [
-    "SOPInstanceUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated", "BitsStored",
-    "PixelRepresentation", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient",
-    "PixelSpacing", "RescaleSlope", "RescaleIntercept", "PixelPaddingValue", "PixelPaddingRangeLimit",
-    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
-]  # fmt: skip
-PIXEL_DATA = Tag(0x7FE0, 0x0010)
-_PIXEL_TAG_BYTES = b"\xe0\x7f\x10\x00"
 
 
-def read_native(source: Path | BinaryIO) -> tuple[pydicom.Dataset, np.ndarray] | None:
+def read_native(source: Path | BinaryIO) -> tuple[NativeHeader, np.ndarray] | None:
     """``(header with the load tags, stored values [rows, cols])`` of an uncompressed single-frame slice (a file,
     or a zip member's bytes as a file object), or None when it is anything else (the caller then reads it whole
     through pydicom)."""
     if isinstance(source, Path):
         with open(source, "rb") as f:
             return read_native(f)
-    try:
-        ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=LOAD_TAGS)
-    except Exception:  # let the full reader say what is wrong with it
+    start = source.tell()
+    head = source.read(HEAD_BYTES)
+    parsed = parse_header(head)
+    if parsed is None and len(head) == HEAD_BYTES:  # a header longer than the first read: the whole file
+        source.seek(start)
+        head = source.read()
+        parsed = parse_header(head)
+    if parsed is None:
         return None
-    explicit = NATIVE_SYNTAXES.get(str(getattr(ds.file_meta, "TransferSyntaxUID", "")))
-    if explicit is None or "SOPInstanceUID" not in ds or not _plain_16_bit_slice(ds):
+    ds, offset, length = parsed
+    if "SOPInstanceUID" not in ds or not _plain_16_bit_slice(ds):
         return None
-    head = source.read(12 if explicit else 8)
-    if len(head) < 8 or head[:4] != _PIXEL_TAG_BYTES:
-        return None
-    if explicit:
-        if len(head) < 12 or head[4:6] not in (b"OW", b"OB"):
-            return None
-        length = int.from_bytes(head[8:12], "little")
-    else:
-        length = int.from_bytes(head[4:8], "little")
     rows, cols = int(ds.Rows), int(ds.Columns)
-    if length != rows * cols * 2:  # undefined length (encapsulated), padding, or a short file
+    if length != rows * cols * 2:  # undefined length (encapsulated), padding, or odd sizes
         return None
     pixels = np.empty((rows, cols), "<i2" if int(ds.PixelRepresentation) == 1 else "<u2")
-    if source.readinto(memoryview(pixels).cast("B")) != length:
-        return None
+    view = memoryview(pixels).cast("B")
+    have = head[offset : offset + length]
+    view[: len(have)] = have
+    if len(have) < length:
+        source.seek(start + offset + len(have))
+        if source.readinto(view[len(have) :]) != length - len(have):
+            return None  # a short file: the full reader names the problem
     return ds, _stored_bits(pixels, ds)
 
 
-def _plain_16_bit_slice(ds: pydicom.Dataset) -> bool:
+class NativeHeader(dict):
+    """The load tags of one file by keyword (``ds.Rows``, ``ds.get("RescaleSlope")``, ``"X" in ds``), with the
+    values pydicom would give: numbers for US/SS/IS/DS (lists when multi-valued), text for the rest."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+HEAD_BYTES = 1 << 16  # read first; real headers are a few kB (7.6 kB on the Philips series)
+# (group, element) -> (keyword, how to read the value) for the tags the assembly reads
+_WANTED = {
+    (0x0008, 0x0018): ("SOPInstanceUID", "text"),
+    (0x0020, 0x0032): ("ImagePositionPatient", "decimals"),
+    (0x0020, 0x0037): ("ImageOrientationPatient", "decimals"),
+    (0x0028, 0x0002): ("SamplesPerPixel", "US"),
+    (0x0028, 0x0004): ("PhotometricInterpretation", "text"),
+    (0x0028, 0x0008): ("NumberOfFrames", "integer"),
+    (0x0028, 0x0010): ("Rows", "US"),
+    (0x0028, 0x0011): ("Columns", "US"),
+    (0x0028, 0x0030): ("PixelSpacing", "decimals"),
+    (0x0028, 0x0100): ("BitsAllocated", "US"),
+    (0x0028, 0x0101): ("BitsStored", "US"),
+    (0x0028, 0x0103): ("PixelRepresentation", "US"),
+    (0x0028, 0x0120): ("PixelPaddingValue", "US or SS"),
+    (0x0028, 0x0121): ("PixelPaddingRangeLimit", "US or SS"),
+    (0x0028, 0x1052): ("RescaleIntercept", "decimal"),
+    (0x0028, 0x1053): ("RescaleSlope", "decimal"),
+    (0x5200, 0x9229): ("SharedFunctionalGroupsSequence", "present"),
+    (0x5200, 0x9230): ("PerFrameFunctionalGroupsSequence", "present"),
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+
+
+def parse_header(buf: bytes) -> tuple[NativeHeader, int, int] | None:
+    """``(load tags, offset of the pixel values, their byte length)`` from the start of a DICOM Part 10 file in
+    ``buf``, or None for anything this reader does not take (another transfer syntax, no pixel data within
+    ``buf``, a malformed element). Only the tags of :data:`_WANTED` are decoded; every other element is stepped
+    over by its length (sequences of undefined length item by item)."""
+    if len(buf) < 144 or buf[128:132] != b"DICM":
+        return None
+    try:
+        meta_end, syntax = _file_meta(buf)
+        explicit = NATIVE_SYNTAXES.get(syntax)
+        if explicit is None:
+            return None
+        found: dict = {}
+        pixel = _walk(buf, meta_end, len(buf), explicit=explicit, found=found, top=True)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+    if pixel is None:
+        return None
+    return _decoded(found), pixel[0], pixel[1]
+
+
+def _file_meta(buf: bytes) -> tuple[int, str]:
+    """End of the file meta group (always explicit VR little endian) and its transfer syntax UID."""
+    at, syntax = 132, ""
+    while at + 8 <= len(buf):
+        group = int.from_bytes(buf[at : at + 2], "little")
+        if group != 0x0002:
+            return at, syntax
+        element = int.from_bytes(buf[at + 2 : at + 4], "little")
+        vr = buf[at + 4 : at + 6]
+        if vr in _LONG_VRS:
+            length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
+        else:
+            length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
+        if element == 0x0010:
+            syntax = buf[value_at : value_at + length].rstrip(b"\0 ").decode("ascii")
+        at = value_at + length
+    raise ValueError("no dataset after the file meta group")
+
+
+def _walk(buf, at: int, end: int, *, explicit: bool, found: dict, top: bool) -> tuple[int, int] | None:
+    """Step over elements from ``at`` to ``end`` (an item's end, or the buffer's); at the top level, collect
+    the wanted tags and return ``(offset, length)`` of the pixel data when reached. Nested items return None
+    (or raise at their delimiter)."""
+    while at + 8 <= end:
+        group = int.from_bytes(buf[at : at + 2], "little")
+        element = int.from_bytes(buf[at + 2 : at + 4], "little")
+        if (group, element) == _ITEM_END:
+            return None if not top else _bad("an item delimiter outside any item")
+        if explicit and group != 0xFFFE:
+            vr = buf[at + 4 : at + 6]
+            if vr in _LONG_VRS:
+                length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
+            else:
+                length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
+        else:
+            vr = b"SQ" if group != 0xFFFE else b""
+            length, value_at = int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
+        if top and (group, element) == (0x7FE0, 0x0010):
+            return (value_at, length) if length != _UNDEFINED else None
+        if length == _UNDEFINED:
+            if explicit and vr != b"SQ":
+                return _bad("an undefined length outside a sequence")  # UN in implicit VR: pydicom reads it
+            at = _skip_sequence(buf, value_at, explicit=explicit)
+            if top and (group, element) in _WANTED:
+                found[(group, element)] = (b"SQ", b"")
+            continue
+        if value_at + length > end:
+            return None  # the element runs past what was read: the caller reads more
+        if top and (group, element) in _WANTED:
+            found[(group, element)] = (vr, buf[value_at : value_at + length])
+        at = value_at + length
+    return None
+
+
+def _skip_sequence(buf, at: int, *, explicit: bool) -> int:
+    """The offset after a sequence of undefined length whose items start at ``at``."""
+    while True:
+        group = int.from_bytes(buf[at : at + 2], "little")
+        element = int.from_bytes(buf[at + 2 : at + 4], "little")
+        length = int.from_bytes(buf[at + 4 : at + 8], "little")
+        at += 8
+        if (group, element) == _SEQUENCE_END:
+            return at
+        if (group, element) != _ITEM:
+            raise ValueError("not an item inside a sequence")
+        if length != _UNDEFINED:
+            at += length
+            continue
+        while True:  # an item of undefined length: elements up to its delimiter
+            g = int.from_bytes(buf[at : at + 2], "little")
+            e = int.from_bytes(buf[at + 2 : at + 4], "little")
+            if (g, e) == _ITEM_END:
+                at += 8
+                break
+            at = _skip_element(buf, at, explicit=explicit)
+
+
+def _skip_element(buf, at: int, *, explicit: bool) -> int:
+    group = int.from_bytes(buf[at : at + 2], "little")
+    if explicit and group != 0xFFFE:
+        vr = buf[at + 4 : at + 6]
+        if vr in _LONG_VRS:
+            length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
+        else:
+            length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
+    else:
+        vr = b"SQ"
+        length, value_at = int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
+    if length == _UNDEFINED:
+        if explicit and vr != b"SQ":
+            raise ValueError("an undefined length outside a sequence")
+        return _skip_sequence(buf, value_at, explicit=explicit)
+    if value_at + length > len(buf):
+        raise IndexError("an element runs past the buffer")
+    return value_at + length
+
+
+def _bad(why: str):
+    raise ValueError(why)
+
+
+def _decoded(found: dict) -> NativeHeader:
+    """The wanted tags' raw values as pydicom would give them."""
+    header = NativeHeader()
+    representation = None
+    raw_rep = found.get((0x0028, 0x0103))
+    if raw_rep is not None and len(raw_rep[1]) >= 2:
+        representation = int.from_bytes(raw_rep[1][:2], "little")
+    for key, (vr, raw) in found.items():
+        keyword, how = _WANTED[key]
+        if how == "present":
+            header[keyword] = True
+        elif how == "text":
+            header[keyword] = raw.rstrip(b"\0 ").decode("ascii", "replace").strip()
+        elif how == "US":
+            header[keyword] = int.from_bytes(raw[:2], "little") if len(raw) >= 2 else None
+        elif how == "US or SS":
+            signed = vr == b"SS" or (vr not in (b"US", b"SS") and representation == 1)
+            header[keyword] = int.from_bytes(raw[:2], "little", signed=signed) if len(raw) >= 2 else None
+        elif how == "integer":
+            text = raw.decode("ascii").strip(" \0")
+            header[keyword] = int(text) if text else None
+        else:  # decimal strings: one, or several separated by backslashes
+            parts = [p.strip(" \0") for p in raw.decode("ascii").split("\\")]
+            values = [float(p) for p in parts if p]
+            header[keyword] = values[0] if how == "decimal" and values else values if values else None
+    return NativeHeader({k: v for k, v in header.items() if v is not None})
+
+
+def _plain_16_bit_slice(ds: NativeHeader) -> bool:
     try:
         return (
             int(ds.get("NumberOfFrames", 1) or 1) == 1
@@ -82,7 +263,7 @@ def _plain_16_bit_slice(ds: pydicom.Dataset) -> bool:
         return False
 
 
-def _stored_bits(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def _stored_bits(pixels: np.ndarray, ds: NativeHeader) -> np.ndarray:
     """The values pydicom's ``pixel_array`` gives for 16-bit words of which ``BitsStored`` hold the value: bits
     above the stored ones dropped (unsigned), or replaced by the sign of the top stored bit (signed)."""
     stored = int(ds.BitsStored)
