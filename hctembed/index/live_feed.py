@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hctembed.processes import process_alive
+
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
@@ -59,15 +61,7 @@ def _running(heartbeat_name: str) -> bool:
     if len(parts) < 4 or not parts[-2].isdigit():
         return True  # an older name: its age decides
     host, pid = "-".join(parts[1:-2]), int(parts[-2])
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != socket.gethostname() or process_alive(pid)
 
 
 def feed_time(name: str) -> int:

@@ -109,7 +109,7 @@ def parse_header(buf: bytes) -> tuple[NativeHeader, int, int] | None:
         if explicit is None:
             return None
         found: dict = {}
-        pixel = _walk(buf, meta_end, len(buf), explicit=explicit, found=found, top=True)
+        pixel = _walk(buf, meta_end, len(buf), explicit=explicit, found=found)
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
     if pixel is None:
@@ -136,36 +136,36 @@ def _file_meta(buf: bytes) -> tuple[int, str]:
     raise ValueError("no dataset after the file meta group")
 
 
-def _walk(buf, at: int, end: int, *, explicit: bool, found: dict, top: bool) -> tuple[int, int] | None:
-    """Step over elements from ``at`` to ``end`` (an item's end, or the buffer's); at the top level, collect
-    the wanted tags and return ``(offset, length)`` of the pixel data when reached. Nested items return None
-    (or raise at their delimiter)."""
+def _element_at(buf, at: int, *, explicit: bool) -> tuple[int, int, bytes, int, int]:
+    """``(group, element, VR, value length, value offset)`` of the element starting at ``at`` (VR ``SQ`` for every
+    element of an implicit VR file, whose sequences are only told by their undefined length)."""
+    group = int.from_bytes(buf[at : at + 2], "little")
+    element = int.from_bytes(buf[at + 2 : at + 4], "little")
+    if explicit and group != 0xFFFE:
+        vr = buf[at + 4 : at + 6]
+        if vr in _LONG_VRS:
+            return group, element, vr, int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
+        return group, element, vr, int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
+    return group, element, b"SQ" if group != 0xFFFE else b"", int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
+
+
+def _walk(buf, at: int, end: int, *, explicit: bool, found: dict) -> tuple[int, int] | None:
+    """Step over the top-level elements from ``at``, collecting the wanted tags; ``(offset, length)`` of the pixel
+    data when it is reached within ``buf``, else None."""
     while at + 8 <= end:
-        group = int.from_bytes(buf[at : at + 2], "little")
-        element = int.from_bytes(buf[at + 2 : at + 4], "little")
-        if (group, element) == _ITEM_END:
-            return None if not top else _bad("an item delimiter outside any item")
-        if explicit and group != 0xFFFE:
-            vr = buf[at + 4 : at + 6]
-            if vr in _LONG_VRS:
-                length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
-            else:
-                length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
-        else:
-            vr = b"SQ" if group != 0xFFFE else b""
-            length, value_at = int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
-        if top and (group, element) == (0x7FE0, 0x0010):
+        group, element, vr, length, value_at = _element_at(buf, at, explicit=explicit)
+        if (group, element) == (0x7FE0, 0x0010):
             return (value_at, length) if length != _UNDEFINED else None
         if length == _UNDEFINED:
             if explicit and vr != b"SQ":
-                return _bad("an undefined length outside a sequence")  # UN in implicit VR: pydicom reads it
+                raise ValueError("an undefined length outside a sequence")  # UN in implicit VR: pydicom reads it
             at = _skip_sequence(buf, value_at, explicit=explicit)
-            if top and (group, element) in _WANTED:
+            if (group, element) in _WANTED:
                 found[(group, element)] = (b"SQ", b"")
             continue
         if value_at + length > end:
             return None  # the element runs past what was read: the caller reads more
-        if top and (group, element) in _WANTED:
+        if (group, element) in _WANTED:
             found[(group, element)] = (vr, buf[value_at : value_at + length])
         at = value_at + length
     return None
@@ -195,16 +195,7 @@ def _skip_sequence(buf, at: int, *, explicit: bool) -> int:
 
 
 def _skip_element(buf, at: int, *, explicit: bool) -> int:
-    group = int.from_bytes(buf[at : at + 2], "little")
-    if explicit and group != 0xFFFE:
-        vr = buf[at + 4 : at + 6]
-        if vr in _LONG_VRS:
-            length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
-        else:
-            length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
-    else:
-        vr = b"SQ"
-        length, value_at = int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
+    _, _, vr, length, value_at = _element_at(buf, at, explicit=explicit)
     if length == _UNDEFINED:
         if explicit and vr != b"SQ":
             raise ValueError("an undefined length outside a sequence")
@@ -212,10 +203,6 @@ def _skip_element(buf, at: int, *, explicit: bool) -> int:
     if value_at + length > len(buf):
         raise IndexError("an element runs past the buffer")
     return value_at + length
-
-
-def _bad(why: str):
-    raise ValueError(why)
 
 
 def _decoded(found: dict) -> NativeHeader:

@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hctembed.errors import HctembedError, InputError
+from hctembed.processes import process_alive
 from hctembed.serve.admission import MemoryBudget, ServerBusy, estimated_bytes
 from hctembed.serve.guard import Guard
 from hctembed.serve.limits import LOOPBACK_NAMES, ConnectionLimits, QueryLimits
@@ -100,23 +101,13 @@ def sweep_upload_folders() -> list[Path]:
             mine = folder.is_dir() and folder.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if not mine or not pid.isdigit() or _alive(int(pid)):
+        if not mine or not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     if removed:
         log.info("removed %d upload folders a stopped server left behind", len(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _errors(app: FastAPI) -> None:
