@@ -159,3 +159,28 @@ def test_embed_cli_passes_the_index_kind(tmp_path):
     manifest = json.loads(next((tmp_path / "h.duckdb.faiss").glob("c*.json")).read_text())
     # three vectors are too few to tune an approximate index: exact is built, the request is kept
     assert manifest["requested"] == "hnsw" and manifest["kind"] == "exact" and manifest["ntotal"] == 3
+
+
+def test_large_collections_get_the_denser_graph_and_auto_tries_hnsw_alone(monkeypatch):
+    from hctembed.index import choice
+
+    assert choice.factory_for("hnsw", n=100_000, dim=768) == "IDMap2,HNSW32"
+    assert choice.factory_for("hnsw", n=1_000_000, dim=768) == f"IDMap2,HNSW{choice.LARGE_HNSW_M}"
+    assert list(choice.EF_LADDER) == sorted(choice.EF_LADDER) and 320 in choice.EF_LADDER
+    tried = []
+    real = choice._build_approximate
+
+    def recording(kind, split, *, target, options):
+        tried.append(kind)
+        return real(kind, split, target=target, options=options)
+
+    monkeypatch.setattr(choice, "_build_approximate", recording)
+    monkeypatch.setattr(choice, "LARGE_COLLECTION", 20_000)  # stand in for 300,000 at test size
+    monkeypatch.setattr(choice, "LARGE_HNSW_M", 16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20_500, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    built = choice.build(np.arange(len(x)), x, options=choice.IndexOptions(kind="auto"))
+    assert tried == ["hnsw"] and built.kind in ("hnsw", "exact")
+    if built.kind == "hnsw":
+        assert built.factory == "IDMap2,HNSW16"

@@ -3,13 +3,17 @@
 Kinds map to FAISS factory strings (inner product, ids kept by ``IDMap2``):
 
 * ``exact``: ``IDMap2,Flat`` (brute force).
-* ``hnsw``: ``IDMap2,HNSW32``; ``efSearch`` tuned at build time.
+* ``hnsw``: ``IDMap2,HNSW{M}``, ``M`` 32, or :data:`LARGE_HNSW_M` from :data:`LARGE_COLLECTION` vectors on (a
+  denser graph reaches recall@10 0.99 at a lower ``efSearch``: BENCHMARKS.md, "10⁶ vectors: HNSW sweep");
+  ``efSearch`` tuned at build time on a ladder fine enough to stop near the target.
 * ``ivf``: ``IDMap2,IVF{nlist},Flat``, ``nlist`` ≈ 4·√N (at least 39 training vectors per list); ``nprobe`` tuned.
 * ``ivfpq``: ``IDMap2,IVF{nlist},PQ{m}x{bits}np,RFlat``: product-quantised lists (``m`` = dim / 8 bytes per
   vector) whose shortlist of ``k · k_factor`` candidates is re-ranked exactly against the stored vectors
   (``IndexRefineFlat``); ``nprobe`` tuned, then ``k_factor`` (8 to 128) if probing every list is not enough.
 * ``auto``: exact until an approximate index holds recall@10 ≥ 0.99 at a lower measured single-query
-  latency; collections under ``AUTO_MIN_VECTORS`` are always exact.
+  latency; collections under ``AUTO_MIN_VECTORS`` are always exact, and from :data:`LARGE_COLLECTION` on only
+  HNSW is tried (IVF's k-means and IVF-PQ's training over 10⁶ × 768 take far longer than the graph on a few
+  cores, and HNSW already answers in milliseconds there).
 
 Recall@10 is measured at build time on a seeded sample of the stored vectors held out of the index while it
 is trained, filled and tuned (so they are unseen queries, like a new scan), against exact search of the
@@ -38,7 +42,9 @@ EXACT_FACTORY = "IDMap2,Flat"
 AUTO_MIN_VECTORS = 20_000  # below this, brute force is a few ms at most: approximate search buys nothing
 AUTO_MIN_RECALL = 0.99
 RECALL_K = 10
-EF_LADDER = (16, 32, 64, 128, 256, 512, 1024)
+EF_LADDER = (16, 32, 64, 128, 192, 256, 320, 384, 512, 768, 1024)
+LARGE_COLLECTION = 300_000  # from here on: the denser HNSW graph, and auto tries HNSW alone
+LARGE_HNSW_M = 48
 K_FACTOR = 8  # ivfpq: exact re-ranking of the top k * K_FACTOR PQ candidates
 
 
@@ -85,11 +91,16 @@ def pq_for(n: int, dim: int) -> tuple[int, int]:
     return m, bits
 
 
+def hnsw_m_for(n: int) -> int:
+    """Graph degree of an HNSW index over ``n`` vectors."""
+    return LARGE_HNSW_M if n >= LARGE_COLLECTION else 32
+
+
 def factory_for(kind: str, *, n: int, dim: int) -> str:
     if kind == "exact":
         return EXACT_FACTORY
     if kind == "hnsw":
-        return "IDMap2,HNSW32"
+        return f"IDMap2,HNSW{hnsw_m_for(n)}"
     if kind == "ivf":
         return f"IDMap2,IVF{nlist_for(n)},Flat"
     if kind == "ivfpq":
@@ -159,7 +170,7 @@ def build(ids: np.ndarray, xb: np.ndarray, *, options: IndexOptions) -> BuiltInd
     if n < AUTO_MIN_VECTORS:
         return _with(exact, kind="exact", exact_p50_ms=exact_ms, p50_ms=exact_ms, note=f"auto: {n} vectors, exact")
     best = None
-    for candidate in APPROXIMATE:
+    for candidate in ("hnsw",) if n >= LARGE_COLLECTION else APPROXIMATE:
         built = _build_approximate(candidate, split, target=AUTO_MIN_RECALL, options=options)
         log.info(
             "auto: %s recall@10 %.3f, p50 %.3f ms (exact %.3f ms)",
