@@ -82,11 +82,14 @@ def header_region(
         return NOT_HEAD, f"a {fov_mm:.0f} mm field of view (a head is reconstructed under {MAX_HEAD_FOV_MM:.0f} mm)"
     if part in HEAD_PARTS:
         return "head", f"BodyPartExamined is {part}"
-    text = " ".join(d for d in descriptions if d)
-    if _BODY_WORDS.search(text):  # a body region beats the head: "CT CHEST" with "AX 3MM cranio-caudal"
-        return NOT_HEAD, "the study or series description names a body region"
-    if _HEAD_WORDS.search(text):
-        return "head", "the study or series description names the head"
+    # the first description that names a region decides (the series' before the study's: "AX HEAD 5mm" of a
+    # "CT HEAD AND C-SPINE" study is a head series); within one, a body word beats a head word ("CT HEAD AND
+    # CHEST"); "AX 3MM cranio-caudal" names nothing, so its "CT CHEST" study decides
+    for text in (d for d in descriptions if d):
+        if _BODY_WORDS.search(text):
+            return NOT_HEAD, "the study or series description names a body region"
+        if _HEAD_WORDS.search(text):
+            return "head", "the study or series description names the head"
     return None, ""
 
 

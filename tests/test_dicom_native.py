@@ -142,18 +142,34 @@ def test_what_it_does_not_read_falls_back(tmp_path):
     assert read_native(io.BytesIO(b"not dicom at all" * 20)) is None
     short = paths[1].read_bytes()[:-100]
     assert read_native(io.BytesIO(short)) is None  # a truncated file: the full reader names the problem
+    # values this walker would read otherwise than pydicom: pydicom reads the file (and says what is wrong)
+    odd = write_series(tmp_path / "odd", SeriesSpec(n=12, seed=8))
+    _rewrite(odd[0], NumberOfFrames="1.0")
+    assert read_native(odd[0]) is None
+    assert load_dicom_series(odd[0].parent, [p.name for p in odd]).array.shape[0] == 12  # pydicom read it
+    ds = pydicom.dcmread(odd[2])
+    ds.ImagePositionPatient = [1.0]
+    ds.save_as(odd[2], enforce_file_format=True)
+    assert read_native(odd[2]) is None
+    from hctembed.volume import VolumeError
+
+    with pytest.raises(VolumeError):
+        load_dicom_series(odd[0].parent, [p.name for p in odd])
 
 
 @pytest.mark.parametrize(("slope", "intercept"), [(1.0, -1024.0), (1.0, 0.0), (0.5, -1000.0), (2.0, -3000.0)])
 @pytest.mark.parametrize("padding", [None, (-2000.0, -2000.0)])
-def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding):
+@pytest.mark.parametrize("dtype", ["int16", "int32"])
+def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding, dtype):
     """``_to_hu``'s one-pass shortcuts (no multiply for a slope of 1, no clamp when nothing maps below air) give
     the float32 of rescale, padding and clamp done in full, bit for bit."""
     from hctembed.io.dicom import AIR_HU, _Slice, _to_hu
 
     rng = np.random.default_rng(0)
     for low in (-2000, 0, 1000):  # stored values that do, and do not, map below air
-        raw = rng.integers(low, 4000, size=(64, 64)).astype(np.int16)
+        raw = rng.integers(low, 4000, size=(64, 64)).astype(dtype)
+        if dtype == "int32":
+            raw[0, 0] = 16_777_217  # past float32's whole numbers: one rounding or two would differ
         s = _Slice(np.zeros(3), np.zeros(6), (1.0, 1.0), raw, slope, intercept, padding, False)
         got = _to_hu(s, out=np.empty(raw.shape, np.float32))
         want = np.multiply(raw, np.float32(slope), dtype=np.float32) + np.float32(intercept)

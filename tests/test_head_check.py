@@ -91,6 +91,9 @@ def test_chest_and_abdomen_fail_with_a_reason(kind, width, depth, why):
         ({"descriptions": ("L-SPINE NEUROFORAMINA",)}, "not_head"),  # nor "neuro"
         ({"body_part": "NECK", "descriptions": ("CTA HEAD AND NECK",)}, "head"),  # the head at one end
         ({"descriptions": ("HIPPOCAMPUS PROTOCOL",)}, None),
+        ({"descriptions": ("AX HEAD 5mm", "CT HEAD AND C-SPINE")}, "head"),  # the series names the head
+        ({"descriptions": ("Brain 5mm", "CT Head/Cervical spine trauma")}, "head"),
+        ({"descriptions": ("C-SPINE BONE", "CT HEAD AND C-SPINE")}, "not_head"),  # that study's spine series
         ({"descriptions": ("AXIAL 5MM",)}, None),
         ({"fov_mm": 480.0}, "not_head"),
         ({"fov_mm": 230.0}, None),

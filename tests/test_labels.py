@@ -50,6 +50,8 @@ def test_short_rows_latin1_and_malformed_files(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hctembed"):
         latin = read_labels(_write(tmp_path, "scan_id,EDH\nsé1,1\n", encoding="latin-1"))
     assert latin.scan_ids == ["sé1"] and "not UTF-8" in caplog.text
+    odd = read_labels(_write(tmp_path, "scan_id,note,EDH\ns1,wait\x85 see,1\ns2,x,0\n", encoding="latin-1"))
+    assert odd.scan_ids == ["s1", "s2"] and odd.values[:, 0].tolist() == [1.0, 0.0]  # a cp1252 "…" ends no row
     with pytest.raises(InputError, match="row 3 has 4 cells but the header names 2"):
         read_labels(_write(tmp_path, "scan_id,EDH\ns1,1\ns2,1,0,0\n"))
     with pytest.raises(InputError, match="row 3 has no scan_id"):

@@ -169,6 +169,8 @@ def test_other_hosts_and_cross_site_posts_are_refused(server, database):
     assert cross.status_code == 403, cross.text
     fetch = server.post("q.nii.gz", query, headers={"Sec-Fetch-Site": "cross-site"})
     assert fetch.status_code == 403
+    other_port = server.post("q.nii.gz", query, headers={"Origin": "http://127.0.0.1:3000"})  # another site
+    assert other_port.status_code == 403
     same = server.post("q.nii.gz", query, headers={"Origin": server.url})
     assert same.status_code == 200, same.text
 
@@ -311,3 +313,31 @@ def test_archive_walks_refuse_zip_bombs_and_open_each_zip_once(tmp_path, monkeyp
     assert "zip_bomb" in codes.values()
     assert sum(1 for c in codes.values() if c == "not_dicom") == 8000  # every member read, each a skip
     assert len(opened) == 2  # each zip once, not once per member
+
+
+def test_a_zip_that_claims_fewer_members_than_its_directory_holds_is_refused_unparsed(tmp_path):
+    from hctembed.io.admission import Limits, ZipFiles, ZipRefused
+
+    path = tmp_path / "liar.zip"
+    path.write_bytes(hostile_payloads.many_members(8000))
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    data[at + 8 : at + 12] = (1).to_bytes(2, "little") * 2  # "1 member" on this disk and in all
+    path.write_bytes(bytes(data))
+    parsed = []
+    real = zipfile.ZipFile.__init__
+
+    def counting(self, *args, **kw):
+        parsed.append(1)
+        real(self, *args, **kw)
+
+    import pytest
+
+    with ZipFiles(limits=Limits(max_zip_members=4000)) as zips:
+        zipfile.ZipFile.__init__ = counting
+        try:
+            with pytest.raises(ZipRefused, match="over the limit of 4,000"):
+                zips.zip(path)
+        finally:
+            zipfile.ZipFile.__init__ = real
+    assert parsed == []  # refused from the end record's directory size, before zipfile read a single entry

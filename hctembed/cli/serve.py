@@ -28,7 +28,7 @@ def serve(
         [],
         "--allowed-host",
         help="A Host name the server answers to (repeatable; '*' for any). Default: the loopback names on "
-        "loopback, else the --host address; add the names clients use (DNS name, proxy).",
+        "loopback (DNS rebinding is refused); any name otherwise (the token guards it).",
     ),
     max_query_voxels: int = typer.Option(
         QueryLimits().max_query_voxels,
@@ -77,7 +77,9 @@ def serve(
         raise InputError(f"{token_file} is empty: it should hold the bearer token")
     if token is None and not _loopback(host):
         raise InputError(f"--host {host} is reachable from other machines: give --token-file, or serve on 127.0.0.1")
-    hosts = tuple(allowed_host) or (LOOPBACK_NAMES if _loopback(host) else (host,))
+    # loopback: its names (and the address it is bound to, 127.0.0.2 say) and nothing else; another address
+    # needs a token already, so any Host is answered unless --allowed-host narrows it
+    hosts = tuple(allowed_host) or ((*LOOPBACK_NAMES, host) if _loopback(host) else ("*",))
     connections = ConnectionLimits(
         header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_connections=max_connections
     )

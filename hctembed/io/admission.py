@@ -172,7 +172,11 @@ def _declared_members(path: Path) -> int | None:
     if at < 0 or at + 22 > len(tail):
         return None
     total = int.from_bytes(tail[at + 10 : at + 12], "little")
-    return None if total == 0xFFFF else total
+    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
+    # zipfile walks the central directory by its size, whatever count the record claims: an entry takes at least
+    # 46 bytes there, so the size bounds the entries a small claimed count could hide
+    by_size = directory // 46 if directory != 0xFFFFFFFF else 0
+    return max(by_size, 0 if total == 0xFFFF else total) or None
 
 
 def parse_header_prefix(read, *, parse) -> object:

@@ -109,7 +109,10 @@ def load_dicom_series(
 def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> tuple[pydicom.Dataset, np.ndarray | None]:
     """One file's header and, for an uncompressed single-frame slice, its stored values read straight from the
     file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom."""
-    native = read_native(root / ref if split_ref(ref) is None else io.BytesIO(zips.read(root, ref)))
+    try:
+        native = read_native(root / ref if split_ref(ref) is None else io.BytesIO(zips.read(root, ref)))
+    except (OSError, VolumeError, NotImplementedError, RuntimeError):
+        native = None  # the full reader below says what is wrong, as one line
     if native is not None:
         return native
     try:
@@ -274,7 +277,7 @@ def _to_hu(s: _Slice, *, out: np.ndarray) -> np.ndarray:
     maps below it (float32 arithmetic is monotonic, so the lowest value decides): the same numbers, bit for
     bit, in one pass over the slice instead of three."""
     slope, intercept = np.float32(s.slope), np.float32(s.intercept)
-    if slope == 1:  # x * 1 is x exactly: the sum alone gives the same float32
+    if slope == 1 and s.raw.dtype.itemsize <= 2:  # x * 1 is x exactly (float32 holds every 16-bit value)
         np.add(s.raw, intercept, out=out, casting="unsafe")
     else:
         np.multiply(s.raw, slope, out=out, casting="unsafe")

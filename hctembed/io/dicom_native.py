@@ -110,11 +110,11 @@ def parse_header(buf: bytes) -> tuple[NativeHeader, int, int] | None:
             return None
         found: dict = {}
         pixel = _walk(buf, meta_end, len(buf), explicit=explicit, found=found)
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-    if pixel is None:
-        return None
-    return _decoded(found), pixel[0], pixel[1]
+        if pixel is None:
+            return None
+        return _decoded(found), pixel[0], pixel[1]
+    except (IndexError, ValueError, UnicodeDecodeError, RecursionError):
+        return None  # a value this walker does not read as pydicom would: pydicom reads the file
 
 
 def _file_meta(buf: bytes) -> tuple[int, str]:
@@ -206,7 +206,8 @@ def _skip_element(buf, at: int, *, explicit: bool) -> int:
 
 
 def _decoded(found: dict) -> NativeHeader:
-    """The wanted tags' raw values as pydicom would give them."""
+    """The wanted tags' raw values as pydicom would give them; ValueError for any value that is not exactly what
+    the assembly expects (a count of numbers, an integer string), so that pydicom reads that file instead."""
     header = NativeHeader()
     representation = None
     raw_rep = found.get((0x0028, 0x0103))
@@ -217,20 +218,33 @@ def _decoded(found: dict) -> NativeHeader:
         if how == "present":
             header[keyword] = True
         elif how == "text":
-            header[keyword] = raw.rstrip(b"\0 ").decode("ascii", "replace").strip()
-        elif how == "US":
-            header[keyword] = int.from_bytes(raw[:2], "little") if len(raw) >= 2 else None
-        elif how == "US or SS":
-            signed = vr == b"SS" or (vr not in (b"US", b"SS") and representation == 1)
-            header[keyword] = int.from_bytes(raw[:2], "little", signed=signed) if len(raw) >= 2 else None
+            header[keyword] = raw.rstrip(b"\0 ").decode("ascii").strip()
+        elif how in ("US", "US or SS"):
+            if len(raw) == 0:
+                continue
+            if len(raw) != 2:
+                raise ValueError(f"{keyword}: {len(raw)} bytes")
+            signed = how == "US or SS" and (vr == b"SS" or (vr not in (b"US", b"SS") and representation == 1))
+            header[keyword] = int.from_bytes(raw, "little", signed=signed)
         elif how == "integer":
             text = raw.decode("ascii").strip(" \0")
-            header[keyword] = int(text) if text else None
-        else:  # decimal strings: one, or several separated by backslashes
+            if text:
+                header[keyword] = int(text)  # "1.0" raises: pydicom's own reading decides then
+        else:  # decimal strings: as many as the tag holds
             parts = [p.strip(" \0") for p in raw.decode("ascii").split("\\")]
-            values = [float(p) for p in parts if p]
-            header[keyword] = values[0] if how == "decimal" and values else values if values else None
-    return NativeHeader({k: v for k, v in header.items() if v is not None})
+            if not any(parts):
+                continue
+            values = [float(p) for p in parts]
+            if len(values) != _COUNTS[keyword]:
+                raise ValueError(f"{keyword}: {len(values)} values")
+            header[keyword] = values[0] if how == "decimal" else values
+    return header
+
+
+_COUNTS = {
+    "ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2, "RescaleSlope": 1,
+    "RescaleIntercept": 1,
+}  # fmt: skip
 
 
 def _plain_16_bit_slice(ds: NativeHeader) -> bool:

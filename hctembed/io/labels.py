@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def read_csv_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     except UnicodeDecodeError as exc:
         text = raw.decode("latin-1")
         log.warning("%s is not UTF-8 (byte 0x%02x at offset %d): read as Latin-1", path.name, raw[exc.start], exc.start)
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # only CR/LF end a row (not U+0085 from a Latin-1 "…")
     header = [h.strip() for h in next(reader, [])]
     twice = sorted({h for h in header if header.count(h) > 1 and h})
     if twice:

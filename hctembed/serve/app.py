@@ -207,7 +207,10 @@ def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
 
 
 # what reading an upload can raise besides hctembed's own errors: the file's content, not a bug of the server
-UNREADABLE = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError, AttributeError, NotImplementedError)
+UNREADABLE = (
+    ValueError, TypeError, OSError, EOFError, KeyError, IndexError, AttributeError, NotImplementedError,
+    RecursionError,  # sequences nested hundreds deep
+)  # fmt: skip
 
 
 def _embed_query(state: ServerState, view, path: Path, limits: QueryLimits, budget: MemoryBudget):

@@ -80,11 +80,29 @@ class Guard:
             self.in_flight -= 1
 
     def _cross_site(self, headers: dict, host: str) -> bool:
+        """Whether a browser says the request comes from another origin: its ``Origin`` names another scheme's
+        default port, host or port than the ``Host`` it was sent to (a page on localhost:3000 posting to
+        localhost:8000 is another site), or ``Sec-Fetch-Site`` says cross-site."""
         origin = headers.get(b"origin")
         if origin is not None:
             text = origin.decode("latin-1")
-            return text == "null" or host_name(urlsplit(text).netloc) != host
+            if text == "null":
+                return True
+            parts = urlsplit(text)
+            default = 443 if parts.scheme == "https" else 80
+            try:
+                origin_port = parts.port or default
+            except ValueError:
+                return True
+            return (host_name(parts.netloc), origin_port) != (host, self._host_port(headers, default))
         return headers.get(b"sec-fetch-site", b"") == b"cross-site"
+
+    @staticmethod
+    def _host_port(headers: dict, default: int) -> int:
+        value = headers.get(b"host", b"").decode("latin-1").strip()
+        tail = value.rsplit("]", 1)[-1] if value.startswith("[") else value
+        port = tail.rsplit(":", 1)[1] if ":" in tail and tail.count(":") == 1 else ""
+        return int(port) if port.isdigit() else default
 
     async def _post(self, scope, receive, send, headers: dict):
         limit = f"the upload is over the limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)"
