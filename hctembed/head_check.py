@@ -5,9 +5,10 @@ heads gives a body scan a vector anyway: it would be searched as a head. Two che
 recorded skip reason; ``--allow-non-head`` overrides both):
 
 * **Header** (DICOM, when the archive is scanned, before any pixel is read): BodyPartExamined naming a body
-  region other than the head (NECK is not one: a neck CT or a CTA holds the head at one end); else study or
-  series descriptions naming a body region in a whole word (a body word beats a head word: "CT CHEST" with
-  "AX 3MM cranio-caudal" is a chest, "L-SPINE NEUROFORAMINA" a spine); or a reconstructed field of view wider
+  region other than the head (NECK is not one: a neck CT or a CTA holds the head at one end); else the first
+  description naming a region in a whole word, the series' before the study's (within one, a body word beats a
+  head word: "CT CHEST" over "AX 3MM cranio-caudal" is a chest, "L-SPINE NEUROFORAMINA" a spine, "AX HEAD 5mm"
+  of a "CT HEAD AND C-SPINE" study a head); or a reconstructed field of view wider
   than any head needs (:data:`MAX_HEAD_FOV_MM`). A header that says "head" proves nothing: the image test runs
   on every scan. Descriptions are matched in memory and never stored.
 * **Image** (every scan, on the HU volume it is loaded into): axial slices every :data:`SAMPLE_MM` along the
