@@ -20,6 +20,7 @@ from hctembed.index.choice import IndexOptions
 from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
 from hctembed.index.vectors import VectorIndex, open_index
+from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder
@@ -147,6 +148,7 @@ def embed_archive(
     index_kind: str | None = None,
     checkpoint_seconds: float = 30.0,
     max_voxels: int = MAX_VOXELS,
+    zip_limits: Limits | None = None,
     locations: Sequence[Location] = (),
     allow_non_head: bool = False,
     preprocess_device: str | None = None,
@@ -189,7 +191,12 @@ def embed_archive(
         encoder=encoder,
         batch_size=batch_size,
         num_workers=num_workers,
-        loading=Loading(max_voxels=max_voxels, head_check=not allow_non_head, preprocess_device=preprocess_device),
+        loading=Loading(
+            max_voxels=max_voxels,
+            head_check=not allow_non_head,
+            preprocess_device=preprocess_device,
+            zip_limits=zip_limits,
+        ),
     )
     for outcomes, vectors in batches:
         with store.transaction():

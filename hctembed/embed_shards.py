@@ -46,6 +46,7 @@ from hctembed.errors import HctembedError
 from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
 from hctembed.index.store.locator import Locator
+from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder
@@ -175,6 +176,7 @@ def embed_shard(
     rows_per_part: int = 256,
     progress: Callable[[int], None] | None = None,
     max_voxels: int = MAX_VOXELS,
+    zip_limits: Limits | None = None,
     allow_non_head: bool = False,
     preprocess_device: str | None = None,
 ) -> ShardReport:
@@ -208,7 +210,12 @@ def embed_shard(
         encoder=encoder,
         batch_size=batch_size,
         num_workers=num_workers,
-        loading=Loading(max_voxels=max_voxels, head_check=not allow_non_head, preprocess_device=preprocess_device),
+        loading=Loading(
+            max_voxels=max_voxels,
+            head_check=not allow_non_head,
+            preprocess_device=preprocess_device,
+            zip_limits=zip_limits,
+        ),
     )
     for outcomes, vectors in batches:
         writer.add(outcomes, vectors)

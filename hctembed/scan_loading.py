@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hctembed.allocator import retain_freed_memory
+from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, load_series
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess
@@ -50,6 +51,7 @@ class Loading:
     max_voxels: int = MAX_VOXELS
     head_check: bool = True
     preprocess_device: str | None = None
+    zip_limits: Limits | None = None  # member count, inflated size and ratio of the zips read (None: defaults)
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,13 @@ class ScanDataset(Dataset):
         ref = self.refs[i]
         try:
             if self.loading.preprocess_device is not None:
-                volume = load_series(ref, max_voxels=self.loading.max_voxels)
+                volume = load_series(ref, max_voxels=self.loading.max_voxels, limits=self.loading.zip_limits)
                 hu = torch.from_numpy(np.ascontiguousarray(volume.array))  # shared memory across processes
                 return Prepared(i, None, None, dict(ref.facts), decoded=(hu, volume.affine, volume.meta))
             x, facts = prepare(
-                ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=self.loading.head_check
-            )
+                ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=self.loading.head_check,
+                limits=self.loading.zip_limits,
+            )  # fmt: skip
         except SkipError as exc:
             return Prepared(i, None, f"{exc.code}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths

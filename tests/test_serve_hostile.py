@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from dicom_factory import SeriesSpec, write_series
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import hostile_payloads
@@ -315,15 +316,22 @@ def test_archive_walks_refuse_zip_bombs_and_open_each_zip_once(tmp_path, monkeyp
     assert len(opened) == 2  # each zip once, not once per member
 
 
-def test_a_zip_that_claims_fewer_members_than_its_directory_holds_is_refused_unparsed(tmp_path):
+def test_a_zip_that_claims_fewer_members_than_it_holds_is_refused(tmp_path):
+    """zipfile walks the central directory by its size, whatever count the end record claims: a zip that claims one
+    member is refused by its real count, and one whose directory is larger than the limit's members could fill is
+    refused before a single entry is parsed."""
     from hctembed.io.admission import Limits, ZipFiles, ZipRefused
 
-    path = tmp_path / "liar.zip"
-    path.write_bytes(hostile_payloads.many_members(8000))
-    data = bytearray(path.read_bytes())
-    at = data.rfind(b"PK\x05\x06")
-    data[at + 8 : at + 12] = (1).to_bytes(2, "little") * 2  # "1 member" on this disk and in all
-    path.write_bytes(bytes(data))
+    def liar(n: int) -> Path:
+        path = tmp_path / f"liar{n}.zip"
+        data = bytearray(hostile_payloads.many_members(n))
+        at = data.rfind(b"PK\x05\x06")
+        data[at + 8 : at + 12] = (1).to_bytes(2, "little") * 2  # "1 member" on this disk and in all
+        path.write_bytes(bytes(data))
+        return path
+
+    with ZipFiles(limits=Limits(max_zip_members=4000)) as zips, pytest.raises(ZipRefused, match="8,000 members"):
+        zips.zip(liar(8000))
     parsed = []
     real = zipfile.ZipFile.__init__
 
@@ -331,13 +339,41 @@ def test_a_zip_that_claims_fewer_members_than_its_directory_holds_is_refused_unp
         parsed.append(1)
         real(self, *args, **kw)
 
-    import pytest
-
-    with ZipFiles(limits=Limits(max_zip_members=4000)) as zips:
+    big = liar(2000)  # written before zipfile is watched
+    with ZipFiles(limits=Limits(max_zip_members=10)) as zips:
         zipfile.ZipFile.__init__ = counting
         try:
-            with pytest.raises(ZipRefused, match="over the limit of 4,000"):
-                zips.zip(path)
+            with pytest.raises(ZipRefused, match="more than 10 members could fill"):
+                zips.zip(big)
         finally:
             zipfile.ZipFile.__init__ = real
     assert parsed == []  # refused from the end record's directory size, before zipfile read a single entry
+
+
+def test_zip_limits_are_options_of_scan_and_embed_and_hold_at_load_too(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hctembed.cli.app import app
+    from hctembed.io.admission import Limits
+    from hctembed.io.archive import load_series, scan_archive
+    from hctembed.volume import VolumeError
+
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    paths = write_series(tmp_path / "s", SeriesSpec(n=12, seed=2))
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    with zipfile.ZipFile(archive / "series.zip", "w") as zf:
+        for p in paths:
+            zf.write(p, p.name)
+    runner = CliRunner()
+    few = runner.invoke(app, ["scan", str(archive), "--json", "--max-zip-members", "11"])
+    assert few.exit_code == 0 and '"reason_code": "zip_limit"' in few.stdout, few.output
+    db = tmp_path / "h.duckdb"
+    embed = ["embed", str(archive), "--db", str(db), "--model", "vit-micro", "--workers", "0", "--json"]
+    refused = runner.invoke(app, [*embed, "--max-zip-members", "11"])
+    assert refused.exit_code == 3 and "12 members, over the limit of 11" in refused.stdout
+    kept = runner.invoke(app, [*embed, "--max-zip-members", "12"])
+    assert kept.exit_code == 0 and '"embedded": 1' in kept.stdout, kept.output
+    ref = scan_archive(archive).selected[0]  # the load-time check uses the run's limits too
+    with pytest.raises(VolumeError, match="over the limit of 5"):
+        load_series(ref, limits=Limits(max_zip_members=5))

@@ -28,6 +28,7 @@ from hctembed.volume import MAX_VOXELS, VolumeError
 
 ZIP_SEP = "!"  # a file inside a zip: "folder/archive.zip!member/path.dcm"
 HEADER_STEPS = (1 << 16, 1 << 20, 1 << 24)  # prefix sizes tried for a DICOM header inside a zip member
+MAX_ENTRY_BYTES = 46 + 466  # a central-directory entry (46 bytes) with a long path and extra fields
 
 
 class ZipRefused(VolumeError):
@@ -90,11 +91,16 @@ class ZipFiles:
         """The opened zip, checked: member count, total inflated bytes, each member's inflate ratio."""
         path = Path(path)
         if path not in self._open:
-            declared = _declared_members(path)  # from the end record alone: 8,000 entries are never parsed
+            declared, directory = _end_record(path)  # from the end record alone: no entry parsed yet
             if declared is not None and declared > self.limits.max_zip_members:
                 raise ZipRefused(
                     "zip_limit", f"{declared:,} members, over the limit of {self.limits.max_zip_members:,}"
                 )
+            if directory is not None and directory > self.limits.max_zip_members * MAX_ENTRY_BYTES:
+                raise ZipRefused(  # zipfile parses the directory by its size, whatever count the record claims
+                    "zip_limit", f"a central directory of {directory:,} bytes, more than "
+                    f"{self.limits.max_zip_members:,} members could fill"
+                )  # fmt: skip
             try:
                 zf = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -157,9 +163,9 @@ class ZipFiles:
         return data, len(data) >= info.file_size
 
 
-def _declared_members(path: Path) -> int | None:
-    """The member count a zip's end-of-central-directory record declares (None when it cannot be read here, as
-    in a ZIP64 file; zipfile's own parse then counts)."""
+def _end_record(path: Path) -> tuple[int | None, int | None]:
+    """(the member count, the central directory's byte size) a zip's end-of-central-directory record declares;
+    None for what it does not say here (a ZIP64 file; zipfile's own parse then counts)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -167,16 +173,13 @@ def _declared_members(path: Path) -> int | None:
             f.seek(max(0, size - 65_557))  # the record (22 bytes) and a comment of at most 65,535
             tail = f.read()
     except OSError:
-        return None
+        return None, None
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or at + 22 > len(tail):
-        return None
+        return None, None
     total = int.from_bytes(tail[at + 10 : at + 12], "little")
     directory = int.from_bytes(tail[at + 12 : at + 16], "little")
-    # zipfile walks the central directory by its size, whatever count the record claims: an entry takes at least
-    # 46 bytes there, so the size bounds the entries a small claimed count could hide
-    by_size = directory // 46 if directory != 0xFFFFFFFF else 0
-    return max(by_size, 0 if total == 0xFFFF else total) or None
+    return (None if total == 0xFFFF else total), (None if directory == 0xFFFFFFFF else directory)
 
 
 def parse_header_prefix(read, *, parse) -> object:

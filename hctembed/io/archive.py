@@ -299,14 +299,21 @@ def _ref_of(cand: SeriesCandidate, *, root: Path, sizes: dict[str, tuple[int, in
     )
 
 
-def load_series(ref: SeriesRef, *, selection: SelectionConfig | None = None, max_voxels: int = MAX_VOXELS) -> Volume:
-    """Load one candidate as a Volume (NIfTI file or DICOM series); VolumeError over ``max_voxels``."""
+def load_series(
+    ref: SeriesRef,
+    *,
+    selection: SelectionConfig | None = None,
+    max_voxels: int = MAX_VOXELS,
+    limits: Limits | None = None,
+) -> Volume:
+    """Load one candidate as a Volume (NIfTI file or DICOM series); VolumeError over ``max_voxels`` or the zip
+    ``limits``."""
     if ref.format == "nifti":
         return load_nifti(ref.path, max_voxels=max_voxels)
     if ref.format == "dicom":
         from hctembed.io.dicom import load_dicom_series
 
-        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels)
+        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels, limits=limits)
         volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
         return volume
     raise VolumeError(f"unsupported format {ref.format}")
@@ -336,4 +343,4 @@ def load_volume(
             f"{path.name}: {len(found.selected)} usable scans (expected exactly one)"
             + (f"; {reasons}" if reasons else "")
         )
-    return load_series(found.selected[0], max_voxels=max_voxels)
+    return load_series(found.selected[0], max_voxels=max_voxels, limits=limits)

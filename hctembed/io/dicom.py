@@ -49,7 +49,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from hctembed.io.admission import ZipFiles, split_ref
+from hctembed.io.admission import Limits, ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.dicom_native import read_native
 from hctembed.io.selection import SelectionConfig
@@ -74,7 +74,12 @@ class _Slice:
 
 
 def load_dicom_series(
-    root: Path, files: Sequence[str], *, config: SelectionConfig | None = None, max_voxels: int = MAX_VOXELS
+    root: Path,
+    files: Sequence[str],
+    *,
+    config: SelectionConfig | None = None,
+    max_voxels: int = MAX_VOXELS,
+    limits: Limits | None = None,
 ) -> Volume:
     """Read and assemble the files of one series (paths relative to ``root``; zip members allowed).
 
@@ -84,7 +89,7 @@ def load_dicom_series(
     slices: list[_Slice] = []
     flags: list[str] = []
     claimed = 0
-    with ZipFiles() as zips:  # each zip of the series opened once, not once per member
+    with ZipFiles(limits=limits) as zips:  # each zip of the series opened once, not once per member
         for ref in files:
             ds, pixels = _read_slice(root, ref, zips=zips)
             try:

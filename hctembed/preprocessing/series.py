@@ -76,7 +76,12 @@ def check_scan(hu: np.ndarray, *, spacing_zyx, head_check: bool) -> None:
 
 
 def prepare(
-    ref: SeriesRef, *, config: AnyPreprocessConfig, max_voxels: int = MAX_VOXELS, head_check: bool = False
+    ref: SeriesRef,
+    *,
+    config: AnyPreprocessConfig,
+    max_voxels: int = MAX_VOXELS,
+    head_check: bool = False,
+    limits: Limits | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Load and preprocess one scan: the model input ``[C, Z, Y, X]`` and PHI-free facts about the source.
 
@@ -97,7 +102,7 @@ def prepare(
             x = streamed(stream, config=config, look=look)
         source = stream
     else:
-        volume = load_series(ref, max_voxels=max_voxels)
+        volume = load_series(ref, max_voxels=max_voxels, limits=limits)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
         check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume

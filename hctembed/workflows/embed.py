@@ -11,6 +11,7 @@ from typing import Any
 
 from hctembed.errors import InputError, NothingToDoError
 from hctembed.index.live_feed import LiveFeed
+from hctembed.io.admission import Limits
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
 from hctembed.io.locator import Location
@@ -42,6 +43,17 @@ class EmbedRequest:
     preprocess_device: str = "auto"  # auto: the encoder's GPU when it runs on one, else the CPU workers
     checkpoint_seconds: float = 30.0
     max_voxels: int = MAX_VOXELS  # a scan whose headers claim more fails with that reason, unread
+    max_zip_members: int = Limits.max_zip_members  # a zip holding more is skipped whole (zip_limit)
+    max_zip_gb: float = Limits.max_zip_bytes / 2**30  # members inflating to more, together: skipped whole
+    max_inflate_ratio: float = Limits.max_inflate_ratio  # a member inflating more-fold: skipped (zip_bomb)
+
+    @property
+    def zip_limits(self) -> Limits:
+        """The admission limits of the zips this run reads (:mod:`hctembed.io.admission`)."""
+        return Limits(
+            max_voxels=self.max_voxels, max_zip_members=self.max_zip_members,
+            max_zip_bytes=int(self.max_zip_gb * 2**30), max_inflate_ratio=self.max_inflate_ratio,
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         from hctembed.index.choice import KINDS
@@ -108,8 +120,9 @@ def find_scans(
     pseudonymise_files: bool = False,
     allow_non_head: bool = False,
     progress: Progress = NO_PROGRESS,
+    limits: Limits | None = None,
 ) -> ArchiveScan:
-    """The archive's candidates: read from a manifest, or found by reading headers."""
+    """The archive's candidates: read from a manifest, or found by reading headers (zips within ``limits``)."""
     from hctembed.io.archive import scan_archive
     from hctembed.io.manifest import is_manifest, read_manifest
     from hctembed.io.pseudonym import Pseudonymizer
@@ -127,6 +140,7 @@ def find_scans(
         return scan_archive(
             archive,
             selection=SelectionConfig(allow_non_head=allow_non_head),
+            limits=limits,
             pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
             pseudonymise_files=pseudonymise_files,
             progress=report,
@@ -197,7 +211,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     check_request_inputs(request)
     found = find_scans(
         request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
-        allow_non_head=request.allow_non_head, progress=progress,
+        allow_non_head=request.allow_non_head, progress=progress, limits=request.zip_limits,
     )  # fmt: skip
     refs = found.selected
     if not refs and not found.skipped:  # nothing to put in a database: none is created
@@ -228,6 +242,7 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
                 index_kind=request.index,
                 checkpoint_seconds=request.checkpoint_seconds,
                 max_voxels=request.max_voxels,
+                zip_limits=request.zip_limits,
                 locations=located[len(refs) :],  # the skipped candidates' (the scans' own come with them)
                 allow_non_head=request.allow_non_head,
                 preprocess_device=preprocess_device_for(request, encoder),

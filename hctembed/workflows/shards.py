@@ -111,7 +111,7 @@ def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -
     if not is_manifest(request.archive):  # the other ranks read this manifest
         found = find_scans(
             request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
-            allow_non_head=request.allow_non_head, progress=progress,
+            allow_non_head=request.allow_non_head, progress=progress, limits=request.zip_limits,
         )  # fmt: skip
         write_manifest(found, shards / "manifest.parquet")
 
@@ -194,6 +194,7 @@ def run_embed_distributed(
             refs=refs, encoder=encoder, folder=shards, rank=rank, world=world, stored=stored,
             batch_size=request.batch_size, num_workers=request.workers, retry_failed=request.retry_failed,
             progress=advance, max_voxels=request.max_voxels, allow_non_head=request.allow_non_head,
+            zip_limits=request.zip_limits,
             preprocess_device=preprocess_device_for(request, encoder),
         )  # fmt: skip
     reports = ddp.all_gather_objects(shard)
