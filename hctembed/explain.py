@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hctembed.config import PreprocessConfig, ViTConfig, Window
 from hctembed.errors import InputError
+from hctembed.model.patch_maps import upsample
 from hctembed.model.vit3d import ViT3D
 from hctembed.pictures.attention import render_distance_plot, render_overlays
 
@@ -98,13 +98,6 @@ def attention_distance(
             a = a / a.sum(dim=-1, keepdim=True)
         out.append((a * d).sum(dim=-1))  # [B, H, N]
     return torch.stack(out, dim=1).numpy()
-
-
-def upsample(grid_map: np.ndarray, *, size: int, mode: str = "trilinear") -> np.ndarray:
-    """Patch map ``[g, g, g]`` -> model grid ``[S, S, S]`` (``trilinear`` or ``nearest``)."""
-    t = torch.as_tensor(np.ascontiguousarray(grid_map), dtype=torch.float32)[None, None]
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    return F.interpolate(t, size=(size,) * 3, mode=mode, **kwargs)[0, 0].numpy()
 
 
 @dataclass(frozen=True)

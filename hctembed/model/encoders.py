@@ -81,7 +81,7 @@ class Encoder:
         device = next(self.model.parameters()).device
         if not hasattr(self.model, "embed_with_attention"):
             return self.encode(batch), None
-        from hctembed.explain import upsample
+        from hctembed.model.patch_maps import upsample
         from hctembed.pictures.montage import PanelPlanes
 
         vectors, attention = self.model.embed_with_attention(batch.to(device))
