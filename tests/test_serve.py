@@ -67,6 +67,7 @@ def test_api_answers_equal_the_cli(served):
     for scan_id in _stored_ids(db)[:2]:
         api = client.get("/api/search", params={"id": scan_id, "k": 4})
         assert api.status_code == 200, api.text
+        assert (api.json()["index"], api.json()["exact"]) == ("flat", True)  # which index answered
         cli = _cli("search", "--id", scan_id, "--db", db, "-k", 4, "--json")
         assert cli.returncode == 0, cli.stderr
         _same_hits(api.json()["hits"], [json.loads(line) for line in cli.stdout.splitlines()])

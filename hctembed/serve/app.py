@@ -87,6 +87,8 @@ def create_app(config: ServeConfig, *, state: ServerState | None = None) -> Fast
 
 
 UPLOAD_PREFIX = "hctembed-query-"
+# which index produced an answer: the server searches every collection exactly (an in-memory flat index)
+INDEX_ANSWER = {"index": "flat", "exact": True}
 
 
 def sweep_upload_folders() -> list[Path]:
@@ -177,7 +179,11 @@ def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
         model: str | None = Query(None, description="Model id (prefix); default the most recently embedded."),
     ) -> dict:
         view, hits = state.search_id(id, k=k, model=model)
-        return {"query": {"scan_id": id, "model_id": view.model_id}, "hits": [h.to_dict() for h in hits]}
+        return {
+            "query": {"scan_id": id, "model_id": view.model_id},
+            **INDEX_ANSWER,
+            "hits": [h.to_dict() for h in hits],
+        }
 
     @app.post("/api/search", summary="Nearest scans to an uploaded scan (embedded with the stored model)")
     async def search_by_file(
@@ -191,7 +197,8 @@ def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
             loop = asyncio.get_running_loop()
             xq = await loop.run_in_executor(embedding, _embed_query, state, view, path, limits, budget)
         hits = state.search_vector(xq, view=view, k=k)
-        return {"query": {"file": "uploaded", "model_id": view.model_id}, "hits": [h.to_dict() for h in hits]}
+        query = {"file": "uploaded", "model_id": view.model_id}
+        return {"query": query, **INDEX_ANSWER, "hits": [h.to_dict() for h in hits]}
 
     @app.get("/api/scans/{scan_id}", summary="A scan's facts, labels and which models embedded it")
     def scan(scan_id: str) -> dict:
