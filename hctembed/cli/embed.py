@@ -16,7 +16,7 @@ from hctembed.cli.common import (
     setup_logging,
     stderr,
 )
-from hctembed.io.admission import Limits
+from hctembed.cli.zip_options import MAX_INFLATE_RATIO, MAX_ZIP_GB, MAX_ZIP_MEMBERS
 from hctembed.volume import MAX_VOXELS
 
 
@@ -82,21 +82,9 @@ def embed(
         help="A scan whose headers claim more voxels fails with that reason, before anything of that size is read "
         "(default: 1024 x 1024 x 2000).",
     ),
-    max_zip_members: int = typer.Option(
-        Limits.max_zip_members, "--max-zip-members", min=1, help="A zip holding more members is skipped whole."
-    ),
-    max_zip_gb: float = typer.Option(
-        Limits.max_zip_bytes / 2**30,
-        "--max-zip-gb",
-        min=0.001,
-        help="A zip whose members inflate to more than this, together, is skipped whole.",
-    ),
-    max_inflate_ratio: float = typer.Option(
-        Limits.max_inflate_ratio,
-        "--max-inflate-ratio",
-        min=1.0,
-        help="A zip member that inflates more-fold (a zip bomb) makes its zip skipped, unread.",
-    ),
+    max_zip_members: int = MAX_ZIP_MEMBERS,
+    max_zip_gb: float = MAX_ZIP_GB,
+    max_inflate_ratio: float = MAX_INFLATE_RATIO,
     device: str = typer.Option(
         "auto", "--device", help="Where the encoder runs: auto (CUDA when present), cpu, cuda, cuda:N."
     ),

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from hctembed.cli.common import BarProgress, print_json_lines, print_table, setup_logging, stderr
-from hctembed.io.admission import Limits
+from hctembed.cli.zip_options import MAX_INFLATE_RATIO, MAX_ZIP_GB, MAX_ZIP_MEMBERS
 
 
 def scan(
@@ -34,25 +34,14 @@ def scan(
         help="Name NIfTI scans by keyed pseudonyms of their paths (fi-...) instead of the paths (DICOM series and "
         "skipped files always are); a labels CSV keyed by file name or stem still joins.",
     ),
-    max_zip_members: int = typer.Option(
-        Limits.max_zip_members, "--max-zip-members", min=1, help="A zip holding more members is skipped whole."
-    ),
-    max_zip_gb: float = typer.Option(
-        Limits.max_zip_bytes / 2**30,
-        "--max-zip-gb",
-        min=0.001,
-        help="A zip whose members inflate to more than this, together, is skipped whole.",
-    ),
-    max_inflate_ratio: float = typer.Option(
-        Limits.max_inflate_ratio,
-        "--max-inflate-ratio",
-        min=1.0,
-        help="A zip member that inflates more-fold (a zip bomb) makes its zip skipped, unread.",
-    ),
+    max_zip_members: int = MAX_ZIP_MEMBERS,
+    max_zip_gb: float = MAX_ZIP_GB,
+    max_inflate_ratio: float = MAX_INFLATE_RATIO,
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find DICOM series (split into stacks), NIfTI files and zips; decide which are head CT to embed."""
+    from hctembed.io.admission import Limits
     from hctembed.io.archive import scan_archive
     from hctembed.io.locator import locator_path
     from hctembed.io.manifest import manifest_rows, write_manifest
@@ -76,11 +65,10 @@ def scan(
             pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
             pseudonymise_files=pseudonymise_files,
             progress=lambda k: advance(1),
-            limits=Limits(
-                max_zip_members=max_zip_members, max_zip_bytes=int(max_zip_gb * 2**30),
-                max_inflate_ratio=max_inflate_ratio,
+            limits=Limits.of_options(
+                max_zip_members=max_zip_members, max_zip_gb=max_zip_gb, max_inflate_ratio=max_inflate_ratio
             ),
-        )  # fmt: skip
+        )
     rows = manifest_rows(found)
     files = {ref.scan_id: len(ref.files) for ref in found.selected}
     if out is not None:

@@ -49,6 +49,16 @@ class Limits:
     max_zip_bytes: int = 16 * 2**30  # bytes all members of one zip inflate to, together
     max_inflate_ratio: float = 200.0  # a member's inflated / compressed size (DICOM of CT: 1.5-10)
 
+    @classmethod
+    def of_options(
+        cls, *, max_zip_members: int, max_zip_gb: float, max_inflate_ratio: float, max_voxels: int = MAX_VOXELS
+    ) -> Limits:
+        """The limits the command-line options give (``--max-zip-gb`` in GiB)."""
+        return cls(
+            max_voxels=max_voxels, max_zip_members=max_zip_members, max_zip_bytes=int(max_zip_gb * 2**30),
+            max_inflate_ratio=max_inflate_ratio,
+        )  # fmt: skip
+
 
 def check_grid(shape_xyz, *, max_voxels: int, what: str = "resampled to 1 mm, the scan") -> None:
     """Refuse (VolumeError) a grid of more than ``max_voxels`` voxels before it is allocated."""

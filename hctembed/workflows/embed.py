@@ -50,10 +50,12 @@ class EmbedRequest:
     @property
     def zip_limits(self) -> Limits:
         """The admission limits of the zips this run reads (:mod:`hctembed.io.admission`)."""
-        return Limits(
-            max_voxels=self.max_voxels, max_zip_members=self.max_zip_members,
-            max_zip_bytes=int(self.max_zip_gb * 2**30), max_inflate_ratio=self.max_inflate_ratio,
-        )  # fmt: skip
+        return Limits.of_options(
+            max_voxels=self.max_voxels,
+            max_zip_members=self.max_zip_members,
+            max_zip_gb=self.max_zip_gb,
+            max_inflate_ratio=self.max_inflate_ratio,
+        )
 
     def __post_init__(self) -> None:
         from hctembed.index.choice import KINDS
