@@ -114,14 +114,19 @@ def load_dicom_series(
 def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> tuple[pydicom.Dataset, np.ndarray | None]:
     """One file's header and, for an uncompressed single-frame slice, its stored values read straight from the
     file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom."""
+    member = None  # a zip member is inflated once, for either reader
     try:
-        native = read_native(root / ref if split_ref(ref) is None else io.BytesIO(zips.read(root, ref)))
+        if split_ref(ref) is None:
+            native = read_native(root / ref)
+        else:
+            member = zips.read(root, ref)
+            native = read_native(io.BytesIO(member))
     except (OSError, VolumeError, NotImplementedError, RuntimeError):
         native = None  # the full reader below says what is wrong, as one line
     if native is not None:
         return native
     try:
-        return read_dataset(root, ref, pixels=True, zips=zips), None
+        return read_dataset(root, ref, pixels=True, zips=zips, member=member), None
     except HeaderError as exc:
         raise VolumeError(f"unreadable slice file: {exc}") from None
 

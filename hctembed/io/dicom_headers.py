@@ -85,17 +85,20 @@ def read_bytes(root: Path, ref: str, *, zips: ZipFiles | None = None) -> bytes:
         return own.read(root, ref)
 
 
-def read_dataset(root: Path, ref: str, *, pixels: bool, zips: ZipFiles | None = None) -> pydicom.Dataset:
+def read_dataset(
+    root: Path, ref: str, *, pixels: bool, zips: ZipFiles | None = None, member: bytes | None = None
+) -> pydicom.Dataset:
     """Parse a DICOM file; raises HeaderError (PHI-free) for anything that is not readable DICOM, and
     ZipRefused for a zip over the admission limits. A zip member's header (``pixels=False``) is parsed from its
-    first bytes: only those are inflated. ``zips``: the zips of this walk or series, opened once each."""
+    first bytes: only those are inflated. ``zips``: the zips of this walk or series, opened once each;
+    ``member``: the zip member's bytes when the caller has inflated them already."""
     own = None if zips is not None else ZipFiles()
     zips = zips or own
     try:
         if split_ref(ref) is None:
             ds = pydicom.dcmread(str(root / ref), stop_before_pixels=not pixels)
         elif pixels:
-            ds = pydicom.dcmread(io.BytesIO(zips.read(root, ref)))
+            ds = pydicom.dcmread(io.BytesIO(member if member is not None else zips.read(root, ref)))
         else:
             ds = parse_header_prefix(
                 lambda n: zips.header_bytes(root, ref, at_least=n),
