@@ -159,18 +159,24 @@ def scan_archive(
     if pseudonymise_files or skipped or any(not is_nifti(p) for p in files):
         pseudonyms = pseudonyms or Pseudonymizer.from_file()
     with ZipFiles(limits=limits) as zips:
-        _walk(
-            files,
-            walk_root=walk_root,
-            root=root,
-            zips=zips,
-            skipped=skipped,
-            selected=selected,
-            dicom_refs=dicom_refs,
-            sizes=sizes,
-            pseudonyms=pseudonyms,
-            pseudonymise_files=pseudonymise_files,
-        )
+        for path in files:
+            rel = path.relative_to(walk_root).as_posix()
+            stat = path.stat()
+            if is_nifti(path):
+                scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
+                if pseudonymise_files:
+                    scan_id = pseudonyms.path("fi", scan_id)
+                source = scan_id if pseudonymise_files else rel
+                selected.append(
+                    SeriesRef(source, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel)
+                )
+            elif path.suffix.lower() == ".zip":
+                members = _zip_members(path, rel, skipped, zips=zips)
+                dicom_refs.extend(members)
+                sizes.update({m: (stat.st_size // max(len(members), 1), stat.st_mtime_ns) for m in members})
+            elif path.suffix.lower() not in NON_IMAGE_SUFFIXES:
+                dicom_refs.append(rel)
+                sizes[rel] = (stat.st_size, stat.st_mtime_ns)
         headers = []
         for i, ref in enumerate(dicom_refs):
             try:
@@ -204,28 +210,6 @@ def scan_archive(
         log.info("ignored %d non-image files (csv, txt, json, ...) under %s", ignored, archive)
     skipped = [_named_by_pseudonym(s, pseudonyms) for s in skipped]
     return ArchiveScan(selected=selected, skipped=skipped, root=root)
-
-
-def _walk(files, *, walk_root, root, zips, skipped, selected, dicom_refs, sizes, pseudonyms, pseudonymise_files):
-    """Sort the walked files: NIfTI files become refs, zips and other files DICOM candidates (in place)."""
-    for path in files:
-        rel = path.relative_to(walk_root).as_posix()
-        stat = path.stat()
-        if is_nifti(path):
-            scan_id = (Path(rel).parent / nifti_stem(Path(rel))).as_posix()
-            if pseudonymise_files:
-                scan_id = pseudonyms.path("fi", scan_id)
-            source = scan_id if pseudonymise_files else rel
-            selected.append(
-                SeriesRef(source, path, root, scan_id, "nifti", stat.st_size, stat.st_mtime_ns, location=rel)
-            )
-        elif path.suffix.lower() == ".zip":
-            members = _zip_members(path, rel, skipped, zips=zips)
-            dicom_refs.extend(members)
-            sizes.update({m: (stat.st_size // max(len(members), 1), stat.st_mtime_ns) for m in members})
-        elif path.suffix.lower() not in NON_IMAGE_SUFFIXES:
-            dicom_refs.append(rel)
-            sizes[rel] = (stat.st_size, stat.st_mtime_ns)
 
 
 def _named_by_pseudonym(skip: Skipped, pseudonyms: Pseudonymizer | None) -> Skipped:
