@@ -115,8 +115,15 @@ def check_resampled_grid(affine, shape_xyz, *, config: AnyPreprocessConfig, max_
     voxels would be resampled to 4,837 x 4,837 x 20."""
     spacing = getattr(config, "spacing_mm", None)
     if spacing:
-        grid = grid_for(affine=affine, shape_xyz=tuple(shape_xyz), spacing_mm=float(spacing))
-        check_grid(grid.shape, max_voxels=max_voxels, what=f"resampled to {float(spacing):g} mm, the scan")
+        resampled_shape(affine, shape_xyz, spacing_mm=float(spacing), max_voxels=max_voxels)
+
+
+def resampled_shape(affine, shape_xyz, *, spacing_mm: float, max_voxels: int) -> np.ndarray:
+    """The shape (x, y, z) of the isotropic grid a RAS ``affine`` and ``shape_xyz`` resample to at
+    ``spacing_mm``; VolumeError when it holds more than ``max_voxels`` voxels."""
+    grid = grid_for(affine=affine, shape_xyz=tuple(shape_xyz), spacing_mm=spacing_mm)
+    check_grid(grid.shape, max_voxels=max_voxels, what=f"resampled to {spacing_mm:g} mm, the scan")
+    return grid.shape
 
 
 def prepare_file(

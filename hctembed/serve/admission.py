@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hctembed.errors import HctembedError, InputError
-from hctembed.io.admission import ZipFiles, check_grid
+from hctembed.io.admission import ZipFiles
 from hctembed.serve.limits import QueryLimits
 from hctembed.volume import VolumeError
 
@@ -37,12 +37,13 @@ def estimated_bytes(path: Path, *, limits: QueryLimits, spacing_mm: float | None
     """The memory embedding the upload at ``path`` will take, from its headers alone; VolumeError when its
     headers (or zip) are over the limits."""
     from hctembed.io.nifti import header_affine, is_nifti, open_image
-    from hctembed.preprocessing.resample import grid_for
+    from hctembed.preprocessing.series import resampled_shape
     from hctembed.volume import check_affine, ras_orientation
 
     file_limits = limits.file_limits()
     if is_nifti(path):
-        img, shape = open_image(path, max_voxels=file_limits.max_voxels)
+        limit = file_limits.max_voxels
+        img, shape = open_image(path, max_voxels=limit)
         source = shape[0] * shape[1] * shape[2]
         grid = 0
         if spacing_mm:
@@ -50,8 +51,9 @@ def estimated_bytes(path: Path, *, limits: QueryLimits, spacing_mm: float | None
             check_affine(affine)
             ras = ras_orientation(affine, shape)
             shape_ras = tuple(shape[i] for i in ras.order)
-            grid_shape = grid_for(affine=ras.affine, shape_xyz=shape_ras, spacing_mm=spacing_mm).shape
-            check_grid(grid_shape, max_voxels=file_limits.max_voxels, what=f"resampled to {spacing_mm:g} mm, the scan")
+            grid_shape = resampled_shape(
+                ras.affine, shape_ras, spacing_mm=spacing_mm, max_voxels=file_limits.max_voxels
+            )
             grid = int(grid_shape.prod())
         return source * BYTES_PER_SOURCE_VOXEL + grid * BYTES_PER_GRID_VOXEL + FIXED_BYTES
     with ZipFiles(limits=file_limits) as zips:  # a zip of one DICOM series: its members' declared sizes
