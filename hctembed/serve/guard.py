@@ -27,12 +27,24 @@ from hctembed.serve.limits import LOOPBACK_NAMES
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-def host_name(value: str) -> str:
-    """The name part of a Host header or an origin's netloc: ``"[::1]:8000"`` -> ``"::1"``, lower case."""
+def split_host(value: str) -> tuple[str, int | None]:
+    """A Host header or an origin's netloc as (name, port): ``"[::1]:8000"`` -> ``("::1", 8000)``, the name in
+    lower case, the port None when absent (or not a number)."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        end = value.find("]")
+        name, rest = (value[1:end], value[end + 1 :]) if end >= 0 else (value, "")
+    elif value.count(":") == 1:
+        name, rest = value.split(":")[0], ":" + value.split(":")[1]
+    else:
+        name, rest = value, ""
+    port = rest[1:] if rest.startswith(":") else ""
+    return name, int(port) if port.isdigit() else None
+
+
+def host_name(value: str) -> str:
+    """The name part of a Host header or an origin's netloc (see :func:`split_host`)."""
+    return split_host(value)[0]
 
 
 class Guard:
@@ -94,15 +106,9 @@ class Guard:
                 origin_port = parts.port or default
             except ValueError:
                 return True
-            return (host_name(parts.netloc), origin_port) != (host, self._host_port(headers, default))
+            _, host_port = split_host(headers.get(b"host", b"").decode("latin-1"))
+            return (host_name(parts.netloc), origin_port) != (host, host_port or default)
         return headers.get(b"sec-fetch-site", b"") == b"cross-site"
-
-    @staticmethod
-    def _host_port(headers: dict, default: int) -> int:
-        value = headers.get(b"host", b"").decode("latin-1").strip()
-        tail = value.rsplit("]", 1)[-1] if value.startswith("[") else value
-        port = tail.rsplit(":", 1)[1] if ":" in tail and tail.count(":") == 1 else ""
-        return int(port) if port.isdigit() else default
 
     async def _post(self, scope, receive, send, headers: dict):
         limit = f"the upload is over the limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)"
