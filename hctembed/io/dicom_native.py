@@ -121,15 +121,9 @@ def _file_meta(buf: bytes) -> tuple[int, str]:
     """End of the file meta group (always explicit VR little endian) and its transfer syntax UID."""
     at, syntax = 132, ""
     while at + 8 <= len(buf):
-        group = int.from_bytes(buf[at : at + 2], "little")
+        group, element, _, length, value_at = _element_at(buf, at, explicit=True)
         if group != 0x0002:
             return at, syntax
-        element = int.from_bytes(buf[at + 2 : at + 4], "little")
-        vr = buf[at + 4 : at + 6]
-        if vr in _LONG_VRS:
-            length, value_at = int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
-        else:
-            length, value_at = int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
         if element == 0x0010:
             syntax = buf[value_at : value_at + length].rstrip(b"\0 ").decode("ascii")
         at = value_at + length
