@@ -64,7 +64,7 @@ class Prepared:
     reason: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # not a failure: the scan is not what the archive is embedded for (not a head)
-    decoded: tuple[torch.Tensor, np.ndarray, dict] | None = None  # (HU [Z, Y, X], affine, meta) in shared memory
+    decoded: tuple | None = None  # (HU [Z, Y, X] in shared memory, affine, meta, SliceStack or None)
 
 
 class ScanDataset(Dataset):
@@ -84,7 +84,7 @@ class ScanDataset(Dataset):
             if self.loading.preprocess_device is not None:
                 volume = load_series(ref, max_voxels=self.loading.max_voxels, limits=self.loading.zip_limits)
                 hu = torch.from_numpy(np.ascontiguousarray(volume.array))  # shared memory across processes
-                return Prepared(i, None, None, dict(ref.facts), decoded=(hu, volume.affine, volume.meta))
+                return Prepared(i, None, None, dict(ref.facts), decoded=(hu, volume.affine, volume.meta, volume.stack))
             x, facts = prepare(
                 ref, config=self.config, max_voxels=self.loading.max_voxels, head_check=self.loading.head_check,
                 limits=self.loading.zip_limits,
@@ -105,10 +105,11 @@ class ScanDataset(Dataset):
 
 def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, loading: Loading) -> Prepared:
     """A decoded item preprocessed in this process on ``loading.preprocess_device`` (head check first)."""
-    hu, affine, meta = item.decoded
+    hu, affine, meta, stack = item.decoded
     try:
-        volume = Volume(array=hu.numpy(), affine=affine, meta=meta)
-        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=loading.head_check)
+        volume = Volume(array=hu.numpy(), affine=affine, meta=meta, stack=stack)
+        regular = volume.regular()  # a slice stack's true geometry (zones, tilt)
+        check_scan(regular.array, spacing_zyx=regular.spacing_xyz[::-1], head_check=loading.head_check)
         x = preprocess(volume, config=config, device=loading.preprocess_device)
     except SkipError as exc:
         return replace(item, reason=f"{exc.code}: {exc}", skipped=True, decoded=None)

@@ -25,11 +25,32 @@ class Volume:
             (the NIfTI convention, so ``affine @ [x, y, z, 1]``). Its columns point along +R, +A, +S
             as closely as the acquisition allows; oblique scans keep their rotation here.
         meta: PHI-free facts about the source (format, original orientation code, spacing, ...).
+        stack: None for a regular grid. For a DICOM stack whose slices are not on one (slice zones of different
+            spacing, gantry tilt), the slices as stored with their true positions (:class:`SliceStack`): the
+            paper preprocessing interpolates once from those to its 1 mm grid; :meth:`regular` gives everything
+            else a regular grid.
     """
 
     array: np.ndarray
     affine: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    stack: SliceStack | None = None
+
+    def regular(self) -> Volume:
+        """This volume on a regular grid: itself, or (a stack) its slices blended onto the stack's regular lattice
+        along z (:attr:`SliceStack.targets`) after each is moved by its in-plane fraction of a voxel (linear)."""
+        if self.stack is None:
+            return self
+        from hctembed.io.slice_grid import resample, stack_plane
+
+        s = self.stack
+        shape = self.array.shape[1:]
+        hu = resample(self.array, s.positions, targets=s.targets, plane=stack_plane(s.shifts, shape=shape), shape=shape)
+        affine = self.affine.copy()
+        step = float(s.targets[1] - s.targets[0]) if len(s.targets) > 1 else 1.0
+        affine[:3, 3] = self.affine[:3, 3] + self.affine[:3, 2] * float(s.targets[0])
+        affine[:3, 2] = self.affine[:3, 2] * step
+        return Volume(array=hu, affine=affine, meta=self.meta)
 
     @property
     def shape_xyz(self) -> tuple[int, int, int]:
@@ -41,6 +62,29 @@ class Volume:
         """Voxel size in mm along the x, y, z array axes."""
         s = np.linalg.norm(self.affine[:3, :3], axis=0)
         return (float(s[0]), float(s[1]), float(s[2]))
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """Where a volume's stored slices truly lie, in its own voxel index units (axis z is the slice axis):
+    stored voxel ``[k, j, i]`` sits at index ``(positions[k], j + shifts[k, 0], i + shifts[k, 1])``. ``positions
+    [K]`` increase (not evenly: zones); ``shifts [K, 2]`` (y, x) are under a voxel (the tilt's drift less the whole
+    voxels by which each slice was placed); ``targets [M]`` is the regular lattice along z that
+    :meth:`Volume.regular` blends onto (the finest zone's spacing, through its slices)."""
+
+    positions: np.ndarray
+    shifts: np.ndarray
+    targets: np.ndarray
+
+    def reoriented(self, *, n_slices: int, swap_yx: bool, flip_z: bool, flip_y: bool, flip_x: bool) -> SliceStack:
+        """The same stack after the volume's axes were permuted (y and x swapped) and flipped."""
+        shifts = self.shifts[:, ::-1] if swap_yx else self.shifts
+        shifts = shifts * np.array([-1.0 if flip_y else 1.0, -1.0 if flip_x else 1.0])
+        positions, targets = self.positions, self.targets
+        if flip_z:
+            positions, targets, shifts = (n_slices - 1) - positions[::-1], (n_slices - 1) - targets[::-1], shifts[::-1]
+        return SliceStack(positions=np.ascontiguousarray(positions), shifts=np.ascontiguousarray(shifts),
+                          targets=np.ascontiguousarray(targets))  # fmt: skip
 
 
 MAX_VOXELS = 1024 * 1024 * 2000  # the default limit: a 1024x1024 matrix with 2,000 slices

@@ -53,8 +53,17 @@ from hctembed.io.admission import Limits, ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.dicom_native import read_native
 from hctembed.io.selection import SelectionConfig
-from hctembed.io.slice_grid import AIR_HU, in_plane_grid, resample, slice_grid
-from hctembed.volume import MAX_VOXELS, Volume, VolumeError, check_affine, check_voxel_count, orient_to_ras
+from hctembed.io.slice_grid import AIR_HU, in_plane_grid, place_whole, slice_grid
+from hctembed.volume import (
+    MAX_VOXELS,
+    SliceStack,
+    Volume,
+    VolumeError,
+    check_affine,
+    check_voxel_count,
+    orient_to_ras,
+    ras_orientation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -247,22 +256,25 @@ def assemble(
     plane = in_plane_grid(
         positions, normal=normal, row_dir=row_dir, col_dir=col_dir, spacing=first.spacing, shape=first.raw.shape
     )
+    stack = None
     if targets is not None or plane is not None:
-        targets = distance if targets is None else targets
+        # the slices stay as stored (moved by whole pixels onto the grown field of view) with their true
+        # positions: the preprocessing interpolates once from those to its grid (Volume.stack)
         shape = plane.shape if plane is not None else first.raw.shape
-        check_voxel_count((len(targets), *shape), max_voxels=max_voxels, what="the resampled grid")
-        hu = resample(hu, distance, targets=targets, plane=plane, shape=shape)
-    if plane is not None:
-        flags.append(f"gantry_tilt_corrected:{plane.angle:.1f}deg")
+        regular_slices = len(targets) if targets is not None else len(distance)
+        check_voxel_count((max(regular_slices, len(distance)), *shape), max_voxels=max_voxels,
+                          what="the resampled grid")  # fmt: skip
+        shifts = np.zeros((len(distance), 2))
+        if plane is not None:
+            hu, shifts = place_whole(hu, shift=plane.shift, shape=shape)
+            flags.append(f"gantry_tilt_corrected:{plane.angle:.1f}deg")
+        step = float((distance[-1] - distance[0]) / (len(distance) - 1))  # the stack's mean spacing
+        along = (distance - distance[0]) / step
+        lattice = along if targets is None else (targets - distance[0]) / step
+        stack = SliceStack(positions=along, shifts=shifts, targets=lattice)
     low = plane.low if plane is not None else np.zeros(2)
-    first_target = distance[0] if targets is None else targets[0]
-    # grid origin: the first slice's, moved to the enlarged field of view's corner and to the first target
-    origin = (
-        slices[0].position
-        + low[1] * first.spacing[1] * row_dir
-        + low[0] * first.spacing[0] * col_dir
-        + (first_target - distance[0]) * normal
-    )
+    # grid origin: the first slice's, moved to the enlarged field of view's corner
+    origin = slices[0].position + low[1] * first.spacing[1] * row_dir + low[0] * first.spacing[0] * col_dir
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * first.spacing[1]  # along a row: columns, spacing between columns
     affine_lps[:3, 1] = col_dir * first.spacing[0]  # down a column: rows, spacing between rows
@@ -270,14 +282,24 @@ def assemble(
     affine_lps[:3, 3] = origin
     affine = LPS_TO_RAS @ affine_lps
     check_affine(affine)
+    shape_xyz = hu.shape[::-1]
+    if stack is not None and ras_orientation(affine, shape_xyz).order[2] != 2:
+        # a sagittal or coronal stack: its slices do not stay the slowest axis, so blend them onto a regular
+        # lattice here (two interpolations, as before the stack was kept)
+        regular = Volume(array=hu, affine=affine, stack=stack).regular()
+        hu, affine, stack = regular.array, regular.affine, None
+    ras = ras_orientation(affine, hu.shape[::-1])
     array_xyz, affine_ras, codes = orient_to_ras(hu.transpose(2, 1, 0), affine)
+    if stack is not None:
+        stack = stack.reoriented(n_slices=hu.shape[0], swap_yx=ras.order[0] == 1, flip_z=ras.flips[2],
+                                 flip_y=ras.flips[1], flip_x=ras.flips[0])  # fmt: skip
     meta = {
         "format": "dicom",
         "source_axcodes": "".join(codes),
         "flags": flags,
         "n_slices": int(hu.shape[0]),
     }
-    return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta)
+    return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta, stack=stack)
 
 
 def _to_hu(s: _Slice, *, out: np.ndarray) -> np.ndarray:

@@ -163,6 +163,31 @@ def in_plane_grid(positions, *, normal, row_dir, col_dir, spacing, shape) -> Pla
     return Plane(pixels - low, low, (shape[0] + int(grown[0]), shape[1] + int(grown[1])), angle)
 
 
+def stack_plane(shifts: np.ndarray, *, shape: tuple[int, int]) -> Plane | None:
+    """The in-plane moves of a :class:`hctembed.volume.SliceStack`'s slices (``shifts [K, 2]``, under a voxel) as a
+    :class:`Plane` of the same shape for :func:`resample`; None when no slice moves."""
+    if not np.any(np.abs(shifts) > 1e-9):
+        return None
+    return Plane(np.asarray(shifts, np.float64), np.zeros(2), tuple(shape), 0.0)
+
+
+def place_whole(hu: np.ndarray, *, shift: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Slices ``hu [K, rows, cols]`` copied (no interpolation) into grids of air of ``shape``, each moved by the
+    whole voxels nearest its ``shift [K, 2]``; returns them ``[K, *shape]`` and what is left of each shift (the
+    fraction of a voxel, in [-0.5, 0.5])."""
+    whole = np.round(shift).astype(np.int64)
+    out = np.full((hu.shape[0], *shape), AIR_HU, np.float32)
+    rows, cols = hu.shape[1:]
+    for k in range(hu.shape[0]):
+        r0, c0 = int(whole[k, 0]), int(whole[k, 1])
+        # the part of the slice inside the grid (a shift within the edge slack may reach a voxel past it)
+        sr0, sc0 = max(0, -r0), max(0, -c0)
+        sr1, sc1 = min(rows, shape[0] - r0), min(cols, shape[1] - c0)
+        if sr1 > sr0 and sc1 > sc0:
+            out[k, r0 + sr0 : r0 + sr1, c0 + sc0 : c0 + sc1] = hu[k, sr0:sr1, sc0:sc1]
+    return out, shift - whole
+
+
 def resample(hu, distance, *, targets, plane: Plane | None, shape: tuple[int, int]) -> np.ndarray:
     """Output ``[M, rows, cols]`` float32: at each target position along the normal, the linear blend of the two
     nearest slices, each first moved onto the output's in-plane grid (air where it has no pixel)."""

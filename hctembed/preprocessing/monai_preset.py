@@ -41,6 +41,7 @@ def preprocess_monai(volume: Volume, *, config: MonaiPreset) -> torch.Tensor:
     """Volume -> float32 ``[1, D0, D1, D2]`` in the preset's axis order, values in [0, 1]."""
     from monai.data import MetaTensor
 
+    volume = volume.regular()  # a regular grid (a slice stack blended onto one)
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
     img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
     out = monai_chain(config)(img)

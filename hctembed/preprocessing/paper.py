@@ -31,6 +31,7 @@ from hctembed.preprocessing.resample import (
     memory_weights,
     resample_isotropic,
     resample_slabs,
+    resample_stack,
     window_into,
 )
 from hctembed.volume import Volume
@@ -68,6 +69,8 @@ def preprocess_paper(
         float32 tensor ``[C, out, out, out]`` in ``[0, 1]``, axes ``[C, Z(S), Y(A), X(R)]``, on ``device``.
     """
     grid = isotropic_grid(volume, spacing_mm=config.spacing_mm)
+    if volume.stack is not None:  # slice zones or gantry tilt: one interpolation from the true positions
+        return finish(resample_stack(volume, grid=grid, device=device), grid=grid, config=config)
     return finish(resample_isotropic(volume, grid=grid, device=device), grid=grid, config=config)
 
 
@@ -185,6 +188,7 @@ def preprocess_paper_reference(volume: Volume, *, config: PreprocessConfig) -> t
     """The MONAI chain on a Volume; float32 ``[C, out, out, out]`` as ``[C, Z, Y, X]`` like the fast path."""
     from monai.data import MetaTensor
 
+    volume = volume.regular()  # MONAI reads a regular grid (a stack's slices blended onto one first)
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
     img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
     out = reference_chain(config)(img)

@@ -135,6 +135,43 @@ def resample_isotropic(
     return resample_slabs(slabs, weights=weights, n_slices=array.shape[0], device=device)
 
 
+def resample_stack(volume: Volume, *, grid: IsotropicGrid, device: torch.device | str | None = None) -> torch.Tensor:
+    """One interpolation from a stack's true slice positions (:class:`hctembed.volume.SliceStack`: slice zones,
+    gantry tilt) onto ``grid``: float32 HU ``[Z1, Y1, X1]``. In-plane, each slice gets MONAI's cubic-spline weights
+    at the grid's positions less its own shift; along z, the cubic spline through the slices at each grid position's
+    fractional slice index (linear in true distance between the two slices around it). Nothing is first put on an
+    intermediate grid."""
+    stack = volume.stack
+    array = np.asarray(volume.array, dtype=np.float32)
+    n, ny, nx = array.shape
+    pos = [grid.source_positions(axis=a, grid_index=np.arange(int(grid.shape[a]))) for a in range(3)]  # x, y, z
+    inplane = torch.empty((n, int(grid.shape[1]), int(grid.shape[0])), dtype=torch.float32, device=device)
+    for k in range(n):
+        wy = _axis_weights(ny, np.ascontiguousarray(pos[1] - stack.shifts[k, 0]).tobytes(), False)
+        wx = _axis_weights(nx, np.ascontiguousarray(pos[0] - stack.shifts[k, 1]).tobytes(), False)
+        if device is not None and torch.device(device).type != "cpu":
+            wy, wx = wy.to(device), wx.to(device)
+        src = torch.from_numpy(np.ascontiguousarray(array[k : k + 1])).to(device or "cpu")
+        inplane[k] = wy.along_rows(wx.along_last(src))[0]
+    # each grid position as a fractional slice index (linear between the true positions of the slices around it),
+    # then MONAI's cubic spline along the slices: exactly MONAI's along z for evenly spaced slices, and through
+    # every slice's own values for zones
+    index = np.interp(pos[2], stack.positions, np.arange(n, dtype=np.float64))
+    wz = torch.from_numpy(spline_weights(n=n, positions=index).astype(np.float32)).to(device or "cpu")
+    return (wz @ inplane.reshape(n, -1)).reshape(wz.shape[0], *inplane.shape[1:])
+
+
+def isotropic_volume(volume: Volume, *, spacing_mm: float) -> Volume:
+    """``volume`` resampled onto the isotropic grid the paper preprocessing uses (a slice stack from its true
+    positions, in one interpolation), as a Volume with that grid's affine: HU float32 ``[Z1, Y1, X1]``."""
+    grid = isotropic_grid(volume, spacing_mm=spacing_mm)
+    hu = (resample_stack if volume.stack is not None else resample_isotropic)(volume, grid=grid)
+    affine = np.asarray(volume.affine, np.float64).copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ grid.shift + volume.affine[:3, 3]
+    affine[:3, :3] = volume.affine[:3, :3] @ np.diag(grid.scale)
+    return Volume(array=hu.numpy(), affine=affine, meta=dict(volume.meta))
+
+
 SLAB_SLICES = 8  # source slices per in-plane product of an in-memory volume (as the streamed path's slabs)
 
 

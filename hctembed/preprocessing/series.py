@@ -104,7 +104,8 @@ def prepare(
     else:
         volume = load_series(ref, max_voxels=max_voxels, limits=limits)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
-        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
+        regular = volume.regular()  # a slice stack's true geometry (zones, tilt)
+        check_scan(regular.array, spacing_zyx=regular.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
 
