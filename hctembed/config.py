@@ -110,6 +110,7 @@ PREPROCESS_PRESETS: dict[str, PreprocessConfig | FitPreprocessConfig] = {
 
 # (field, lowest, highest) of ViTConfig's whole numbers: wide enough for any encoder here, narrow enough that a
 # config cannot ask for an input or a model no machine holds (a 512³ input is 1.6 GB as three float32 windows)
+INPUT_NORMS = ("none", "standardise")
 VIT_INT_RANGES = (
     ("image_size", 8, 512), ("patch_size", 1, 64), ("in_channels", 1, 16), ("dim", 6, 8192),
     ("depth", 1, 128), ("heads", 1, 256), ("mlp_dim", 1, 65536), ("register_tokens", 0, 64),
@@ -135,6 +136,11 @@ class ViTConfig:
     # False: the fixed 3D sine-cosine position embedding (a buffer rebuilt from the config). True: a stored
     # ``pos_embed`` tensor ``[1, N, D]`` (learned or imported, e.g. the FM-HCT checkpoint), saved with the weights.
     stored_pos_embed: bool = False
+    # "standardise": the input is centred and scaled per channel, ``(x - input_mean) / input_std``, by two buffers
+    # ``[C]`` saved with the weights (fitted on the pretraining data), so embed, probes and fine-tuning apply
+    # exactly what pretraining saw. "none": the windows in [0, 1] go in as they are.
+    input_norm: str = "none"
+    drop_path: float = 0.0  # stochastic depth: the last block's drop rate (linear from 0), training only
 
     def __post_init__(self) -> None:
         # a schema check first, so that a malformed config (from a weights file's metadata, say) is one line,
@@ -152,6 +158,11 @@ class ViTConfig:
                 raise InputError(f"ViTConfig {name} must be a number between 0 and 1, not {value!r}")
         if not isinstance(self.name, str):
             raise InputError(f"ViTConfig name must be text, not {self.name!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise InputError(f"ViTConfig input_norm must be one of {', '.join(INPUT_NORMS)}, not {self.input_norm!r}")
+        dp = self.drop_path
+        if not isinstance(dp, int | float) or isinstance(dp, bool) or not 0 <= dp < 1:
+            raise InputError(f"ViTConfig drop_path must be a number from 0 to below 1, not {dp!r}")
         if self.image_size % self.patch_size:
             raise InputError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
         if self.dim % self.heads:

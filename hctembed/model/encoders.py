@@ -61,7 +61,8 @@ class Encoder:
 
     @property
     def fingerprint(self) -> str:
-        return self.preprocess.fingerprint()
+        """The preprocessing's fingerprint; with ``+standardise`` when the encoder centres its input itself."""
+        return with_input_norm(self.preprocess.fingerprint(), self.model)
 
     @property
     def device(self) -> torch.device:
@@ -95,6 +96,13 @@ class Encoder:
     def to(self, device: str) -> Encoder:
         self.model.to(device)
         return self
+
+
+def with_input_norm(fingerprint: str, model: torch.nn.Module) -> str:
+    """``fingerprint`` marked with the model's input norm (a ViT3D that standardises its input): vectors of a
+    standardising encoder never share a fingerprint with those of the same preprocessing fed raw."""
+    norm = getattr(getattr(model, "config", None), "input_norm", "none")
+    return fingerprint if norm == "none" else f"{fingerprint}+{norm}"
 
 
 def check_model_name(name: str) -> None:

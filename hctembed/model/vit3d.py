@@ -53,11 +53,22 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+def drop_path(x: torch.Tensor, *, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: in training, each sample's branch ``x [B, ...]`` is zeroed with probability ``rate`` and
+    the kept ones scaled by 1 / (1 - rate); the identity in evaluation or at rate 0."""
+    if not training or rate == 0.0:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
 
-    def __init__(self, config: ViTConfig) -> None:
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)) (branches dropped at ``drop_rate`` in
+    training)."""
+
+    def __init__(self, config: ViTConfig, *, drop_rate: float = 0.0) -> None:
         super().__init__()
+        self.drop_rate = drop_rate
         self.norm1 = nn.LayerNorm(config.dim, eps=config.block_norm_eps)
         self.attn = Attention(dim=config.dim, heads=config.heads, qkv_bias=config.qkv_bias)
         self.norm2 = nn.LayerNorm(config.dim, eps=config.block_norm_eps)
@@ -68,8 +79,8 @@ class Block(nn.Module):
             a, attn = self.attn(self.norm1(x), return_attention=True)
             x = x + a
             return x + self.mlp(self.norm2(x)), attn
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), rate=self.drop_rate, training=self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), rate=self.drop_rate, training=self.training)
 
 
 class ViT3D(nn.Module):
@@ -92,7 +103,12 @@ class ViT3D(nn.Module):
             self.pos_embed = nn.Parameter(pos)
         else:  # fixed, rebuilt from the config (never loaded from a checkpoint)
             self.register_buffer("pos_embed", pos, persistent=False)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
+        if config.input_norm == "standardise":  # fitted on the pretraining data (set_input_stats), saved with it
+            self.register_buffer("input_mean", torch.zeros(config.in_channels))
+            self.register_buffer("input_std", torch.ones(config.in_channels))
+        # DINO's stochastic depth rule: rate i / (depth - 1) x drop_path for block i
+        rates = [config.drop_path * i / max(1, config.depth - 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList([Block(config, drop_rate=r) for r in rates])
         self.norm = nn.LayerNorm(config.dim, eps=config.final_norm_eps)
         self._init_weights()
 
@@ -116,6 +132,20 @@ class ViT3D(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_input_stats(self, *, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel statistics ``[C]`` of a standardising encoder (``input_norm="standardise"``)."""
+        if self.config.input_norm != "standardise":
+            raise InputError("this encoder takes its input as it is (input_norm 'none'): no statistics to set")
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        shape = (self.config.in_channels,)
+        got = f"{list(mean.shape)} and {list(std.shape)}"
+        if tuple(mean.shape) != shape or tuple(std.shape) != shape:
+            raise InputError(f"input statistics must have shape {list(shape)}, got {got}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise InputError("input statistics must be finite with std > 0")
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std)
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Input ``[B, C, Z, Y, X]`` -> embedded tokens ``[B, prefix + N, D]`` before the blocks."""
         size = self.config.image_size
@@ -123,6 +153,8 @@ class ViT3D(nn.Module):
             raise InputError(
                 f"expected input [B, {self.config.in_channels}, {size}, {size}, {size}], got {list(x.shape)}"
             )
+        if self.config.input_norm == "standardise":
+            x = (x - self.input_mean.view(1, -1, 1, 1, 1)) / self.input_std.view(1, -1, 1, 1, 1)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, N, D]
         patches = patches + self.pos_embed
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from hctembed import distributed as ddp
 from hctembed.augment import MaeCropConfig, base_preprocess
 from hctembed.config import VIT_PRESETS
-from hctembed.model.encoders import REGISTRY
+from hctembed.model.encoders import REGISTRY, with_input_norm
 from hctembed.model.vit3d import ViT3D
 from hctembed.pictures.training_curves import plot_training_curves
 from hctembed.pretrain.cache import ViewDataset, build_cache, collate_views, epoch_order, read_base
@@ -70,6 +70,45 @@ def _param_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay, "regularized": True}, {"params": no_decay, "regularized": False}]
 
 
+def clip_gradients(module: torch.nn.Module, *, max_norm: float, mode: str) -> None:
+    """Clip the gradients of ``module``: ``global`` as ``clip_grad_norm_`` (all together), ``per-parameter`` each
+    parameter's gradient to norm ``max_norm`` on its own (DINO's ``clip_gradients``)."""
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+@torch.no_grad()
+def fit_input_stats(scans, *, image_size: int, limit: int = 256) -> dict[str, torch.Tensor]:
+    """Per-channel mean and std ``[C]`` of the embedding-time input (the centre crop of each cached base volume,
+    resized) over the first ``limit`` training scans: what a standardising encoder subtracts and divides by."""
+    from hctembed.augment import input_from_base
+
+    total = sq = None
+    count = 0
+    for scan in scans[:limit]:
+        x = input_from_base(read_base(scan.path), image_size=image_size).double()  # [C, S, S, S]
+        flat = x.flatten(1)
+        total = flat.sum(1) if total is None else total + flat.sum(1)
+        sq = (flat**2).sum(1) if sq is None else sq + (flat**2).sum(1)
+        count += flat.shape[1]
+    mean = total / count
+    std = (sq / count - mean**2).clamp_min(0).sqrt().clamp_min(1e-3)
+    return {"mean": mean.float(), "std": std.float()}
+
+
+def set_input_stats(method: Method, *, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """The statistics on every encoder of ``method`` (the student and, for DINO, the teacher)."""
+    for net in (method.module, getattr(method, "teacher", None)):
+        for m in net.modules() if net is not None else ():
+            if isinstance(m, ViT3D):
+                m.set_input_stats(mean=mean, std=std)
+
+
 def _plan(config: PretrainConfig, *, n_scans: int, world: int) -> tuple[int, int]:
     """(steps per epoch, micro-batches per epoch) for this data count and world size."""
     micro = (n_scans // world) // config.batch_size
@@ -101,7 +140,8 @@ class _Run:
     monitor: LabelMonitor | None = None
 
 
-def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: int, eff_batch: int, base_cfg):
+def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: int, eff_batch: int, peak_lr: float,
+          base_cfg):  # fmt: skip
     return {
         "method": config.method,
         "model": config.model,
@@ -109,7 +149,12 @@ def _card(config: PretrainConfig, *, method: Method, n_scans: int, total_steps: 
         "epochs": config.epochs,
         "total_steps": total_steps,
         "effective_batch": eff_batch,
-        "fingerprint": REGISTRY[config.model].preprocess.fingerprint(),
+        "peak_lr": peak_lr,
+        "fingerprint": with_input_norm(REGISTRY[config.model].preprocess.fingerprint(), method.backbone()),
+        "input_norm": config.input_norm,
+        "drop_path": config.drop_path,
+        "clip_grad": config.clip_grad,
+        "clip_mode": config.clip_mode,
         "preprocess": "paper",
         "pretrain_fingerprint": base_cfg.fingerprint(),
         "source": "hctembed pretrain",
@@ -127,6 +172,7 @@ def run_pretrain(
     device: torch.device | str = "cpu",
     cache_dir: Path | None = None,
     monitor_labels=None,
+    recipe: dict | None = None,
 ) -> PretrainResult:
     """Pretrain on the scans ``refs`` (SeriesRefs); writes checkpoints, ``log.jsonl``, ``curves.png`` and the
     encoder to ``out``. ``monitor_labels`` (a LabelTable): every ``config.monitor_every`` steps, kNN AUC and
@@ -164,12 +210,19 @@ def run_pretrain(
         rank=rank,
         world=world,
         card=_card(config, method=method, n_scans=len(scans), total_steps=total_steps, eff_batch=eff_batch,
-                   base_cfg=base_cfg),
+                   peak_lr=peak_lr, base_cfg=base_cfg),
         out=out,
         monitor=LabelMonitor.of(scans, monitor_labels, every=config.monitor_every) if monitor_labels else None,
     )  # fmt: skip
     sched = method.schedules(steps_per_epoch=steps_per_epoch, total_steps=total_steps, peak_lr=peak_lr)
+    if recipe is not None:
+        run.card["recipe"] = recipe
     step = _resume(run) if resume else 0
+    if config.input_norm == "standardise":
+        if step == 0:  # a resumed run has them from its checkpoint
+            set_input_stats(method, **fit_input_stats(scans, image_size=VIT_PRESETS[config.model].image_size))
+        net = method.backbone()
+        run.card["input_stats"] = {"mean": net.input_mean.tolist(), "std": net.input_std.tolist()}
     step, last = _train(run, sched, start=step)
     encoder_path = None
     if rank == 0:
@@ -251,7 +304,7 @@ def _train(run: _Run, sched, *, start: int) -> tuple[int, dict[str, Any]]:
             if not torch.isfinite(loss_sum):
                 raise PretrainError(f"loss is {float(loss_sum)} at step {step}: lower the learning rate")
             if c.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(method.module.parameters(), c.clip_grad)
+                clip_gradients(method.module, max_norm=c.clip_grad, mode=c.clip_mode)
             method.before_optimizer_step(epoch=epoch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -301,7 +354,7 @@ def _checkpoint(run: _Run, step: int) -> None:
     state = {
         "format": "hctembed-pretrain",
         "config": run.config.to_json(),
-        "vit": json.dumps(VIT_PRESETS[run.config.model].to_dict()),
+        "vit": json.dumps(run.config.vit().to_dict()),
         "card": json.dumps(run.card),
         "step": step,
         "world": run.world,

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from hctembed import distributed as ddp
-from hctembed.config import VIT_PRESETS
 from hctembed.model.vit3d import ViT3D
 from hctembed.pretrain.dino import (
     DINOHead,
@@ -55,7 +54,9 @@ class Method:
     def schedules(self, *, steps_per_epoch: int, total_steps: int, peak_lr: float) -> Schedules:
         """Per-step values (lr, weight decay, and whatever the method reads in ``values``)."""
         c = self.config
-        temp_warmup = min(round(c.teacher_temp_warmup_epochs * steps_per_epoch), (3 * total_steps) // 10)
+        temp_warmup = round(c.teacher_temp_warmup_epochs * steps_per_epoch)
+        if c.teacher_temp_max_share < 1.0:  # squeezed into a share of a short run (1.0: the epochs as given)
+            temp_warmup = min(temp_warmup, int(c.teacher_temp_max_share * total_steps + 1e-9))
         return build_schedules(
             method=self.name,
             total_steps=total_steps,
@@ -113,7 +114,7 @@ class DINOMethod(Method):
 
     def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
         super().__init__(config, device=device, generator=generator)
-        vit = VIT_PRESETS[config.model]
+        vit = config.vit()
         head_config = DINOHeadConfig(
             out_dim=config.prototypes,
             hidden_dim=config.head_hidden,
@@ -195,7 +196,7 @@ class MAEMethod(Method):
 
     def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
         super().__init__(config, device=device, generator=generator)
-        self.module = MAE3D(ViT3D(VIT_PRESETS[config.model]), config.mae).to(device)
+        self.module = MAE3D(ViT3D(config.vit()), config.mae).to(device)
 
     def warmup_steps(self, *, steps_per_epoch: int, total_steps: int) -> int:
         return round(0.05 * total_steps)
@@ -236,7 +237,7 @@ class SimCLRMethod(Method):
     def __init__(self, config: PretrainConfig, *, device: torch.device, generator: torch.Generator) -> None:
         super().__init__(config, device=device, generator=generator)
         # the projector's batch statistics over every process's pairs, as SimCLR's global BatchNorm
-        self.module = _global_batchnorm(ContrastiveModel(ViT3D(VIT_PRESETS[config.model])).to(device), device=device)
+        self.module = _global_batchnorm(ContrastiveModel(ViT3D(config.vit())).to(device), device=device)
         self._stats: dict[str, float] = {}
 
     def loss(self, batch: Any, *, trainable: nn.Module, values: dict[str, float]) -> torch.Tensor:

@@ -27,12 +27,13 @@ def cosine_schedule(*, base: float, final: float, total_steps: int, warmup_steps
 
 def linear_then_constant(*, start: float, end: float, total_steps: int, warmup_steps: int) -> np.ndarray:
     """``[total_steps]``: linear ``start -> end`` over ``warmup_steps`` (end reached at the last warm-up step),
-    then ``end``. The teacher-temperature warm-up of DINO."""
-    warmup_steps = min(max(warmup_steps, 0), total_steps)
-    out = np.full(total_steps, end, dtype=np.float64)
+    then ``end``. The teacher-temperature warm-up of DINO; a warm-up longer than the run is cut where the run ends
+    (as DINO indexes its per-epoch ramp), not squeezed into it."""
+    warmup_steps = max(warmup_steps, 0)
+    out = np.full(max(total_steps, warmup_steps), end, dtype=np.float64)
     if warmup_steps:
         out[:warmup_steps] = np.linspace(start, end, warmup_steps)
-    return out
+    return out[:total_steps]
 
 
 @dataclass(frozen=True)

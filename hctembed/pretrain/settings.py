@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hctembed.augment import MultiCropConfig, PairViewConfig
-from hctembed.config import VIT_PRESETS
+from hctembed.config import INPUT_NORMS, VIT_PRESETS, ViTConfig
 from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
 
 # settings that may differ between a run and its resumption (they do not change the maths)
 CENTERINGS = ("ema", "sinkhorn")
+CLIP_MODES = ("global", "per-parameter")
 RESUME_FREE = ("max_steps", "checkpoint_every", "num_workers", "log_every", "amp", "monitor_every")
 
 
@@ -35,11 +36,19 @@ class PretrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 3.0
+    # "per-parameter": each parameter's gradient norm clipped to clip_grad on its own (DINO's clip_gradients);
+    # "global": the norm of all gradients together (torch's clip_grad_norm_)
+    clip_mode: str = "global"
+    input_norm: str = "none"  # "standardise": per-channel statistics fitted on the training scans (ViTConfig)
+    drop_path: float = 0.0  # stochastic depth rate of the last block (ViTConfig)
     freeze_last_layer_epochs: int = 1
     momentum_teacher: float = 0.996
     warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     teacher_temp_warmup_epochs: float = 30.0
+    # the teacher-temperature warm-up may take at most this share of the run (1.0: exactly the epochs above, as
+    # the recipe gives them; a run shorter than the warm-up ends part-way up the ramp)
+    teacher_temp_max_share: float = 0.3
     local_crops: int = 3
     prototypes: int = 65536
     head_hidden: int = 2048
@@ -62,6 +71,14 @@ class PretrainConfig:
             raise PretrainError(f"unknown model {self.model!r}; known: {', '.join(VIT_PRESETS)}")
         if min(self.epochs, self.batch_size, self.accumulate, self.checkpoint_every, self.monitor_every) < 1:
             raise PretrainError("epochs, batch size, accumulate, checkpoint and monitor intervals must be >= 1")
+        if self.clip_mode not in CLIP_MODES:
+            raise PretrainError(f"unknown clip mode {self.clip_mode!r}; use {' or '.join(CLIP_MODES)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise PretrainError(f"unknown input norm {self.input_norm!r}; use {' or '.join(INPUT_NORMS)}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise PretrainError(f"drop path must be in [0, 1), got {self.drop_path}")
+        if not 0.0 < self.teacher_temp_max_share <= 1.0:
+            raise PretrainError(f"teacher_temp_max_share must be in (0, 1], got {self.teacher_temp_max_share}")
         if self.centering not in CENTERINGS:
             raise PretrainError(f"unknown centering {self.centering!r}; use {' or '.join(CENTERINGS)}")
         if not self.koleo >= 0.0:
@@ -74,6 +91,10 @@ class PretrainConfig:
             raise PretrainError(f"temperature must be > 0, got {self.temperature}")
         if self.method == "simclr" and self.batch_size < 2:
             raise PretrainError("simclr needs a batch of at least 2 scans per process (the other scans are negatives)")
+
+    def vit(self) -> ViTConfig:
+        """The encoder this run trains: the ``model`` preset with this run's input norm and drop path."""
+        return replace(VIT_PRESETS[self.model], input_norm=self.input_norm, drop_path=self.drop_path)
 
     def multi_crop(self) -> MultiCropConfig:
         """DINO's views at the model input size: ``local_crops`` local crops; without ``intensity_jitter`` no

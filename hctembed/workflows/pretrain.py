@@ -22,12 +22,14 @@ def pretrain_archive(
     device: str | None = None,
     monitor_labels: Path | None = None,
     scan_ids: Collection[str] | None = None,
+    recipe: dict | None = None,
 ) -> PretrainResult | None:
     """Run ``config`` on the archive's scans (a folder, a file or a manifest); rank 0 returns the result, the
     other ranks of a torchrun job ``None``. ``device``: cpu or cuda (default: cuda when torch sees one).
     ``monitor_labels``: a labels CSV for the kNN / retrieval monitor (see :mod:`hctembed.pretrain.monitors`).
     ``scan_ids``: pretrain on these of the archive's scans only (e.g. the training part of a patient split, so
-    that held-out patients stay unseen); an id the archive lacks is an error."""
+    that held-out patients stay unseen); an id the archive lacks is an error. ``recipe``: the recipe's name and
+    each value's source (:mod:`hctembed.pretrain.recipes`), written into the model card."""
     import torch
 
     from hctembed import distributed as ddp
@@ -63,7 +65,7 @@ def pretrain_archive(
                 len(refs), archive, config.method, config.model, world, dev.type,
             )  # fmt: skip
         result = run_pretrain(refs=refs, config=config, out=out, resume=resume, device=dev, cache_dir=cache_dir,
-                              monitor_labels=labels)  # fmt: skip
+                              monitor_labels=labels, recipe=recipe)  # fmt: skip
     finally:
         ddp.shutdown()
     return result if rank == 0 else None

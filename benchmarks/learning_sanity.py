@@ -1,0 +1,210 @@
+"""A sanity set where the signal dominates: can each pretraining objective beat random initialisation at all?
+
+Small CT-like volumes each hold one object of six classes (sphere, cube, torus, cylinder, cone, hollow shell) at a
+random pose, size, CT number and noise level, written as NIfTI files in Hounsfield units (air around the object)
+and read by the same archive, preprocessing and cached-view machinery as head CT. Each objective (DINO, MAE,
+SimCLR) pretrains vit-micro briefly on the training part, without labels; then the frozen CLS vectors of the
+held-out part are classified by cosine kNN (k = 10) against the training part's, beside a random-initialised
+encoder of the same seed. Reported: kNN accuracy with a bootstrap 95 % CI (over test volumes) and a two-sided
+paired permutation P value against random init (on per-volume correctness).
+
+If an objective cannot beat random init here, its machinery is broken; if it can, a head-CT result is about the
+task. Settings are fixed below before any run; nothing is tuned on the test part.
+
+    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity                      # ~40 min, 1 thread
+    .venv/bin/python benchmarks/learning_sanity.py --out /tmp/s --budget quick                 # ~1 min smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("learning_sanity")
+
+CLASSES = ("sphere", "cube", "torus", "cylinder", "cone", "shell")
+METHODS = ("dino", "mae", "simclr")
+BUDGETS = {
+    "full": {"per_class": 60, "grid": 64, "epochs": 24},
+    "quick": {"per_class": 6, "grid": 32, "epochs": 1},
+}
+FIELD_MM = 192.0  # the volume's field of view (the model input's 192 mm centre crop)
+
+
+def _rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3D rotation (QR of a Gaussian matrix, signs fixed)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def object_mask(kind: str, *, grid: int, rng: np.random.Generator) -> np.ndarray:
+    """``[grid]³`` bool: one object of class ``kind`` at a random pose and size, in a ``FIELD_MM`` cube."""
+    mm = (np.arange(grid) + 0.5) * FIELD_MM / grid - FIELD_MM / 2
+    p = np.stack(np.meshgrid(mm, mm, mm, indexing="ij"), axis=-1)  # [Z, Y, X, 3] in mm
+    p = (p - rng.uniform(-15, 15, size=3)) @ _rotation(rng)  # object frame
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    s = rng.uniform(0.7, 1.2)  # size factor
+    if kind == "sphere":
+        return np.sqrt(x**2 + y**2 + z**2) <= 45 * s
+    if kind == "cube":
+        return np.max(np.abs(p), axis=-1) <= 35 * s
+    if kind == "torus":
+        return (np.sqrt(x**2 + y**2) - 45 * s) ** 2 + z**2 <= (15 * s) ** 2
+    if kind == "cylinder":
+        return (np.sqrt(x**2 + y**2) <= 22 * s) & (np.abs(z) <= 55 * s)
+    if kind == "cone":  # apex at z = +55 s, base radius 40 s at z = -55 s
+        t = (55 * s - z) / (110 * s)
+        return (t >= 0) & (t <= 1) & (np.sqrt(x**2 + y**2) <= 40 * s * t)
+    if kind == "shell":
+        r = np.sqrt(x**2 + y**2 + z**2)
+        return (r <= 55 * s) & (r >= 55 * s - 10)
+    raise ValueError(kind)
+
+
+def make_set(folder: Path, *, per_class: int, grid: int, seed: int) -> list[tuple[str, str]]:
+    """Write ``per_class`` NIfTI volumes of every class (HU, RAS affine); returns (file stem, class) pairs."""
+    import nibabel as nib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    spacing = FIELD_MM / grid
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -FIELD_MM / 2
+    rows = []
+    for i in range(per_class):
+        for kind in CLASSES:
+            stem = f"{kind}_{i:03d}"
+            path = folder / f"{stem}.nii.gz"
+            if not path.exists():
+                hu = np.full((grid,) * 3, -1000.0, np.float32)
+                mask = object_mask(kind, grid=grid, rng=rng)
+                hu[mask] = rng.uniform(15, 75)  # within the brain and subdural windows
+                hu += rng.normal(0, rng.uniform(2, 12), size=hu.shape).astype(np.float32)
+                # NIfTI axes i, j, k = x, y, z: the array is [Z, Y, X]
+                nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), affine), path)
+            rows.append((stem, kind))
+    return rows
+
+
+def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.mae import MAEConfig
+    from hctembed.workflows.pretrain import pretrain_archive
+
+    # fixed before the run: batch 8 (SimCLR 16), lr 1e-4 (DINO) / 3e-4, 1 warm-up epoch, 2 + 2 DINO crops,
+    # 4,096 prototypes and the BN head, a light MAE decoder (96 x 2)
+    config = PretrainConfig(
+        method=method, model="vit-micro", epochs=args.epochs, batch_size=16 if method == "simclr" else 8,
+        lr={"dino": 1e-4, "mae": 3e-4, "simclr": 3e-4}[method], warmup_epochs=1.0, local_crops=2,
+        prototypes=4096, head_bn=method == "dino", teacher_temp_warmup_epochs=max(1.0, args.epochs * 0.3),
+        checkpoint_every=100, monitor_every=10**6, input_norm=args.input_norm, seed=args.seed,
+        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4),
+    )  # fmt: skip
+    run = args.out / f"{method}_{args.input_norm}"
+    result = pretrain_archive(args.out / "volumes", config=config, out=run, cache_dir=args.out / "cache",
+                              device="cpu", resume=True, scan_ids=train_ids)  # fmt: skip
+    return result.encoder_path
+
+
+@torch.no_grad()
+def cls_vectors(model, paths: list[Path]) -> np.ndarray:
+    """``[N, D]`` L2-normalised CLS vectors of the embedding-time input of each cached base volume."""
+    from hctembed.augment import input_from_base
+    from hctembed.pretrain.cache import read_base
+
+    model.eval()
+    size = model.config.image_size
+    out = []
+    for i in range(0, len(paths), 16):
+        x = torch.stack([input_from_base(read_base(p), image_size=size) for p in paths[i : i + 16]])
+        out.append(torch.nn.functional.normalize(model.forward_features(x)[:, 0].float(), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def knn_correct(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per test volume: 1.0 when the cosine kNN (k = 10, temperature-weighted) vote names its class."""
+    from hctembed.eval.classification import knn_proba
+
+    classes, proba = knn_proba(x[train], y[train], x[test], k=10)
+    return (classes[proba.argmax(1)] == y[test]).astype(np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--input-norm", choices=("none", "standardise"), default="standardise")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    budget = BUDGETS[args.budget]
+    args.epochs = budget["epochs"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+
+    from hctembed.augment import base_preprocess
+    from hctembed.config import VIT_PRESETS
+    from hctembed.eval.stats import bootstrap_mean, paired_permutation_test
+    from hctembed.io.archive import scan_archive
+    from hctembed.model.checkpoint import load_encoder_weights
+    from hctembed.model.vit3d import ViT3D
+    from hctembed.pretrain.cache import build_cache
+    from hctembed.pretrain.loop import fit_input_stats
+
+    rows = make_set(args.out / "volumes", per_class=budget["per_class"], grid=budget["grid"], seed=args.seed)
+    kind_of = dict(rows)
+    refs = scan_archive(args.out / "volumes").selected
+    by_stem = {r.scan_id: r for r in refs}
+    stems = sorted(kind_of)
+    refs = [by_stem[s] for s in stems]
+    y = np.array([kind_of[s] for s in stems])
+    index = np.random.default_rng(args.seed).permutation(len(stems))
+    n_test = len(stems) // 3
+    test, train = np.sort(index[:n_test]), np.sort(index[n_test:])
+    scans, failed = build_cache(refs, folder=args.out / "cache",
+                                config=base_preprocess(image_size=VIT_PRESETS["vit-micro"].image_size))  # fmt: skip
+    if failed:
+        raise SystemExit(f"{len(failed)} volumes failed preprocessing, e.g. {failed[0]}")
+    paths = [s.path for s in scans]
+
+    # random init with the same input handling as the pretrained encoders (standardised by the training part's
+    # statistics, as pretraining fits them)
+    torch.manual_seed(args.seed)
+    random_init = ViT3D(replace(VIT_PRESETS["vit-micro"], input_norm=args.input_norm))
+    if args.input_norm == "standardise":
+        train_scans = [scans[i] for i in train]
+        random_init.set_input_stats(**fit_input_stats(train_scans, image_size=random_init.config.image_size))
+    encoders = {"random init": random_init}
+    seconds = {}
+    for method in args.methods.split(","):
+        start = time.perf_counter()
+        path = pretrain(args, method, train_ids=[refs[i].scan_id for i in train])
+        seconds[method] = round(time.perf_counter() - start, 1)
+        encoders[method] = load_encoder_weights(path)[0]
+    correct = {name: knn_correct(cls_vectors(m, paths), y, train, test) for name, m in encoders.items()}
+    base = correct["random init"]
+    results = {}
+    print(f"| encoder ({args.input_norm} inputs) | kNN accuracy [95 % CI] | P vs random init | pretraining s |")
+    print("|---|---|---|---|")
+    for name, c in correct.items():
+        est = bootstrap_mean(c, n_resamples=1000, seed=args.seed)
+        p = None if name == "random init" else paired_permutation_test(c, base, n_permutations=10000, seed=0).p_value
+        results[name] = {"accuracy": est.to_dict(), "p_vs_random": p, "seconds": seconds.get(name)}
+        p_text = "" if p is None else f"{p:.4f}"
+        print(f"| {name} | {est.value:.3f} [{est.low:.3f}, {est.high:.3f}] | {p_text} | {seconds.get(name, '')} |")
+    summary = {"budget": args.budget, "input_norm": args.input_norm, "n_train": int(train.size),
+               "n_test": int(test.size), "chance": 1 / len(CLASSES), "results": results}  # fmt: skip
+    (args.out / f"summary_{args.input_norm}.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
