@@ -45,10 +45,9 @@ from hctembed.embed import (
 from hctembed.errors import HctembedError
 from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import CollectionRow, ModelRow, StatusRow, Store
-from hctembed.index.store.locator import Locator
 from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, Skipped
-from hctembed.io.locator import Location
+from hctembed.io.locator import Location, Locator
 from hctembed.model.encoders import Encoder
 from hctembed.scan_loading import Loading
 from hctembed.shard_parts import PartWriter, done_in_parts, part_files, read_parts

@@ -23,7 +23,8 @@ def stored_path(path: str | None, *, db: Path) -> str | None:
 
 
 def resolved_path(value: str | None, *, db: Path) -> str | None:
-    """A stored path as an absolute one (relative ones are relative to the database's folder)."""
-    if not value or Path(value).is_absolute():
+    """A stored path as an absolute one (relative ones are relative to the database's folder); a URL (a PACS's
+    DICOMweb root) as it is."""
+    if not value or Path(value).is_absolute() or "://" in value:
         return value
     return os.path.normpath(Path(os.path.realpath(db)).parent / value)

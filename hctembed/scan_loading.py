@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from hctembed.allocator import retain_freed_memory
 from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, load_series
+from hctembed.io.slice_grid import regular
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess
 from hctembed.preprocessing.series import SkipError, check_scan, prepare, source_facts
-from hctembed.volume import MAX_VOXELS, Volume, VolumeError
+from hctembed.volume import MAX_VOXELS, SourceUnavailable, Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ScanDataset(Dataset):
             return Prepared(i, None, f"{exc.code}: {exc}", skipped=True)
         except VolumeError as exc:  # reasons are stored: a reader's message must not carry the scan's paths
             return Prepared(i, None, ref.redact(str(exc)))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SourceUnavailable):  # the archive itself is gone: stop, keep what is stored
             raise
         except MemoryError:  # this scan needs more memory than there is: its failure, not the run's
             return Prepared(i, None, "out of memory while loading it (MemoryError); see --max-voxels")
@@ -108,8 +109,8 @@ def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, lo
     hu, affine, meta, stack = item.decoded
     try:
         volume = Volume(array=hu.numpy(), affine=affine, meta=meta, stack=stack)
-        regular = volume.regular()  # a slice stack's true geometry (zones, tilt)
-        check_scan(regular.array, spacing_zyx=regular.spacing_xyz[::-1], head_check=loading.head_check)
+        lattice = regular(volume)  # a slice stack's true geometry (zones, tilt)
+        check_scan(lattice.array, spacing_zyx=lattice.spacing_xyz[::-1], head_check=loading.head_check)
         x = preprocess(volume, config=config, device=loading.preprocess_device)
     except SkipError as exc:
         return replace(item, reason=f"{exc.code}: {exc}", skipped=True, decoded=None)

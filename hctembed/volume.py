@@ -14,6 +14,17 @@ class VolumeError(HctembedError, ValueError):
     """A scan that cannot be used; the message says why (it becomes a recorded skip reason)."""
 
 
+class SkipError(VolumeError):
+    """A scan that is not what an archive is embedded for: recorded as skipped with ``code``, not as a failure."""
+
+    code = "skipped"
+
+
+class SourceUnavailable(HctembedError):
+    """The archive itself stopped answering (a PACS that cannot be reached after retries): the run stops with
+    one line, keeping every batch it stored, and a re-run resumes. Never one scan's failure."""
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """A CT volume in Hounsfield units, oriented to the closest RAS axes.
@@ -27,30 +38,14 @@ class Volume:
         meta: PHI-free facts about the source (format, original orientation code, spacing, ...).
         stack: None for a regular grid. For a DICOM stack whose slices are not on one (slice zones of different
             spacing, gantry tilt), the slices as stored with their true positions (:class:`SliceStack`): the
-            paper preprocessing interpolates once from those to its 1 mm grid; :meth:`regular` gives everything
-            else a regular grid.
+            paper preprocessing interpolates once from those to its 1 mm grid; :func:`hctembed.io.slice_grid.regular`
+            gives everything else a regular grid.
     """
 
     array: np.ndarray
     affine: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     stack: SliceStack | None = None
-
-    def regular(self) -> Volume:
-        """This volume on a regular grid: itself, or (a stack) its slices blended onto the stack's regular lattice
-        along z (:attr:`SliceStack.targets`) after each is moved by its in-plane fraction of a voxel (linear)."""
-        if self.stack is None:
-            return self
-        from hctembed.io.slice_grid import resample, stack_plane
-
-        s = self.stack
-        shape = self.array.shape[1:]
-        hu = resample(self.array, s.positions, targets=s.targets, plane=stack_plane(s.shifts, shape=shape), shape=shape)
-        affine = self.affine.copy()
-        step = float(s.targets[1] - s.targets[0]) if len(s.targets) > 1 else 1.0
-        affine[:3, 3] = self.affine[:3, 3] + self.affine[:3, 2] * float(s.targets[0])
-        affine[:3, 2] = self.affine[:3, 2] * step
-        return Volume(array=hu, affine=affine, meta=self.meta)
 
     @property
     def shape_xyz(self) -> tuple[int, int, int]:
@@ -70,7 +65,7 @@ class SliceStack:
     stored voxel ``[k, j, i]`` sits at index ``(positions[k], j + shifts[k, 0], i + shifts[k, 1])``. ``positions
     [K]`` increase (not evenly: zones); ``shifts [K, 2]`` (y, x) are under a voxel (the tilt's drift less the whole
     voxels by which each slice was placed); ``targets [M]`` is the regular lattice along z that
-    :meth:`Volume.regular` blends onto (the finest zone's spacing, through its slices)."""
+    :func:`hctembed.io.slice_grid.regular` blends onto (the finest zone's spacing, through its slices)."""
 
     positions: np.ndarray
     shifts: np.ndarray

@@ -108,8 +108,12 @@ def test_no_file_over_400_lines() -> None:
     assert not long, f"files over {MAX_LINES} lines: {long}"
 
 
+# the locator (where each scan's files lie) is a tiny SQLite file kept with the io layer that writes its entries
+LOCATOR_MODULE = PACKAGE / "io" / "locator.py"
+
+
 def _outside_store(path: Path) -> bool:
-    return STORE_PACKAGE not in path.parents
+    return STORE_PACKAGE not in path.parents and path != LOCATOR_MODULE
 
 
 def _imports_duckdb(node: ast.AST) -> bool:
@@ -118,7 +122,7 @@ def _imports_duckdb(node: ast.AST) -> bool:
     return isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "duckdb"
 
 
-def test_duckdb_and_sql_only_in_the_store() -> None:
+def test_duckdb_and_sql_only_in_the_store_and_the_locator_file() -> None:
     offenders = []
     for name, (path, tree) in _sources().items():
         if not _outside_store(path):
@@ -161,3 +165,20 @@ def test_public_names_stay_the_documented_objects(first: str) -> None:
         assert not isinstance(value, types.ModuleType), f"hctembed.{name} is a module after importing {first}"
         assert callable(value) or inspect.isclass(value), f"hctembed.{name} is {value!r}"
     assert callable(hctembed.preprocess)
+
+
+# what the io layer (files, archives, PACS) may build on: nothing that stores, indexes, embeds or serves
+IO_MAY_IMPORT = ("hctembed.io", "hctembed.errors", "hctembed.volume", "hctembed.portable_paths",
+                 "hctembed.head_check", "hctembed.config")  # fmt: skip
+
+
+def test_io_imports_nothing_above_it() -> None:
+    graph = import_graph()
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        if name.startswith("hctembed.io.")
+        for target in targets
+        if not any(target == ok or target.startswith(ok + ".") for ok in IO_MAY_IMPORT)
+    )
+    assert not upward, "io imports from above it:\n" + "\n".join(upward)

@@ -16,6 +16,7 @@ from pydicom.uid import JPEG2000Lossless, SecondaryCaptureImageStorage, generate
 from hctembed.io.archive import load_series, load_volume, scan_archive
 from hctembed.io.nifti import load_nifti
 from hctembed.io.pseudonym import Pseudonymizer
+from hctembed.io.slice_grid import regular
 from hctembed.volume import VolumeError
 
 KEYS = Pseudonymizer(b"test-secret-0123456789abcdef")
@@ -258,9 +259,9 @@ def test_mixed_spacing_is_resampled_and_flagged(tmp_path):
     assert volume.array.shape[0] == 16
     np.testing.assert_allclose(volume.stack.positions * volume.spacing_xyz[2], positions - positions[0], atol=1e-6)
     # ... and on the regular lattice of the finest spacing for everything else
-    regular = volume.regular()
-    assert regular.spacing_xyz[2] == pytest.approx(2.5)
-    assert regular.array.shape[0] == round((positions[-1] - positions[0]) / 2.5) + 1
+    lattice = regular(volume)
+    assert lattice.spacing_xyz[2] == pytest.approx(2.5)
+    assert lattice.array.shape[0] == round((positions[-1] - positions[0]) / 2.5) + 1
 
 
 def test_gantry_tilt_is_corrected_and_flagged(tmp_path):

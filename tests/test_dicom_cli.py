@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.index.store import Store
-from hctembed.index.store.locator import Locator
+from hctembed.io.locator import Locator
 
 runner = CliRunner()
 

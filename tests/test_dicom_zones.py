@@ -3,7 +3,7 @@ gantry tilt, each checked against the truth in the files: a volume, sampled at e
 (ImagePositionPatient + ImageOrientationPatient + PixelSpacing), gives the slice's HU back.
 
 Two volumes are checked: the 1 mm grid the paper preprocessing resamples a slice stack onto in one interpolation
-from the true positions (what embedding sees), and the regular lattice (:meth:`Volume.regular`, the finest zone's
+from the true positions (what embedding sees), and the regular lattice (:func:`hctembed.io.slice_grid.regular`, the finest zone's
 spacing) that every other consumer reads, made by blending moved slices (two interpolations)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from scipy.ndimage import map_coordinates
 
 from hctembed.io.dicom import load_dicom_series
 from hctembed.io.selection import SelectionConfig
-from hctembed.io.slice_grid import EDGE_SLACK_PX
+from hctembed.io.slice_grid import EDGE_SLACK_PX, regular
 from hctembed.preprocessing.resample import isotropic_volume
 from hctembed.volume import Volume, VolumeError
 
@@ -226,10 +226,10 @@ def test_two_zones_agree_with_the_true_positions(tmp_path, boundary, tilt_deg):
     assert volume.stack is not None and volume.array.shape[0] == spec.n  # the slices as stored, none blended
     assert_agrees(f"{case}, 1 mm in one pass", agreement(isotropic_volume(volume, spacing_mm=1.0), paths),
                   max_mean_abs_hu=MAX_ONE_PASS_ERROR)  # fmt: skip
-    regular = volume.regular()
-    assert regular.spacing_xyz[2] == pytest.approx(4.0)
+    lattice = regular(volume)
+    assert lattice.spacing_xyz[2] == pytest.approx(4.0)
     limit = MAX_HEAD_ERROR["zones+tilt" if tilt_deg else "zones"]
-    assert_agrees(f"{case}, regular lattice", agreement(regular, paths), max_mean_abs_hu=limit)
+    assert_agrees(f"{case}, regular lattice", agreement(lattice, paths), max_mean_abs_hu=limit)
 
 
 def test_one_pass_beats_the_two_step_chain_on_a_two_zone_tilted_head(tmp_path):
@@ -239,7 +239,7 @@ def test_one_pass_beats_the_two_step_chain_on_a_two_zone_tilted_head(tmp_path):
     write_head(tmp_path / "s", spec)
     volume, paths = assemble_files(tmp_path / "s")
     one = agreement(isotropic_volume(volume, spacing_mm=1.0), paths)
-    two = agreement(isotropic_volume(volume.regular(), spacing_mm=1.0), paths)
+    two = agreement(isotropic_volume(regular(volume), spacing_mm=1.0), paths)
     report("zones 4/7 mm, tilt -28, 1 mm in one pass", one)
     report("zones 4/7 mm, tilt -28, 1 mm after the regular lattice", two)
     assert one.outside == 0 and two.outside == 0
@@ -253,7 +253,7 @@ def test_a_linear_ramp_comes_back_exactly(tmp_path, boundary, tilt_deg):
     spec = zones_spec(boundary=boundary, tilt_deg=tilt_deg)
     write_ramp(tmp_path / "s", spec)
     volume, paths = assemble_files(tmp_path / "s")
-    for name, made in (("regular lattice", volume.regular()), ("1 mm", isotropic_volume(volume, spacing_mm=1.0))):
+    for name, made in (("regular lattice", regular(volume)), ("1 mm", isotropic_volume(volume, spacing_mm=1.0))):
         result = agreement(made, paths, above=-1000, margin=4)
         report(f"ramp, zones 4/7 mm, boundary step {boundary}, tilt {tilt_deg:+g}, {name}", result)
         # the whole image is selected here: MONAI's 1 mm grid rule may end up to half a voxel inside the grown
@@ -268,7 +268,7 @@ def test_upper_zone_finer_is_anchored_on_its_slices(tmp_path):
     paths = write_head(tmp_path / "s", spec)
     volume, _ = assemble_files(tmp_path / "s")
     assert "nonuniform_spacing_resampled:4.00+7.00mm" in volume.meta["flags"]
-    volume = volume.regular()
+    volume = regular(volume)
     top = read_slices(paths)[-1]
     values, inside = sample(volume, top.points.reshape(-1, 3))
     assert inside.all()
@@ -280,7 +280,7 @@ def test_five_and_ten_mm_zones_pass(tmp_path):
     write_head(tmp_path / "s", spec)
     volume, paths = assemble_files(tmp_path / "s")
     assert "nonuniform_spacing_resampled:5.00+10.00mm" in volume.meta["flags"]
-    assert_agrees("head, zones 5/10 mm", agreement(volume.regular(), paths), max_mean_abs_hu=MAX_HEAD_ERROR["zones"])
+    assert_agrees("head, zones 5/10 mm", agreement(regular(volume), paths), max_mean_abs_hu=MAX_HEAD_ERROR["zones"])
 
 
 def test_zones_too_far_apart_are_refused(tmp_path):
@@ -289,7 +289,7 @@ def test_zones_too_far_apart_are_refused(tmp_path):
     with pytest.raises(VolumeError, match=r"non-uniform slice spacing: zones of 1.00\+8.00 mm \(ratio 8.0 > 3\)"):
         assemble_files(tmp_path / "s")
     volume, _ = assemble_files(tmp_path / "s", config=SelectionConfig(max_spacing_ratio=10))
-    assert volume.regular().spacing_xyz[2] == pytest.approx(1.0)
+    assert regular(volume).spacing_xyz[2] == pytest.approx(1.0)
 
 
 def test_the_resampled_grid_is_checked_against_max_voxels(tmp_path):
@@ -323,7 +323,7 @@ def test_tilt_grows_the_field_of_view_so_no_head_voxel_is_lost(tmp_path, tilt_de
     assert volume.array.shape[1] > spec.rows
     assert any(f.startswith(f"gantry_tilt_corrected:{abs(tilt_deg):.1f}") for f in volume.meta["flags"])
     case = f"head, 5 mm, tilt {tilt_deg:+g}"
-    assert_agrees(case, agreement(volume.regular(), paths), max_mean_abs_hu=MAX_HEAD_ERROR["tilt"])
+    assert_agrees(case, agreement(regular(volume), paths), max_mean_abs_hu=MAX_HEAD_ERROR["tilt"])
     assert_agrees(f"{case}, 1 mm in one pass", agreement(isotropic_volume(volume, spacing_mm=1.0), paths),
                   max_mean_abs_hu=MAX_ONE_PASS_ERROR)  # fmt: skip
 
@@ -347,7 +347,7 @@ def test_zones_with_a_large_tilt_keep_the_head(tmp_path):
     volume, paths = assemble_files(tmp_path / "s")
     assert outside_first_field_of_view(paths) > 0.02
     assert_agrees(
-        "head, zones 4/7 mm, tilt -28", agreement(volume.regular(), paths), max_mean_abs_hu=MAX_HEAD_ERROR["zones+tilt"]
+        "head, zones 4/7 mm, tilt -28", agreement(regular(volume), paths), max_mean_abs_hu=MAX_HEAD_ERROR["zones+tilt"]
     )
     one = agreement(isotropic_volume(volume, spacing_mm=1.0), paths)
     assert_agrees("head, zones 4/7 mm, tilt -28, 1 mm in one pass", one, max_mean_abs_hu=MAX_ONE_PASS_ERROR)
@@ -362,13 +362,13 @@ def test_real_tilted_philips_series_agrees_with_its_true_positions():
     volume = load_dicom_series(PHILIPS_TILTED, names)
     assert any(f.startswith("gantry_tilt_corrected:18.") for f in volume.meta["flags"])
     paths = [PHILIPS_TILTED / n for n in names]
-    result = agreement(volume.regular(), paths, stride=2)
+    result = agreement(regular(volume), paths, stride=2)
     report("Philips -18.5 deg, 2.5 mm, regular lattice", result)
     assert result.outside == 0
     assert result.mean_abs_hu < 6
     # at 1 mm the 0.48 mm pixels' detail is gone whichever way the grid is made; one interpolation keeps more
     one = agreement(isotropic_volume(volume, spacing_mm=1.0), paths, stride=2)
-    two = agreement(isotropic_volume(volume.regular(), spacing_mm=1.0), paths, stride=2)
+    two = agreement(isotropic_volume(regular(volume), spacing_mm=1.0), paths, stride=2)
     report("Philips -18.5 deg, 2.5 mm, 1 mm in one pass", one)
     report("Philips -18.5 deg, 2.5 mm, 1 mm after the regular lattice", two)
     assert one.outside == 0 and two.outside == 0
@@ -388,7 +388,7 @@ def test_real_tilted_philips_series_matches_dcm2niix_tilt_correction(tmp_path):
     command = [DCM2NIIX, "-z", "n", "-f", "x", "-o", str(tmp_path), str(tmp_path / "in")]
     subprocess.run(command, check=True, capture_output=True)
     theirs = nib.load(tmp_path / "x_Tilt_1.nii")
-    ours = load_dicom_series(PHILIPS_TILTED, names).regular()
+    ours = regular(load_dicom_series(PHILIPS_TILTED, names))
     their_hu = np.asarray(theirs.dataobj, dtype=np.float32)  # [x, y, z]
     ijk = np.stack(np.meshgrid(*(np.arange(0, n, 2) for n in their_hu.shape), indexing="ij"), -1).reshape(-1, 3)
     ras = ijk @ theirs.affine[:3, :3].T + theirs.affine[:3, 3]
@@ -414,7 +414,7 @@ def test_a_stack_stored_feet_first_or_transposed_keeps_its_true_positions(tmp_pa
     write_ramp(tmp_path / "s", spec)
     volume, paths = assemble_files(tmp_path / "s")
     assert (volume.stack is None) == (orientation[5] != 0)
-    for name, made in (("regular lattice", volume.regular()), ("1 mm", isotropic_volume(volume, spacing_mm=1.0))):
+    for name, made in (("regular lattice", regular(volume)), ("1 mm", isotropic_volume(volume, spacing_mm=1.0))):
         result = agreement(made, paths, above=-1000, margin=4)
         report(f"ramp, zones 4/7 mm, tilt +15, orientation {orientation}, {name}", result)
         assert result.mean_abs_hu < 0.5, name

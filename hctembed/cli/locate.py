@@ -23,8 +23,7 @@ def locate(
 ) -> None:
     """Print the file or folder (and archive) of each key. The output holds paths: keep it local."""
     from hctembed.errors import InputError
-    from hctembed.index.store.locator import Locator
-    from hctembed.io.locator import locator_path
+    from hctembed.io.locator import Locator, locator_path
 
     setup_logging(quiet=quiet)
     if (db is None) == (manifest is None):

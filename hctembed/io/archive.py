@@ -23,6 +23,7 @@ from typing import Any
 from hctembed.io.admission import Limits, ZipFiles, ZipRefused
 from hctembed.io.dicom_headers import ZIP_SEP, HeaderError, read_header
 from hctembed.io.dicom_series import SeriesCandidate, group_series
+from hctembed.io.dicomweb import DicomWebServer
 from hctembed.io.locator import Location
 from hctembed.io.nifti import is_nifti, load_nifti, nifti_stem
 from hctembed.io.pseudonym import Pseudonymizer
@@ -78,14 +79,18 @@ class SeriesRef:
     location: str = ""  # where to find it again, relative to root (file or folder)
     facts: dict[str, Any] = field(default_factory=dict)
     flags: tuple[str, ...] = ()
+    remote: DicomWebServer | None = None  # format "dicomweb": the PACS it is fetched from (location STUDY/SERIES)
 
     def located(self) -> Location:
-        """The locator entry that finds this scan again."""
-        return Location(self.scan_id, str(self.root), self.location, self.files)
+        """The locator entry that finds this scan again (for a PACS series: the server's URL as the root)."""
+        root = self.remote.url if self.remote is not None else str(self.root)
+        return Location(self.scan_id, root, self.location, self.files)
 
     def redact(self, text: str) -> str:
-        """``text`` (an error message from a reader) without this scan's paths or any of their parts."""
+        """``text`` (an error message from a reader) without this scan's paths (or UIDs) or any of their parts."""
         parts = {str(self.root), str(self.path), self.location, *self.files}
+        if self.remote is not None:
+            parts.add(self.remote.url)
         parts |= {p for f in (self.location, *self.files) for p in Path(f.replace(ZIP_SEP, "/")).parts}
         for part in sorted((p for p in parts if len(p) > 2), key=len, reverse=True):
             text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", "…", text)
@@ -116,7 +121,7 @@ class Skipped:
 class ArchiveScan:
     selected: list[SeriesRef]
     skipped: list[Skipped]
-    root: Path | None = None  # the archive folder the locations are relative to
+    root: Path | str | None = None  # the archive folder (or PACS URL) the locations are relative to
 
     def locations(self) -> list[Location]:
         """Locator entries of every selected scan and every skipped candidate with a location."""
@@ -212,6 +217,48 @@ def scan_archive(
     return ArchiveScan(selected=selected, skipped=skipped, root=root)
 
 
+def scan_dicomweb(
+    server: DicomWebServer,
+    *,
+    selection: SelectionConfig | None = None,
+    pseudonyms: Pseudonymizer | None = None,
+    filters: tuple[str, ...] = (),
+    since: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    limits: Limits | None = None,
+    cache: dict | None = None,
+) -> ArchiveScan:
+    """The candidates on a DICOMweb server (:mod:`hctembed.io.dicomweb`): QIDO-RS and instance metadata only, the
+    same grouping and selection rules as files. ``cache``: metadata kept between passes of ``--follow``."""
+    from hctembed.io.dicomweb import DicomWebClient, instance_digest, list_series
+
+    selection = selection or SelectionConfig()
+    pseudonyms = pseudonyms or Pseudonymizer.from_file()
+    with DicomWebClient(server, max_series_bytes=(limits or Limits()).max_zip_bytes) as client:
+        listing = list_series(client, filters=filters, since=since, progress=progress, cache=cache)
+    selected: list[SeriesRef] = []
+    skipped = [
+        Skipped(pseudonyms.series(key.split("/")[1]), None, None, "series", "unreadable_metadata", reason,
+                location=key)
+        for key, reason in listing.unreadable
+    ]  # fmt: skip
+    for cand in group_series(listing.headers, pseudonyms=pseudonyms, config=selection) if listing.headers else []:
+        if not cand.selected:
+            skipped.append(Skipped(cand.scan_id, cand.scan_id, cand.patient_id, "series",
+                                   cand.reason_code or "skipped", cand.reason or "",
+                                   {**cand.facts, "flags": list(cand.flags)}, location=cand.folder))  # fmt: skip
+            continue
+        selected.append(
+            SeriesRef(
+                source=cand.scan_id, path=Path(cand.folder), root=Path("."), scan_id=cand.scan_id,
+                format="dicomweb", size=len(cand.files), mtime_ns=instance_digest(cand.files), files=cand.files,
+                patient_id=cand.patient_id, location=cand.folder, facts={**cand.facts, "study_id": cand.study_id},
+                flags=cand.flags, remote=server,
+            )
+        )  # fmt: skip
+    return ArchiveScan(selected=selected, skipped=skipped, root=server.url)
+
+
 def _named_by_pseudonym(skip: Skipped, pseudonyms: Pseudonymizer | None) -> Skipped:
     """A skipped file or folder named by its path is renamed by the path's keyed pseudonym (the path moves to
     ``location``); series are named by their pseudonyms already."""
@@ -294,6 +341,16 @@ def load_series(
     ``limits``."""
     if ref.format == "nifti":
         return load_nifti(ref.path, max_voxels=max_voxels)
+    if ref.format == "dicomweb":
+        from hctembed.io.dicom import load_dicom_series
+        from hctembed.io.dicomweb import DicomWebClient, fetch_series_files
+
+        limit = (limits or Limits()).max_zip_bytes  # a series from a PACS is held to an upload's bounds
+        with DicomWebClient(ref.remote, max_series_bytes=limit) as client:
+            blobs = fetch_series_files(client, ref.files)
+        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels, blobs=blobs)
+        volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
+        return volume
     if ref.format == "dicom":
         from hctembed.io.dicom import load_dicom_series
 

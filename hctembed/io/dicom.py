@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from hctembed.io.admission import Limits, ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.dicom_native import read_native
 from hctembed.io.selection import SelectionConfig
-from hctembed.io.slice_grid import AIR_HU, in_plane_grid, place_whole, slice_grid
+from hctembed.io.slice_grid import AIR_HU, in_plane_grid, place_whole, regular, slice_grid
 from hctembed.volume import (
     MAX_VOXELS,
     SliceStack,
@@ -89,8 +89,10 @@ def load_dicom_series(
     config: SelectionConfig | None = None,
     max_voxels: int = MAX_VOXELS,
     limits: Limits | None = None,
+    blobs: Mapping[str, bytes] | None = None,
 ) -> Volume:
-    """Read and assemble the files of one series (paths relative to ``root``; zip members allowed).
+    """Read and assemble the files of one series (paths relative to ``root``; zip members allowed; ``blobs``:
+    the files' bytes by ref when they are already in memory, e.g. fetched from a PACS).
 
     Each file's Rows x Columns x NumberOfFrames is added up and checked against ``max_voxels`` before its
     pixels are decoded, so a header that claims a huge image fails the series without allocating it."""
@@ -100,7 +102,7 @@ def load_dicom_series(
     claimed = 0
     with ZipFiles(limits=limits) as zips:  # each zip of the series opened once, not once per member
         for ref in files:
-            ds, pixels = _read_slice(root, ref, zips=zips)
+            ds, pixels = _read_slice(root, ref, zips=zips, blob=None if blobs is None else blobs[ref])
             try:
                 frame = (
                     int(ds.get("NumberOfFrames", 1) or 1),
@@ -120,12 +122,17 @@ def load_dicom_series(
     return assemble(slices, flags=flags, config=config, max_voxels=max_voxels)
 
 
-def _read_slice(root: Path, ref: str, *, zips: ZipFiles) -> tuple[pydicom.Dataset, np.ndarray | None]:
+def _read_slice(
+    root: Path, ref: str, *, zips: ZipFiles, blob: bytes | None = None
+) -> tuple[pydicom.Dataset, np.ndarray | None]:
     """One file's header and, for an uncompressed single-frame slice, its stored values read straight from the
-    file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom."""
-    member = None  # a zip member is inflated once, for either reader
+    file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom. ``blob``:
+    the file's bytes when they are in memory already."""
+    member = blob  # a zip member is inflated once, for either reader
     try:
-        if split_ref(ref) is None:
+        if blob is not None:
+            native = read_native(io.BytesIO(blob))
+        elif split_ref(ref) is None:
             native = read_native(root / ref)
         else:
             member = zips.read(root, ref)
@@ -286,8 +293,8 @@ def assemble(
     if stack is not None and ras_orientation(affine, shape_xyz).order[2] != 2:
         # a sagittal or coronal stack: its slices do not stay the slowest axis, so blend them onto a regular
         # lattice here (two interpolations, as before the stack was kept)
-        regular = Volume(array=hu, affine=affine, stack=stack).regular()
-        hu, affine, stack = regular.array, regular.affine, None
+        lattice = regular(Volume(array=hu, affine=affine, stack=stack))
+        hu, affine, stack = lattice.array, lattice.affine, None
     ras = ras_orientation(affine, hu.shape[::-1])
     array_xyz, affine_ras, codes = orient_to_ras(hu.transpose(2, 1, 0), affine)
     if stack is not None:

@@ -95,7 +95,9 @@ def read_dataset(
     own = None if zips is not None else ZipFiles()
     zips = zips or own
     try:
-        if split_ref(ref) is None:
+        if member is not None and pixels:  # bytes in memory already (a zip member, a file fetched from a PACS)
+            ds = pydicom.dcmread(io.BytesIO(member))
+        elif split_ref(ref) is None:
             ds = pydicom.dcmread(str(root / ref), stop_before_pixels=not pixels)
         elif pixels:
             ds = pydicom.dcmread(io.BytesIO(member if member is not None else zips.read(root, ref)))

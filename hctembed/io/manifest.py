@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hctembed.errors import InputError
-from hctembed.index.store.locator import Locator
 from hctembed.io.archive import ArchiveScan, SeriesRef, Skipped
-from hctembed.io.locator import locator_path
+from hctembed.io.locator import Locator, locator_path
 
 FACT_COLUMNS = (
     "modality",

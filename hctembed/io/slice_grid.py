@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hctembed.io.selection import SelectionConfig
-from hctembed.volume import VolumeError
+from hctembed.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -221,3 +221,19 @@ def _place(image: np.ndarray, *, shift: np.ndarray, shape: tuple[int, int]) -> n
     return affine_transform(
         image, np.ones(2), offset=-shift, output_shape=shape, order=1, mode="constant", cval=AIR_HU, output=np.float32
     )
+
+
+def regular(volume: Volume) -> Volume:
+    """``volume`` on a regular grid: itself, or (a slice stack, :class:`hctembed.volume.SliceStack`) its slices
+    blended onto the stack's regular lattice along z (``targets``) after each is moved by its in-plane fraction
+    of a voxel (linear): what every consumer but the paper preprocessing reads."""
+    if volume.stack is None:
+        return volume
+    s = volume.stack
+    shape = volume.array.shape[1:]
+    hu = resample(volume.array, s.positions, targets=s.targets, plane=stack_plane(s.shifts, shape=shape), shape=shape)
+    affine = volume.affine.copy()
+    step = float(s.targets[1] - s.targets[0]) if len(s.targets) > 1 else 1.0
+    affine[:3, 3] = volume.affine[:3, 3] + volume.affine[:3, 2] * float(s.targets[0])
+    affine[:3, 2] = volume.affine[:3, 2] * step
+    return Volume(array=hu, affine=affine, meta=volume.meta)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hctembed.config import FitPreprocessConfig
+from hctembed.io.slice_grid import regular
 from hctembed.preprocessing.resample import apply_windows, foreground_bounds, isotropic_grid, resample_isotropic
 from hctembed.volume import Volume
 
@@ -50,7 +51,7 @@ def preprocess_fit_reference(volume: Volume, *, config: FitPreprocessConfig) -> 
     """The MONAI chain on a Volume; float32 ``[C, out, out, out]`` as ``[C, Z, Y, X]``."""
     from monai.data import MetaTensor
 
-    volume = volume.regular()  # a regular grid (a slice stack blended onto one)
+    volume = regular(volume)  # a regular grid (a slice stack blended onto one)
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
     img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
     out = reference_fit_chain(config)(img)

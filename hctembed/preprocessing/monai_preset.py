@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from hctembed.config import MonaiPreset
+from hctembed.io.slice_grid import regular
 from hctembed.volume import Volume, VolumeError
 
 
@@ -41,7 +42,7 @@ def preprocess_monai(volume: Volume, *, config: MonaiPreset) -> torch.Tensor:
     """Volume -> float32 ``[1, D0, D1, D2]`` in the preset's axis order, values in [0, 1]."""
     from monai.data import MetaTensor
 
-    volume = volume.regular()  # a regular grid (a slice stack blended onto one)
+    volume = regular(volume)  # a regular grid (a slice stack blended onto one)
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
     img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
     out = monai_chain(config)(img)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hctembed.config import PreprocessConfig
+from hctembed.io.slice_grid import regular
 from hctembed.preprocessing.resample import (
     IsotropicGrid,
     apply_windows,
@@ -188,7 +189,7 @@ def preprocess_paper_reference(volume: Volume, *, config: PreprocessConfig) -> t
     """The MONAI chain on a Volume; float32 ``[C, out, out, out]`` as ``[C, Z, Y, X]`` like the fast path."""
     from monai.data import MetaTensor
 
-    volume = volume.regular()  # MONAI reads a regular grid (a stack's slices blended onto one first)
+    volume = regular(volume)  # MONAI reads a regular grid (a stack's slices blended onto one first)
     xyz = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)
     img = MetaTensor(torch.from_numpy(xyz)[None], affine=torch.from_numpy(volume.affine))
     out = reference_chain(config)(img)

@@ -14,16 +14,11 @@ from hctembed.head_check import NOT_HEAD, image_looks_like_head
 from hctembed.io.admission import Limits, check_grid
 from hctembed.io.archive import SeriesRef, load_series, load_volume
 from hctembed.io.nifti_stream import open_stream
+from hctembed.io.slice_grid import regular
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
 from hctembed.preprocessing.resample import grid_for
 from hctembed.preprocessing.threads import intra_op_threads
-from hctembed.volume import MAX_VOXELS, VolumeError
-
-
-class SkipError(VolumeError):
-    """A scan that is not what an archive is embedded for: recorded as skipped with ``code``, not as a failure."""
-
-    code = "skipped"
+from hctembed.volume import MAX_VOXELS, SkipError
 
 
 class NotHeadError(SkipError):
@@ -104,8 +99,8 @@ def prepare(
     else:
         volume = load_series(ref, max_voxels=max_voxels, limits=limits)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
-        regular = volume.regular()  # a slice stack's true geometry (zones, tilt)
-        check_scan(regular.array, spacing_zyx=regular.spacing_xyz[::-1], head_check=head_check)
+        lattice = regular(volume)  # a slice stack's true geometry (zones, tilt)
+        check_scan(lattice.array, spacing_zyx=lattice.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
 

@@ -82,9 +82,8 @@ def labels_for(labels: Path | None, *, db: Path, columns: Sequence[str] | None =
     """``labels`` (a CSV) when given, else the labels stored in ``db``. CSV rows keyed by a scan's file name,
     stem or path join through the locator beside ``db`` (scan ids may be pseudonyms of those)."""
     from hctembed.index.store import SidecarPaths
-    from hctembed.index.store.locator import Locator
     from hctembed.io.labels import read_labels
-    from hctembed.io.locator import label_aliases
+    from hctembed.io.locator import Locator, label_aliases
 
     if labels is not None:
         table = read_labels(labels, columns=list(columns) if columns else None)

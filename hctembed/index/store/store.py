@@ -16,13 +16,12 @@ from hctembed.index.store.collection import Collection
 from hctembed.index.store.connection import Database
 from hctembed.index.store.errors import ModelMismatchError, StoreError
 from hctembed.index.store.labels import LabelsRepo
-from hctembed.index.store.locator import Locator
 from hctembed.index.store.migrations import SCHEMA_VERSION, migrate, schema_version
 from hctembed.index.store.models import CollectionsRepo, ModelsRepo
 from hctembed.index.store.paths import SidecarPaths
 from hctembed.index.store.probes import ProbesRepo
 from hctembed.index.store.scans import ScansRepo
-from hctembed.io.locator import Location
+from hctembed.io.locator import Location, Locator
 
 log = logging.getLogger(__name__)
 
