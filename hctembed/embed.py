@@ -172,7 +172,7 @@ def embed_archive(
     """
     start = time.perf_counter()
     collection = register(store, encoder)
-    refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
+    refuse_other_archives(store, [(r.scan_id, r.located().root) for r in refs if r.remote is None])
     store.record_locations([r.located() for r in refs] + list(locations))
     known = collection.status()
     record_skipped(collection, skipped, known=known)
@@ -296,7 +296,8 @@ def publish_batch(
 def refuse_other_archives(store: Store, scans: Sequence[tuple[str, str]]) -> None:
     """Two archives with the same relative file names would overwrite each other's scans: refuse.
 
-    ``scans``: ``(scan_id, archive_root)`` pairs about to be stored.
+    ``scans``: ``(scan_id, archive_root)`` pairs about to be stored. (Series from a PACS are left out: their ids
+    are pseudonyms of globally unique UIDs, so the same id from another address is the same series, moved.)
     """
     stored = {s: where.root for s, where in store.locations([scan_id for scan_id, _ in scans]).items()}
     clashes = [(scan_id, stored[scan_id], root) for scan_id, root in scans if stored.get(scan_id, root) != root]

@@ -16,16 +16,13 @@ from hctembed.cli.common import (
     setup_logging,
     stderr,
 )
+from hctembed.cli.dicomweb_options import ARCHIVE_HELP, AUTH_FILE, FILTERS, SINCE
 from hctembed.cli.zip_options import MAX_INFLATE_RATIO, MAX_ZIP_GB, MAX_ZIP_MEMBERS
 from hctembed.volume import MAX_VOXELS
 
 
 def embed(
-    archive: Path = typer.Argument(
-        ...,
-        help="A folder (searched recursively for NIfTI files, DICOM series and zips of DICOM), one NIfTI/DICOM/"
-        "zip file, or a manifest.parquet written by `hctembed scan`.",
-    ),
+    archive: str = typer.Argument(..., help=ARCHIVE_HELP),
     db: Path = typer.Option(..., "--db", help="DuckDB file (created if missing)."),
     model: str = typer.Option("vit-base", "--model", help=f"Encoder architecture: {ARCHITECTURES}."),
     weights: Path | None = typer.Option(
@@ -85,6 +82,16 @@ def embed(
     max_zip_members: int = MAX_ZIP_MEMBERS,
     max_zip_gb: float = MAX_ZIP_GB,
     max_inflate_ratio: float = MAX_INFLATE_RATIO,
+    auth_file: Path | None = AUTH_FILE,
+    filters: list[str] = FILTERS,
+    since: str | None = SINCE,
+    follow: bool = typer.Option(
+        False, "--follow", help="DICOMweb: keep running, embedding each new series once it is stable (Ctrl-C stops)."
+    ),
+    poll_seconds: float = typer.Option(30.0, "--poll-seconds", min=0.1, help="--follow: seconds between polls."),
+    stable_seconds: float = typer.Option(
+        10.0, "--stable-seconds", min=0.0, help="--follow: a series is embedded once no instance arrived for this long."
+    ),
     device: str = typer.Option(
         "auto", "--device", help="Where the encoder runs: auto (CUDA when present), cpu, cuda, cuda:N."
     ),
@@ -137,8 +144,14 @@ def embed(
         max_zip_members=max_zip_members,
         max_zip_gb=max_zip_gb,
         max_inflate_ratio=max_inflate_ratio,
+        auth_file=auth_file,
+        filters=tuple(filters),
+        since=since,
     )
     progress = BarProgress(quiet=quiet)
+    if follow:
+        follow_pacs(request, poll_seconds=poll_seconds, stable_seconds=stable_seconds, quiet=quiet, as_json=as_json)
+        return
     if distributed:
         summary = run_embed_distributed(request, shards=shards, progress=progress)
     else:
@@ -146,6 +159,27 @@ def embed(
     if summary is not None:  # None on ranks other than 0
         print_summary(summary, as_json=as_json)
         exit_if_nothing_embedded(summary)
+
+
+def follow_pacs(request, *, poll_seconds: float, stable_seconds: float, quiet: bool, as_json: bool) -> None:
+    """``embed --follow``: poll the PACS until SIGINT or SIGTERM, which stop it between commits; each pass that
+    embedded something prints its summary."""
+    import signal
+    import threading
+
+    from hctembed.workflows.follow import FollowSettings, follow_embed
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for summary in follow_embed(request, settings=FollowSettings(poll_seconds=poll_seconds,
+                                                                     stable_seconds=stable_seconds),
+                                    stop=stop, progress=BarProgress(quiet=quiet)):  # fmt: skip
+            print_summary(summary, as_json=as_json)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stderr.print("stopped following the PACS; every series embedded so far is stored")
 
 
 def exit_if_nothing_embedded(summary) -> None:

@@ -7,11 +7,14 @@ from pathlib import Path
 import typer
 
 from hctembed.cli.common import BarProgress, print_json_lines, print_table, setup_logging, stderr
+from hctembed.cli.dicomweb_options import AUTH_FILE, FILTERS, SINCE
 from hctembed.cli.zip_options import MAX_INFLATE_RATIO, MAX_ZIP_GB, MAX_ZIP_MEMBERS
 
 
 def scan(
-    archive: Path = typer.Argument(..., help="Folder, NIfTI/DICOM file or zip of DICOM."),
+    archive: str = typer.Argument(
+        ..., help="Folder, NIfTI/DICOM file, zip of DICOM, or a PACS as dicomweb+http(s)://HOST:PORT/PATH."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Write the manifest (Parquet) here."),
     min_slices: int = typer.Option(10, "--min-slices", min=1, help="Fewest slices a series needs to be a volume."),
     thickness: tuple[float, float] = typer.Option((0.5, 5.0), "--thickness", help="Slice thickness range, mm."),
@@ -37,16 +40,18 @@ def scan(
     max_zip_members: int = MAX_ZIP_MEMBERS,
     max_zip_gb: float = MAX_ZIP_GB,
     max_inflate_ratio: float = MAX_INFLATE_RATIO,
+    auth_file: Path | None = AUTH_FILE,
+    filters: list[str] = FILTERS,
+    since: str | None = SINCE,
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find DICOM series (split into stacks), NIfTI files and zips; decide which are head CT to embed."""
     from hctembed.io.admission import Limits
-    from hctembed.io.archive import scan_archive
     from hctembed.io.locator import locator_path
     from hctembed.io.manifest import manifest_rows, write_manifest
-    from hctembed.io.pseudonym import Pseudonymizer
     from hctembed.io.selection import SelectionConfig
+    from hctembed.io.sources import FindOptions, open_source
 
     setup_logging(quiet=quiet)
     config = SelectionConfig(
@@ -58,17 +63,13 @@ def scan(
         kernel_pattern=kernel,
         description_pattern=description,
     )
+    source = open_source(archive, auth_file=auth_file, filters=tuple(filters), since=since)
+    limits = Limits.of_options(
+        max_zip_members=max_zip_members, max_zip_gb=max_zip_gb, max_inflate_ratio=max_inflate_ratio
+    )
+    options = FindOptions(selection=config, secret=secret, pseudonymise_files=pseudonymise_files, limits=limits)
     with BarProgress(quiet=quiet).task("reading headers", total=None) as advance:
-        found = scan_archive(
-            archive,
-            selection=config,
-            pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
-            pseudonymise_files=pseudonymise_files,
-            progress=lambda k: advance(1),
-            limits=Limits.of_options(
-                max_zip_members=max_zip_members, max_zip_gb=max_zip_gb, max_inflate_ratio=max_inflate_ratio
-            ),
-        )
+        found = source.find(options, progress=lambda k: advance(1))
     rows = manifest_rows(found)
     files = {ref.scan_id: len(ref.files) for ref in found.selected}
     if out is not None:
@@ -90,5 +91,5 @@ def scan(
             }
             for r in rows
         ],
-        title=f"scan of {archive}",
+        title=f"scan of {source.describe()}",
     )

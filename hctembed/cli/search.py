@@ -20,15 +20,23 @@ def search(
     html_page: Path | None = typer.Option(
         None, "--html", help="Also write a self-contained HTML page (images embedded) of the query and its hits."
     ),
+    viewer_url: str | None = typer.Option(
+        None,
+        "--viewer-url",
+        help="Link each hit from a PACS to its study, e.g. http://pacs/viewer?study="
+        "{StudyInstanceUID} (the UID is read from the locator on this machine).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Find the k most similar scans (cosine similarity of the stored embeddings)."""
     from hctembed.index.store import Store
     from hctembed.search import query_file, search_id
+    from hctembed.viewer_links import ViewerLinks
 
     setup_logging(quiet=quiet)
     if (query is None) == (scan_id is None):
         raise typer.BadParameter("give either a QUERY scan file or --id SCAN_ID")
+    viewer = ViewerLinks(viewer_url) if viewer_url else None
     with Store(db, read_only=True) as store:
         model = store.resolve_collection(model_id=model).model_id  # chosen (and said) once
         stored_as = None  # a query file whose content is a stored scan is named by that scan's id
@@ -43,7 +51,8 @@ def search(
                 html_page=html_page,
             ):  # fmt: skip
                 stderr.print(f"wrote {path}")
-    print_hits(hits, title=f"top {k} for {query_name(query, scan_id or stored_as)}", as_json=as_json)
+        links = viewer.links(store.locations([h.scan_id for h in hits])) if viewer else None
+    print_hits(hits, title=f"top {k} for {query_name(query, scan_id or stored_as)}", as_json=as_json, links=links)
 
 
 def query_name(query: Path | None, scan_id: str | None) -> str:
@@ -54,10 +63,12 @@ def query_name(query: Path | None, scan_id: str | None) -> str:
     return f"the query file ({scan_id})" if scan_id else "the query file"
 
 
-def print_hits(hits, *, title: str, as_json: bool = False) -> None:
-    """Hits as JSON lines, or as a table of rank, score, scan, patient and positive labels."""
+def print_hits(hits, *, title: str, as_json: bool = False, links: dict[str, str] | None = None) -> None:
+    """Hits as JSON lines, or as a table of rank, score, scan, patient and positive labels (and, with ``links``,
+    each PACS hit's viewer link)."""
     if as_json:
-        print_json_lines([h.to_dict() for h in hits])
+        print_json_lines([h.to_dict() | ({"viewer": links.get(h.scan_id)} if links is not None else {})
+                          for h in hits])  # fmt: skip
         return
     table = [
         {
@@ -67,6 +78,7 @@ def print_hits(hits, *, title: str, as_json: bool = False) -> None:
             "patient_id": h.patient_id or "",
             "labels": ",".join(name for name, v in sorted(h.labels.items()) if v == 1) or "-",
         }
+        | ({"viewer": links.get(h.scan_id, "-")} if links is not None else {})
         for h in hits
     ]
     decimals = distinct_decimals([h.score for h in hits])

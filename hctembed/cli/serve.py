@@ -62,6 +62,12 @@ def serve(
     poll_seconds: float = typer.Option(
         2.0, "--poll-seconds", min=0.1, help="How often to look for scans an embed has committed since."
     ),
+    viewer_url: str | None = typer.Option(
+        None,
+        "--viewer-url",
+        help="Link each hit from a PACS to its study in the viewer, e.g. "
+        "http://pacs/viewer?study={StudyInstanceUID} (UIDs resolved on the server, from the locator).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     """Search as a service: /api/search by scan id or uploaded file, /api/scans/ID (and its thumbnail.png),
@@ -70,8 +76,11 @@ def serve(
     import uvicorn
 
     from hctembed.errors import InputError
+    from hctembed.viewer_links import ViewerLinks
 
     setup_logging(quiet=quiet)
+    if viewer_url is not None:
+        ViewerLinks(viewer_url)  # a malformed template fails here, not in every answer
     token = token_file.read_text().strip() if token_file else None
     if token_file is not None and not token:
         raise InputError(f"{token_file} is empty: it should hold the bearer token")
@@ -87,6 +96,7 @@ def serve(
     config = {
         "db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds, "quiet": quiet,
         "allowed_hosts": list(hosts), "queries": asdict(queries), "connections": asdict(connections),
+        "viewer_url": viewer_url,
     }  # fmt: skip
     os.environ[CONFIG_ENV] = json.dumps(config)  # for the worker processes; the token never reaches argv
     stderr.print(f"serving {db} on http://{host}:{port}/ (API documentation at /docs)")

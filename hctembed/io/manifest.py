@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from hctembed.errors import InputError
 from hctembed.io.archive import ArchiveScan, SeriesRef, Skipped
+from hctembed.io.dicomweb import DicomWebServer
 from hctembed.io.locator import Locator, locator_path
 
 FACT_COLUMNS = (
@@ -42,7 +43,7 @@ def manifest_rows(scan: ArchiveScan) -> list[dict[str, Any]]:
     for ref in scan.selected:
         rows.append(
             {
-                "kind": "series" if ref.format == "dicom" else "file",
+                "kind": "series" if ref.format in ("dicom", "dicomweb") else "file",
                 "decision": "selected",
                 "reason_code": None,
                 "reason": None,
@@ -118,9 +119,10 @@ def write_manifest(scan: ArchiveScan, path: Path) -> int:
     return len(rows)
 
 
-def read_manifest(path: Path) -> ArchiveScan:
+def read_manifest(path: Path, *, auth_file: Path | None = None) -> ArchiveScan:
     """Selected SeriesRefs (located through the manifest's locator) and skipped candidates, as written by
-    :func:`write_manifest`."""
+    :func:`write_manifest`. Series of a PACS (format ``dicomweb``) are fetched from the URL the locator holds, with
+    the credentials of ``auth_file`` (else the environment)."""
     try:
         rows = pq.read_table(path, schema=SCHEMA).to_pylist()
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
@@ -137,13 +139,19 @@ def read_manifest(path: Path) -> ArchiveScan:
                     f"{path}: its locator {locator_path(path).name} is missing or lacks scan {r['scan_id']}; "
                     "the manifest alone does not say where the files are (run `hctembed scan` again)"
                 )
-            root = Path(where.root if where else r["root"])
+            root_text = where.root if where else r["root"]
+            remote = None
+            if r["format"] == "dicomweb":
+                remote = DicomWebServer(url=root_text, auth_file=str(auth_file) if auth_file else None)
+                root_text = "."
+            root = Path(root_text)
             location = where.location if where else r["location"]
             selected.append(
                 SeriesRef(
                     source=r["source"],
                     path=root / location,
                     root=root,
+                    remote=remote,
                     scan_id=r["scan_id"],
                     format=r["format"],
                     size=int(r["size"] or 0),
@@ -164,7 +172,7 @@ def read_manifest(path: Path) -> ArchiveScan:
                     location=where.location if where else "",
                 )
             )
-    roots = {Path(w.root) for w in located.values()} or {ref.root for ref in selected}
+    roots = {w.root for w in located.values()} or {str(ref.root) for ref in selected}
     return ArchiveScan(selected=selected, skipped=skipped, root=roots.pop() if len(roots) == 1 else None)
 
 

@@ -73,6 +73,7 @@ class ManifestSource:
     """A ``manifest.parquet`` of ``hctembed scan``: its candidates as they were found (no header read again)."""
 
     path: Path
+    auth_file: Path | None = None  # credentials of the PACS a manifest of DICOMweb series was made from
     kind: str = "manifest"
 
     def describe(self) -> str:
@@ -81,7 +82,7 @@ class ManifestSource:
     def find(self, options: FindOptions, *, progress: Callable[[int], None] | None = None) -> ArchiveScan:
         from hctembed.io.manifest import read_manifest
 
-        return read_manifest(self.path)
+        return read_manifest(self.path, auth_file=self.auth_file)
 
     def default_labels(self) -> Path | None:
         return None
@@ -123,12 +124,16 @@ def open_source(
     if is_dicomweb(archive):
         split_filters(filters, since=since)  # a malformed filter fails before anything is asked of the server
         return DicomWebSource(DicomWebServer.parse(str(archive), auth_file=auth_file), tuple(filters), since)
-    given = [name for name, v in (("--auth-file", auth_file), ("--filter", filters), ("--since", since)) if v]
-    if given:
-        raise InputError(f"{', '.join(given)} apply to a DICOMweb archive (dicomweb+http://…), not to {archive}")
-    path = Path(archive)
     if "://" in str(archive):
         raise InputError(f"ARCHIVE {archive}: a PACS is named dicomweb+http://HOST:PORT/PATH")
+    path = Path(archive)
     if not path.exists():
         raise InputError(f"ARCHIVE {archive}: not found (no such file or folder)")
-    return ManifestSource(path) if is_manifest(path) else FolderSource(path)
+    manifest = is_manifest(path)
+    options = (("--auth-file", auth_file and not manifest), ("--filter", filters), ("--since", since))
+    given = [name for name, value in options if value]
+    if given:
+        raise InputError(f"{', '.join(given)} apply to a DICOMweb archive (dicomweb+http://…), not to {archive}")
+    if auth_file is not None and not Path(auth_file).is_file():
+        raise InputError(f"--auth-file {auth_file}: not found")
+    return ManifestSource(path, auth_file=auth_file) if manifest else FolderSource(path)

@@ -32,12 +32,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hctembed.errors import HctembedError, InputError
+from hctembed.io.locator import Locator, locator_path
 from hctembed.processes import process_alive
 from hctembed.serve.admission import MemoryBudget, ServerBusy, estimated_bytes
 from hctembed.serve.guard import Guard
 from hctembed.serve.limits import LOOPBACK_NAMES, ConnectionLimits, QueryLimits
 from hctembed.serve.page import PAGE
 from hctembed.serve.state import NotFound, ServerState
+from hctembed.viewer_links import ViewerLinks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host names the server answers to
     queries: QueryLimits = field(default_factory=QueryLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    viewer_url: str | None = None  # a PACS viewer link per hit from a PACS ({StudyInstanceUID}); see viewer_links
 
 
 def create_app(config: ServeConfig, *, state: ServerState | None = None) -> FastAPI:
@@ -82,7 +85,7 @@ def create_app(config: ServeConfig, *, state: ServerState | None = None) -> Fast
         body_timeout_s=config.connections.body_timeout_s, max_requests=config.connections.max_requests,
     )  # fmt: skip
     _errors(app)
-    _routes(app, state=state, limits=config.queries)
+    _routes(app, state=state, config=config)
     return app
 
 
@@ -158,10 +161,21 @@ def _query_thread_start() -> None:
     use_process_threads()
 
 
-def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
+def _routes(app: FastAPI, *, state: ServerState, config: ServeConfig) -> None:
+    limits = config.queries
     # uploads wait here, not in the pool that answers every other request; each thread starts with the process's
     # torch threads even if the other one is preprocessing (on one thread) at that moment
     embedding = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hctembed-query", initializer=_query_thread_start)
+    viewer = ViewerLinks(config.viewer_url) if config.viewer_url else None
+
+    def answer_hits(hits) -> list[dict]:
+        """The hits as JSON; with ``--viewer-url``, each PACS hit's link (its UIDs read here, from the locator)."""
+        if viewer is None:
+            return [h.to_dict() for h in hits]
+        with Locator(locator_path(config.db), read_only=True) as locator:
+            links = viewer.links(locator.get([h.scan_id for h in hits]))
+        return [h.to_dict() | {"viewer": links.get(h.scan_id)} for h in hits]
+
     budget = MemoryBudget(total_bytes=int(limits.memory_mb * 2**20))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -182,7 +196,7 @@ def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
         return {
             "query": {"scan_id": id, "model_id": view.model_id},
             **INDEX_ANSWER,
-            "hits": [h.to_dict() for h in hits],
+            "hits": answer_hits(hits),
         }
 
     @app.post("/api/search", summary="Nearest scans to an uploaded scan (embedded with the stored model)")
@@ -198,7 +212,7 @@ def _routes(app: FastAPI, *, state: ServerState, limits: QueryLimits) -> None:
             xq = await loop.run_in_executor(embedding, _embed_query, state, view, path, limits, budget)
         hits = state.search_vector(xq, view=view, k=k)
         query = {"file": "uploaded", "model_id": view.model_id}
-        return {"query": query, **INDEX_ANSWER, "hits": [h.to_dict() for h in hits]}
+        return {"query": query, **INDEX_ANSWER, "hits": answer_hits(hits)}
 
     @app.get("/api/scans/{scan_id}", summary="A scan's facts, labels and which models embedded it")
     def scan(scan_id: str) -> dict:

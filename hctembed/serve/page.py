@@ -73,6 +73,10 @@ function card(title, hit, isQuery) {
     span.textContent = line; cap.appendChild(span);
     if (span.tagName === "SPAN") cap.appendChild(document.createElement("br"));
   });
+  if (hit.viewer) {  // --viewer-url: the study in the PACS viewer
+    const a = document.createElement("a"); a.href = hit.viewer; a.target = "_blank"; a.rel = "noopener";
+    a.textContent = "open in viewer"; a.onclick = (e) => e.stopPropagation(); cap.appendChild(a);
+  }
   fig.appendChild(cap);
   if (hit.scan_id) thumbnail(img, hit.scan_id);
   if (!isQuery && hit.scan_id) fig.onclick = () => { $("sid").value = hit.scan_id; searchId(); };

@@ -15,6 +15,8 @@ from hctembed.io.admission import Limits
 from hctembed.io.archive import ArchiveScan, Skipped
 from hctembed.io.labels import LabelTable
 from hctembed.io.locator import Location
+from hctembed.io.selection import SelectionConfig
+from hctembed.io.sources import ArchiveSource, FindOptions, open_source
 from hctembed.volume import MAX_VOXELS
 from hctembed.workflows.progress import NO_PROGRESS, Progress
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 class EmbedRequest:
     """What ``hctembed embed`` is asked to do; every field has the CLI option's meaning and default."""
 
-    archive: Path  # folder, one file, or a manifest.parquet
+    archive: str | Path  # folder, one file, a manifest.parquet, or dicomweb+http(s)://HOST:PORT/PATH
     db: Path
     model: str = "vit-base"
     weights: Path | None = None
@@ -46,6 +48,17 @@ class EmbedRequest:
     max_zip_members: int = Limits.max_zip_members  # a zip holding more is skipped whole (zip_limit)
     max_zip_gb: float = Limits.max_zip_bytes / 2**30  # members inflating to more, together: skipped whole
     max_inflate_ratio: float = Limits.max_inflate_ratio  # a member inflating more-fold: skipped (zip_bomb)
+    auth_file: Path | None = None  # DICOMweb credentials (JSON), else the environment
+    filters: tuple[str, ...] = ()  # DICOMweb QIDO filters KEY=VALUE
+    since: str | None = None  # DICOMweb: studies from this date on
+
+    def source(self) -> ArchiveSource:
+        """Where the scans come from (:func:`hctembed.io.sources.open_source`); InputError when it does not exist."""
+        return open_source(self.archive, auth_file=self.auth_file, filters=self.filters, since=self.since)
+
+    def find_options(self) -> FindOptions:
+        return FindOptions(selection=SelectionConfig(allow_non_head=self.allow_non_head), secret=self.secret,
+                           pseudonymise_files=self.pseudonymise_files, limits=self.zip_limits)  # fmt: skip
 
     @property
     def zip_limits(self) -> Limits:
@@ -115,23 +128,8 @@ class EmbedSummary:
         )
 
 
-def find_scans(
-    archive: Path,
-    *,
-    secret: Path | None,
-    pseudonymise_files: bool = False,
-    allow_non_head: bool = False,
-    progress: Progress = NO_PROGRESS,
-    limits: Limits | None = None,
-) -> ArchiveScan:
-    """The archive's candidates: read from a manifest, or found by reading headers (zips within ``limits``)."""
-    from hctembed.io.archive import scan_archive
-    from hctembed.io.manifest import is_manifest, read_manifest
-    from hctembed.io.pseudonym import Pseudonymizer
-    from hctembed.io.selection import SelectionConfig
-
-    if is_manifest(archive):
-        return read_manifest(archive)
+def find_scans(source: ArchiveSource, options: FindOptions, *, progress: Progress = NO_PROGRESS) -> ArchiveScan:
+    """The source's candidates (a folder's or a PACS's found by reading headers; a manifest's as written)."""
     with progress.task("reading headers", total=None) as advance:
         seen = [0]
 
@@ -139,26 +137,18 @@ def find_scans(
             advance(k - seen[0])
             seen[0] = k
 
-        return scan_archive(
-            archive,
-            selection=SelectionConfig(allow_non_head=allow_non_head),
-            limits=limits,
-            pseudonyms=Pseudonymizer.from_file(secret) if secret else None,
-            pseudonymise_files=pseudonymise_files,
-            progress=report,
-        )
+        return source.find(options, progress=report)
 
 
 def labels_of(
-    archive: Path, labels: Path | None, *, locations: Sequence[Location] = ()
+    source: ArchiveSource, labels: Path | None, *, locations: Sequence[Location] = ()
 ) -> tuple[LabelTable | None, str | None]:
-    """The label table to import (``labels``, else ``ARCHIVE/labels.csv`` when present) and its file name.
-    Rows keyed by a scan's file name, stem or path (rather than its id) are re-keyed through ``locations``."""
+    """The label table to import (``labels``, else the source's default, a folder's ``labels.csv``) and its file
+    name. Rows keyed by a scan's file name, stem or path (rather than its id) are re-keyed through ``locations``."""
     from hctembed.io.labels import read_labels
     from hctembed.io.locator import label_aliases
 
-    if labels is None and archive.is_dir() and (archive / "labels.csv").exists():
-        labels = archive / "labels.csv"
+    labels = labels if labels is not None else source.default_labels()
     if labels is None:
         return None, None
     return read_labels(labels).rekeyed(label_aliases(locations)), labels.name
@@ -207,25 +197,31 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     """Embed ``request.archive`` into ``request.db`` in this process; re-runs skip unchanged scans.
 
     Raises NothingToDoError (and creates no database) when the archive holds no candidate scan at all."""
+    source = check_request_inputs(request)
+    found = find_scans(source, request.find_options(), progress=progress)
+    return embed_found(request, source, found, progress=progress)
+
+
+def embed_found(
+    request: EmbedRequest, source: ArchiveSource, found: ArchiveScan, *, progress: Progress = NO_PROGRESS,
+    encoder=None,
+) -> EmbedSummary:  # fmt: skip
+    """Embed the candidates ``found`` in ``source`` (what :func:`run_embed` does once the scans are found; each
+    pass of ``--follow`` calls it with what the PACS holds now, and its ``encoder`` loaded once)."""
     from hctembed.embed import embed_archive
     from hctembed.index.store import Store
 
-    check_request_inputs(request)
-    found = find_scans(
-        request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
-        allow_non_head=request.allow_non_head, progress=progress, limits=request.zip_limits,
-    )  # fmt: skip
     refs = found.selected
     if not refs and not found.skipped:  # nothing to put in a database: none is created
-        raise NothingToDoError(f"nothing to embed: no NIfTI file, DICOM series or zip of DICOM in {request.archive}")
-    warn_header_skips_kept(request, found)
+        raise NothingToDoError(f"nothing to embed: no NIfTI file, DICOM series or zip of DICOM in {source.describe()}")
+    warn_header_skips_kept(request, source, found)
     located = found.locations()
-    table, origin = labels_of(request.archive, request.labels, locations=located)
-    encoder = load_request_encoder(request)
+    table, origin = labels_of(source, request.labels, locations=located)
+    encoder = encoder or load_request_encoder(request)
     log.info(
         "%d scans selected and %d skipped by their headers in %s (images are checked as they load); model %s, "
         "preprocessing %s",
-        len(refs), len(found.skipped), request.archive, encoder.model_id, encoder.fingerprint,
+        len(refs), len(found.skipped), source.describe(), encoder.model_id, encoder.fingerprint,
     )  # fmt: skip
     with Store(request.db) as store:
         import_labels(store, table, origin)
@@ -267,15 +263,18 @@ def run_embed(request: EmbedRequest, *, progress: Progress = NO_PROGRESS) -> Emb
     )
 
 
-def check_request_inputs(request: EmbedRequest) -> None:
-    """The options a user can get wrong, checked before the archive is walked: the model name and the files
-    named (archive, weights, labels) exist."""
+def check_request_inputs(request: EmbedRequest) -> ArchiveSource:
+    """The options a user can get wrong, checked before the archive is walked: the model name, the archive (a
+    folder, file or manifest that exists, or a well-formed DICOMweb address and filters), and the files named
+    (weights, labels) exist. Returns the archive's source."""
     from hctembed.model.encoders import check_model_name
 
     check_model_name(request.model)
-    for option, path in (("ARCHIVE", request.archive), ("--weights", request.weights), ("--labels", request.labels)):
+    source = request.source()
+    for option, path in (("--weights", request.weights), ("--labels", request.labels)):
         if path is not None and not Path(path).exists():
             raise InputError(f"{option} {path}: not found (no such file or folder)")
+    return source
 
 
 def disk_use(db: Path) -> dict[str, int]:
@@ -309,12 +308,10 @@ def preprocess_device_for(request: EmbedRequest, encoder) -> str | None:
     return wanted
 
 
-def warn_header_skips_kept(request: EmbedRequest, found: ArchiveScan) -> None:
+def warn_header_skips_kept(request: EmbedRequest, source: ArchiveSource, found: ArchiveScan) -> None:
     """``--allow-non-head`` on a manifest cannot bring back series its header check skipped when it was made."""
-    from hctembed.io.manifest import is_manifest
-
     kept = [s for s in found.skipped if s.reason_code == "not_head"]
-    if request.allow_non_head and is_manifest(request.archive) and kept:
+    if request.allow_non_head and source.kind == "manifest" and kept:
         log.warning(
             "%d series of the manifest were skipped by their headers as not_head when it was made; "
             "run `hctembed scan --allow-non-head` to write a manifest that keeps them",

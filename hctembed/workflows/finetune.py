@@ -85,13 +85,12 @@ def labelled_cache(
 ) -> LabelledCache:
     """Every labelled, readable scan of the archive as a cached base volume, with its labels and patient."""
     from hctembed.augment import base_preprocess
-    from hctembed.io.archive import scan_archive
     from hctembed.io.labels import read_labels
-    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.io.sources import FindOptions, open_source
     from hctembed.pretrain.cache import build_cache
 
     table = read_labels(labels, columns=list(tasks))
-    found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
+    found = open_source(archive).find(FindOptions())
     known = {s for s, row in zip(table.scan_ids, table.values, strict=True) if not np.all(np.isnan(row))}
     refs = sorted((r for r in found.selected if r.scan_id in known), key=lambda r: r.scan_id)
     if not refs:

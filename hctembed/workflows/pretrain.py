@@ -33,8 +33,7 @@ def pretrain_archive(
     import torch
 
     from hctembed import distributed as ddp
-    from hctembed.io.archive import scan_archive
-    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.io.sources import FindOptions, open_source
     from hctembed.pretrain import run_pretrain
 
     use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -45,7 +44,7 @@ def pretrain_archive(
 
     method_class(config.method)  # an unknown method fails before the archive is read
     labels = read_labels(monitor_labels) if monitor_labels else None
-    found = read_manifest(archive) if is_manifest(archive) else scan_archive(archive)
+    found = open_source(archive).find(FindOptions())
     refs = found.selected
     if scan_ids is not None:
         wanted = set(scan_ids)

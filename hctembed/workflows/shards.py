@@ -105,14 +105,12 @@ def run_merge(request: MergeRequest, *, progress: Progress = NO_PROGRESS) -> Emb
 
 def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -> None:
     """Rank 0 before the others start: headers read once into a manifest, and old parts merged first."""
-    from hctembed.io.manifest import is_manifest, write_manifest
+    from hctembed.io.manifest import write_manifest
 
     shards.mkdir(parents=True, exist_ok=True)
-    if not is_manifest(request.archive):  # the other ranks read this manifest
-        found = find_scans(
-            request.archive, secret=request.secret, pseudonymise_files=request.pseudonymise_files,
-            allow_non_head=request.allow_non_head, progress=progress, limits=request.zip_limits,
-        )  # fmt: skip
+    source = request.source()
+    if source.kind != "manifest":  # the other ranks read this manifest
+        found = find_scans(source, request.find_options(), progress=progress)
         write_manifest(found, shards / "manifest.parquet")
 
 
@@ -127,9 +125,8 @@ def _merge_stale_and_write_run_info(request: EmbedRequest, encoder, *, shards: P
                 log.info("merging the parts an earlier run left in %s first", shards)
                 merge_shards(folder=shards, store=store)
     from hctembed.io.locator import locator_path
-    from hctembed.io.manifest import is_manifest
 
-    manifest = request.archive if is_manifest(request.archive) else shards / "manifest.parquet"
+    manifest = Path(request.archive) if request.source().kind == "manifest" else shards / "manifest.parquet"
     write_run_info(
         shards, encoder=encoder, world=world, refs=found.selected, skipped=found.skipped,
         locator=locator_path(manifest),
@@ -149,7 +146,7 @@ def _stored_status(request: EmbedRequest, encoder, refs) -> dict:
     if not request.db.exists():
         return {}
     with Store(request.db, read_only=True) as store:
-        refuse_other_archives(store, [(r.scan_id, str(r.root)) for r in refs])
+        refuse_other_archives(store, [(r.scan_id, r.located().root) for r in refs if r.remote is None])
         try:
             return store.collection(model_id=encoder.model_id, fingerprint=encoder.fingerprint).status()
         except ModelMismatchError:
@@ -165,7 +162,7 @@ def run_embed_distributed(
     from hctembed import distributed as ddp
     from hctembed.embed_shards import embed_shard
     from hctembed.index.store import SidecarPaths
-    from hctembed.io.manifest import is_manifest, read_manifest
+    from hctembed.io.manifest import read_manifest
 
     start = time.perf_counter()
     check_request_inputs(request)
@@ -182,7 +179,8 @@ def run_embed_distributed(
     if rank == 0:
         _prepare_rank0(request, shards=shards, progress=progress)
     ddp.barrier()
-    found = read_manifest(request.archive if is_manifest(request.archive) else shards / "manifest.parquet")
+    given = request.source()
+    found = read_manifest(Path(request.archive) if given.kind == "manifest" else shards / "manifest.parquet")
     refs = found.selected  # every rank, rank 0 included: the same refs in the same order
     encoder = load_request_encoder(request, device=device)
     if rank == 0:
@@ -200,7 +198,7 @@ def run_embed_distributed(
     reports = ddp.all_gather_objects(shard)
     summary = None
     if rank == 0:
-        table, origin = labels_of(request.archive, request.labels, locations=found.locations())
+        table, origin = labels_of(given, request.labels, locations=found.locations())
         merge = MergeRequest(shards=shards, db=request.db, index=request.index)
         merged, status = _merge_into(merge, table=table, origin=origin, progress=progress)
         failed = [
