@@ -3,8 +3,8 @@ gantry tilt, each checked against the truth in the files: a volume, sampled at e
 (ImagePositionPatient + ImageOrientationPatient + PixelSpacing), gives the slice's HU back.
 
 Two volumes are checked: the 1 mm grid the paper preprocessing resamples a slice stack onto in one interpolation
-from the true positions (what embedding sees), and the regular lattice (:func:`hctembed.io.slice_grid.regular`, the finest zone's
-spacing) that every other consumer reads, made by blending moved slices (two interpolations)."""
+from the true positions (what embedding sees), and the regular lattice (:func:`hctembed.io.slice_grid.regular`,
+the finest zone's spacing) that every other consumer reads, made by blending moved slices (two interpolations)."""
 
 from __future__ import annotations
 

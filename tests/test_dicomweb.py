@@ -106,10 +106,31 @@ def test_no_identifier_from_the_pacs_reaches_any_output(archive, pacs, tmp_path)
     db = out / "h.duckdb"
     outputs = [
         invoke("scan", address(pacs.dicomweb), "--auth-file", auth, "--out", out / "m.parquet", "--json"),
-        invoke("embed", address(pacs.dicomweb), "--auth-file", auth, "--db", db, "--model", "vit-micro",
-               "--workers", "0", "--json"),  # fmt: skip
-        invoke("embed", out / "m.parquet", "--auth-file", auth, "--db", out / "from-manifest.duckdb", "--model",
-               "vit-micro", "--workers", "0"),  # fmt: skip
+        invoke(
+            "embed",
+            address(pacs.dicomweb),
+            "--auth-file",
+            auth,
+            "--db",
+            db,
+            "--model",
+            "vit-micro",
+            "--workers",
+            "0",
+            "--json",
+        ),
+        invoke(
+            "embed",
+            out / "m.parquet",
+            "--auth-file",
+            auth,
+            "--db",
+            out / "from-manifest.duckdb",
+            "--model",
+            "vit-micro",
+            "--workers",
+            "0",
+        ),
     ]
     scan_id = sorted(stored(db))[0]
     outputs.append(invoke("search", "--id", scan_id, "--db", db, "-k", "2", "--json", "--montage", out / "m.png"))
@@ -136,7 +157,7 @@ def test_no_identifier_from_the_pacs_reaches_any_output(archive, pacs, tmp_path)
 
 
 def test_credentials_only_from_a_file_or_the_environment(archive, pacs, tmp_path, monkeypatch):
-    root, auth = archive
+    root, _auth = archive
     bad = invoke("scan", f"dicomweb+http://{USER}:{PASSWORD}@127.0.0.1:{pacs.port}/dicom-web", code=2)
     assert "--auth-file or the environment" in bad.output and PASSWORD not in bad.output
     refused = invoke("scan", address(pacs.dicomweb), code=2)  # no credentials at all
@@ -154,7 +175,7 @@ def test_credentials_only_from_a_file_or_the_environment(archive, pacs, tmp_path
 
 
 def test_a_rerun_fetches_only_new_series_and_a_deleted_series_is_a_skip(archive, pacs, tmp_path):
-    root, auth = archive
+    _root, auth = archive
     db = tmp_path / "h.duckdb"
     with FaultProxy(pacs.rest) as proxy:
         args = ["embed", address(proxy.url + "/dicom-web"), "--auth-file", auth, "--db", db, "--model", "vit-micro",
@@ -184,7 +205,7 @@ def test_a_rerun_fetches_only_new_series_and_a_deleted_series_is_a_skip(archive,
 
 
 def test_timeouts_5xx_and_dropped_connections_are_retried(archive, pacs, tmp_path):
-    root, auth = archive
+    _root, auth = archive
     seen: dict[str, int] = {}
 
     def fault(path: str, n: int):
@@ -204,7 +225,7 @@ def test_timeouts_5xx_and_dropped_connections_are_retried(archive, pacs, tmp_pat
 
 
 def test_a_pacs_that_goes_away_stops_the_run_with_one_line_and_a_rerun_resumes(archive, pacs, tmp_path):
-    root, auth = archive
+    _root, auth = archive
     db = tmp_path / "h.duckdb"
     fetches = []
 
@@ -230,7 +251,7 @@ def _cli(*args) -> list[str]:
 
 
 def test_kill_9_in_the_middle_and_a_rerun_loses_and_repeats_nothing(archive, pacs, tmp_path):
-    root, auth = archive
+    _root, auth = archive
     for i in range(3, 9):
         pacs.upload(write_series(tmp_path / f"more{i}", SeriesSpec(n=12, seed=i)))
     db = tmp_path / "h.duckdb"
@@ -260,7 +281,7 @@ def test_kill_9_in_the_middle_and_a_rerun_loses_and_repeats_nothing(archive, pac
 
 
 def test_follow_embeds_a_series_uploaded_while_it_runs_and_a_running_serve_finds_it(archive, pacs, tmp_path):
-    root, auth = archive
+    _root, auth = archive
     db = tmp_path / "h.duckdb"
     invoke("embed", address(pacs.dicomweb), "--auth-file", auth, "--db", db, "--model", "vit-micro", "--workers",
            "0", "-q")  # fmt: skip
