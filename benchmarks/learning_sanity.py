@@ -35,6 +35,16 @@ BUDGETS = {
     "full": {"per_class": 60, "grid": 64, "epochs": 24},
     "quick": {"per_class": 6, "grid": 32, "epochs": 1},
 }
+# settings fixed before each run. v1: CT numbers over the whole brain window (a per-volume cue two views share, so
+# matching views needs no shape) and short runs. v2: CT numbers and noise within what the views' own intensity
+# changes cover, longer runs, DINO's teacher held at 0.04 with per-parameter clipping, MAE on per-patch
+# normalised targets (the shape's edges, not the air around it)
+VARIANTS = {
+    "v1": {"hu": (15.0, 75.0), "noise": (2.0, 12.0), "epochs_factor": 1.0, "dino_lr": 1e-4, "teacher_temp": None,
+           "clip_mode": "global", "norm_pix_loss": False},
+    "v2": {"hu": (35.0, 50.0), "noise": (2.0, 5.0), "epochs_factor": 2.0, "dino_lr": 3e-4, "teacher_temp": 0.04,
+           "clip_mode": "per-parameter", "norm_pix_loss": True},
+}  # fmt: skip
 FIELD_MM = 192.0  # the volume's field of view (the model input's 192 mm centre crop)
 
 
@@ -69,7 +79,9 @@ def object_mask(kind: str, *, grid: int, rng: np.random.Generator) -> np.ndarray
     raise ValueError(kind)
 
 
-def make_set(folder: Path, *, per_class: int, grid: int, seed: int) -> list[tuple[str, str]]:
+def make_set(
+    folder: Path, *, per_class: int, grid: int, seed: int, hu: tuple[float, float], noise: tuple[float, float]
+) -> list[tuple[str, str]]:
     """Write ``per_class`` NIfTI volumes of every class (HU, RAS affine); returns (file stem, class) pairs."""
     import nibabel as nib
 
@@ -84,12 +96,12 @@ def make_set(folder: Path, *, per_class: int, grid: int, seed: int) -> list[tupl
             stem = f"{kind}_{i:03d}"
             path = folder / f"{stem}.nii.gz"
             if not path.exists():
-                hu = np.full((grid,) * 3, -1000.0, np.float32)
+                volume = np.full((grid,) * 3, -1000.0, np.float32)
                 mask = object_mask(kind, grid=grid, rng=rng)
-                hu[mask] = rng.uniform(15, 75)  # within the brain and subdural windows
-                hu += rng.normal(0, rng.uniform(2, 12), size=hu.shape).astype(np.float32)
+                volume[mask] = rng.uniform(*hu)  # within the brain and subdural windows
+                volume += rng.normal(0, rng.uniform(*noise), size=volume.shape).astype(np.float32)
                 # NIfTI axes i, j, k = x, y, z: the array is [Z, Y, X]
-                nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), affine), path)
+                nib.save(nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine), path)
             rows.append((stem, kind))
     return rows
 
@@ -101,15 +113,20 @@ def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
 
     # fixed before the run: batch 8 (SimCLR 16), lr 1e-4 (DINO) / 3e-4, 1 warm-up epoch, 2 + 2 DINO crops,
     # 4,096 prototypes and the BN head, a light MAE decoder (96 x 2)
+    v = VARIANTS[args.variant]
+    temps = {} if v["teacher_temp"] is None else {"warmup_teacher_temp": v["teacher_temp"],
+                                                   "teacher_temp": v["teacher_temp"]}  # fmt: skip
     config = PretrainConfig(
         method=method, model="vit-micro", epochs=args.epochs, batch_size=16 if method == "simclr" else 8,
-        lr={"dino": 1e-4, "mae": 3e-4, "simclr": 3e-4}[method], warmup_epochs=1.0, local_crops=2,
+        lr={"dino": v["dino_lr"], "mae": 3e-4, "simclr": 3e-4}[method], warmup_epochs=1.0, local_crops=2,
         prototypes=4096, head_bn=method == "dino", teacher_temp_warmup_epochs=max(1.0, args.epochs * 0.3),
         checkpoint_every=100, monitor_every=10**6, input_norm=args.input_norm, seed=args.seed,
-        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4),
+        clip_mode=v["clip_mode"] if method == "dino" else "global",
+        mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=v["norm_pix_loss"]), **temps,
     )  # fmt: skip
-    run = args.out / f"{method}_{args.input_norm}"
-    result = pretrain_archive(args.out / "volumes", config=config, out=run, cache_dir=args.out / "cache",
+    run = args.out / f"{method}_{args.input_norm}" if args.variant == "v1" else args.out / f"{method}_{args.variant}"
+    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{args.variant}")
+    result = pretrain_archive(volumes, config=config, out=run, cache_dir=args.out / "cache",
                               device="cpu", resume=True, scan_ids=train_ids)  # fmt: skip
     return result.encoder_path
 
@@ -143,11 +160,13 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--input-norm", choices=("none", "standardise"), default="standardise")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="v2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     budget = BUDGETS[args.budget]
-    args.epochs = budget["epochs"]
+    variant = VARIANTS[args.variant]
+    args.epochs = round(budget["epochs"] * variant["epochs_factor"])
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
 
@@ -160,9 +179,11 @@ def main() -> None:
     from hctembed.pretrain.cache import build_cache
     from hctembed.pretrain.loop import fit_input_stats
 
-    rows = make_set(args.out / "volumes", per_class=budget["per_class"], grid=budget["grid"], seed=args.seed)
+    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{args.variant}")
+    rows = make_set(volumes, per_class=budget["per_class"], grid=budget["grid"], seed=args.seed, hu=variant["hu"],
+                    noise=variant["noise"])  # fmt: skip
     kind_of = dict(rows)
-    refs = scan_archive(args.out / "volumes").selected
+    refs = scan_archive(volumes).selected
     by_stem = {r.scan_id: r for r in refs}
     stems = sorted(kind_of)
     refs = [by_stem[s] for s in stems]
@@ -193,7 +214,8 @@ def main() -> None:
     correct = {name: knn_correct(cls_vectors(m, paths), y, train, test) for name, m in encoders.items()}
     base = correct["random init"]
     results = {}
-    print(f"| encoder ({args.input_norm} inputs) | kNN accuracy [95 % CI] | P vs random init | pretraining s |")
+    print(f"| encoder ({args.variant}, {args.input_norm} inputs) | kNN accuracy [95 % CI] | P vs random init | "
+          "pretraining s |")  # fmt: skip
     print("|---|---|---|---|")
     for name, c in correct.items():
         est = bootstrap_mean(c, n_resamples=1000, seed=args.seed)
@@ -201,9 +223,11 @@ def main() -> None:
         results[name] = {"accuracy": est.to_dict(), "p_vs_random": p, "seconds": seconds.get(name)}
         p_text = "" if p is None else f"{p:.4f}"
         print(f"| {name} | {est.value:.3f} [{est.low:.3f}, {est.high:.3f}] | {p_text} | {seconds.get(name, '')} |")
-    summary = {"budget": args.budget, "input_norm": args.input_norm, "n_train": int(train.size),
+    summary = {"budget": args.budget, "variant": args.variant, "settings": variant, "input_norm": args.input_norm,
+               "n_train": int(train.size),
                "n_test": int(test.size), "chance": 1 / len(CLASSES), "results": results}  # fmt: skip
-    (args.out / f"summary_{args.input_norm}.json").write_text(json.dumps(summary, indent=2))
+    name = f"summary_{args.input_norm}" if args.variant == "v1" else f"summary_{args.variant}_{args.input_norm}"
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
