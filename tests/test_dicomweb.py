@@ -23,8 +23,6 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.index.store import Store
-from hctembed.io.dicomweb import split_multipart
-from hctembed.io.sources import FindOptions, open_source
 from hctembed.workflows.embed import EmbedRequest, embed_found
 
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
@@ -330,31 +328,3 @@ def test_follow_embeds_a_series_uploaded_while_it_runs_and_a_running_serve_finds
     assert "stopped following the PACS" in err.decode()
     passes = [json.loads(line) for line in out.decode().splitlines()]
     assert sum(p["embedded"] for p in passes) == 1
-
-
-def test_multipart_answers_are_split_with_and_without_content_length():
-    body = (b"--xyz\r\nContent-Type: application/dicom\r\nContent-Length: 5\r\n\r\nab\r\nc\r\n--xyz\r\n"
-            b"Content-Type: application/dicom\r\n\r\nsecond\r\n--xyz--\r\n")  # fmt: skip
-    assert split_multipart(body, boundary="xyz") == [b"ab\r\nc", b"second"]
-    with pytest.raises(Exception, match="truncated"):
-        split_multipart(body[:60], boundary="xyz")
-
-
-def test_filters_and_addresses_are_checked_before_the_server_is_asked(tmp_path):
-    with pytest.raises(Exception, match="KEY=VALUE"):
-        open_source("dicomweb+http://127.0.0.1:9/dicom-web", filters=("Modality",))
-    with pytest.raises(Exception, match="YYYY-MM-DD"):
-        open_source("dicomweb+http://127.0.0.1:9/dicom-web", since="yesterday")
-    with pytest.raises(Exception, match="dicomweb"):
-        open_source("http://127.0.0.1:9/dicom-web")
-    source = open_source("dicomweb+http://127.0.0.1:9/dicom-web", filters=("Modality=CT", "StudyDate=2024-"))
-    assert source.kind == "dicomweb" and source.describe() == "dicomweb+http://127.0.0.1:9/dicom-web"
-    with pytest.raises(Exception, match="did not answer"):  # nothing listens on port 9: retried, then one line
-        from dataclasses import replace
-
-        from hctembed.io import dicomweb
-
-        quick = dicomweb.Retry(attempts=2, backoff_seconds=0.01, timeout_seconds=1)
-        with dicomweb.DicomWebClient(replace(source.server), retry=quick) as client:
-            list(client.studies({}))
-    assert FindOptions().selection is not None

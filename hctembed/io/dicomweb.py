@@ -150,7 +150,10 @@ class DicomWebClient:
         self.max_series_bytes = max_series_bytes
         headers = {"User-Agent": "hctembed"}
         auth = Credentials.of(server).apply(headers)
-        self._http = httpx.Client(base_url=server.url, auth=auth, headers=headers,
+        # certificates are checked for https; a plain-http server (loopback, a research PACS inside the hospital)
+        # needs no TLS context, whose set-up costs ~30 ms a client (redirects are never followed)
+        verify = server.url.startswith("https://")
+        self._http = httpx.Client(base_url=server.url, auth=auth, headers=headers, verify=verify,
                                   timeout=httpx.Timeout(retry.timeout_seconds), follow_redirects=False)  # fmt: skip
 
     def __enter__(self) -> DicomWebClient:
@@ -259,12 +262,45 @@ def _value(item: dict, tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
+# the attributes a series' selection reads (hctembed.io.dicom_headers.header_of), as DICOM JSON keys: a real
+# scanner's instance carries hundreds more, and pydicom's from_json costs ~20 us an element
+HEADER_KEYWORDS = (
+    "AcquisitionNumber", "BodyPartExamined", "Columns", "ContrastBolusAgent", "ConvolutionKernel",
+    "ImageOrientationPatient", "ImagePositionPatient", "ImageType", "InstanceNumber", "KVP", "Manufacturer",
+    "Modality", "NumberOfFrames", "PatientID", "PixelSpacing", "ReconstructionDiameter", "Rows", "SOPClassUID",
+    "SOPInstanceUID", "SeriesDescription", "SeriesInstanceUID", "SharedFunctionalGroupsSequence", "SliceThickness",
+    "StudyDescription", "StudyInstanceUID", "TransferSyntaxUID",
+    "PlaneOrientationSequence", "PixelMeasuresSequence",  # inside SharedFunctionalGroupsSequence (enhanced CT)
+)  # fmt: skip
+HEADER_KEYS = frozenset(f"{pydicom.datadict.tag_for_keyword(k):08X}" for k in HEADER_KEYWORDS)
+
+
 def dataset_of(metadata: dict) -> pydicom.Dataset:
-    """One instance's DICOM JSON metadata as a pydicom Dataset (bulk data such as pixels left out)."""
+    """The attributes a series' selection reads (:data:`HEADER_KEYWORDS`) of one instance's DICOM JSON metadata, as
+    a pydicom Dataset (the transfer syntax, when the server sends the file meta group, in ``file_meta``). Built
+    element by element (pydicom's ``from_json`` inspects a handler's signature per element: ~80 us each)."""
+    ds = pydicom.Dataset()
     try:
-        return pydicom.Dataset.from_json(metadata, bulk_data_uri_handler=lambda *args: b"")
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        for key, item in metadata.items():
+            if key not in HEADER_KEYS or not isinstance(item, dict):
+                continue
+            vr, values = item.get("vr"), item.get("Value")
+            if not isinstance(vr, str) or not isinstance(values, list) or not values:
+                continue
+            if vr == "SQ":
+                value = [dataset_of(v) for v in values]
+            elif vr == "PN":
+                value = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in values]
+            else:
+                value = values
+            if key == "00020010":
+                ds.file_meta = pydicom.dataset.FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = str(value[0])
+                continue
+            ds.add_new(int(key, 16), vr, value if vr == "SQ" or len(value) > 1 else value[0])
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise HeaderError(f"unreadable DICOM JSON metadata ({type(exc).__name__})") from None
+    return ds
 
 
 def split_filters(filters: Sequence[str], *, since: str | None = None) -> tuple[dict[str, str], dict[str, str]]:
@@ -343,6 +379,30 @@ def instance_digest(files: Sequence[str]) -> int:
     return int.from_bytes(hashlib.sha256("\n".join(sorted(files)).encode()).digest()[:8], "big") >> 1
 
 
+_SOP_TAG = b"\x08\x00\x18\x00"  # (0008,0018) SOP Instance UID, little endian
+
+
+def sop_instance_uid(blob: bytes) -> str | None:
+    """The SOP Instance UID of one DICOM file's bytes: read straight from its element (the first group 0008 element
+    of that tag after the file meta group, explicit or implicit VR little endian), else by pydicom; None when the
+    bytes are not DICOM."""
+    at = blob.find(_SOP_TAG, 132)
+    while 0 <= at < 4096:
+        if blob[at + 4 : at + 6] == b"UI":  # explicit VR: 2-byte length
+            length, start = int.from_bytes(blob[at + 6 : at + 8], "little"), at + 8
+        else:  # implicit VR: 4-byte length
+            length, start = int.from_bytes(blob[at + 4 : at + 8], "little"), at + 8
+        value = blob[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        if 0 < length <= 64 and value and all(c.isdigit() or c == "." for c in value):
+            return value
+        at = blob.find(_SOP_TAG, at + 1)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    except Exception:  # not DICOM: the assembly names what is missing
+        return None
+    return str(ds.get("SOPInstanceUID", "")) or None
+
+
 def fetch_series_files(client: DicomWebClient, files: Sequence[str]) -> dict[str, bytes]:
     """The stored bytes of the instances ``files`` (``STUDY/SERIES/SOP``) of one series, by ref, from one WADO-RS
     request; SeriesGone when the server no longer has the series or lacks one of them."""
@@ -350,11 +410,7 @@ def fetch_series_files(client: DicomWebClient, files: Sequence[str]) -> dict[str
     wanted = {f.rsplit("/", 1)[1]: f for f in files}
     found: dict[str, bytes] = {}
     for blob in client.retrieve_series(study_uid, series_uid):
-        try:
-            sop = str(pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-                      .get("SOPInstanceUID", ""))  # fmt: skip
-        except Exception:  # a part that is not DICOM: the assembly names what is missing
-            continue
+        sop = sop_instance_uid(blob)
         if sop in wanted:
             found[wanted[sop]] = blob
     missing = len(wanted) - len(found)
