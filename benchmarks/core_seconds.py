@@ -9,8 +9,9 @@ median of ``--repeats`` after one warm-up call:
 * ``total, new geometry``: the same with the per-geometry spline weights dropped before each call (an archive
   whose scans all differ in matrix, spacing or slice count);
 * stages, each timed alone on the same scan: NIfTI ``inflate`` (ISA-L, the whole file), ``load`` (inflate +
-  voxels, as RAS, whole file); DICOM ``parse`` (``pydicom.dcmread`` of every file, pixels read but not decoded),
-  ``load`` (parse + decode + sort + checks + HU: ``load_dicom_series``); then ``resample`` (the separable spline
+  voxels, as RAS, whole file); DICOM ``floor`` (``np.fromfile`` of every file's pixel bytes at offsets found
+  beforehand: the read no DICOM reader can avoid), ``load`` (``load_dicom_series``: headers, pixels, sort,
+  checks, HU); then ``resample`` (the separable spline
   onto the 1 mm grid), ``head check`` and ``finish`` (head box, pad/crop, windows, area average).
 
 The streamed NIfTI path overlaps inflating with the in-plane products, so its stages add up to more than its
@@ -34,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = ("nifti_1mm", "nifti_5mm", "dicom_1mm")
+CASES = ("nifti_1mm", "nifti_5mm", "dicom_1mm", "dicom_philips_5mm")  # the last when ../shared/data holds it
 
 
 def cpu_median(fn, repeats: int, *, before=None) -> float:
@@ -65,22 +66,25 @@ def child(case: str, folder: Path, *, repeats: int, retain: bool) -> dict:
     from hctembed.preprocessing.paper import finish
     from hctembed.preprocessing.series import prepare
 
+    sys.path.insert(0, str(Path(__file__).parent))  # dicom_read_speed's floor, beside this script
     torch.set_num_threads(1)
     retained = retain_freed_memory() if retain else False
     config = PreprocessConfig()
     (ref,) = discover(folder / case if case.startswith("dicom") else folder / f"{case}.nii.gz")
     if case.startswith("dicom"):
-        import pydicom
+        from dicom_read_speed import floor_read, pixel_offsets
 
         files = sorted(p for p in (folder / case).iterdir())
+        offsets = pixel_offsets(folder / case, [f.name for f in files])
+        shape = load_dicom_series(folder / case, [files[0].name, files[1].name]).array.shape[1:]
 
         def load():
             return load_dicom_series(folder / case, [f.name for f in files])
 
-        def parse():
-            return [pydicom.dcmread(f) for f in files]
+        def floor():
+            return floor_read(offsets, shape)
 
-        first = ("parse", parse)
+        first = ("floor", floor)
     else:
         path = folder / f"{case}.nii.gz"
 
@@ -132,6 +136,12 @@ def write_cases(folder: Path) -> None:
     axial = np.diag([*np.linalg.norm(img.affine[:3, :3], axis=0), 1.0])  # as preprocess_speed's DICOM row
     axial[:3, 3] = img.affine[:3, 3]
     write_dicom_series(folder / "dicom_1mm", hu=np.asarray(img.dataobj), affine=axial)
+    from dicom_read_speed import PHILIPS
+
+    if (PHILIPS / "S21570" / "S2010").is_dir():
+        (folder / "dicom_philips_5mm").mkdir()
+        for path in sorted((PHILIPS / "S21570" / "S2010").glob("I*")):  # the slices, not the scanner's DIRFILE
+            (folder / "dicom_philips_5mm" / path.name).write_bytes(path.read_bytes())
 
 
 def main() -> None:
@@ -147,22 +157,26 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_cases(Path(tmp))
-        for case in CASES:
+        cases = [c for c in CASES if not c.startswith("dicom") or (Path(tmp) / c).is_dir()]
+        for case in cases:
             for retain in ("0", "1"):
                 cmd = [sys.executable, __file__, "--repeats", str(args.repeats), "--child", case, tmp, retain]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"{case} retain={retain}: {rows[-1]['cpu_s']}", file=sys.stderr)
-    stages = list(dict.fromkeys(s for row in rows for s in row["cpu_s"]))  # NIfTI's inflate, DICOM's parse
+    stages = list(dict.fromkeys(s for row in rows for s in row["cpu_s"]))  # NIfTI's inflate, DICOM's floor
     print("| case | allocator | " + " | ".join(f"{s} CPU s" for s in stages) + " |")
     print("|---" * (len(stages) + 2) + "|")
     for row in rows:
         label = "freed memory kept" if row["retain"] else "glibc default"
         print(f"| {row['case']} | {label} | " + " | ".join((f"{row['cpu_s'][s]:.3f}" if s in row["cpu_s"] else "–")
                                                          for s in stages) + " |")  # fmt: skip
-    for case in CASES:
+    for case in cases:
         default, kept = (r["cpu_s"]["total"] for r in rows if r["case"] == case)
         print(f"{case}: {default:.3f} -> {kept:.3f} CPU s per scan with freed memory kept ({default / kept:.2f}x)")
+        floor = [r["cpu_s"] for r in rows if r["case"] == case and "floor" in r["cpu_s"]]
+        if floor:
+            print(f"{case}: load / floor {floor[-1]['load'] / floor[-1]['floor']:.2f}x (freed memory kept)")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "repeats": args.repeats,
