@@ -15,7 +15,8 @@ from pydicom.sequence import Sequence
 
 from hctembed.io import dicomweb
 from hctembed.io.dicom_headers import header_of
-from hctembed.io.dicomweb import dataset_of, sop_instance_uid, split_multipart
+from hctembed.io.dicomweb_series import dataset_of, sop_instance_uid
+from hctembed.io.multipart import split_multipart
 from hctembed.io.sources import open_source
 
 PHILIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dcm_qa_ct_philips"

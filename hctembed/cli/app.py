@@ -22,6 +22,7 @@ from hctembed.cli import (
     synth,
 )
 from hctembed.cli import explain as explain_cli
+from hctembed.cli import index as index_cli
 from hctembed.cli import locate as locate_cli
 from hctembed.cli import map as map_cli
 from hctembed.cli import serve as serve_cli
@@ -62,6 +63,7 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(datasets.app, name="datasets")
 app.add_typer(models.app, name="models")
 app.add_typer(probe.app, name="probe")
+app.add_typer(index_cli.app, name="index")
 app.command("import-vectors")(friendly_errors(import_vectors.import_vectors))
 app.command("pretrain")(friendly_errors(pretrain.pretrain))
 app.command("finetune")(friendly_errors(finetune.finetune))

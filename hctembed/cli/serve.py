@@ -62,6 +62,12 @@ def serve(
     poll_seconds: float = typer.Option(
         2.0, "--poll-seconds", min=0.1, help="How often to look for scans an embed has committed since."
     ),
+    exact: bool = typer.Option(
+        False,
+        "--exact",
+        help="Exact search whatever index each collection saved (default: the saved index's kind; "
+        "exact where none matches the database).",
+    ),
     viewer_url: str | None = typer.Option(
         None,
         "--viewer-url",
@@ -96,7 +102,7 @@ def serve(
     config = {
         "db": str(db), "token": token, "max_upload_mb": max_upload_mb, "poll_s": poll_seconds, "quiet": quiet,
         "allowed_hosts": list(hosts), "queries": asdict(queries), "connections": asdict(connections),
-        "viewer_url": viewer_url,
+        "viewer_url": viewer_url, "exact": exact,
     }  # fmt: skip
     os.environ[CONFIG_ENV] = json.dumps(config)  # for the worker processes; the token never reaches argv
     stderr.print(f"serving {db} on http://{host}:{port}/ (API documentation at /docs)")

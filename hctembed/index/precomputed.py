@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hctembed.errors import HctembedError
+from hctembed.index.choice import IndexOptions
 from hctembed.index.store import ModelRow, Store
 from hctembed.index.vectors import open_index
 
@@ -74,8 +75,10 @@ def read_vectors(path: str | Path, *, name: str) -> Imported:
     return Imported(f"precomputed-{name}-{digest[:12]}", scan_ids, vectors, digest)
 
 
-def import_vectors(store: Store, imported: Imported, *, name: str, source: str) -> int:
-    """Write ``imported`` as its own collection (model ``precomputed``); returns the number of vectors."""
+def import_vectors(store: Store, imported: Imported, *, name: str, source: str, index_kind: str | None = None) -> int:
+    """Write ``imported`` as its own collection (model ``precomputed``) and build its index (``index_kind``: one of
+    :data:`hctembed.index.choice.KINDS`; None keeps the saved kind, exact for a new one); returns the number of
+    vectors."""
     dim = int(imported.vectors.shape[1])
     with store.transaction():
         store.models.register(
@@ -92,5 +95,5 @@ def import_vectors(store: Store, imported: Imported, *, name: str, source: str) 
         coll = store.collection(model_id=imported.model_id, fingerprint=FINGERPRINT, dim=dim, preprocess={})
         store.scans.add_missing(imported.scan_ids, format="external")
         coll.add(scan_ids=imported.scan_ids, vectors=imported.vectors)
-    open_index(coll, quiet=True)
+    open_index(coll, quiet=True, options=IndexOptions(kind=index_kind) if index_kind else None)
     return len(imported.scan_ids)

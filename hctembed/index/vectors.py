@@ -247,26 +247,10 @@ def open_index(
     if reason is None:
         try:
             vi, manifest = load_index(index_path=index_path, manifest_path=manifest_path)
-            if (manifest.model_id, manifest.fingerprint, manifest.dim) != (
-                collection.model_id,
-                collection.fingerprint,
-                collection.dim,
-            ):
-                reason = (
-                    f"it holds model {manifest.model_id} / {manifest.fingerprint}, "
-                    f"not {collection.model_id} / {collection.fingerprint}"
-                )
-            elif manifest.store_id != store_id:
-                reason = "it was built from another database file"
-            elif manifest.ntotal != n_rows:
-                reason = f"stale ({manifest.ntotal} vectors indexed, {n_rows} in the database)"
-            elif not manifest.rows_digest:
-                reason = "its manifest predates the check of the rows it indexes (rebuilt once)"
-            elif manifest.rows_digest != rows:
-                reason = "it indexes other rows than the database holds (an older index, or a copy that diverged)"
-            elif manifest.requested != options.kind:
+            reason = stale_reason(manifest, collection=collection, store_id=store_id, rows=(n_rows, rows))
+            if reason is None and manifest.requested != options.kind:
                 reason = f"index kind {options.kind} requested, the saved one is {manifest.requested}"
-            else:
+            if reason is None:
                 return _on_gpu(vi)
         except IndexInvalid as exc:
             reason = str(exc)
@@ -304,6 +288,41 @@ def open_index(
     except OSError as exc:
         log.warning("could not save the rebuilt index (%s); using it from memory", exc)
     return _on_gpu(vi)
+
+
+def stale_reason(
+    manifest: IndexManifest, *, collection: Collection, store_id: str, rows: tuple[int, str]
+) -> str | None:
+    """Why a saved index does not answer for ``collection`` as it stands (``rows``: its
+    :meth:`Collection.rows_digest`), or None when it holds exactly its rows."""
+    n_rows, digest = rows
+    if (manifest.model_id, manifest.fingerprint, manifest.dim) != (
+        collection.model_id,
+        collection.fingerprint,
+        collection.dim,
+    ):
+        return (
+            f"it holds model {manifest.model_id} / {manifest.fingerprint}, "
+            f"not {collection.model_id} / {collection.fingerprint}"
+        )
+    if manifest.store_id != store_id:
+        return "it was built from another database file"
+    if manifest.ntotal != n_rows:
+        return f"stale ({manifest.ntotal} vectors indexed, {n_rows} in the database)"
+    if not manifest.rows_digest:
+        return "its manifest predates the check of the rows it indexes (rebuilt once)"
+    if manifest.rows_digest != digest:
+        return "it indexes other rows than the database holds (an older index, or a copy that diverged)"
+    return None
+
+
+def index_name(factory: str) -> str:
+    """How answers name an index: ``flat``, ``hnsw48``, ``ivf1024``, ``ivfpq``, from its FAISS factory string."""
+    parts = [p for p in factory.split(",") if p != "IDMap2"]
+    head = parts[0].lower() if parts else "flat"
+    if head.startswith("ivf") and any(p.startswith("PQ") for p in parts):
+        return "ivfpq"
+    return head
 
 
 def _requested_kind(manifest_path: Path) -> str:

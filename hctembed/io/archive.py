@@ -230,7 +230,8 @@ def scan_dicomweb(
 ) -> ArchiveScan:
     """The candidates on a DICOMweb server (:mod:`hctembed.io.dicomweb`): QIDO-RS and instance metadata only, the
     same grouping and selection rules as files. ``cache``: metadata kept between passes of ``--follow``."""
-    from hctembed.io.dicomweb import DicomWebClient, instance_digest, list_series
+    from hctembed.io.dicomweb import DicomWebClient
+    from hctembed.io.dicomweb_series import instance_digest, list_series
 
     selection = selection or SelectionConfig()
     pseudonyms = pseudonyms or Pseudonymizer.from_file()
@@ -343,7 +344,8 @@ def load_series(
         return load_nifti(ref.path, max_voxels=max_voxels)
     if ref.format == "dicomweb":
         from hctembed.io.dicom import load_dicom_series
-        from hctembed.io.dicomweb import DicomWebClient, fetch_series_files
+        from hctembed.io.dicomweb import DicomWebClient
+        from hctembed.io.dicomweb_series import fetch_series_files
 
         limit = (limits or Limits()).max_zip_bytes  # a series from a PACS is held to an upload's bounds
         with DicomWebClient(ref.remote, max_series_bytes=limit) as client:

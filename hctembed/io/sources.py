@@ -118,7 +118,7 @@ def open_source(
 ) -> ArchiveSource:
     """The source the ARCHIVE argument names: ``dicomweb+http(s)://…``, a manifest, or a folder / file (which
     must exist). ``auth_file``, ``filters`` and ``since`` belong to DICOMweb only."""
-    from hctembed.io.dicomweb import split_filters
+    from hctembed.io.dicomweb_series import split_filters
     from hctembed.io.manifest import is_manifest
 
     if is_dicomweb(archive):

@@ -56,6 +56,7 @@ class ServeConfig:
     queries: QueryLimits = field(default_factory=QueryLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     viewer_url: str | None = None  # a PACS viewer link per hit from a PACS ({StudyInstanceUID}); see viewer_links
+    exact: bool = False  # exact search whatever index kind the collections saved
 
 
 def create_app(config: ServeConfig, *, state: ServerState | None = None) -> FastAPI:
@@ -64,7 +65,7 @@ def create_app(config: ServeConfig, *, state: ServerState | None = None) -> Fast
     sweep_upload_folders()
     owned = state is None
     if state is None:
-        state = ServerState(config.db, poll_s=config.poll_s)
+        state = ServerState(config.db, poll_s=config.poll_s, exact=config.exact)
         state.start()
 
     @asynccontextmanager
@@ -91,7 +92,6 @@ def create_app(config: ServeConfig, *, state: ServerState | None = None) -> Fast
 
 UPLOAD_PREFIX = "hctembed-query-"
 # which index produced an answer: the server searches every collection exactly (an in-memory flat index)
-INDEX_ANSWER = {"index": "flat", "exact": True}
 
 
 def sweep_upload_folders() -> list[Path]:
@@ -195,7 +195,7 @@ def _routes(app: FastAPI, *, state: ServerState, config: ServeConfig) -> None:
         view, hits = state.search_id(id, k=k, model=model)
         return {
             "query": {"scan_id": id, "model_id": view.model_id},
-            **INDEX_ANSWER,
+            **view.answer(),
             "hits": answer_hits(hits),
         }
 
@@ -212,7 +212,7 @@ def _routes(app: FastAPI, *, state: ServerState, config: ServeConfig) -> None:
             xq = await loop.run_in_executor(embedding, _embed_query, state, view, path, limits, budget)
         hits = state.search_vector(xq, view=view, k=k)
         query = {"file": "uploaded", "model_id": view.model_id}
-        return {"query": query, **INDEX_ANSWER, "hits": answer_hits(hits)}
+        return {"query": query, **view.answer(), "hits": answer_hits(hits)}
 
     @app.get("/api/scans/{scan_id}", summary="A scan's facts, labels and which models embedded it")
     def scan(scan_id: str) -> dict:

@@ -13,58 +13,24 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from hctembed.errors import InputError
 from hctembed.index.live_feed import LiveFeed, read_new
 from hctembed.index.store import SidecarPaths, Store, StoreError
 from hctembed.index.store.snapshot import latest_snapshot, snapshot_time, take_snapshot
-from hctembed.search import Hit, ranked_pairs
+from hctembed.search import Hit
+from hctembed.serve.views import CollectionView, saved_view
 
 log = logging.getLogger(__name__)
 
 
 class NotFound(InputError):
     """An unknown scan id (HTTP 404)."""
-
-
-@dataclass
-class CollectionView:
-    """One model's vectors: an exact inner-product index (the CLI's default) keyed by the stored ids."""
-
-    collection_id: int
-    model_id: str
-    fingerprint: str
-    dim: int
-    windows: list[dict]
-    index: Any
-    id_of: dict[str, int] = field(default_factory=dict)
-    scan_of: dict[int, str] = field(default_factory=dict)
-    last_embedded: float = 0.0
-    planes: dict[str, bytes] = field(default_factory=dict)  # from the live feed (the snapshot holds the rest)
-
-    @classmethod
-    def empty(cls, *, collection_id: int, model_id: str, fingerprint: str, dim: int, windows=()) -> CollectionView:
-        return cls(collection_id, model_id, fingerprint, dim, list(windows), faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
-
-    def add(self, ids: np.ndarray, scan_ids: list[str], vectors: np.ndarray) -> None:
-        """``vectors [n, dim]``; a scan's new vector replaces its old one."""
-        self.remove([s for s in scan_ids if s in self.id_of])
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
-        self.id_of.update(zip(scan_ids, (int(i) for i in ids), strict=True))
-        self.scan_of.update(zip((int(i) for i in ids), scan_ids, strict=True))
-
-    def remove(self, scan_ids: list[str]) -> None:
-        gone = [self.id_of.pop(s) for s in scan_ids if s in self.id_of]
-        for vid in gone:
-            self.scan_of.pop(vid, None)
-        if gone:
-            self.index.remove_ids(np.asarray(gone, np.int64))
 
 
 @dataclass
@@ -82,8 +48,9 @@ class Catalogue:
 class ServerState:
     """The catalogue of one database and the thread that keeps it current; thread-safe."""
 
-    def __init__(self, db: Path, *, poll_s: float = 2.0) -> None:
+    def __init__(self, db: Path, *, poll_s: float = 2.0, exact: bool = False) -> None:
         self.db = Path(db)
+        self.exact = exact  # exact search whatever index the collections saved
         self.paths = SidecarPaths(self.db)
         self.poll_s = poll_s
         self.feed = LiveFeed(self.paths.live, like=self.db)
@@ -135,7 +102,7 @@ class ServerState:
             self._db_seen = seen
         newest = latest_snapshot(self.db)
         if newest is not None and newest != self.catalogue.snapshot:
-            catalogue = load_catalogue(newest)  # aside, then swapped in whole
+            catalogue = load_catalogue(newest, index_folder=self.paths.faiss, exact=self.exact)  # aside, then swapped
             with self.lock:
                 self.catalogue, self._seen = catalogue, set()
             log.info("loaded %s: %d scans", newest.name, len(catalogue.facts))
@@ -145,6 +112,13 @@ class ServerState:
                     apply_batch(self.catalogue, batch.rows)
             except Exception:  # one bad file must not stop the others
                 log.warning("could not apply live feed file %s", batch.name, exc_info=True)
+        for view in list(self.catalogue.views.values()):
+            if view.needs_rebuild():  # built aside (requests keep reading the old one), swapped in whole
+                log.info("%s: rebuilding its %s index without %d removed vectors", view.model_id, view.name,
+                         len(view.removed))  # fmt: skip
+                index = view.rebuilt()
+                with self.lock:
+                    view.index, view.removed = index, set()
 
     # -- queries --------------------------------------------------------------------------------------
     def view(self, model: str | None) -> CollectionView:
@@ -167,19 +141,26 @@ class ServerState:
                     raise NotFound(f"no such scan: {scan_id!r}")
                 raise InputError(f"scan {scan_id} has no vector for model {view.model_id}")
             vid = view.id_of[scan_id]
-            return view, self._search(view, view.index.reconstruct(vid), k=k, exclude=vid)
+            xq = view.query_vector(vid)
+        if xq is None:  # a kind that cannot give a vector back (IVF without a direct map): from the snapshot
+            xq = self._stored_vector(view, scan_id)
+        with self.lock:
+            return view, self._search(view, xq, k=k, exclude=vid)
 
     def search_vector(self, xq: np.ndarray, *, view: CollectionView, k: int) -> list[Hit]:
         with self.lock:
             return self._search(view, xq, k=k, exclude=None)
 
+    def _stored_vector(self, view: CollectionView, scan_id: str) -> np.ndarray:
+        with self._reader_lock:
+            store = self._reader(self.catalogue.snapshot) if self.catalogue.snapshot is not None else None
+            if store is None:
+                raise InputError(f"scan {scan_id}'s vector is not in a snapshot yet; try again shortly")
+            return store.collection(model_id=view.model_id, fingerprint=view.fingerprint).vector_of(scan_id)[1]
+
     def _search(self, view: CollectionView, xq: np.ndarray, *, k: int, exclude: int | None) -> list[Hit]:
-        if view.index.ntotal == 0:
-            return []
-        extra = 1 if exclude is not None else 0
-        scores, ids = view.index.search(np.ascontiguousarray(xq[None], np.float32), k + extra)
         by_id = view.scan_of
-        pairs = ranked_pairs(scores[0], ids[0], k=k, exclude_id=exclude)
+        pairs = view.search(xq, k=k, exclude=exclude)
         cat = self.catalogue
         return [
             Hit(rank, score, vid, by_id[vid], cat.patients.get(by_id[vid]), cat.labels.get(by_id[vid], {}))
@@ -261,7 +242,14 @@ class ServerState:
                 "status": "ok",
                 "scans": len(cat.facts),
                 "models": [
-                    {"model_id": v.model_id, "fingerprint": v.fingerprint, "vectors": int(v.index.ntotal)}
+                    {
+                        "model_id": v.model_id,
+                        "fingerprint": v.fingerprint,
+                        "vectors": v.live,
+                        **v.answer(),
+                        "index_from": v.source,
+                        "removed_pending": len(v.removed),
+                    }
                     for v in cat.views.values()
                 ],
                 "snapshot_time_ns": cat.since,
@@ -276,21 +264,14 @@ def _signature(db: Path) -> tuple:
     return tuple((s.st_size, s.st_mtime_ns) if s is not None else None for s in stats)
 
 
-def load_catalogue(snapshot: Path) -> Catalogue:
-    """Every collection's vectors and every scan's facts from a snapshot file."""
+def load_catalogue(snapshot: Path, *, index_folder: Path | None = None, exact: bool = False) -> Catalogue:
+    """Every collection's index (its saved one from ``index_folder`` when current, else exact over its vectors)
+    and every scan's facts from a snapshot file."""
     views, facts = {}, {}
+    index_folder = index_folder or SidecarPaths(snapshot).faiss
     with Store(snapshot, read_only=True) as store:
         for collection in store.collections():
-            ids, vectors, scan_ids = collection.vectors()
-            view = CollectionView.empty(
-                collection_id=collection.collection_id,
-                model_id=collection.model_id,
-                fingerprint=collection.fingerprint,
-                dim=collection.dim,
-                windows=collection.preprocess().get("windows") or (),
-            )
-            if len(ids):
-                view.add(ids, list(scan_ids), vectors)
+            view = saved_view(collection, index_folder=index_folder, exact=exact)
             when = collection.last_embedded()
             view.last_embedded = when.timestamp() if when is not None else 0.0
             views[collection.collection_id] = view

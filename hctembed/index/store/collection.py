@@ -153,6 +153,12 @@ class Collection:
         tab = self._db.arrow(f"SELECT id FROM {self.table} ORDER BY id")
         return np.asarray(tab.column("id").to_numpy(), dtype=np.int64)
 
+    def keys(self) -> tuple[np.ndarray, list[str]]:
+        """``(ids [N] int64, scan_ids)`` ordered by id, without the vectors (what a server holding a saved index
+        needs to name its hits)."""
+        tab = self._db.arrow(f"SELECT id, scan_id FROM {self.table} ORDER BY id")
+        return np.asarray(tab.column("id").to_numpy(), dtype=np.int64), tab.column("scan_id").to_pylist()
+
     def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(ids [N] int64, X [N, dim] float32, scan_ids)``, ordered by id."""
         tab = self._db.arrow(f"SELECT id, scan_id, vector FROM {self.table} ORDER BY id")
