@@ -17,7 +17,16 @@ Prints p50 / p99 latency and throughput per mode, the CLI's ``search --id`` and 
 (median of ``--cli-runs`` fresh processes), and the ratio CLI p50 / server p50; errors are counted, never
 retried. Writes ``benchmarks/results/serve_load.json``. Loopback only; bounded in clients and time.
 
+With ``--vectors N`` it measures the server at scale instead: N synthetic 768-d unit vectors near a 32-d subspace
+(``search_speed.py``'s ``lowrank``) imported with ``import-vectors``, then for each ``--kinds`` index kind
+(``hctembed index build --kind``; its build time and build-time recall from the manifest): the server's start-up
+time from a saved index (process start to the first /health answer), its steady and peak resident memory
+(VmRSS after the load, VmHWM) against the index file's size, p50 / p99 of ``/api/search?id=`` at ``--clients``
+clients, and recall@10 of its answers against exact search of the same vectors (numpy, 200 stored scans as
+queries, each leaving itself out). Writes ``benchmarks/results/serve_load_vectors_N.json``.
+
     python benchmarks/serve_load.py [--clients 16] [--seconds 20] [--scans 40] [--hostile 4]
+    python benchmarks/serve_load.py --vectors 100000 --kinds exact hnsw
 """
 
 from __future__ import annotations
@@ -180,6 +189,98 @@ def _still_open(s: socket.socket) -> bool:
         s.setblocking(True)
 
 
+def start_server(db: Path, port: int, *extra) -> tuple[subprocess.Popen, float]:
+    """A server process on ``db`` and the seconds until it first answered /health."""
+    start = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hctembed.cli", "serve", "--db", str(db), "--port", str(port), "--quiet", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    while time.perf_counter() - start < 600:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return server, time.perf_counter() - start
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if server.poll() is not None:
+            raise SystemExit("the server exited while starting")
+    raise SystemExit("the server did not start within 600 s")
+
+
+def vectors_mode(args) -> None:
+    """The server over ``args.vectors`` imported vectors, for each index kind (see the module docstring)."""
+    import numpy as np
+    from search_speed import lowrank_unit_vectors
+
+    clients, seconds = min(args.clients, MAX_CLIENTS), min(args.seconds, MAX_SECONDS)
+    rng = np.random.default_rng(0)
+    x = lowrank_unit_vectors(rng, args.vectors, 768)
+    names = [f"v{i:07d}" for i in range(args.vectors)]
+    queries = rng.choice(args.vectors, 200, replace=False)
+    truth = {}
+    for q in queries:  # exact top 10 of each query among the others (chunked: no N x N matrix)
+        scores = x @ x[q]
+        scores[q] = -np.inf
+        truth[int(q)] = set(np.argpartition(-scores, 10)[:10].tolist())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "v.npy", x)
+        (Path(tmp) / "v.scan_ids.txt").write_text("\n".join(names) + "\n")
+        del x
+        db = Path(tmp) / "h.duckdb"
+        start = time.perf_counter()
+        result = cli("import-vectors", Path(tmp) / "v.npy", "--db", db, "--name", "load", "--index", "exact", "-q")
+        if result.returncode != 0:
+            raise SystemExit(result.stderr)
+        import_s = time.perf_counter() - start
+        for kind in args.kinds:
+            start = time.perf_counter()
+            built = cli("index", "build", "--db", db, "--kind", kind, "--json", "-q")
+            if built.returncode != 0:
+                raise SystemExit(built.stderr)
+            manifest = json.loads(built.stdout)
+            build_s = time.perf_counter() - start
+            index_mb = sum(p.stat().st_size for p in (Path(str(db) + ".faiss")).glob("*.faiss")) / 2**20
+            port = free_port()
+            server, startup_s = start_server(db, port)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                answer = httpx.get(url + "/api/search", params={"id": names[0], "k": 10}, timeout=60).json()
+                found = []
+                for q in queries:
+                    hits = httpx.get(url + "/api/search", params={"id": names[q], "k": 10}, timeout=60).json()["hits"]
+                    found.append(len({int(h["scan_id"][1:]) for h in hits} & truth[int(q)]) / 10)
+
+                def one_id(client, rng_):
+                    return client.get("/api/search", params={"id": names[rng_.randrange(len(names))], "k": 10})
+
+                load = drive(url, clients=clients, seconds=seconds, request=one_id)
+                steady_mb, peak_mb = memory_mb(server.pid)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+            row = {"kind": kind, "index": answer.get("index"), "exact": answer.get("exact"),
+                   "factory": manifest.get("factory"), "search_params": manifest.get("search_params"),
+                   "build_s": round(build_s, 1), "build_recall_at_10": manifest.get("recall_at_10"),
+                   "index_mb": round(index_mb, 1), "startup_s": round(startup_s, 2), "steady_rss_mb": round(steady_mb),
+                   "peak_rss_mb": round(peak_mb), "peak_over_index": round(peak_mb / index_mb, 2),
+                   "recall_at_10": round(float(np.mean(found)), 4), **load}  # fmt: skip
+            rows.append(row)
+            print(f"{kind}: {row['index']} build {row['build_s']} s, start-up {row['startup_s']} s, index "
+                  f"{row['index_mb']:.0f} MB, RSS steady {row['steady_rss_mb']} / peak {row['peak_rss_mb']} MB "
+                  f"({row['peak_over_index']}x the index), p50 {load['p50_s'] * 1000:.1f} ms, p99 "
+                  f"{load['p99_s'] * 1000:.1f} ms at {clients} clients, recall@10 {row['recall_at_10']}",
+                  flush=True)  # fmt: skip
+    out = Path(__file__).parent / "results" / f"serve_load_vectors_{args.vectors}.json"
+    out.parent.mkdir(exist_ok=True)
+    meta = {"vectors": args.vectors, "dim": 768, "clients": clients, "seconds": seconds, "import_s": round(import_s, 1),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg()[0]}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -187,7 +288,12 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=40)
     parser.add_argument("--cli-runs", type=int, default=3)
     parser.add_argument("--hostile", type=int, default=4, help="hostile client threads beside the honest ones")
+    parser.add_argument("--vectors", type=int, default=0, help="measure the server over N imported vectors")
+    parser.add_argument("--kinds", nargs="+", default=["exact", "hnsw"], help="--vectors: index kinds to serve")
     args = parser.parse_args()
+    if args.vectors:
+        vectors_mode(args)
+        return
     clients, seconds = min(args.clients, MAX_CLIENTS), min(args.seconds, MAX_SECONDS)
     with tempfile.TemporaryDirectory() as tmp:
         archive, db = Path(tmp) / "archive", Path(tmp) / "h.duckdb"
