@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from hctembed.allocator import retain_freed_memory
 from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, load_series
-from hctembed.io.slice_grid import regular
 from hctembed.model.encoders import Encoder
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess
 from hctembed.preprocessing.series import SkipError, check_scan, prepare, source_facts
@@ -109,8 +108,8 @@ def on_device(item: Prepared, ref: SeriesRef, *, config: AnyPreprocessConfig, lo
     hu, affine, meta, stack = item.decoded
     try:
         volume = Volume(array=hu.numpy(), affine=affine, meta=meta, stack=stack)
-        lattice = regular(volume)  # a slice stack's true geometry (zones, tilt)
-        check_scan(lattice.array, spacing_zyx=lattice.spacing_xyz[::-1], head_check=loading.head_check)
+        # a slice stack (zones, tilt) is checked as stored: its mean spacing spans its true extent
+        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=loading.head_check)
         x = preprocess(volume, config=config, device=loading.preprocess_device)
     except SkipError as exc:
         return replace(item, reason=f"{exc.code}: {exc}", skipped=True, decoded=None)

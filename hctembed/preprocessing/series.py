@@ -14,7 +14,6 @@ from hctembed.head_check import NOT_HEAD, image_looks_like_head
 from hctembed.io.admission import Limits, check_grid
 from hctembed.io.archive import SeriesRef, load_series, load_volume
 from hctembed.io.nifti_stream import open_stream
-from hctembed.io.slice_grid import regular
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
 from hctembed.preprocessing.resample import grid_for
 from hctembed.preprocessing.threads import intra_op_threads
@@ -99,8 +98,8 @@ def prepare(
     else:
         volume = load_series(ref, max_voxels=max_voxels, limits=limits)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
-        lattice = regular(volume)  # a slice stack's true geometry (zones, tilt)
-        check_scan(lattice.array, spacing_zyx=lattice.spacing_xyz[::-1], head_check=head_check)
+        # a slice stack (zones, tilt) is checked as stored: its mean spacing spans its true extent
+        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
 
