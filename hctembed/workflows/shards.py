@@ -180,7 +180,9 @@ def run_embed_distributed(
         _prepare_rank0(request, shards=shards, progress=progress)
     ddp.barrier()
     given = request.source()
-    found = read_manifest(Path(request.archive) if given.kind == "manifest" else shards / "manifest.parquet")
+    found = read_manifest(
+        Path(request.archive) if given.kind == "manifest" else shards / "manifest.parquet", auth_file=request.auth_file
+    )  # a PACS's series are fetched with the run's credentials
     refs = found.selected  # every rank, rank 0 included: the same refs in the same order
     encoder = load_request_encoder(request, device=device)
     if rank == 0:
