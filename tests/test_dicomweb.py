@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from hctembed.cli.app import app
 from hctembed.index.store import Store
 from hctembed.workflows.embed import EmbedRequest, embed_found
 
+PHILIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dcm_qa_ct_philips"
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 runner = CliRunner()
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -77,6 +79,13 @@ def statuses(db: Path) -> dict[str, tuple[str, str | None]]:
 
 def test_the_pacs_gives_the_scans_skips_and_bit_identical_vectors_of_the_same_files_on_disk(archive, pacs, tmp_path):
     root, auth = archive
+    philips = PHILIPS / "S21570" / "S2010"
+    if philips.is_dir():  # the shared real scanner series too (its slices; not the scanner's DIRFILE index)
+        slices = sorted(philips.glob("I*"))
+        (root / "philips").mkdir()
+        for path in slices:
+            shutil.copy(path, root / "philips" / path.name)
+        pacs.upload(slices)
     web_scan = [json.loads(x) for x in invoke("scan", address(pacs.dicomweb), "--auth-file", auth, "--json", "-q")
                 .stdout.splitlines()]  # fmt: skip
     disk_scan = [json.loads(x) for x in invoke("scan", root, "--json", "-q").stdout.splitlines()]
@@ -88,7 +97,7 @@ def test_the_pacs_gives_the_scans_skips_and_bit_identical_vectors_of_the_same_fi
     invoke("embed", address(pacs.dicomweb), "--auth-file", auth, "--db", tmp_path / "web.duckdb", *common)
     invoke("embed", root, "--db", tmp_path / "disk.duckdb", *common)
     web, disk = stored(tmp_path / "web.duckdb"), stored(tmp_path / "disk.duckdb")
-    assert len(web) == 3 and web.keys() == disk.keys()
+    assert len(web) == 3 + philips.is_dir() and web.keys() == disk.keys()
     for scan_id in web:
         assert np.array_equal(web[scan_id], disk[scan_id]), scan_id
     assert statuses(tmp_path / "web.duckdb") == statuses(tmp_path / "disk.duckdb")
