@@ -117,7 +117,7 @@ def test_the_live_feed_adds_to_and_removes_from_an_approximate_index(db, monkeyp
         assert top[0].scan_id == "new-1"
         gone = [f"scan-{i:05d}" for i in range(0, 300, 5)]  # 60 removals: past the (patched) threshold
         nearest = [h.scan_id for h in state.search_id("scan-00001", k=20)[1]]
-        apply_batch(state.catalogue, _rows(view, "delete", gone, [view.id_of[s] for s in gone]))
+        apply_batch(state.catalogue, _rows(view, "delete", gone, [view.id_of(s) for s in gone]))
         assert len(view.removed) == 60 and view.needs_rebuild()
         after = [h.scan_id for h in state.search_id("scan-00001", k=20)[1]]
         assert not set(after) & set(gone) and [s for s in nearest if s not in gone] == after[: len(
@@ -142,3 +142,27 @@ def test_index_build_switches_kind_and_the_server_follows(db):
         state.stop()
     bad = runner.invoke(app, ["index", "build", "--db", str(db), "--kind", "annoy"])
     assert bad.exit_code == 2 and "--kind must be one of" in bad.output
+
+
+def test_the_key_map_answers_as_two_dictionaries_would():
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.arange(10, 5010)).astype(np.int64)
+    names = [f"s{int(i) * 7 % 9973:05d}-{int(i)}" for i in ids]
+    keys = views.KeyMap(ids, names)
+    id_of = dict(zip(names, ids.tolist(), strict=True))
+    for op in range(3000):
+        if op % 3 == 0:  # a new scan, or a new vector of a known one
+            name = f"new-{op}" if op % 2 else names[op % len(names)]
+            vid = 10**6 + op
+            old = keys.remove(name)
+            assert old == id_of.pop(name, None)
+            keys.add(name, vid)
+            id_of[name] = vid
+        elif op % 3 == 1:
+            name = names[(op * 13) % len(names)]
+            assert keys.remove(name) == id_of.pop(name, None)
+    scan_of = {v: k for k, v in id_of.items()}
+    for name in [*names, *(f"new-{op}" for op in range(0, 3000, 3)), "absent"]:
+        assert keys.id_of(name) == id_of.get(name)
+    for vid in [*ids.tolist(), *range(10**6, 10**6 + 3000), -1]:
+        assert keys.scan_of(int(vid)) == scan_of.get(int(vid))

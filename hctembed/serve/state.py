@@ -136,11 +136,11 @@ class ServerState:
     def search_id(self, scan_id: str, *, k: int, model: str | None = None) -> tuple[CollectionView, list[Hit]]:
         with self.lock:
             view = self.view(model)
-            if scan_id not in view.id_of:
+            vid = view.id_of(scan_id)
+            if vid is None:
                 if scan_id not in self.catalogue.facts:
                     raise NotFound(f"no such scan: {scan_id!r}")
                 raise InputError(f"scan {scan_id} has no vector for model {view.model_id}")
-            vid = view.id_of[scan_id]
             xq = view.query_vector(vid)
         if xq is None:  # a kind that cannot give a vector back (IVF without a direct map): from the snapshot
             xq = self._stored_vector(view, scan_id)
@@ -159,13 +159,13 @@ class ServerState:
             return store.collection(model_id=view.model_id, fingerprint=view.fingerprint).vector_of(scan_id)[1]
 
     def _search(self, view: CollectionView, xq: np.ndarray, *, k: int, exclude: int | None) -> list[Hit]:
-        by_id = view.scan_of
         pairs = view.search(xq, k=k, exclude=exclude)
         cat = self.catalogue
-        return [
-            Hit(rank, score, vid, by_id[vid], cat.patients.get(by_id[vid]), cat.labels.get(by_id[vid], {}))
-            for rank, (score, vid) in enumerate(pairs, start=1)
-        ]
+        hits = []
+        for rank, (score, vid) in enumerate(pairs, start=1):
+            scan_id = view.scan_of(vid)
+            hits.append(Hit(rank, score, vid, scan_id, cat.patients.get(scan_id), cat.labels.get(scan_id, {})))
+        return hits
 
     def scan(self, scan_id: str) -> dict[str, Any]:
         """A scan's facts, labels and, per model, whether it has a vector."""
@@ -178,7 +178,7 @@ class ServerState:
                 "patient_id": cat.patients.get(scan_id),
                 "labels": cat.labels.get(scan_id, {}),
                 **cat.facts[scan_id],
-                "embedded": {v.model_id: scan_id in v.id_of for v in cat.views.values()},
+                "embedded": {v.model_id: v.id_of(scan_id) is not None for v in cat.views.values()},
             }
 
     def planes(self, scan_id: str, *, model: str | None = None) -> tuple[bytes | None, list[dict]]:
