@@ -104,7 +104,7 @@ class Busy:
 def embed_throughput(folder: Path, *, n: int, model: str, busy: int) -> dict:
     """Scans per second of ``embed_archive`` over ``n`` synthetic scans, quiet and beside ``busy`` spinning
     processes (median of 3 runs each, a fresh database per run)."""
-    from hctembed.embed import embed_archive
+    from hctembed.embedding.run import embed_archive
     from hctembed.index.store import Store
     from hctembed.model.encoders import load_encoder
     from hctembed.synth import SynthConfig, generate_archive

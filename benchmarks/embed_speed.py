@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hctembed.embed import embed_archive
+from hctembed.embedding.run import embed_archive
 from hctembed.index.store import Store
 from hctembed.io.archive import discover
 from hctembed.model.encoders import load_encoder

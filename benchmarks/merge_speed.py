@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hctembed.embed import Outcome, refresh_index, store_outcomes
-from hctembed.embed_shards import RUN_FILE, merge_shards
+from hctembed.embedding.parts import MERGE_CHUNK, PartWriter
+from hctembed.embedding.run import Outcome, refresh_index, store_outcomes
+from hctembed.embedding.shards import RUN_FILE, merge_shards
 from hctembed.index.store import ModelRow, Store
-from hctembed.shard_parts import MERGE_CHUNK, PartWriter
 
 
 def outcomes_of(n: int, *, dim: int, seed: int = 0) -> tuple[list[Outcome], np.ndarray]:

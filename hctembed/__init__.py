@@ -21,7 +21,7 @@ _EXPORTS = {
     "preprocess": "hctembed.preprocessing",
     "preprocess_reference": "hctembed.preprocessing",
     "load_encoder": "hctembed.model.encoders",
-    "embed_archive": "hctembed.embed",
+    "embed_archive": "hctembed.embedding.run",
     "Store": "hctembed.index.store",
     "open_index": "hctembed.index.vectors",
     "search_file": "hctembed.search",

@@ -66,8 +66,8 @@ def embed_file(encoder: Encoder, path: str | Path, *, max_voxels: int | None = N
     """One scan file -> L2-normalised ``[dim]``; refused (VolumeError) over ``max_voxels`` (its headers or its
     resampled grid) or the zip ``limits`` (:class:`hctembed.io.admission.Limits`) before anything of that size is
     read."""
+    from hctembed.embedding.loading import usable_vectors
     from hctembed.preprocessing.series import prepare_file
-    from hctembed.scan_loading import usable_vectors
     from hctembed.volume import MAX_VOXELS, VolumeError
 
     x = prepare_file(path, config=encoder.preprocess, max_voxels=max_voxels or MAX_VOXELS, limits=limits)

@@ -23,7 +23,7 @@ def rss_mb():
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 elif sys.argv[1] == "worker":  # what each embedding DataLoader worker runs first
-    from hctembed.scan_loading import _worker_init
+    from hctembed.embedding.loading import _worker_init
     _worker_init(0)
 elif sys.argv[1] == "cli":  # what every hctembed command runs first
     from hctembed.cli.app import _options

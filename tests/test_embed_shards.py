@@ -22,8 +22,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hctembed.cli.app import app
-from hctembed.embed import embed_archive
-from hctembed.embed_shards import (
+from hctembed.embedding.run import embed_archive
+from hctembed.embedding.shards import (
     ShardError,
     assigned,
     embed_shard,

@@ -19,8 +19,8 @@ import pytest
 from conftest import head_phantom_xyz, write_nifti
 from dicom_factory import SeriesSpec, write_series
 
-import hctembed.embed as embed_module
-import hctembed.scan_loading as loading_module
+import hctembed.embedding.loading as loading_module
+import hctembed.embedding.run as embed_module
 from hctembed.index.store import Store
 from hctembed.io.archive import load_volume, scan_archive
 from hctembed.io.dicom import load_dicom_series

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from hctembed.cli.app import app
 from hctembed.config import PreprocessConfig
+from hctembed.embedding.loading import Loading, encode_refs
 from hctembed.io.archive import load_series, scan_archive
 from hctembed.model.encoders import load_encoder
 from hctembed.preprocessing import preprocess
 from hctembed.preprocessing.series import prepare
-from hctembed.scan_loading import Loading, encode_refs
 
 CONFIG = PreprocessConfig()
 

@@ -208,7 +208,7 @@ def embed_found(
 ) -> EmbedSummary:  # fmt: skip
     """Embed the candidates ``found`` in ``source`` (what :func:`run_embed` does once the scans are found; each
     pass of ``--follow`` calls it with what the PACS holds now, and its ``encoder`` loaded once)."""
-    from hctembed.embed import embed_archive
+    from hctembed.embedding.run import embed_archive
     from hctembed.index.store import Store
 
     refs = found.selected

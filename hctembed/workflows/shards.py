@@ -1,6 +1,6 @@
 """Embedding on many ranks (``torchrun ... embed --distributed``) and merging their Parquet parts into a database.
 
-Each rank embeds every WORLD_SIZE-th scan into parts under the shard folder (see :mod:`hctembed.embed_shards`);
+Each rank embeds every WORLD_SIZE-th scan into parts under the shard folder (see :mod:`hctembed.embedding.shards`);
 rank 0 reads the headers once beforehand and merges the parts into the database afterwards. torch.distributed
 (gloo) carries only barriers and the ranks' small reports; no scheduler of our own.
 """
@@ -53,10 +53,10 @@ class MergeRequest:
 
 def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str | None, progress: Progress):
     """Labels, then the parts into the database; returns the MergeReport and the collection's status rows."""
-    from hctembed.embed_shards import merge_shards
+    from hctembed.embedding.parts import part_rows
+    from hctembed.embedding.shards import merge_shards
     from hctembed.index.live_feed import LiveFeed
     from hctembed.index.store import Store
-    from hctembed.shard_parts import part_rows
 
     with Store(request.db) as store:
         import_labels(store, table, origin)
@@ -80,7 +80,7 @@ def _merge_into(request: MergeRequest, *, table: LabelTable | None, origin: str 
 
 def run_merge(request: MergeRequest, *, progress: Progress = NO_PROGRESS) -> EmbedSummary:
     """Store the parts of a sharded run in the database and build the index (rank 0's last step)."""
-    from hctembed.embed_shards import read_run_info
+    from hctembed.embedding.shards import read_run_info
     from hctembed.io.labels import read_labels
 
     read_run_info(request.shards)  # not a shard folder: say so before a database is created
@@ -115,7 +115,7 @@ def _prepare_rank0(request: EmbedRequest, *, shards: Path, progress: Progress) -
 
 
 def _merge_stale_and_write_run_info(request: EmbedRequest, encoder, *, shards: Path, world: int, found) -> None:
-    from hctembed.embed_shards import merge_shards, run_key, stale_parts, write_run_info
+    from hctembed.embedding.shards import merge_shards, run_key, stale_parts, write_run_info
     from hctembed.index.store import Store
 
     stale = stale_parts(shards, key=run_key(encoder=encoder, refs=found.selected, world=world))
@@ -140,7 +140,7 @@ def _merge_stale_and_write_run_info(request: EmbedRequest, encoder, *, shards: P
 
 def _stored_status(request: EmbedRequest, encoder, refs) -> dict:
     """What the database already holds for this model (read-only, by every rank at once)."""
-    from hctembed.embed import refuse_other_archives
+    from hctembed.embedding.run import refuse_other_archives
     from hctembed.index.store import ModelMismatchError, Store
 
     if not request.db.exists():
@@ -160,7 +160,7 @@ def run_embed_distributed(
     import torch
 
     from hctembed import distributed as ddp
-    from hctembed.embed_shards import embed_shard
+    from hctembed.embedding.shards import embed_shard
     from hctembed.index.store import SidecarPaths
     from hctembed.io.manifest import read_manifest
 

@@ -132,7 +132,7 @@ class Outcome:
     """What became of one scan in this run: ``embedded`` (its vector goes alongside) or ``failed``.
 
     Holds everything the database needs (scans and status rows), so it can travel through a Parquet shard
-    (:mod:`hctembed.embed_shards`) and be stored later exactly as a single-process run stores it.
+    (:mod:`hctembed.embedding.shards`) and be stored later exactly as a single-process run stores it.
     """
 
     position: int  # index in the run's list of refs: the order vectors are stored in (and get their ids)

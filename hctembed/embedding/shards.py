@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from hctembed.embed import (
+from hctembed.embedding.loading import Loading
+from hctembed.embedding.parts import PartWriter, done_in_parts, part_files, read_parts
+from hctembed.embedding.run import (
     Outcome,
     encode_refs,
     needs_embedding,
@@ -49,8 +51,6 @@ from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location, Locator
 from hctembed.model.encoders import Encoder
-from hctembed.scan_loading import Loading
-from hctembed.shard_parts import PartWriter, done_in_parts, part_files, read_parts
 from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def embed_shard(
     """Embed this rank's share of ``refs`` into Parquet parts under ``folder``.
 
     ``stored`` is the database's status (``{source: StatusRow}``, read by the caller) so that scans
-    embedded by an earlier run are skipped as :func:`hctembed.embed.embed_archive` would; outcomes already
+    embedded by an earlier run are skipped as :func:`hctembed.embedding.run.embed_archive` would; outcomes already
     in the folder's parts (a re-run after a killed rank) are skipped too. The split by rank is over the
     positions in ``refs`` and so does not depend on what is done: every rank computes the same one.
     """

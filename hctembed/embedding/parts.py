@@ -1,4 +1,4 @@
-"""The Parquet parts of a sharded run (see :mod:`hctembed.embed_shards`): each rank's outcomes written as whole
+"""The Parquet parts of a sharded run (see :mod:`hctembed.embedding.shards`): each rank's outcomes written as whole
 files under ``parts/`` (a temporary name, then a rename), and read back in the order of the run's list."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hctembed.embedding.loading import Outcome
 from hctembed.index.store import StatusRow
 from hctembed.index.store.parts import sorted_parts
-from hctembed.scan_loading import Outcome
 
 log = logging.getLogger(__name__)
 

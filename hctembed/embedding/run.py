@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hctembed.embedding.loading import Loading, Outcome, encode_refs
 from hctembed.index.choice import IndexOptions
 from hctembed.index.live_feed import LiveFeed
 from hctembed.index.store import Collection, CollectionRow, ModelRow, ScanRow, StatusRow, Store, StoreError
@@ -24,7 +25,6 @@ from hctembed.io.admission import Limits
 from hctembed.io.archive import SeriesRef, Skipped
 from hctembed.io.locator import Location
 from hctembed.model.encoders import Encoder
-from hctembed.scan_loading import Loading, Outcome, encode_refs
 from hctembed.volume import MAX_VOXELS
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def embed_archive(
     beside the database, never into it. A scan whose image is not a head is skipped (``not_head``) unless
     ``allow_non_head``, which also tries again those skipped so before. ``preprocess_device`` (e.g. "cuda"):
     the DataLoader workers only decode, and the resample, windows and crop run there (see
-    :class:`hctembed.scan_loading.Loading`); None preprocesses in the workers. Each committed batch also
+    :class:`hctembed.embedding.loading.Loading`); None preprocesses in the workers. Each committed batch also
     goes to ``feed`` when a server has attached to it.
     """
     start = time.perf_counter()
