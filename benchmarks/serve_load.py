@@ -256,6 +256,7 @@ def vectors_mode(args) -> None:
                     return client.get("/api/search", params={"id": names[rng_.randrange(len(names))], "k": 10})
 
                 load = drive(url, clients=clients, seconds=seconds, request=one_id)
+                alone = drive(url, clients=1, seconds=seconds / 2, request=one_id)
                 steady_mb, peak_mb = memory_mb(server.pid)
             finally:
                 server.terminate()
@@ -265,12 +266,14 @@ def vectors_mode(args) -> None:
                    "build_s": round(build_s, 1), "build_recall_at_10": manifest.get("recall_at_10"),
                    "index_mb": round(index_mb, 1), "startup_s": round(startup_s, 2), "steady_rss_mb": round(steady_mb),
                    "peak_rss_mb": round(peak_mb), "peak_over_index": round(peak_mb / index_mb, 2),
-                   "recall_at_10": round(float(np.mean(found)), 4), **load}  # fmt: skip
+                   "recall_at_10": round(float(np.mean(found)), 4), **load,
+                   "one_client_p50_s": alone["p50_s"], "one_client_p99_s": alone["p99_s"]}  # fmt: skip
             rows.append(row)
             print(f"{kind}: {row['index']} build {row['build_s']} s, start-up {row['startup_s']} s, index "
                   f"{row['index_mb']:.0f} MB, RSS steady {row['steady_rss_mb']} / peak {row['peak_rss_mb']} MB "
                   f"({row['peak_over_index']}x the index), p50 {load['p50_s'] * 1000:.1f} ms, p99 "
-                  f"{load['p99_s'] * 1000:.1f} ms at {clients} clients, recall@10 {row['recall_at_10']}",
+                  f"{load['p99_s'] * 1000:.1f} ms at {clients} clients ({alone['p50_s'] * 1000:.1f} / "
+                  f"{alone['p99_s'] * 1000:.1f} ms at one), recall@10 {row['recall_at_10']}",
                   flush=True)  # fmt: skip
     out = Path(__file__).parent / "results" / f"serve_load_vectors_{args.vectors}.json"
     out.parent.mkdir(exist_ok=True)
