@@ -63,7 +63,7 @@ def embed(
         None,
         "--index",
         help="FAISS index: exact, hnsw, ivf, ivfpq (re-ranked exactly) or auto (exact until an approximate index "
-        "holds recall@10 >= 0.99 faster). Default: keep the saved index's kind (exact for a new one).",
+        "holds recall@10 >= 0.99 faster). Default: keep the saved index's kind (auto for a new one).",
     ),
     checkpoint_seconds: float = typer.Option(
         30.0,

@@ -14,7 +14,7 @@ def import_vectors(
     db: Path = typer.Option(..., "--db", help="DuckDB file (created if missing)."),
     name: str = typer.Option(..., "--name", help="Short name of the source model, e.g. google-ct-foundation."),
     index: str | None = typer.Option(
-        None, "--index", help="FAISS index: exact, hnsw, ivf, ivfpq or auto (see `embed --index`); default exact."
+        None, "--index", help="FAISS index: exact, hnsw, ivf, ivfpq or auto (see `embed --index`); default auto."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:

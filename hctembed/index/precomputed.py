@@ -77,7 +77,7 @@ def read_vectors(path: str | Path, *, name: str) -> Imported:
 
 def import_vectors(store: Store, imported: Imported, *, name: str, source: str, index_kind: str | None = None) -> int:
     """Write ``imported`` as its own collection (model ``precomputed``) and build its index (``index_kind``: one of
-    :data:`hctembed.index.choice.KINDS`; None keeps the saved kind, exact for a new one); returns the number of
+    :data:`hctembed.index.choice.KINDS`; None keeps the saved kind, auto for a new one); returns the number of
     vectors."""
     dim = int(imported.vectors.shape[1])
     with store.transaction():
