@@ -231,20 +231,25 @@ def test_timeouts_5xx_and_dropped_connections_are_retried(archive, pacs, tmp_pat
     assert max(seen.values()) == 3
 
 
-def test_a_pacs_that_goes_away_stops_the_run_with_one_line_and_a_rerun_resumes(archive, pacs, tmp_path):
+def test_orthanc_stopped_mid_run_stops_it_with_one_line_and_a_rerun_after_its_restart_resumes(archive, pacs, tmp_path):
     _root, auth = archive
     db = tmp_path / "h.duckdb"
     fetches = []
 
-    def fault(path: str, n: int):
+    def stop_orthanc(path: str, n: int):
         pixel = "/series/" in path and not path.split("?")[0].endswith(("/metadata", "/series"))
         if pixel:
             fetches.append(path)
-        return "drop" if pixel and len(fetches) > 1 else None  # the server is gone after the first series
+            if len(fetches) == 2:  # the PACS goes down for real once the first series is in
+                pacs.stop()
+        return None  # forwarded: to a server that is no longer there
 
     args = ["--auth-file", auth, "--db", db, "--model", "vit-micro", "--workers", "0", "--batch-size", "1", "-q"]
-    with FaultProxy(pacs.rest, fault) as proxy:
-        result = invoke("embed", address(proxy.url + "/dicom-web"), *args, code=2)
+    try:
+        with FaultProxy(pacs.rest, stop_orthanc) as proxy:
+            result = invoke("embed", address(proxy.url + "/dicom-web"), *args, code=2)
+    finally:
+        pacs.start()  # the same storage: the module's other tests go on with it
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "did not answer" in errors[0] and "run again to resume" in errors[0]
     assert "Traceback" not in result.output
