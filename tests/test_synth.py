@@ -265,3 +265,27 @@ def test_same_anatomy_whatever_the_subtypes() -> None:
     assert [lesion.kind for lesion in b.lesions] == list(SUBTYPES)
     with pytest.raises(ValueError, match="unknown"):
         make_patient(patient_id="synth-p0001", subtypes=frozenset({"XYZ"}), rng=np.random.default_rng(4))
+
+
+def test_lesion_scale_grows_every_scaled_bleed_and_one_changes_nothing():
+    """``lesion_scale`` multiplies each bleed's linear size with the same random draws: 1.0 is the default patient
+    exactly, and the labelled bleed voxels grow with the scale (EDH/SDH extent x thickness, IPH and SAH reach)."""
+    from hctembed.synth.anatomy import Tissue
+    from hctembed.synth.patient import render_points
+
+    grid = np.stack(np.meshgrid(*(np.arange(-96.0, 96.0, 3.0),) * 3, indexing="ij"), -1).reshape(-1, 3)
+    counts = {}
+    for scale in (1.0, 1.6):
+        for kind in ("EDH", "SDH", "IPH", "SAH"):
+            patient = make_patient(patient_id="synth-p0001", subtypes=frozenset({kind}), rng=np.random.default_rng(7),
+                                   lesion_scale=scale)  # fmt: skip
+            labels, _ = render_points(patient=patient, pts=grid.astype(np.float32))
+            counts[kind, scale] = int((labels == int(getattr(Tissue, kind))).sum())
+    default = make_patient(patient_id="synth-p0001", subtypes=frozenset({"IPH"}), rng=np.random.default_rng(7))
+    assert make_patient(patient_id="synth-p0001", subtypes=frozenset({"IPH"}), rng=np.random.default_rng(7),
+                        lesion_scale=1.0).lesions == default.lesions  # fmt: skip
+    for kind in ("EDH", "SDH", "IPH", "SAH"):
+        assert counts[kind, 1.6] > 1.5 * counts[kind, 1.0] > 0, (kind, counts)
+    with pytest.raises(Exception, match="lesion scale"):
+        make_patient(patient_id="synth-p0001", subtypes=frozenset({"SAH"}), rng=np.random.default_rng(7),
+                     lesion_scale=9.0)  # fmt: skip

@@ -158,7 +158,7 @@ def _write_patient(job: tuple[Path, int, SynthConfig, int, int]) -> list[ScanRec
     out_dir, seed, config, index, count = job
     prng, subtypes, _ = _patient_draws(seed=seed, index=index, config=config)
     patient_id = f"synth-p{index:04d}"
-    patient = make_patient(patient_id=patient_id, subtypes=subtypes, rng=prng)
+    patient = make_patient(patient_id=patient_id, subtypes=subtypes, rng=prng, lesion_scale=config.lesion_scale)
     records = []
     for scan_index in range(1, count + 1):
         srng = np.random.default_rng([seed, index, scan_index])

@@ -195,8 +195,12 @@ class SubarachnoidBleed(Lesion):
             labels[cis[keep]] = Tissue.SAH
 
 
-def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator) -> Lesion:
-    """Draw one haemorrhage of subtype ``kind`` (one of :data:`SUBTYPES`) for ``anatomy``."""
+def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator, scale: float = 1.0) -> Lesion:
+    """Draw one haemorrhage of subtype ``kind`` (one of :data:`SUBTYPES`) for ``anatomy``. ``scale`` multiplies its
+    linear size (EDH/SDH extent and thickness, IPH radius and oedema rim, SAH reach; IVH fills the ventricles it is
+    in, unscaled); the random draws are the same whatever the scale, so 1.0 gives the default archive bit for bit."""
+    if not 0.1 <= scale <= 4.0:
+        raise InputError(f"lesion scale must be from 0.1 to 4, not {scale}")
     u = rng.uniform
     side = int(rng.choice([-1, 1]))
     lateral = 0.0 if side > 0 else np.pi
@@ -210,7 +214,8 @@ def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator) 
         up /= np.linalg.norm(up)
         surface = _surface_point(anatomy, direction, _inner_depth(anatomy, direction))
         half = (u(20.0, 30.0), u(22.0, 35.0)) if edh else (u(45.0, 60.0), u(45.0, 70.0))
-        thick = u(10.0, 20.0) if edh else u(4.0, 12.0)
+        half = (half[0] * scale, half[1] * scale)
+        thick = (u(10.0, 20.0) if edh else u(4.0, 12.0)) * scale
         return ExtraAxialBleed(
             kind=kind,
             hu=u(60.0, 76.0),
@@ -226,7 +231,7 @@ def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator) 
             shift_mm=(0.45 if edh else 0.6) * thick,
         )
     if kind == "IPH":
-        return _sample_iph(anatomy=anatomy, rng=rng, side=side)
+        return _sample_iph(anatomy=anatomy, rng=rng, side=side, scale=scale)
     if kind == "IVH":
         s = anatomy.vent_scale
         parts = [(1,), (2,), (1, 2)][int(rng.choice(3, p=[0.3, 0.3, 0.4]))]
@@ -250,17 +255,17 @@ def sample_lesion(*, kind: str, anatomy: HeadAnatomy, rng: np.random.Generator) 
             kind=kind,
             hu=u(58.0, 75.0),
             center_mm=tuple(float(v) for v in surface),
-            radius_mm=u(28.0, 45.0),
+            radius_mm=u(28.0, 45.0) * scale,
             cisterns=cisterns,
             sylvian_sides=sylvian,
         )
     raise InputError(f"unknown haemorrhage subtype {kind!r}; expected one of {SUBTYPES}")
 
 
-def _sample_iph(*, anatomy: HeadAnatomy, rng: np.random.Generator, side: int) -> ParenchymalBleed:
+def _sample_iph(*, anatomy: HeadAnatomy, rng: np.random.Generator, side: int, scale: float) -> ParenchymalBleed:
     """Rejection-sample an IPH centre deep enough in the parenchyma for its radius and rim."""
     u = rng.uniform
-    radius, rim = u(6.0, 20.0), u(3.0, 8.0)
+    radius, rim = u(6.0, 20.0) * scale, u(3.0, 8.0) * scale
     offset = tuple(float(v) for v in rng.uniform(-40.0, 40.0, size=3))
     center = np.zeros(3)
     for attempt in range(200):
@@ -271,7 +276,7 @@ def _sample_iph(*, anatomy: HeadAnatomy, rng: np.random.Generator, side: int) ->
         if depth >= 1.4 * radius + rim + 4.0 and part[0] == 0:
             break
         if attempt % 20 == 19:
-            radius = max(6.0, 0.85 * radius)
+            radius = max(6.0 * scale, 0.85 * radius)
     return ParenchymalBleed(
         kind="IPH",
         hu=u(60.0, 78.0),

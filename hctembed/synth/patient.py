@@ -36,15 +36,18 @@ class SyntheticPatient:
         return {k: int(k in self.subtypes) for k in SUBTYPES}
 
 
-def make_patient(*, patient_id: str, subtypes: frozenset[str], rng: np.random.Generator) -> SyntheticPatient:
-    """Draw a head and the requested haemorrhage subtypes (a subset of :data:`SUBTYPES`; empty = normal)."""
+def make_patient(
+    *, patient_id: str, subtypes: frozenset[str], rng: np.random.Generator, lesion_scale: float = 1.0
+) -> SyntheticPatient:
+    """Draw a head and the requested haemorrhage subtypes (a subset of :data:`SUBTYPES`; empty = normal), each
+    ``lesion_scale`` times its default linear size."""
     unknown = set(subtypes) - set(SUBTYPES)
     if unknown:
         raise InputError(f"unknown haemorrhage subtypes {sorted(unknown)}; expected a subset of {SUBTYPES}")
     anatomy = sample_anatomy(rng=rng)
     seeds = rng.integers(0, 2**63 - 1, size=len(SUBTYPES))
     lesions = tuple(
-        sample_lesion(kind=kind, anatomy=anatomy, rng=np.random.default_rng(int(seed)))
+        sample_lesion(kind=kind, anatomy=anatomy, rng=np.random.default_rng(int(seed)), scale=lesion_scale)
         for kind, seed in zip(SUBTYPES, seeds, strict=True)
         if kind in subtypes
     )

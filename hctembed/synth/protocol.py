@@ -45,6 +45,9 @@ class SynthConfig:
     slice_thickness_mm: tuple[float, float] = (0.5, 5.0)  # realistic values inside this range
     max_rotation_deg: float = 6.0
     z_extent_mm: float = 170.0  # scan coverage along z, centred on the head
+    # linear size of every haemorrhage against the default (EDH/SDH extent and thickness, IPH radius and rim, SAH
+    # reach; IVH fills its ventricles): 2.0 is 8x the volume of a blob. 1.0 writes the default archive bit for bit
+    lesion_scale: float = 1.0
 
 
 @dataclass(frozen=True)
