@@ -164,9 +164,11 @@ def test_no_identifier_from_the_pacs_reaches_any_output(archive, pacs, tmp_path)
 
 
 def test_credentials_only_from_a_file_or_the_environment(archive, pacs, tmp_path, monkeypatch):
-    root, _auth = archive
+    root, auth = archive
     bad = invoke("scan", f"dicomweb+http://{USER}:{PASSWORD}@127.0.0.1:{pacs.port}/dicom-web", code=2)
     assert "--auth-file or the environment" in bad.output and PASSWORD not in bad.output
+    wrong = invoke("scan", address(pacs.rest + "/nothing"), "--auth-file", auth, code=2)  # no DICOMweb root there
+    assert "no DICOMweb service at" in wrong.output and "Traceback" not in wrong.output
     refused = invoke("scan", address(pacs.dicomweb), code=2)  # no credentials at all
     errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "refused the credentials (401)" in errors[0] and "Traceback" not in refused.output

@@ -80,3 +80,32 @@ def test_filters_and_addresses_are_checked_before_the_server_is_asked(tmp_path):
         quick = dicomweb.Retry(attempts=2, backoff_seconds=0.01, timeout_seconds=1)
         with dicomweb.DicomWebClient(replace(source.server), retry=quick) as client:
             list(client.studies({}))
+
+
+def test_a_server_answering_something_else_than_dicom_json_is_one_error_not_a_traceback():
+    """An HTML page (a web server at the address, not DICOMweb) is refused by name."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>a login page</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        source = open_source(f"dicomweb+http://127.0.0.1:{server.server_address[1]}/dicom-web")
+        with dicomweb.DicomWebClient(source.server) as client, pytest.raises(Exception, match="not a DICOM JSON list"):
+            list(client.studies({}))
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -198,18 +198,7 @@ def scan_archive(
             if cand.selected:
                 selected.append(_ref_of(cand, root=root, sizes=sizes))
             else:
-                skipped.append(
-                    Skipped(
-                        cand.scan_id,
-                        cand.scan_id,
-                        cand.patient_id,
-                        "series",
-                        cand.reason_code or "skipped",
-                        cand.reason or "",
-                        {**cand.facts, "flags": list(cand.flags)},
-                        location=cand.folder,
-                    )
-                )
+                skipped.append(_skipped_series(cand))
     ignored = sum(1 for p in files if p.suffix.lower() in NON_IMAGE_SUFFIXES)
     if ignored:
         log.info("ignored %d non-image files (csv, txt, json, ...) under %s", ignored, archive)
@@ -245,9 +234,7 @@ def scan_dicomweb(
     ]  # fmt: skip
     for cand in group_series(listing.headers, pseudonyms=pseudonyms, config=selection) if listing.headers else []:
         if not cand.selected:
-            skipped.append(Skipped(cand.scan_id, cand.scan_id, cand.patient_id, "series",
-                                   cand.reason_code or "skipped", cand.reason or "",
-                                   {**cand.facts, "flags": list(cand.flags)}, location=cand.folder))  # fmt: skip
+            skipped.append(_skipped_series(cand))
             continue
         selected.append(
             SeriesRef(
@@ -258,6 +245,12 @@ def scan_dicomweb(
             )
         )  # fmt: skip
     return ArchiveScan(selected=selected, skipped=skipped, root=server.url)
+
+
+def _skipped_series(cand: SeriesCandidate) -> Skipped:
+    """The skip row of a series its headers ruled out (its folder, or STUDY/SERIES on a PACS, as the location)."""
+    return Skipped(cand.scan_id, cand.scan_id, cand.patient_id, "series", cand.reason_code or "skipped",
+                   cand.reason or "", {**cand.facts, "flags": list(cand.flags)}, location=cand.folder)  # fmt: skip
 
 
 def _named_by_pseudonym(skip: Skipped, pseudonyms: Pseudonymizer | None) -> Skipped:
@@ -342,21 +335,18 @@ def load_series(
     ``limits``."""
     if ref.format == "nifti":
         return load_nifti(ref.path, max_voxels=max_voxels)
-    if ref.format == "dicomweb":
-        from hctembed.io.dicom import load_dicom_series
-        from hctembed.io.dicomweb import DicomWebClient
-        from hctembed.io.dicomweb_series import fetch_series_files
-
-        limit = (limits or Limits()).max_zip_bytes  # a series from a PACS is held to an upload's bounds
-        with DicomWebClient(ref.remote, max_series_bytes=limit) as client:
-            blobs = fetch_series_files(client, ref.files)
-        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels, blobs=blobs)
-        volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
-        return volume
-    if ref.format == "dicom":
+    if ref.format in ("dicom", "dicomweb"):
         from hctembed.io.dicom import load_dicom_series
 
-        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels, limits=limits)
+        blobs = None
+        if ref.format == "dicomweb":  # the files fetched into memory, held to an upload's bounds
+            from hctembed.io.dicomweb import DicomWebClient
+            from hctembed.io.dicomweb_series import fetch_series_files
+
+            with DicomWebClient(ref.remote, max_series_bytes=(limits or Limits()).max_zip_bytes) as client:
+                blobs = fetch_series_files(client, ref.files)
+        volume = load_dicom_series(ref.root, ref.files, config=selection, max_voxels=max_voxels, limits=limits,
+                                   blobs=blobs)  # fmt: skip
         volume.meta["flags"] = sorted(set(volume.meta.get("flags", [])) | set(ref.flags))
         return volume
     raise VolumeError(f"unsupported format {ref.format}")

@@ -289,13 +289,12 @@ def assemble(
     affine_lps[:3, 3] = origin
     affine = LPS_TO_RAS @ affine_lps
     check_affine(affine)
-    shape_xyz = hu.shape[::-1]
-    if stack is not None and ras_orientation(affine, shape_xyz).order[2] != 2:
+    ras = ras_orientation(affine, hu.shape[::-1])
+    if stack is not None and ras.order[2] != 2:
         # a sagittal or coronal stack: its slices do not stay the slowest axis, so blend them onto a regular
         # lattice here (two interpolations, as before the stack was kept)
         lattice = regular(Volume(array=hu, affine=affine, stack=stack))
         hu, affine, stack = lattice.array, lattice.affine, None
-    ras = ras_orientation(affine, hu.shape[::-1])
     array_xyz, affine_ras, codes = orient_to_ras(hu.transpose(2, 1, 0), affine)
     if stack is not None:
         stack = stack.reoriented(n_slices=hu.shape[0], swap_yx=ras.order[0] == 1, flip_z=ras.flips[2],

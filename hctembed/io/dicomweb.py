@@ -198,7 +198,10 @@ class DicomWebClient:
             body = response.read()
             if not body.strip():
                 return []  # some servers answer 204-like empty bodies for no match
-            data = json.loads(body)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
             if not isinstance(data, list):
                 raise VolumeError(f"{what}: the PACS answered something that is not a DICOM JSON list")
             return data
@@ -217,7 +220,13 @@ class DicomWebClient:
     # ---- QIDO-RS -------------------------------------------------------------------------------------------
 
     def studies(self, filters: dict[str, str]) -> Iterator[dict]:
-        return self._paged("/studies", params=filters, what="the study list")
+        """The studies the filters select; an address with no DICOMweb root behind it (404 here) is the user's
+        error, named as such."""
+        try:
+            yield from self._paged("/studies", params=filters, what="the study list")
+        except SeriesGone:
+            raise InputError(f"no DICOMweb service at {self.server.url} (its /studies answered 404); check the "
+                             "address's path (Orthanc's is /dicom-web)") from None  # fmt: skip
 
     def series(self, study_uid: str, filters: dict[str, str]) -> Iterator[dict]:
         return self._paged(f"/studies/{study_uid}/series", params=filters, what="a study's series list")
@@ -239,7 +248,7 @@ class DicomWebClient:
                 body += chunk
                 if len(body) > limit:
                     raise VolumeError(f"the series is over {limit / 2**30:g} GiB (--max-zip-gb): not fetched whole")
-            return split_multipart(bytes(body), boundary=boundary)
+            return split_multipart(body, boundary=boundary)
 
         return self._request(f"/studies/{study_uid}/series/{series_uid}", accept=MULTIPART_DICOM, consume=consume,
                              what="a series' pixel data")  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ import pydicom
 from hctembed.errors import InputError
 from hctembed.io.dicom_headers import HeaderError, SliceHeader, header_of
 from hctembed.io.dicomweb import SERIES_KEYS, DicomWebClient, SeriesGone
+
+log = logging.getLogger(__name__)
 
 
 def _value(item: dict, tag: str) -> str | None:
@@ -80,12 +83,11 @@ def split_filters(filters: Sequence[str], *, since: str | None = None) -> tuple[
 
 @dataclass
 class Listing:
-    """What one pass over the server found: every instance's header (its ``file`` is ``STUDY/SERIES/SOP``), the
-    series that could not be read, and each series' instance count."""
+    """What one pass over the server found: every instance's header (its ``file`` is ``STUDY/SERIES/SOP``) and the
+    series that could not be read."""
 
     headers: list[SliceHeader] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (STUDY/SERIES, reason)
-    counts: dict[str, int] = field(default_factory=dict)  # STUDY/SERIES -> instances
 
 
 def list_series(
@@ -105,23 +107,24 @@ def list_series(
         study_uid = _value(study, "0020000D")
         if not study_uid:
             continue
-        for series in client.series(study_uid, series_filters):
+        try:
+            found = list(client.series(study_uid, series_filters))
+        except SeriesGone:  # a study deleted between the two queries: nothing of it to embed
+            log.info("a study left the PACS while it was being listed")
+            continue
+        for series in found:
             series_uid = _value(series, "0020000E")
             if not series_uid:
                 continue
             key = f"{study_uid}/{series_uid}"
             count = int(_value(series, "00201209") or -1)
-            out.counts[key] = count
             if cache is not None and key in cache and cache[key][0] == count >= 0:
                 out.headers.extend(cache[key][1])
                 continue
             try:
                 headers = [header_of(dataset_of(m), file=f"{key}/{_value(m, '00080018') or i}")
                            for i, m in enumerate(client.metadata(study_uid, series_uid))]  # fmt: skip
-            except SeriesGone as exc:
-                out.unreadable.append((key, str(exc)))
-                continue
-            except HeaderError as exc:
+            except (SeriesGone, HeaderError) as exc:
                 out.unreadable.append((key, str(exc)))
                 continue
             if cache is not None:

@@ -14,9 +14,11 @@ def boundary_of(content_type: str) -> str:
     raise VolumeError(f"the PACS answered {content_type.split(';')[0] or 'no content type'}, not multipart/related")
 
 
-def split_multipart(body: bytes, *, boundary: str) -> list[bytes]:
+def split_multipart(body: bytes | bytearray, *, boundary: str) -> list[bytes]:
     """The payloads of a ``multipart/related`` body (RFC 2046): between ``--boundary`` lines, after each part's
-    header block; ``Content-Length`` is honoured when a part gives it."""
+    header block; ``Content-Length`` is honoured when a part gives it. Each payload is copied out once (the body
+    as received can be a bytearray of a whole series)."""
+    view = memoryview(body)
     delimiter = b"--" + boundary.encode("ascii")
     parts = []
     start = body.find(delimiter)
@@ -45,5 +47,5 @@ def split_multipart(body: bytes, *, boundary: str) -> list[bytes]:
             after = after + 2 if after >= 0 else after
         if after < 0 or data_end > len(body):
             raise VolumeError("a truncated multipart answer (a part without its closing boundary)")
-        parts.append(body[data_start:data_end])
+        parts.append(bytes(view[data_start:data_end]))
         pos = after + len(delimiter)

@@ -102,7 +102,7 @@ class ServerState:
             self._db_seen = seen
         newest = latest_snapshot(self.db)
         if newest is not None and newest != self.catalogue.snapshot:
-            catalogue = load_catalogue(newest, index_folder=self.paths.faiss, exact=self.exact)  # aside, then swapped
+            catalogue = load_catalogue(newest, paths=self.paths, exact=self.exact)  # aside, then swapped in whole
             with self.lock:
                 self.catalogue, self._seen = catalogue, set()
             log.info("loaded %s: %d scans", newest.name, len(catalogue.facts))
@@ -264,14 +264,14 @@ def _signature(db: Path) -> tuple:
     return tuple((s.st_size, s.st_mtime_ns) if s is not None else None for s in stats)
 
 
-def load_catalogue(snapshot: Path, *, index_folder: Path | None = None, exact: bool = False) -> Catalogue:
-    """Every collection's index (its saved one from ``index_folder`` when current, else exact over its vectors)
-    and every scan's facts from a snapshot file."""
+def load_catalogue(snapshot: Path, *, paths: SidecarPaths | None = None, exact: bool = False) -> Catalogue:
+    """Every collection's index (its saved one among the database's ``paths`` when current, else exact over its
+    vectors) and every scan's facts from a snapshot file."""
     views, facts = {}, {}
-    index_folder = index_folder or SidecarPaths(snapshot).faiss
+    paths = paths or SidecarPaths(snapshot)
     with Store(snapshot, read_only=True) as store:
         for collection in store.collections():
-            view = saved_view(collection, index_folder=index_folder, exact=exact)
+            view = saved_view(collection, paths=paths, exact=exact)
             when = collection.last_embedded()
             view.last_embedded = when.timestamp() if when is not None else 0.0
             views[collection.collection_id] = view

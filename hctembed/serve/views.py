@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
 from hctembed.index.choice import EXACT_FACTORY, set_search_params
+from hctembed.index.store import SidecarPaths
 from hctembed.index.vectors import IndexInvalid, index_name, load_index, stale_reason
+from hctembed.search import ranked_pairs
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +150,15 @@ class CollectionView:
             self.removed.update(gone)
 
     def search(self, xq: np.ndarray, *, k: int, exclude: int | None) -> list[tuple[float, int]]:
-        """The top ``k`` (score, id) of ``xq [dim]``, without ``exclude`` and tombstones, best first."""
+        """The top ``k`` (score, id) of ``xq [dim]``, without ``exclude`` and tombstones, best first: the CLI's
+        ranking (:func:`hctembed.search.ranked_pairs`) over ``k`` more results per tombstone."""
         if self.live <= 0:
             return []
         extra = (1 if exclude is not None else 0) + len(self.removed)
-        want = min(k + extra, int(self.index.ntotal))
-        scores, ids = self.index.search(np.ascontiguousarray(xq[None], np.float32), want)
-        out = []
-        for score, vid in zip(scores[0], ids[0], strict=True):
-            vid = int(vid)
-            if vid < 0 or vid == exclude or vid in self.removed or self.keys.scan_of(vid) is None:
-                continue
-            out.append((float(score), vid))
-            if len(out) == k:
-                break
-        return out
+        scores, ids = self.index.search(np.ascontiguousarray(xq[None], np.float32), min(k + extra, self.index.ntotal))
+        if self.removed:  # tombstoned ids read as FAISS's padding (-1), which the ranking drops
+            ids = np.where(np.isin(ids, np.fromiter(self.removed, np.int64, len(self.removed))), -1, ids)
+        return ranked_pairs(scores[0], ids[0], k=k, exclude_id=exclude)
 
     def query_vector(self, vid: int) -> np.ndarray | None:
         """The stored vector of id ``vid`` from the index (None where this kind cannot give it back)."""
@@ -190,16 +185,15 @@ class CollectionView:
         return index
 
 
-def saved_view(collection, *, index_folder: Path, exact: bool) -> CollectionView:
-    """The view of a snapshot's ``collection``: its saved index from ``index_folder`` (the database's ``.faiss``
-    folder) when that holds exactly the collection's rows (and, with ``exact``, is exact); else an exact index built
-    from the vectors, with why in the log."""
+def saved_view(collection, *, paths: SidecarPaths, exact: bool) -> CollectionView:
+    """The view of a snapshot's ``collection``: its saved index (among the database's ``paths``) when that holds
+    exactly the collection's rows (and, with ``exact``, is exact); else an exact index built from the vectors, with
+    why in the log."""
     view = CollectionView.empty(
         collection_id=collection.collection_id, model_id=collection.model_id, fingerprint=collection.fingerprint,
         dim=collection.dim, windows=collection.preprocess().get("windows") or (),
     )  # fmt: skip
-    stem = f"c{collection.collection_id}"
-    index_path, manifest_path = index_folder / f"{stem}.faiss", index_folder / f"{stem}.json"
+    index_path, manifest_path = paths.index_files(collection.collection_id)
     reason = None
     if index_path.exists():
         try:
