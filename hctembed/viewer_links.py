@@ -24,7 +24,10 @@ class ViewerLinks:
     template: str
 
     def __post_init__(self) -> None:
-        names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        except ValueError as exc:  # an unmatched brace
+            raise InputError(f"--viewer-url {self.template!r}: {exc}") from None
         if "StudyInstanceUID" not in names or not names <= set(FIELDS):
             raise InputError(
                 f"--viewer-url must name the study as {{StudyInstanceUID}} (and may use {{SeriesInstanceUID}}), "

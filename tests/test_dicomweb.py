@@ -161,6 +161,8 @@ def test_no_identifier_from_the_pacs_reaches_any_output(archive, pacs, tmp_path)
                in uids for h in hits)  # fmt: skip
     bad = invoke("search", "--id", scan_id, "--db", db, "--viewer-url", "http://viewer/{PatientID}", code=2)
     assert "StudyInstanceUID" in bad.output
+    bad = invoke("search", "--id", scan_id, "--db", db, "--viewer-url", "http://viewer/{StudyInstanceUID", code=2)
+    assert "--viewer-url" in bad.output and "Traceback" not in bad.output
 
 
 def test_credentials_only_from_a_file_or_the_environment(archive, pacs, tmp_path, monkeypatch):

@@ -74,6 +74,8 @@ def test_filters_and_addresses_are_checked_before_the_server_is_asked(tmp_path):
         open_source("dicomweb+http://127.0.0.1:9/dicom-web", since="yesterday")
     with pytest.raises(Exception, match="dicomweb"):
         open_source("http://127.0.0.1:9/dicom-web")
+    with pytest.raises(Exception, match="port is not a number"):
+        open_source("dicomweb+http://127.0.0.1:abc/dicom-web")
     source = open_source("dicomweb+http://127.0.0.1:9/dicom-web", filters=("Modality=CT", "StudyDate=2024-"))
     assert source.kind == "dicomweb" and source.describe() == "dicomweb+http://127.0.0.1:9/dicom-web"
     with pytest.raises(Exception, match="did not answer"):  # nothing listens on port 9: retried, then one line

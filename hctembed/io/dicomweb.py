@@ -80,6 +80,10 @@ class DicomWebServer:
             raise InputError("put DICOMweb credentials in --auth-file or the environment, not in the address")
         if not parts.hostname:
             raise InputError(f"{spec!r} names no host")
+        try:
+            parts.port  # noqa: B018  (urlsplit checks the port only when it is read)
+        except ValueError:
+            raise InputError(f"{spec!r}: the port is not a number from 0 to 65535") from None
         if parts.query or parts.fragment:
             raise InputError(f"{spec!r}: filters go in --filter, not in the address")
         if auth_file is not None and not Path(auth_file).is_file():

@@ -117,7 +117,7 @@ def list_series(
             if not series_uid:
                 continue
             key = f"{study_uid}/{series_uid}"
-            count = int(_value(series, "00201209") or -1)
+            count = _count(_value(series, "00201209"))
             if cache is not None and key in cache and cache[key][0] == count >= 0:
                 out.headers.extend(cache[key][1])
                 continue
@@ -133,6 +133,14 @@ def list_series(
             if progress:
                 progress(len(out.headers))
     return out
+
+
+def _count(value: str | None) -> int:
+    """A QIDO instance count, or -1 when the server gives none (or none that reads as a number)."""
+    try:
+        return int(value) if value is not None else -1
+    except ValueError:
+        return -1
 
 
 def instance_digest(files: Sequence[str]) -> int:
