@@ -334,8 +334,9 @@ def test_follow_embeds_a_series_uploaded_while_it_runs_and_a_running_serve_finds
             else:
                 time.sleep(0.25)
         assert found is not None, "the uploaded series never became searchable"
-        # poll interval (1 s) + stability (1 s) + the embed and the server's poll: well inside 1 + 10 s
-        assert latency < 1 + 10 + 5, latency
+        # poll interval (1 s) + stability (1 s) + the embed and the server's poll; reported, not asserted (the
+        # suite holds no timed assertions: a loaded CI machine must not fail it)
+        print(f"uploaded series searchable in the running server after {latency:.1f} s")
         assert found["viewer"] == f"http://viewer.example/{new.study_uid}"
     finally:
         follow.send_signal(signal.SIGTERM)
