@@ -39,12 +39,21 @@ BUDGETS = {
 # matching views needs no shape) and short runs. v2: CT numbers and noise within what the views' own intensity
 # changes cover, longer runs, DINO's teacher held at 0.04 with per-parameter clipping, MAE on per-patch
 # normalised targets (the shape's edges, not the air around it)
+# v3 (after v1 and v2 found no objective above random init): every nuisance within what the views teach the encoder
+# to ignore. Poses within +-20 deg of upright (the views turn by +-15 deg: a random 3D rotation is a nuisance no view
+# covers, so two cubes at different poses stay unlike to any encoder), objects 1.0-1.4x so that DINO's crops and
+# MAE's patches fall on the object rather than air, offsets +-10 mm, and SimCLR's views with their own intensity
+# shift and contrast (v1's SimCLR matched views by CT number)
 VARIANTS = {
     "v1": {"hu": (15.0, 75.0), "noise": (2.0, 12.0), "epochs_factor": 1.0, "dino_lr": 1e-4, "teacher_temp": None,
            "clip_mode": "global", "norm_pix_loss": False},
     "v2": {"hu": (35.0, 50.0), "noise": (2.0, 5.0), "epochs_factor": 2.0, "dino_lr": 3e-4, "teacher_temp": 0.04,
            "clip_mode": "per-parameter", "norm_pix_loss": True},
+    "v3": {"hu": (35.0, 50.0), "noise": (2.0, 5.0), "epochs_factor": 2.0, "dino_lr": 3e-4, "teacher_temp": 0.04,
+           "clip_mode": "per-parameter", "norm_pix_loss": True, "pose_deg": 20.0, "size": (1.0, 1.4),
+           "offset_mm": 10.0, "pair_intensity_jitter": True},
 }  # fmt: skip
+POSE = {"pose_deg": None, "size": (0.7, 1.2), "offset_mm": 15.0}  # v1 and v2: any rotation
 FIELD_MM = 192.0  # the volume's field of view (the model input's 192 mm centre crop)
 
 
@@ -55,13 +64,31 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q if np.linalg.det(q) > 0 else -q
 
 
-def object_mask(kind: str, *, grid: int, rng: np.random.Generator) -> np.ndarray:
-    """``[grid]³`` bool: one object of class ``kind`` at a random pose and size, in a ``FIELD_MM`` cube."""
+def _small_rotation(rng: np.random.Generator, *, degrees: float) -> np.ndarray:
+    """A rotation by U(-degrees, degrees) about each axis in turn."""
+    out = np.eye(3)
+    for axis, a in enumerate(np.radians(rng.uniform(-degrees, degrees, size=3))):
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i] = r[j, j] = np.cos(a)
+        r[i, j], r[j, i] = -np.sin(a), np.sin(a)
+        out = r @ out
+    return out
+
+
+def object_mask(
+    kind: str, *, grid: int, rng: np.random.Generator, pose_deg: float | None = None,
+    size: tuple[float, float] = (0.7, 1.2), offset_mm: float = 15.0,
+) -> np.ndarray:  # fmt: skip
+    """``[grid]³`` bool: one object of class ``kind`` at a random pose (any rotation, or within ``pose_deg`` of
+    upright), size factor and offset, in a ``FIELD_MM`` cube."""
     mm = (np.arange(grid) + 0.5) * FIELD_MM / grid - FIELD_MM / 2
     p = np.stack(np.meshgrid(mm, mm, mm, indexing="ij"), axis=-1)  # [Z, Y, X, 3] in mm
-    p = (p - rng.uniform(-15, 15, size=3)) @ _rotation(rng)  # object frame
+    offset = rng.uniform(-offset_mm, offset_mm, size=3)
+    turn = _rotation(rng) if pose_deg is None else _small_rotation(rng, degrees=pose_deg)
+    p = (p - offset) @ turn  # object frame
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
-    s = rng.uniform(0.7, 1.2)  # size factor
+    s = rng.uniform(*size)  # size factor
     if kind == "sphere":
         return np.sqrt(x**2 + y**2 + z**2) <= 45 * s
     if kind == "cube":
@@ -80,7 +107,8 @@ def object_mask(kind: str, *, grid: int, rng: np.random.Generator) -> np.ndarray
 
 
 def make_set(
-    folder: Path, *, per_class: int, grid: int, seed: int, hu: tuple[float, float], noise: tuple[float, float]
+    folder: Path, *, per_class: int, grid: int, seed: int, hu: tuple[float, float], noise: tuple[float, float],
+    pose: dict | None = None,
 ) -> list[tuple[str, str]]:
     """Write ``per_class`` NIfTI volumes of every class (HU, RAS affine); returns (file stem, class) pairs."""
     import nibabel as nib
@@ -97,7 +125,7 @@ def make_set(
             path = folder / f"{stem}.nii.gz"
             if not path.exists():
                 volume = np.full((grid,) * 3, -1000.0, np.float32)
-                mask = object_mask(kind, grid=grid, rng=rng)
+                mask = object_mask(kind, grid=grid, rng=rng, **(pose or POSE))
                 volume[mask] = rng.uniform(*hu)  # within the brain and subdural windows
                 volume += rng.normal(0, rng.uniform(*noise), size=volume.shape).astype(np.float32)
                 # NIfTI axes i, j, k = x, y, z: the array is [Z, Y, X]
@@ -122,6 +150,7 @@ def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
         prototypes=4096, head_bn=method == "dino", teacher_temp_warmup_epochs=max(1.0, args.epochs * 0.3),
         checkpoint_every=100, monitor_every=10**6, input_norm=args.input_norm, seed=args.seed,
         clip_mode=v["clip_mode"] if method == "dino" else "global",
+        pair_intensity_jitter=method == "simclr" and v.get("pair_intensity_jitter", False),
         mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=v["norm_pix_loss"]), **temps,
     )  # fmt: skip
     run = args.out / f"{method}_{args.input_norm}" if args.variant == "v1" else args.out / f"{method}_{args.variant}"
@@ -160,7 +189,7 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--input-norm", choices=("none", "standardise"), default="standardise")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="v2")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="v3")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -180,8 +209,9 @@ def main() -> None:
     from hctembed.pretrain.loop import fit_input_stats
 
     volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{args.variant}")
+    pose = {k: variant.get(k, POSE[k]) for k in POSE}
     rows = make_set(volumes, per_class=budget["per_class"], grid=budget["grid"], seed=args.seed, hu=variant["hu"],
-                    noise=variant["noise"])  # fmt: skip
+                    noise=variant["noise"], pose=pose)  # fmt: skip
     kind_of = dict(rows)
     refs = scan_archive(volumes).selected
     by_stem = {r.scan_id: r for r in refs}

@@ -173,10 +173,22 @@ class PairViewConfig:
     noise_std: tuple[float, float] = (0.0, 0.03)  # window units
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # in output voxels
+    # each view's own intensity shift U(-shift, shift) (window units) and contrast factor about its mean: SimCLR's
+    # colour jitter. Off by default (CT numbers are calibrated; the views of BENCHMARKS.md's SimCLR runs); on, two
+    # views of one scan no longer share its exact CT numbers, which otherwise match them without any anatomy
+    intensity_shift: float = 0.0
+    contrast: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if not 0 < self.scale[0] <= self.scale[1]:
             raise InputError(f"scale range {self.scale} must be positive and ordered")
+        if self.intensity_shift < 0 or not 0 < self.contrast[0] <= self.contrast[1]:
+            raise InputError(f"intensity shift {self.intensity_shift} must be >= 0 and contrast {self.contrast} "
+                             "positive and ordered")  # fmt: skip
+
+    @property
+    def jitters_intensity(self) -> bool:
+        return self.intensity_shift > 0 or self.contrast != (1.0, 1.0)
 
 
 def _rotation(angles: tuple[float, float, float]) -> torch.Tensor:
@@ -226,6 +238,11 @@ def pair_views(base: torch.Tensor, *, config: PairViewConfig, g: torch.Generator
         v = random_affine(x, config=config, g=g)
         if float(torch.rand((), generator=g)) < config.flip_p:
             v = v.flip(3)
+        if config.jitters_intensity:  # no draws when off: the views stay those of earlier runs, bit for bit
+            shift = _uniform(-config.intensity_shift, config.intensity_shift, g)
+            factor = _uniform(*config.contrast, g)
+            mean = v.mean()
+            v = (v - mean) * factor + mean + shift
         std = _uniform(*config.noise_std, g)
         if std > 0:
             v = v + std * torch.randn(v.shape, generator=g, dtype=v.dtype)

@@ -126,3 +126,33 @@ def test_pair_views_are_two_deformed_copies_of_the_embedding_input():
     assert all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in a)
     with pytest.raises(InputError, match="scale range"):
         PairViewConfig(scale=(1.2, 0.8))
+
+
+def test_pair_intensity_jitter_gives_each_view_its_own_ct_numbers_and_leaves_the_default_views_alone():
+    from hctembed.augment import PairViewConfig, input_from_base, pair_views
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.settings import PretrainError
+
+    base = torch.full((3, 28, 28, 28), 0.5)  # a flat scan: without jitter both views equal it
+    still = dict(out_size=12, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, flip_p=0.0, noise_std=(0.0, 0.0),
+                 blur_p=0.0)  # fmt: skip
+    jitter = PairViewConfig(**still, intensity_shift=0.1, contrast=(0.75, 1.25))
+    a, b = pair_views(base, config=jitter, g=torch.Generator().manual_seed(0))
+    means = float(a.mean()), float(b.mean())
+    assert all(0.4 - 1e-6 <= m <= 0.6 + 1e-6 for m in means)  # shifted by at most 0.1
+    assert abs(means[0] - means[1]) > 1e-4  # each view its own draw
+    ramp = torch.linspace(0, 1, 28).view(1, 28, 1, 1).expand(3, 28, 28, 28).contiguous()
+    for view in pair_views(ramp, config=jitter, g=torch.Generator().manual_seed(1)):
+        plain = input_from_base(ramp, image_size=12)
+        spread = float(view.std() / plain.std())
+        assert 0.75 - 1e-3 <= spread <= 1.25 + 1e-3  # contrast about the view's mean, before the [0, 1] clamp
+    # off (the default): the same draws as before the option existed, so earlier runs' views are unchanged
+    default = PairViewConfig(out_size=12)
+    assert not default.jitters_intensity
+    assert PretrainConfig(method="simclr", model="vit-micro").pair_views() == PairViewConfig(out_size=48)
+    on = PretrainConfig(method="simclr", model="vit-micro", pair_intensity_jitter=True).pair_views()
+    assert on.intensity_shift > 0 and on.contrast != (1.0, 1.0)
+    with pytest.raises(PretrainError, match="SimCLR setting"):
+        PretrainConfig(method="dino", model="vit-micro", pair_intensity_jitter=True)
+    with pytest.raises(InputError, match="intensity shift"):
+        PairViewConfig(intensity_shift=-0.1)

@@ -21,6 +21,7 @@ _FIELDS = {
     "intensity_jitter": "intensity_jitter", "centering": "centering", "koleo": "koleo", "temperature": "temperature",
     "norm_pix_loss": "mae.norm_pix_loss", "mae_target": "mae.target", "mask_ratio": "mae.mask_ratio",
     "input_norm": "input_norm", "clip_mode": "clip_mode", "drop_path": "drop_path",
+    "pair_intensity_jitter": "pair_intensity_jitter",
 }  # fmt: skip
 
 
@@ -43,6 +44,12 @@ def pretrain(
     ),
     intensity_jitter: bool = typer.Option(
         True, "--intensity-jitter/--no-intensity-jitter", help="DINO views get the paper's intensity shift/contrast."
+    ),
+    pair_intensity_jitter: bool = typer.Option(
+        False,
+        "--pair-intensity-jitter/--no-pair-intensity-jitter",
+        help="SimCLR: each view gets its own intensity shift/contrast (DINO's ranges), so views cannot be matched "
+        "by CT number alone.",
     ),
     centering: str = typer.Option(
         "ema", "--centering", help="DINO teacher targets: ema (DINO's running centre) or sinkhorn (DINOv2's)."
@@ -109,6 +116,7 @@ def pretrain(
         prototypes=prototypes,
         head_bn=head_bn,
         intensity_jitter=intensity_jitter,
+        pair_intensity_jitter=pair_intensity_jitter,
         centering=centering,
         koleo=koleo,
         temperature=temperature,

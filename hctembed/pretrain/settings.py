@@ -55,6 +55,8 @@ class PretrainConfig:
     bottleneck: int = 256
     head_bn: bool = False  # DINO head: BatchNorm in its hidden layers (see DINOHead)
     intensity_jitter: bool = True  # DINO views: the paper's intensity shift and contrast change
+    # SimCLR views: each view's own intensity shift and contrast change, DINO's ranges (SimCLR's colour jitter)
+    pair_intensity_jitter: bool = False
     centering: str = "ema"  # DINO teacher targets: "ema" (running centre, DINO's) or "sinkhorn" (DINOv2's)
     koleo: float = 0.0  # DINO: weight of DINOv2's KoLeo term on the student's global CLS vectors (0: off)
     mae: MAEConfig = field(default_factory=MAEConfig)
@@ -85,6 +87,8 @@ class PretrainConfig:
             raise PretrainError(f"koleo weight must be >= 0, got {self.koleo}")
         if self.koleo > 0 and self.batch_size < 2:
             raise PretrainError("--koleo needs a batch of at least 2 scans per process (the nearest other vector)")
+        if self.pair_intensity_jitter and self.method != "simclr":
+            raise PretrainError(f"--pair-intensity-jitter is a SimCLR setting; {self.method} has no pair views")
         if self.method != "dino" and (self.centering != "ema" or self.koleo > 0):
             raise PretrainError(f"--centering and --koleo are DINO settings; {self.method} has no teacher")
         if not self.temperature > 0:
@@ -105,8 +109,13 @@ class PretrainConfig:
         return MultiCropConfig(out_size=out, n_local=self.local_crops, shift=0.0, contrast=(1.0, 1.0))
 
     def pair_views(self) -> PairViewConfig:
-        """SimCLR's views at the model input size."""
-        return PairViewConfig(out_size=VIT_PRESETS[self.model].image_size)
+        """SimCLR's views at the model input size; with ``pair_intensity_jitter`` DINO's intensity shift and contrast
+        ranges, drawn per view."""
+        out = VIT_PRESETS[self.model].image_size
+        if not self.pair_intensity_jitter:
+            return PairViewConfig(out_size=out)
+        dino = MultiCropConfig(out_size=out)
+        return PairViewConfig(out_size=out, intensity_shift=dino.shift, contrast=dino.contrast)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
