@@ -107,7 +107,13 @@ def object_mask(
 
 
 def make_set(
-    folder: Path, *, per_class: int, grid: int, seed: int, hu: tuple[float, float], noise: tuple[float, float],
+    folder: Path,
+    *,
+    per_class: int,
+    grid: int,
+    seed: int,
+    hu: tuple[float, float],
+    noise: tuple[float, float],
     pose: dict | None = None,
 ) -> list[tuple[str, str]]:
     """Write ``per_class`` NIfTI volumes of every class (HU, RAS affine); returns (file stem, class) pairs."""
