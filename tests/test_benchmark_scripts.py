@@ -47,3 +47,36 @@ def test_learning_benchmark_describes_what_embeddings_hold(monkeypatch):
     by_labels = y @ rng.normal(size=(5, 8))
     assert module.embedding_contents(by_labels, patients=patients, y=y)["bleed_label_r2"] == pytest.approx(1.0)
     sys.modules.pop("learning_synthetic", None)
+
+
+@pytest.mark.slow
+def test_gpu_learning_script_runs_end_to_end_at_toy_size(monkeypatch, tmp_path, capsys):
+    """The one command a lent GPU runs, at toy size on the CPU: archive, recipe DINO with its step time measured,
+    frozen and few-shot evaluation, the JSON and the picture named by the card, so a GPU's minutes are not spent
+    finding a broken stage."""
+    import json
+
+    from hctembed.model.checkpoint import load_encoder_weights
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("gpu_learning")
+    summary = module.main(["--out", str(tmp_path), "--budget", "toy", "--device", "cpu"])
+    assert summary["card"] == "cpu" and summary["model"] == "vit-micro"
+    assert (tmp_path / "gpu_learning_cpu.json").is_file()
+    assert (tmp_path / "gpu_learning_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pre = summary["pretraining"]
+    assert pre["seconds_per_step"] > 0 and pre["epochs"] == 1 and pre["steps"] >= 1
+    # the recipe's values, each with its source; the toy size's own prototypes recorded as the user's
+    assert pre["recipe_sources"]["prototypes"] == "user" and "DINO" in pre["recipe_sources"]["clip_mode"]
+    encoder, _ = load_encoder_weights(tmp_path / "dino_run" / "encoder.safetensors")
+    card = json.loads((tmp_path / "dino_run" / "encoder.json").read_text())["card"]
+    assert encoder.config.input_norm == "standardise" and card["clip_mode"] == "per-parameter"
+    assert "fmhct" in str(card["recipe"]) and pre["peak_lr"] == pytest.approx(3e-4 * 4 / 256)  # the linear rule
+    for metric in ("retrieval_map", "linear_auc"):
+        rows = summary["frozen"][metric]
+        assert set(rows) == {"random init", "DINO (fmhct)"}
+        assert all(0.0 <= r["estimate"]["value"] <= 1.0 for r in rows.values())
+    assert [c["task"] for c in summary["fewshot"]["curves"] if c["model"] == "scratch"][-1] == "mean"
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert {line["card"] for line in lines} == {"cpu"} and "total_seconds" in lines[-1]
+    sys.modules.pop("gpu_learning", None)
