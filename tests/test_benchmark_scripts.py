@@ -80,3 +80,26 @@ def test_gpu_learning_script_runs_end_to_end_at_toy_size(monkeypatch, tmp_path, 
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert {line["card"] for line in lines} == {"cpu"} and "total_seconds" in lines[-1]
     sys.modules.pop("gpu_learning", None)
+
+
+@pytest.mark.slow
+def test_lesion_size_script_measures_every_scale_on_the_same_patients(monkeypatch, tmp_path, capsys):
+    """The lesion-size curve at toy size: each scale's archive holds the same scans and labels (only the bleeds
+    grow), every scale gets both encoders' frozen metrics with P values, and the picture is drawn."""
+    import csv
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("lesion_size")
+    figure = tmp_path / "curve.png"
+    result = module.main(["--out", str(tmp_path), "--budget", "toy", "--scales", "1,2", "--figure", str(figure)])
+    assert [r["scale"] for r in result["rows"]] == [1.0, 2.0]
+    labels = [list(csv.reader((tmp_path / f"archive_{s}" / "labels.csv").open())) for s in ("1", "2")]
+    assert labels[0] == labels[1]  # same scans, same subtypes: only the lesion size differs
+    for row in result["rows"]:
+        assert row["scans"] == result["rows"][0]["scans"] and row["test_scans"] == result["rows"][0]["test_scans"]
+        for key in ("retrieval_map", "linear_auc"):
+            assert set(row[key]) == {"random init", "pretrained"} and row[key]["pretrained"]["p"] is not None
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert "| 2 | pretrained |" in capsys.readouterr().out
+    sys.modules.pop("lesion_size", None)
+    sys.modules.pop("gpu_learning", None)
