@@ -80,6 +80,8 @@ def pretrain_config(method: str, epochs: int, args):
     # normalised targets (the MAE paper's better representation). DINO: BatchNorm head, no photometric jitter.
     # SimCLR: a batch of 16 scans (30 negatives per view), temperature 0.1
     lr = {"mae": args.mae_lr, "dino": args.dino_lr, "simclr": args.simclr_lr}[method]
+    if method == "dino" and args.dino_recipe:
+        return dino_recipe_config(epochs, args)
     return PretrainConfig(
         method=method, model=args.model, epochs=epochs, batch_size=16 if method == "simclr" else 8, lr=lr,
         checkpoint_every=100, monitor_every=200, local_crops=2, prototypes=4096, warmup_epochs=1.0,
@@ -88,6 +90,19 @@ def pretrain_config(method: str, epochs: int, args):
                       target="histogram" if args.mae_targets == "histogram" else "pixels", mask_ratio=args.mask_ratio),
         seed=args.seed,
     )  # fmt: skip
+
+
+def dino_recipe_config(epochs: int, args):
+    """DINO as the paper and DINO's code run it (``pretrain --recipe fmhct``: inputs standardised per channel, lr by
+    the linear rule at this batch of 8, teacher temperature 0.04 held, per-parameter clipping at 3, drop path 0.1,
+    3 local crops, 65,536 prototypes), with DINO's BatchNorm head (issue 30's step 4); the labelled monitor every
+    200 steps on the validation part is what the run is judged by."""
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.recipes import apply_recipe
+
+    base = PretrainConfig(method="dino", model=args.model, epochs=epochs, batch_size=8, head_bn=True,
+                          checkpoint_every=100, monitor_every=200, seed=args.seed)  # fmt: skip
+    return apply_recipe(base, name="fmhct", explicit={"head_bn"})[0]
 
 
 def pretrain(args, archive: Path, method: str, epochs: int, *, scan_ids: list[str], monitor_labels: Path) -> dict:
@@ -331,6 +346,8 @@ def main() -> None:
     parser.add_argument("--simclr-epochs", type=int, default=0, help="SimCLR pretraining epochs (0: none)")
     parser.add_argument("--simclr-lr", type=float, default=5e-4)
     parser.add_argument("--dino-epochs", type=int, default=None)
+    parser.add_argument("--dino-recipe", action="store_true", help="DINO with --recipe fmhct and the BN head")
+    parser.add_argument("--ks", default=None, help="few-shot K values, comma-separated (default: the budget's)")
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="backbone lr of every fine-tuning (fixed)")
     parser.add_argument("--full-epochs", type=int, default=None, help="epochs of the whole-training-part runs")
     parser.add_argument("--draws", type=int, default=None, help="few-shot draws per K (default: the budget's)")
@@ -387,7 +404,9 @@ def main() -> None:
 
         request = finetune_request(args, archive, encoders, epochs=budget["k_epochs"], samples=budget["k_samples"])
         draws = args.draws or budget["draws"]
-        result = stage(args.out, "fewshot", lambda: run_fewshot_finetune(request, ks=budget["ks"], draws=draws))
+        ks = tuple(int(k) for k in args.ks.split(",")) if args.ks else budget["ks"]
+        name = "fewshot" if args.ks is None else f"fewshot_k{'_'.join(map(str, ks))}"  # one stage per K list
+        result = stage(args.out, name, lambda: run_fewshot_finetune(request, ks=ks, draws=draws))
         summary += ["## Fine-tuning at K, scratch first", "", *curves_table(result), ""]
     if "finetune" in stages:
         from hctembed.workflows.bench_finetune import run_bench_finetune
