@@ -66,8 +66,11 @@ def test_stored_values_equal_pydicoms_pixel_array(tmp_path):
         for path in paths:
             native = read_native(path)
             assert native is not None, what
-            ds, pixels = native
+            ds, where = native
+            pixels = where.read()
             reference = pydicom.dcmread(path).pixel_array
+            assert np.array_equal(where.read_into(np.full(where.shape, 7, where.dtype)), reference), what
+            assert np.array_equal(read_native(path.read_bytes())[1].read(), reference), what  # bytes in memory
             assert pixels.dtype == reference.dtype and np.array_equal(pixels, reference), what
             assert {"ImagePositionPatient", "RescaleIntercept", "PixelSpacing"} <= set(ds)
             _same_header(ds, pydicom.dcmread(path, stop_before_pixels=True))
@@ -171,9 +174,23 @@ def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding, 
         if dtype == "int32":
             raw[0, 0] = 16_777_217  # past float32's whole numbers: one rounding or two would differ
         s = _Slice(np.zeros(3), np.zeros(6), (1.0, 1.0), raw, slope, intercept, padding, False)
-        got = _to_hu(s, out=np.empty(raw.shape, np.float32))
+        got = _to_hu(s, stored=raw, out=np.empty(raw.shape, np.float32))
         want = np.multiply(raw, np.float32(slope), dtype=np.float32) + np.float32(intercept)
         if padding is not None:
             want[(raw >= padding[0]) & (raw <= padding[1])] = AIR_HU
         want = np.maximum(want, np.float32(AIR_HU))
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (slope, intercept, low)
+
+
+def test_a_file_cut_short_after_its_header_was_read_is_one_clear_error(tmp_path):
+    """The pixels are read when the volume is filled, after every header: a file that shrank in between (rewritten
+    while the series loads) is a VolumeError naming that, not garbage or a traceback."""
+    from hctembed.volume import VolumeError
+
+    paths = write_series(tmp_path / "s", SeriesSpec(n=6, seed=9))
+    _, where = read_native(paths[2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        where.read_into(np.empty((where.shape[1], where.shape[0]), where.dtype).T)
+    paths[2].write_bytes(paths[2].read_bytes()[:-1000])
+    with pytest.raises(VolumeError, match="shorter than when its header was read"):
+        where.read()

@@ -39,7 +39,6 @@ like a NIfTI file, so the same series gives the same Volume whichever way it was
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from pydicom.uid import UID
 
 from hctembed.io.admission import Limits, ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
-from hctembed.io.dicom_native import read_native
+from hctembed.io.dicom_native import StoredPixels, read_native
 from hctembed.io.selection import SelectionConfig
 from hctembed.io.slice_grid import AIR_HU, in_plane_grid, place_whole, regular, slice_grid
 from hctembed.volume import (
@@ -75,7 +74,7 @@ class _Slice:
     position: np.ndarray  # ImagePositionPatient [3], LPS mm
     orientation: np.ndarray  # ImageOrientationPatient [6]
     spacing: tuple[float, float]  # (between rows, between columns) mm
-    raw: np.ndarray  # stored values [rows, cols]
+    raw: np.ndarray | StoredPixels  # stored values [rows, cols], or where an uncompressed file holds them
     slope: float
     intercept: float
     padding: tuple[float, float] | None  # (PixelPaddingValue, PixelPaddingRangeLimit or same)
@@ -124,19 +123,19 @@ def load_dicom_series(
 
 def _read_slice(
     root: Path, ref: str, *, zips: ZipFiles, blob: bytes | None = None
-) -> tuple[pydicom.Dataset, np.ndarray | None]:
-    """One file's header and, for an uncompressed single-frame slice, its stored values read straight from the
-    file (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by pydicom. ``blob``:
-    the file's bytes when they are in memory already."""
+) -> tuple[pydicom.Dataset, StoredPixels | None]:
+    """One file's header and, for an uncompressed single-frame slice, where its stored values lie, to be read
+    straight into the volume (:mod:`hctembed.io.dicom_native`); other files come back with None, to be decoded by
+    pydicom. ``blob``: the file's bytes when they are in memory already."""
     member = blob  # a zip member is inflated once, for either reader
     try:
         if blob is not None:
-            native = read_native(io.BytesIO(blob))
+            native = read_native(blob)
         elif split_ref(ref) is None:
             native = read_native(root / ref)
         else:
             member = zips.read(root, ref)
-            native = read_native(io.BytesIO(member))
+            native = read_native(member)
     except (OSError, VolumeError, NotImplementedError, RuntimeError):
         native = None  # the full reader below says what is wrong, as one line
     if native is not None:
@@ -177,8 +176,8 @@ def _rescale(item) -> tuple[float, float, bool]:
     return float(slope if slope is not None else 1.0), float(intercept if intercept is not None else 0.0), False
 
 
-def _slices_of(ds: pydicom.Dataset, *, pixels: np.ndarray | None = None) -> list[_Slice]:
-    """The slices of one file; ``pixels``: its stored values when already read (else decoded here)."""
+def _slices_of(ds: pydicom.Dataset, *, pixels: np.ndarray | StoredPixels | None = None) -> list[_Slice]:
+    """The slices of one file; ``pixels``: its stored values or where they lie (else decoded here)."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     pixels = _decode(ds) if pixels is None else pixels
     padding = _padding(ds)
@@ -254,8 +253,9 @@ def assemble(
     if len(slices) < 2:
         raise VolumeError(f"{len(slices)} distinct slice position(s): not a volume")
     hu = np.empty((len(slices), *first.raw.shape), np.float32)  # [k, rows, cols], filled slice by slice
+    buffers: dict[np.dtype, np.ndarray] = {}  # one reused slice of stored values per dtype: stays in cache
     for k, s in enumerate(slices):
-        _to_hu(s, out=hu[k])
+        _to_hu(s, stored=_stored_values(s, buffers=buffers), out=hu[k])
     if "rescale_missing" in flags and np.percentile(hu, 1) > -500:
         raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
     targets, step = slice_grid(distance, config=config, flags=flags)
@@ -308,25 +308,42 @@ def assemble(
     return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta, stack=stack)
 
 
-def _to_hu(s: _Slice, *, out: np.ndarray) -> np.ndarray:
-    """Stored values -> HU in ``out [rows, cols]`` (float32): rescale, padding and out-of-field to air.
+def _stored_values(s: _Slice, *, buffers: dict[np.dtype, np.ndarray]) -> np.ndarray:
+    """``s``'s stored values ``[rows, cols]``: the decoded array, or a file's words read into the reused buffer of
+    their dtype (valid until the next slice of that dtype is read)."""
+    if isinstance(s.raw, np.ndarray):
+        return s.raw
+    buffer = buffers.get(s.raw.dtype)
+    if buffer is None or buffer.shape != s.raw.shape:
+        buffer = buffers[s.raw.dtype] = np.empty(s.raw.shape, s.raw.dtype)
+    return s.raw.read_into(buffer)
+
+
+def _to_hu(s: _Slice, *, stored: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Stored values ``stored`` of slice ``s`` -> HU in ``out [rows, cols]`` (float32): rescale, padding and
+    out-of-field to air.
 
     A slope of 1 (most CT) skips the multiply, and the clamp to air runs only when the lowest stored value
     maps below it (float32 arithmetic is monotonic, so the lowest value decides): the same numbers, bit for
     bit, in one pass over the slice instead of three."""
     slope, intercept = np.float32(s.slope), np.float32(s.intercept)
-    if slope == 1 and s.raw.dtype.itemsize <= 2:  # x * 1 is x exactly (float32 holds every 16-bit value)
-        np.add(s.raw, intercept, out=out, casting="unsafe")
+    if slope == 1 and stored.dtype.itemsize <= 2:  # x * 1 is x exactly (float32 holds every 16-bit value)
+        np.add(stored, intercept, out=out, casting="unsafe")
     else:
-        np.multiply(s.raw, slope, out=out, casting="unsafe")
+        np.multiply(stored, slope, out=out, casting="unsafe")
         out += intercept
     if s.padding is not None:
         lo, hi = s.padding
-        out[(s.raw >= lo) & (s.raw <= hi)] = AIR_HU
-    extreme = s.raw.min() if slope > 0 else s.raw.max()
+        out[(stored >= lo) & (stored <= hi)] = AIR_HU
+    extreme = stored.min() if slope > 0 else stored.max()
     if slope <= 0 or np.float32(extreme) * slope + intercept < AIR_HU:
         np.maximum(out, AIR_HU, out=out)  # out-of-field values (-2048, -3024) are air
     return out
+
+
+def _values(s: _Slice) -> np.ndarray:
+    """``s``'s stored values in an array of their own."""
+    return s.raw if isinstance(s.raw, np.ndarray) else s.raw.read()
 
 
 def _merge_duplicates(slices, distance, *, flags):
@@ -334,7 +351,7 @@ def _merge_duplicates(slices, distance, *, flags):
     merged = 0
     for i in range(1, len(slices)):
         if abs(distance[i] - distance[keep[-1]]) < 1e-3:
-            if np.array_equal(slices[i].raw, slices[keep[-1]].raw):
+            if np.array_equal(_values(slices[i]), _values(slices[keep[-1]])):
                 merged += 1
                 continue
             raise VolumeError(f"two different slices at one position ({distance[i]:.1f} mm along the normal)")

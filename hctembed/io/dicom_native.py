@@ -6,8 +6,10 @@ that assembling a volume never looks at; pydicom parses every element into a Pyt
 here, even when asked for a few tags) before its pixel handlers decode the values. :func:`parse_header` instead
 steps over the elements of an explicit or implicit VR little-endian file by their lengths (sequences of
 undefined length item by item), decodes only :data:`_WANTED` (as pydicom would: DS and IS strings to numbers,
-US/SS by the VR or PixelRepresentation), and finds the pixel element; its ``Rows x Columns`` 16-bit words are
-then copied (or read with ``readinto``) into the array the slice keeps.
+US/SS by the VR or PixelRepresentation), and finds the pixel element; where its ``Rows x Columns`` 16-bit words
+lie is kept (:class:`StoredPixels`), and the assembly reads them with ``readinto`` into one reused slice buffer,
+from which they go to Hounsfield units in the volume (no array per slice: a 170-slice series no longer holds
+89 MB of stored values beside its HU).
 
 Anything else (compressed or big-endian transfer syntaxes, multi-frame or enhanced files, other bit depths,
 colour, an element this walker does not take) returns None, and the caller reads the file through pydicom as
@@ -17,27 +19,37 @@ for bit (tests/test_dicom_native.py: every kind of DICOM the tests write, a zip,
 
 from __future__ import annotations
 
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from hctembed.volume import VolumeError
+
 NATIVE_SYNTAXES = {"1.2.840.10008.1.2.1": True, "1.2.840.10008.1.2": False}  # UID -> explicit VR
 
 
-def read_native(source: Path | BinaryIO) -> tuple[NativeHeader, np.ndarray] | None:
-    """``(header with the load tags, stored values [rows, cols])`` of an uncompressed single-frame slice (a file,
-    or a zip member's bytes as a file object), or None when it is anything else (the caller then reads it whole
-    through pydicom)."""
+def read_native(source: Path | bytes | bytearray | memoryview | BinaryIO) -> tuple[NativeHeader, StoredPixels] | None:
+    """``(header with the load tags, where its stored values lie)`` of an uncompressed single-frame slice (a file,
+    or a zip member's or PACS instance's bytes), or None when it is anything else (the caller then reads it whole
+    through pydicom). A file's pixels are not read here: :meth:`StoredPixels.read_into` reads them when the volume
+    is filled, so that a series passes through one slice-sized buffer instead of an array per slice."""
     if isinstance(source, Path):
         with open(source, "rb") as f:
-            return read_native(f)
-    start = source.tell()
-    head = source.read(HEAD_BYTES)
-    parsed = parse_header(head)
-    if parsed is None and len(head) == HEAD_BYTES:  # a header longer than the first read: the whole file
-        source.seek(start)
-        head = source.read()
+            head = f.read(HEAD_BYTES)
+            size = os.fstat(f.fileno()).st_size
+            parsed = parse_header(head)
+            if parsed is None and len(head) == HEAD_BYTES:  # a header longer than the first read
+                f.seek(0)
+                parsed = parse_header(f.read())
+        data: Path | bytes = source
+    else:
+        head = bytes(source) if isinstance(source, bytearray | memoryview) else source
+        head = head if isinstance(head, bytes) else head.read()
+        size, data = len(head), head
         parsed = parse_header(head)
     if parsed is None:
         return None
@@ -45,17 +57,47 @@ def read_native(source: Path | BinaryIO) -> tuple[NativeHeader, np.ndarray] | No
     if "SOPInstanceUID" not in ds or not _plain_16_bit_slice(ds):
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
-    if length != rows * cols * 2:  # undefined length (encapsulated), padding, or odd sizes
+    if length != rows * cols * 2 or offset + length > size:  # encapsulated, padded, odd sizes, or a short file
         return None
-    pixels = np.empty((rows, cols), "<i2" if int(ds.PixelRepresentation) == 1 else "<u2")
-    view = memoryview(pixels).cast("B")
-    have = head[offset : offset + length]
-    view[: len(have)] = have
-    if len(have) < length:
-        source.seek(start + offset + len(have))
-        if source.readinto(view[len(have) :]) != length - len(have):
-            return None  # a short file: the full reader names the problem
-    return ds, _stored_bits(pixels, ds)
+    signed = int(ds.PixelRepresentation) == 1
+    return ds, StoredPixels(source=data, offset=offset, shape=(rows, cols), dtype=np.dtype("<i2" if signed else "<u2"),
+                            bits_stored=int(ds.BitsStored))  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class StoredPixels:
+    """Where one uncompressed slice's ``Rows x Columns`` 16-bit stored values lie: a file and byte offset, or bytes
+    in memory (a zip member, a PACS instance). ``shape``, ``dtype`` and ``ndim`` read like the array's."""
+
+    source: Path | bytes
+    offset: int
+    shape: tuple[int, int]
+    dtype: np.dtype
+    bits_stored: int
+    ndim = 2
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """The values pydicom's ``pixel_array`` gives, written into ``out`` (C-contiguous, this shape and dtype),
+        which is returned. VolumeError when the file is shorter than it was when its header was read."""
+        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"need a C-contiguous {self.shape} {self.dtype} buffer")
+        view = memoryview(out).cast("B")
+        if isinstance(self.source, Path):
+            try:
+                with open(self.source, "rb") as f:
+                    f.seek(self.offset)
+                    got = f.readinto(view)
+            except OSError as exc:
+                raise VolumeError(f"a slice file became unreadable ({exc.strerror or type(exc).__name__})") from None
+            if got != len(view):
+                raise VolumeError("a slice file is shorter than when its header was read (changed while loading?)")
+        else:
+            view[:] = self.source[self.offset : self.offset + len(view)]
+        return _stored_bits(out, bits_stored=self.bits_stored)
+
+    def read(self) -> np.ndarray:
+        """The stored values in a new ``[rows, cols]`` array."""
+        return self.read_into(np.empty(self.shape, self.dtype))
 
 
 class NativeHeader(dict):
@@ -69,7 +111,7 @@ class NativeHeader(dict):
             raise AttributeError(name) from None
 
 
-HEAD_BYTES = 1 << 16  # read first; real headers are a few kB (7.6 kB on the Philips series)
+HEAD_BYTES = 1 << 14  # read first; real headers are a few kB (7.6 kB on the Philips series); longer: the whole file
 # (group, element) -> (keyword, how to read the value) for the tags the assembly reads
 _WANTED = {
     (0x0008, 0x0018): ("SOPInstanceUID", "text"),
@@ -113,7 +155,7 @@ def parse_header(buf: bytes) -> tuple[NativeHeader, int, int] | None:
         if pixel is None:
             return None
         return _decoded(found), pixel[0], pixel[1]
-    except (IndexError, ValueError, UnicodeDecodeError, RecursionError):
+    except (IndexError, ValueError, UnicodeDecodeError, RecursionError, struct.error):
         return None  # a value this walker does not read as pydicom would: pydicom reads the file
 
 
@@ -130,17 +172,23 @@ def _file_meta(buf: bytes) -> tuple[int, str]:
     raise ValueError("no dataset after the file meta group")
 
 
+_SHORT_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length (explicit VR)
+_IMPLICIT_HEAD = struct.Struct("<HHI")  # group, element, 32-bit length (implicit VR, items and delimiters)
+_U32 = struct.Struct("<I")
+
+
 def _element_at(buf, at: int, *, explicit: bool) -> tuple[int, int, bytes, int, int]:
     """``(group, element, VR, value length, value offset)`` of the element starting at ``at`` (VR ``SQ`` for every
-    element of an implicit VR file, whose sequences are only told by their undefined length)."""
-    group = int.from_bytes(buf[at : at + 2], "little")
-    element = int.from_bytes(buf[at + 2 : at + 4], "little")
-    if explicit and group != 0xFFFE:
-        vr = buf[at + 4 : at + 6]
-        if vr in _LONG_VRS:
-            return group, element, vr, int.from_bytes(buf[at + 8 : at + 12], "little"), at + 12
-        return group, element, vr, int.from_bytes(buf[at + 6 : at + 8], "little"), at + 8
-    return group, element, b"SQ" if group != 0xFFFE else b"", int.from_bytes(buf[at + 4 : at + 8], "little"), at + 8
+    element of an implicit VR file, whose sequences are only told by their undefined length). struct.error when the
+    buffer ends inside the element's header."""
+    if explicit:
+        group, element, vr, length = _SHORT_HEAD.unpack_from(buf, at)
+        if group != 0xFFFE:
+            if vr in _LONG_VRS:
+                return group, element, vr, _U32.unpack_from(buf, at + 8)[0], at + 12
+            return group, element, vr, length, at + 8
+    group, element, length = _IMPLICIT_HEAD.unpack_from(buf, at)
+    return group, element, b"SQ" if group != 0xFFFE else b"", length, at + 8
 
 
 def _walk(buf, at: int, end: int, *, explicit: bool, found: dict) -> tuple[int, int] | None:
@@ -258,13 +306,13 @@ def _plain_16_bit_slice(ds: NativeHeader) -> bool:
         return False
 
 
-def _stored_bits(pixels: np.ndarray, ds: NativeHeader) -> np.ndarray:
-    """The values pydicom's ``pixel_array`` gives for 16-bit words of which ``BitsStored`` hold the value: bits
-    above the stored ones dropped (unsigned), or replaced by the sign of the top stored bit (signed)."""
-    stored = int(ds.BitsStored)
+def _stored_bits(pixels: np.ndarray, *, bits_stored: int) -> np.ndarray:
+    """The values pydicom's ``pixel_array`` gives for 16-bit words (int16: signed) of which ``bits_stored`` hold the
+    value: bits above the stored ones dropped (unsigned), or replaced by the sign of the top stored bit (signed)."""
+    stored = bits_stored
     if stored == 16:
         return pixels
-    if int(ds.PixelRepresentation) == 1:
+    if pixels.dtype.kind == "i":
         shift = np.int16(16 - stored)
         np.left_shift(pixels, shift, out=pixels)
         np.right_shift(pixels, shift, out=pixels)  # arithmetic: the sign bit spreads
