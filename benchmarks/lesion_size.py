@@ -14,7 +14,7 @@ any run. Writes OUT/lesion_size.json, prints a table, and draws ``--figure`` (de
 docs/learning/lesion_size.png).
 
     .venv/bin/python benchmarks/lesion_size.py --out bench-out/lesion --encoder RUN/encoder.safetensors \\
-        --archive-1 bench-out/learning/archive                      # ~15 min a scale on one core
+        --archive-1 bench-out/learning/archive --cache-1 bench-out/learning/cache   # ~15 min a scale, one core
     .venv/bin/python benchmarks/lesion_size.py --out /tmp/ls --budget toy  # smoke run (~1 min)
 """
 
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encoder", type=Path, default=None, help="the pretrained encoder (default: toy DINO run)")
     parser.add_argument("--name", default="pretrained", help="the pretrained encoder's name in the tables")
     parser.add_argument("--archive-1", type=Path, default=None, help="an existing scale-1 archive (same n and seed)")
+    parser.add_argument("--cache-1", type=Path, default=None, help="that archive's base-volume cache, if built")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
     parser.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES))
     parser.add_argument("--figure", type=Path, default=Path("docs/learning/lesion_size.png"))
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     for scale in scales:
         start = time.perf_counter()
         archive = archive_at(args, scale, budget)
-        cache = args.out / f"cache_{scale:g}"
+        cache = args.cache_1 if scale == 1.0 and args.cache_1 is not None else args.out / f"cache_{scale:g}"
         data = labelled_cache(archive, archive / "labels.csv", tasks=SUBTYPES, image_size=size, cache=cache,
                               progress=NO_PROGRESS)  # fmt: skip
         split = patient_split(list(data.patient_ids), ratios=(0.8, 0.1, 0.1), seed=args.seed)
