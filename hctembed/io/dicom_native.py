@@ -92,7 +92,7 @@ class StoredPixels:
             if got != len(view):
                 raise VolumeError("a slice file is shorter than when its header was read (changed while loading?)")
         else:
-            view[:] = self.source[self.offset : self.offset + len(view)]
+            view[:] = memoryview(self.source)[self.offset : self.offset + len(view)]  # no intermediate copy
         return _stored_bits(out, bits_stored=self.bits_stored)
 
     def read(self) -> np.ndarray:
