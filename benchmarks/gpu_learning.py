@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hctembed.json_values import json_safe
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 log = logging.getLogger("gpu_learning")
@@ -137,8 +139,6 @@ def frozen(data, split, encoders: dict, *, device: str, seed: int) -> dict:
                        sources=[{} for _ in names])  # fmt: skip
     everyone = Aligned(model_ids=names, x=xs, scan_ids=data.scan_ids, patient_ids=list(data.patient_ids), y=y,
                        names=list(SUBTYPES), sources=[{} for _ in names])  # fmt: skip
-    from hctembed.json_values import json_safe
-
     return json_safe({"retrieval": compare_retrieval(held_out, exclude_same_patient=True, seed=seed),
                       "linear": compare_classification(everyone, method="linear", split=split, seed=seed,
                                                        fit_score=lambda m: linear_fit_score(seed=seed))})  # fmt: skip
@@ -267,14 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
         request = FinetuneBenchRequest(archive=archive, labels=archive / "labels.csv", tasks=FEWSHOT_TASKS,
                                        out_dir=args.out / "finetune", weights=(result.encoder_path,), config=ft,
                                        cache=args.out / "cache", device=device)  # fmt: skip
-        from hctembed.json_values import json_safe
-
         fewshot = json_safe(run_fewshot_finetune(request, ks=budget["ks"], draws=budget["draws"]))
         timings["fewshot"] = time.perf_counter() - t
     else:
         log.warning("few-shot fine-tuning skipped: the %s s budget is spent", args.seconds or budget["seconds"])
-
-    from hctembed.json_values import json_safe
 
     name = f"gpu_learning_{slug(card)}"
     summary = json_safe({

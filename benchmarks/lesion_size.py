@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from gpu_learning import frozen, mean_row, random_like
 
-    from hctembed.config import VIT_PRESETS
     from hctembed.eval.splits import patient_split
     from hctembed.model.checkpoint import load_encoder_weights
     from hctembed.workflows.finetune import labelled_cache
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         cache_dir=args.out / "cache_toy", device="cpu").encoder_path  # fmt: skip
     encoder = load_encoder_weights(args.encoder)[0]
     encoders = {"random init": random_like(encoder, seed=args.seed), args.name: encoder}
-    size = VIT_PRESETS[encoder.config.name].image_size if encoder.config.name in VIT_PRESETS else 48
+    size = encoder.config.image_size  # the input both encoders take
     rows = []
     for scale in scales:
         start = time.perf_counter()
