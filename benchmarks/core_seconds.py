@@ -11,7 +11,7 @@ median of ``--repeats`` after one warm-up call:
 * stages, each timed alone on the same scan: NIfTI ``inflate`` (ISA-L, the whole file), ``load`` (inflate +
   voxels, as RAS, whole file); DICOM ``floor`` (``np.fromfile`` of every file's pixel bytes at offsets found
   beforehand: the read no DICOM reader can avoid), ``load`` (``load_dicom_series``: headers, pixels, sort,
-  checks, HU); then ``resample`` (the separable spline
+  checks; a regular series keeps its stored words, which the resample converts to HU slab by slab); then ``resample`` (the separable spline
   onto the 1 mm grid), ``head check`` and ``finish`` (head box, pad/crop, windows, area average).
 
 The streamed NIfTI path overlaps inflating with the in-plane products, so its stages add up to more than its
@@ -76,7 +76,7 @@ def child(case: str, folder: Path, *, repeats: int, retain: bool) -> dict:
 
         files = sorted(p for p in (folder / case).iterdir())
         offsets = pixel_offsets(folder / case, [f.name for f in files])
-        shape = load_dicom_series(folder / case, [files[0].name, files[1].name]).array.shape[1:]
+        shape = load_dicom_series(folder / case, [files[0].name, files[1].name]).voxels.shape[1:]
 
         def load():
             return load_dicom_series(folder / case, [f.name for f in files])
@@ -118,7 +118,7 @@ def child(case: str, folder: Path, *, repeats: int, retain: bool) -> dict:
         ),
         "finish": cpu_median(lambda: finish(hu, grid=grid, config=config), repeats),
     }
-    return {"case": case, "retain": retain, "retained": retained, "shape_zyx": list(volume.array.shape),
+    return {"case": case, "retain": retain, "retained": retained, "shape_zyx": list(volume.voxels.shape),
             "cpu_s": {k: round(v, 4) for k, v in stages.items()}}  # fmt: skip
 
 

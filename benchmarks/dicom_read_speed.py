@@ -8,15 +8,19 @@ the median CPU time (all threads) of ``--repeats`` calls after a warm-up:
 
 * ``floor``: ``np.fromfile`` of every file's pixel bytes at offsets found beforehand, into one stack: the I/O
   and copy no reader can avoid;
-* ``load``: ``load_dicom_series`` (sort, checks, HU, zones/tilt), whose files take the native path
-  (``hctembed/io/dicom_native.py``: header parsed once for the tags assembly needs, pixels read straight in);
+* ``load``: ``load_dicom_series`` (sort, checks, zones/tilt), whose files take the native path
+  (``hctembed/io/dicom_native.py``: header parsed once for the tags assembly needs, pixels read straight in). A
+  regular series with one rescale keeps its stored words (``Volume.stored``: read into one buffer, converted to
+  HU where ``prepare`` reads them); a zoned or tilted one is converted slice by slice here;
+* ``load + HU``: ``load`` and then the whole volume in float32 HU (``Volume.array``): what a caller that wants
+  the HU array pays, and what ``load`` cost before it kept the stored words;
 * ``load, full read``: the same with the native path switched off (every tag parsed, pixels decoded by
   pydicom's handlers): what it cost before;
 * ``prepare``: ``load`` plus the head check, the 1 mm resample, windows and crop (what ``embed`` runs);
 * ``MONAI``: ``LoadImage(PydicomReader)`` of the series folder, then the paper's chain (Orientation, Spacing
   1 mm spline, windows, crop, resize).
 
-Prints each and the ratios ``MONAI / prepare`` and ``load / floor``; writes
+Prints each and the ratios ``MONAI / prepare``, ``load / floor`` and ``load + HU / floor``; writes
 ``benchmarks/results/dicom_read_speed.json``.
 
     python benchmarks/dicom_read_speed.py [--repeats 5]
@@ -135,6 +139,7 @@ def main() -> None:
             steps = {
                 "floor": lambda offsets=offsets, shape=shape: floor_read(offsets, shape),
                 "load": lambda ref=ref: load_dicom_series(ref.root, ref.files),
+                "load + HU": lambda ref=ref: load_dicom_series(ref.root, ref.files).array,
                 "load, full read": full,
                 "prepare": lambda ref=ref: prepare(ref, config=config, head_check=True),
                 "MONAI": lambda folder=folder: chain(loader(str(folder))),
@@ -148,14 +153,15 @@ def main() -> None:
                 **{f"{k}_cpu_s": round(v, 3) for k, v in seconds.items()},
                 "monai_over_prepare": round(seconds["MONAI"] / seconds["prepare"], 1),
                 "load_over_floor": round(seconds["load"] / seconds["floor"], 2),
+                "load_hu_over_floor": round(seconds["load + HU"] / seconds["floor"], 2),
                 "full_read_over_load": round(seconds["load, full read"] / seconds["load"], 2),
             }
             rows.append(row)
             print(
-                f"{name:40} floor {seconds['floor']:.3f}  load {seconds['load']:.3f} "
+                f"{name:40} floor {seconds['floor']:.3f}  load {seconds['load']:.3f} (+HU {seconds['load + HU']:.3f}) "
                 f"(full read {seconds['load, full read']:.3f}, {row['full_read_over_load']:.1f}x)  prepare "
                 f"{seconds['prepare']:.3f}  MONAI {seconds['MONAI']:.3f}  -> {row['monai_over_prepare']:.1f}x MONAI, "
-                f"load {row['load_over_floor']:.2f}x the floor  (CPU-s)",
+                f"load {row['load_over_floor']:.2f}x the floor (+HU {row['load_hu_over_floor']:.2f}x)  (CPU-s)",
                 flush=True,
             )
     facts = {

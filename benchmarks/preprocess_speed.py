@@ -112,14 +112,14 @@ def dicom_case(name: str, series: Path, files: list[str], *, config, chain) -> t
 
     offsets = pixel_offsets(series, files)
     volume = load_dicom_series(series, files)
-    shape = volume.array.shape[1:]
+    shape = volume.voxels.shape[1:]
 
     def decode():
         return floor_read(offsets, shape)
 
     def fast():
         loaded = load_dicom_series(series, files)
-        check_head(loaded.array, spacing_zyx=loaded.spacing_xyz[::-1])
+        check_head(loaded.voxels, spacing_zyx=loaded.spacing_xyz[::-1])  # as prepare: samples converted, not all
         return preprocess(loaded, config=config)
 
     def head():

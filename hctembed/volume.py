@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from hctembed.errors import HctembedError
+from hctembed.rescale import StoredValues
 
 
 class VolumeError(HctembedError, ValueError):
@@ -25,13 +27,17 @@ class SourceUnavailable(HctembedError):
     one line, keeping every batch it stored, and a re-run resumes. Never one scan's failure."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Volume:
     """A CT volume in Hounsfield units, oriented to the closest RAS axes.
 
+    Built with ``Volume(array=..., affine=...)`` (HU as given) or ``Volume(stored=..., affine=...)`` (the voxels as
+    a DICOM series stores them, converted to HU where they are read).
+
     Attributes:
         array: float32 HU, shape ``[Z, Y, X]``; ``array[z, y, x]`` is voxel index ``(x, y, z)``.
-            May be a strided view of the file's buffer (no copy); never write to it.
+            May be a strided view of the file's buffer (no copy); never write to it. A volume built from
+            ``stored`` converts it on first use (and keeps it).
         affine: float64 ``[4, 4]`` mapping voxel index ``(x, y, z, 1)`` to RAS world millimetres
             (the NIfTI convention, so ``affine @ [x, y, z, 1]``). Its columns point along +R, +A, +S
             as closely as the acquisition allows; oblique scans keep their rotation here.
@@ -40,16 +46,48 @@ class Volume:
             spacing, gantry tilt), the slices as stored with their true positions (:class:`SliceStack`): the
             paper preprocessing interpolates once from those to its 1 mm grid; :func:`hctembed.io.slice_grid.regular`
             gives everything else a regular grid.
+        stored: None, or the voxels as the files store them, with their rescale
+            (:class:`hctembed.rescale.StoredValues`: a series on a regular grid with one rescale). The checks
+            (:attr:`voxels`) and the resample read these, converting a sample or a slab at a time: the HU of the
+            whole volume (twice the bytes of the stored words) is never written unless ``array`` is asked for.
     """
 
-    array: np.ndarray
     affine: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-    stack: SliceStack | None = None
+    meta: dict[str, Any]
+    stack: SliceStack | None
+    stored: StoredValues | None
+
+    def __init__(
+        self,
+        *,
+        affine: np.ndarray,
+        array: np.ndarray | None = None,
+        stored: StoredValues | None = None,
+        meta: dict[str, Any] | None = None,
+        stack: SliceStack | None = None,
+    ) -> None:
+        if (array is None) == (stored is None):
+            raise TypeError("a Volume is built from either array (HU) or stored (values and rescale), not both")
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "meta", {} if meta is None else meta)
+        object.__setattr__(self, "stack", stack)
+        object.__setattr__(self, "stored", stored)
+        if array is not None:
+            self.__dict__["array"] = array  # what the cached property would hold
+
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        return self.stored.hu_array()
+
+    @property
+    def voxels(self) -> np.ndarray | StoredValues:
+        """The HU voxels ``[Z, Y, X]`` to index (``voxels[::2, ::4, ::4]`` is float32 HU): ``array`` when it is held,
+        else the stored values, which convert only what is indexed."""
+        return self.__dict__.get("array", self.stored)
 
     @property
     def shape_xyz(self) -> tuple[int, int, int]:
-        z, y, x = self.array.shape
+        z, y, x = self.voxels.shape
         return (x, y, z)
 
     @property
@@ -134,7 +172,7 @@ def ras_orientation(affine: np.ndarray, shape_xyz: tuple[int, ...]) -> RasOrient
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
     ornt = io_orientation(affine)
-    codes = tuple(nib.aff2axcodes(affine))
+    codes = tuple(nib.orientations.ornt2axcodes(ornt))  # aff2axcodes(affine), without a second io_orientation
     transform = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
     # transform[i] = (new axis for input axis i, flip)
     order = np.argsort(transform[:, 0])
@@ -160,8 +198,13 @@ def orient_to_ras(array_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
         (the reoriented ``[x, y, z]`` view, its affine, the source's axis codes such as ``("L", "P", "S")``).
     """
     ras = ras_orientation(affine, array_xyz.shape)
+    return reorient(array_xyz, ras), ras.affine, ras.codes
+
+
+def reorient(array_xyz: np.ndarray, ras: RasOrientation) -> np.ndarray:
+    """``array_xyz`` permuted and flipped as ``ras`` says (a view)."""
     out = array_xyz.transpose(ras.order)
     for axis, flip in enumerate(ras.flips):
         if flip:
             out = np.flip(out, axis=axis)
-    return out, ras.affine, ras.codes
+    return out

@@ -168,7 +168,7 @@ def test_public_names_stay_the_documented_objects(first: str) -> None:
 
 
 # what the io layer (files, archives, PACS) may build on: nothing that stores, indexes, embeds or serves
-IO_MAY_IMPORT = ("hctembed.io", "hctembed.errors", "hctembed.volume", "hctembed.portable_paths",
+IO_MAY_IMPORT = ("hctembed.io", "hctembed.errors", "hctembed.volume", "hctembed.rescale", "hctembed.portable_paths",
                  "hctembed.head_check", "hctembed.config")  # fmt: skip
 
 

@@ -164,22 +164,71 @@ def test_what_it_does_not_read_falls_back(tmp_path):
 @pytest.mark.parametrize("padding", [None, (-2000.0, -2000.0)])
 @pytest.mark.parametrize("dtype", ["int16", "int32"])
 def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding, dtype):
-    """``_to_hu``'s one-pass shortcuts (no multiply for a slope of 1, no clamp when nothing maps below air) give
-    the float32 of rescale, padding and clamp done in full, bit for bit."""
-    from hctembed.io.dicom import AIR_HU, _Slice, _to_hu
+    """``Rescale.apply``'s one-pass shortcuts (no multiply for a slope of 1, no clamp when nothing maps below air)
+    give the float32 of rescale, padding and clamp done in full, bit for bit, and so do any blocks of it."""
+    from hctembed.rescale import AIR_HU, Rescale
 
     rng = np.random.default_rng(0)
     for low in (-2000, 0, 1000):  # stored values that do, and do not, map below air
-        raw = rng.integers(low, 4000, size=(64, 64)).astype(dtype)
+        raw = rng.integers(low, 4000, size=(8, 64, 64)).astype(dtype)
         if dtype == "int32":
-            raw[0, 0] = 16_777_217  # past float32's whole numbers: one rounding or two would differ
-        s = _Slice(np.zeros(3), np.zeros(6), (1.0, 1.0), raw, slope, intercept, padding, False)
-        got = _to_hu(s, stored=raw, out=np.empty(raw.shape, np.float32))
+            raw[0, 0, 0] = 16_777_217  # past float32's whole numbers: one rounding or two would differ
+        rescale = Rescale(slope=slope, intercept=intercept, padding=padding)
+        got = rescale.apply(raw, out=np.empty(raw.shape, np.float32))
         want = np.multiply(raw, np.float32(slope), dtype=np.float32) + np.float32(intercept)
         if padding is not None:
             want[(raw >= padding[0]) & (raw <= padding[1])] = AIR_HU
         want = np.maximum(want, np.float32(AIR_HU))
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (slope, intercept, low)
+        for block in (raw[3:5], raw[:, ::4, ::4], raw[::-1, 10:20]):  # what the resample and checks convert
+            part = rescale.hu(block)
+            assert np.array_equal(part.view(np.uint32), want[_same_index(raw, block)].view(np.uint32))
+
+
+def _same_index(base: np.ndarray, view: np.ndarray):
+    """The index of ``base`` that ``view`` is (for the three views above)."""
+    for key in (np.s_[3:5], np.s_[:, ::4, ::4], np.s_[::-1, 10:20]):
+        if base[key].__array_interface__ == view.__array_interface__:
+            return key
+    raise AssertionError("not one of the views")
+
+
+def test_a_regular_series_keeps_its_stored_values_and_gives_the_same_numbers(tmp_path, monkeypatch):
+    """A regular series with one rescale is held as its stored words (the slices read straight into one buffer);
+    its HU array (values and layout), the checks' samples and the preprocessed input are the same, bit for bit, as
+    from the volume converted slice by slice (``keep_stored=False``: what the loader built before), and a series
+    whose slices differ in rescale is converted slice by slice."""
+    from hctembed.config import PreprocessConfig
+    from hctembed.preprocessing import preprocess
+    from hctembed.rescale import StoredValues
+
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    paths = write_series(tmp_path / "s", SeriesSpec(n=12, seed=10))
+    names = [p.name for p in paths]
+    volume = load_dicom_series(paths[0].parent, names)
+    converted = load_dicom_series(paths[0].parent, names, keep_stored=False)
+    assert converted.stored is None and isinstance(converted.voxels, np.ndarray)
+    assert isinstance(volume.stored, StoredValues) and volume.stored.buffer.dtype == np.int16
+    assert isinstance(volume.voxels, StoredValues)  # nothing converted yet
+    assert volume.shape_xyz == converted.shape_xyz and np.array_equal(volume.affine, converted.affine)
+    assert volume.meta == converted.meta
+    sample = volume.voxels[::2, ::4, ::4]
+    assert _bits(sample) == _bits(converted.array[::2, ::4, ::4])
+    config = PreprocessConfig(pad_size=64, crop_size=48, out_size=24)
+    assert _bits(preprocess(volume, config=config).numpy()) == _bits(preprocess(converted, config=config).numpy())
+    assert "array" not in volume.__dict__  # the checks' sample and the resample converted parts, not the volume
+    hu = volume.array  # converted now, once, and kept
+    assert volume.voxels is hu and volume.array is hu
+    assert hu.strides == converted.array.strides and _bits(hu) == _bits(converted.array)
+    # one slice with another intercept: converted slice by slice, as before
+    _rewrite(paths[5], RescaleIntercept=-1000)
+    mixed = load_dicom_series(paths[0].parent, names)
+    assert mixed.stored is None and mixed.array.dtype == np.float32
+
+
+def _bits(a: np.ndarray) -> bytes:
+    """``a``'s float32 values as bytes, in index order (equal bytes: equal bit for bit, NaN-safe)."""
+    return np.ascontiguousarray(a, dtype=np.float32).tobytes()
 
 
 def test_a_file_cut_short_after_its_header_was_read_is_one_clear_error(tmp_path):

@@ -52,7 +52,8 @@ from hctembed.io.admission import Limits, ZipFiles, split_ref
 from hctembed.io.dicom_headers import HeaderError, read_dataset
 from hctembed.io.dicom_native import StoredPixels, read_native
 from hctembed.io.selection import SelectionConfig
-from hctembed.io.slice_grid import AIR_HU, in_plane_grid, place_whole, regular, slice_grid
+from hctembed.io.slice_grid import in_plane_grid, place_whole, regular, slice_grid
+from hctembed.rescale import Rescale, StoredValues
 from hctembed.volume import (
     MAX_VOXELS,
     SliceStack,
@@ -60,8 +61,8 @@ from hctembed.volume import (
     VolumeError,
     check_affine,
     check_voxel_count,
-    orient_to_ras,
     ras_orientation,
+    reorient,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class _Slice:
     padding: tuple[float, float] | None  # (PixelPaddingValue, PixelPaddingRangeLimit or same)
     rescale_missing: bool
 
+    @property
+    def rescale(self) -> Rescale:
+        return Rescale(slope=self.slope, intercept=self.intercept, padding=self.padding)
+
 
 def load_dicom_series(
     root: Path,
@@ -89,9 +94,12 @@ def load_dicom_series(
     max_voxels: int = MAX_VOXELS,
     limits: Limits | None = None,
     blobs: Mapping[str, bytes] | None = None,
+    keep_stored: bool = True,
 ) -> Volume:
     """Read and assemble the files of one series (paths relative to ``root``; zip members allowed; ``blobs``:
-    the files' bytes by ref when they are already in memory, e.g. fetched from a PACS).
+    the files' bytes by ref when they are already in memory, e.g. fetched from a PACS). ``keep_stored``: a series
+    on a regular grid with one rescale keeps its stored values (``Volume.stored``, converted to HU where they are
+    read); False converts every slice to HU now (the same numbers).
 
     Each file's Rows x Columns x NumberOfFrames is added up and checked against ``max_voxels`` before its
     pixels are decoded, so a header that claims a huge image fails the series without allocating it."""
@@ -118,7 +126,7 @@ def load_dicom_series(
         raise VolumeError("no image slices")
     if any(s.rescale_missing for s in slices):
         flags.append("rescale_missing")
-    return assemble(slices, flags=flags, config=config, max_voxels=max_voxels)
+    return assemble(slices, flags=flags, config=config, max_voxels=max_voxels, keep_stored=keep_stored)
 
 
 def _read_slice(
@@ -234,13 +242,19 @@ def _frames_of(ds: pydicom.Dataset, pixels: np.ndarray, padding) -> list[_Slice]
 
 
 def assemble(
-    slices: list[_Slice], *, flags: list[str], config: SelectionConfig, max_voxels: int = MAX_VOXELS
+    slices: list[_Slice],
+    *,
+    flags: list[str],
+    config: SelectionConfig,
+    max_voxels: int = MAX_VOXELS,
+    keep_stored: bool = True,
 ) -> Volume:
     """Order, check and stack slices into a RAS Volume (see the module docstring for the rules)."""
     first = slices[0]
-    for s in slices[1:]:
-        if s.raw.shape != first.raw.shape or not np.allclose(s.orientation, first.orientation, atol=1e-3):
-            raise VolumeError("slices differ in matrix size or orientation")
+    orientations = np.array([s.orientation for s in slices])  # [K, 6]: one check for the series, not one a slice
+    if any(s.raw.shape != first.raw.shape for s in slices) or not np.allclose(orientations, first.orientation,
+                                                                              atol=1e-3):  # fmt: skip
+        raise VolumeError("slices differ in matrix size or orientation")
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
@@ -252,28 +266,43 @@ def assemble(
     slices, distance = _merge_duplicates(slices, distance, flags=flags)
     if len(slices) < 2:
         raise VolumeError(f"{len(slices)} distinct slice position(s): not a volume")
-    hu = np.empty((len(slices), *first.raw.shape), np.float32)  # [k, rows, cols], filled slice by slice
-    buffers: dict[np.dtype, np.ndarray] = {}  # one reused slice of stored values per dtype: stays in cache
-    for k, s in enumerate(slices):
-        _to_hu(s, stored=_stored_values(s, buffers=buffers), out=hu[k])
-    if "rescale_missing" in flags and np.percentile(hu, 1) > -500:
-        raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
+    if "rescale_missing" in flags:  # are the values HU without a rescale? (a sample of every slice says)
+        sample = np.stack([s.rescale.hu(_values(s)[::4, ::4]) for s in slices])
+        if np.percentile(sample, 1) > -500:
+            raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
     targets, step = slice_grid(distance, config=config, flags=flags)
     positions = np.array([s.position for s in slices])
     plane = in_plane_grid(
         positions, normal=normal, row_dir=row_dir, col_dir=col_dir, spacing=first.spacing, shape=first.raw.shape
     )
     stack = None
+    rescale = first.rescale
+    if keep_stored and targets is None and plane is None and all(s.rescale == rescale and s.raw.dtype == first.raw.dtype
+                                                 for s in slices):  # fmt: skip
+        # a regular grid with one rescale (most series): the stored words go straight into one buffer, and become
+        # HU where they are read (Volume.stored): the checks' sample, the resample's slabs
+        stored = np.empty((len(slices), *first.raw.shape), first.raw.dtype)  # [k, rows, cols]
+        for k, s in enumerate(slices):
+            if isinstance(s.raw, np.ndarray):
+                stored[k] = s.raw
+            else:
+                s.raw.read_into(stored[k])
+        voxels = stored
+    else:
+        stored = None
+        if targets is not None or plane is not None:
+            shape = plane.shape if plane is not None else first.raw.shape
+            regular_slices = len(targets) if targets is not None else len(distance)
+            check_voxel_count((max(regular_slices, len(distance)), *shape), max_voxels=max_voxels,
+                              what="the resampled grid")  # fmt: skip
+        voxels = hu = _hu_of(slices)
     if targets is not None or plane is not None:
         # the slices stay as stored (moved by whole pixels onto the grown field of view) with their true
         # positions: the preprocessing interpolates once from those to its grid (Volume.stack)
-        shape = plane.shape if plane is not None else first.raw.shape
-        regular_slices = len(targets) if targets is not None else len(distance)
-        check_voxel_count((max(regular_slices, len(distance)), *shape), max_voxels=max_voxels,
-                          what="the resampled grid")  # fmt: skip
         shifts = np.zeros((len(distance), 2))
         if plane is not None:
-            hu, shifts = place_whole(hu, shift=plane.shift, shape=shape)
+            hu, shifts = place_whole(hu, shift=plane.shift, shape=plane.shape)
+            voxels = hu
             flags.append(f"gantry_tilt_corrected:{plane.angle:.1f}deg")
         step = float((distance[-1] - distance[0]) / (len(distance) - 1))  # the stack's mean spacing
         along = (distance - distance[0]) / step
@@ -289,23 +318,38 @@ def assemble(
     affine_lps[:3, 3] = origin
     affine = LPS_TO_RAS @ affine_lps
     check_affine(affine)
-    ras = ras_orientation(affine, hu.shape[::-1])
+    ras = ras_orientation(affine, voxels.shape[::-1])
     if stack is not None and ras.order[2] != 2:
         # a sagittal or coronal stack: its slices do not stay the slowest axis, so blend them onto a regular
         # lattice here (two interpolations, as before the stack was kept)
         lattice = regular(Volume(array=hu, affine=affine, stack=stack))
-        hu, affine, stack = lattice.array, lattice.affine, None
-    array_xyz, affine_ras, codes = orient_to_ras(hu.transpose(2, 1, 0), affine)
+        voxels, affine, stack = lattice.array, lattice.affine, None
+        ras = ras_orientation(affine, voxels.shape[::-1])
+    n_slices = int(voxels.shape[0])
+    array_xyz, affine_ras, codes = reorient(voxels.transpose(2, 1, 0), ras), ras.affine, ras.codes
     if stack is not None:
-        stack = stack.reoriented(n_slices=hu.shape[0], swap_yx=ras.order[0] == 1, flip_z=ras.flips[2],
+        stack = stack.reoriented(n_slices=n_slices, swap_yx=ras.order[0] == 1, flip_z=ras.flips[2],
                                  flip_y=ras.flips[1], flip_x=ras.flips[0])  # fmt: skip
     meta = {
         "format": "dicom",
         "source_axcodes": "".join(codes),
         "flags": flags,
-        "n_slices": int(hu.shape[0]),
+        "n_slices": n_slices,
     }
+    if stored is not None:
+        values = StoredValues(buffer=stored, values=array_xyz.transpose(2, 1, 0), rescale=rescale)
+        return Volume(stored=values, affine=affine_ras, meta=meta)
     return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta, stack=stack)
+
+
+def _hu_of(slices: list[_Slice]) -> np.ndarray:
+    """The slices in HU, float32 ``[k, rows, cols]``, each with its own rescale, through one reused slice buffer."""
+    first = slices[0]
+    hu = np.empty((len(slices), *first.raw.shape), np.float32)  # filled slice by slice
+    buffers: dict[np.dtype, np.ndarray] = {}  # one reused slice of stored values per dtype: stays in cache
+    for k, s in enumerate(slices):
+        s.rescale.apply(_stored_values(s, buffers=buffers), out=hu[k])
+    return hu
 
 
 def _stored_values(s: _Slice, *, buffers: dict[np.dtype, np.ndarray]) -> np.ndarray:
@@ -317,28 +361,6 @@ def _stored_values(s: _Slice, *, buffers: dict[np.dtype, np.ndarray]) -> np.ndar
     if buffer is None or buffer.shape != s.raw.shape:
         buffer = buffers[s.raw.dtype] = np.empty(s.raw.shape, s.raw.dtype)
     return s.raw.read_into(buffer)
-
-
-def _to_hu(s: _Slice, *, stored: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Stored values ``stored`` of slice ``s`` -> HU in ``out [rows, cols]`` (float32): rescale, padding and
-    out-of-field to air.
-
-    A slope of 1 (most CT) skips the multiply, and the clamp to air runs only when the lowest stored value
-    maps below it (float32 arithmetic is monotonic, so the lowest value decides): the same numbers, bit for
-    bit, in one pass over the slice instead of three."""
-    slope, intercept = np.float32(s.slope), np.float32(s.intercept)
-    if slope == 1 and stored.dtype.itemsize <= 2:  # x * 1 is x exactly (float32 holds every 16-bit value)
-        np.add(stored, intercept, out=out, casting="unsafe")
-    else:
-        np.multiply(stored, slope, out=out, casting="unsafe")
-        out += intercept
-    if s.padding is not None:
-        lo, hi = s.padding
-        out[(stored >= lo) & (stored <= hi)] = AIR_HU
-    extreme = stored.min() if slope > 0 else stored.max()
-    if slope <= 0 or np.float32(extreme) * slope + intercept < AIR_HU:
-        np.maximum(out, AIR_HU, out=out)  # out-of-field values (-2048, -3024) are air
-    return out
 
 
 def _values(s: _Slice) -> np.ndarray:

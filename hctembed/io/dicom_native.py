@@ -193,21 +193,32 @@ def _element_at(buf, at: int, *, explicit: bool) -> tuple[int, int, bytes, int, 
 
 def _walk(buf, at: int, end: int, *, explicit: bool, found: dict) -> tuple[int, int] | None:
     """Step over the top-level elements from ``at``, collecting the wanted tags; ``(offset, length)`` of the pixel
-    data when it is reached within ``buf``, else None."""
+    data when it is reached within ``buf``, else None. (The explicit VR case, every real file here, unpacks each
+    element's header inline: this loop is most of a native read's own time.)"""
+    short_head, u32, long_vrs, wanted = _SHORT_HEAD.unpack_from, _U32.unpack_from, _LONG_VRS, _WANTED
     while at + 8 <= end:
-        group, element, vr, length, value_at = _element_at(buf, at, explicit=explicit)
-        if (group, element) == (0x7FE0, 0x0010):
+        if explicit:
+            group, element, vr, length = short_head(buf, at)
+            if group == 0xFFFE:
+                group, element, vr, length, value_at = _element_at(buf, at, explicit=True)
+            elif vr in long_vrs:
+                length, value_at = u32(buf, at + 8)[0], at + 12
+            else:
+                value_at = at + 8
+        else:
+            group, element, vr, length, value_at = _element_at(buf, at, explicit=False)
+        if group == 0x7FE0 and element == 0x0010:
             return (value_at, length) if length != _UNDEFINED else None
         if length == _UNDEFINED:
             if explicit and vr != b"SQ":
                 raise ValueError("an undefined length outside a sequence")  # UN in implicit VR: pydicom reads it
             at = _skip_sequence(buf, value_at, explicit=explicit)
-            if (group, element) in _WANTED:
+            if (group, element) in wanted:
                 found[(group, element)] = (b"SQ", b"")
             continue
         if value_at + length > end:
             return None  # the element runs past what was read: the caller reads more
-        if (group, element) in _WANTED:
+        if (group, element) in wanted:
             found[(group, element)] = (vr, buf[value_at : value_at + length])
         at = value_at + length
     return None

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from hctembed.io.selection import SelectionConfig
+from hctembed.rescale import AIR_HU
 from hctembed.volume import Volume, VolumeError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AIR_HU", "EDGE_SLACK_PX", "MIN_ZONE_GAPS", "Plane", "in_plane_grid", "resample", "slice_grid"]
 
-AIR_HU = -1024.0
 MIN_ZONE_GAPS = 3  # a zone of regular spacing: at least this many equal gaps in a row (four slices)
 EDGE_SLACK_PX = 0.01  # tilt: the grid grows for a slice reaching past it by more than this (pixels; not jitter)
 

@@ -18,6 +18,7 @@ import torch
 from scipy.ndimage import spline_filter1d
 
 from hctembed.config import Window
+from hctembed.rescale import StoredValues
 from hctembed.volume import Volume, VolumeError
 
 
@@ -117,8 +118,11 @@ def resample_isotropic(
     volume: Volume, *, grid: IsotropicGrid, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Cubic-spline resample onto ``grid``: float32 HU ``[Z1, Y1, X1]`` by three 1D matrix products, on
-    ``device`` (the volume's voxels are copied there once; default the CPU)."""
-    array = volume.array
+    ``device`` (the volume's voxels are copied there once; default the CPU). A volume of stored values
+    (``volume.stored``) is converted to HU slab by slab as it is read: the same numbers as its ``array``'s."""
+    voxels = volume.voxels
+    stored = voxels if isinstance(voxels, StoredValues) else None  # (HU already held is read as it is)
+    array = voxels if stored is None else stored.values
     flips = tuple(array.strides[axis] < 0 for axis in range(3))
     for axis, flip in enumerate(flips):
         if flip:  # a flipped view: read the buffer forwards (the weights are reversed instead)
@@ -131,7 +135,10 @@ def resample_isotropic(
     # on the CPU slab by slab, as a streamed file: the in-plane intermediates stay a few MB (in cache) instead of
     # the whole volume's (80 MB for 170 slices of 512²); a GPU takes the volume in one copy and one product
     step = array.shape[0] if device is not None and torch.device(device).type != "cpu" else SLAB_SLICES
-    slabs = ((i, array[i : i + step]) for i in range(0, array.shape[0], step))
+    if stored is None:
+        slabs = ((i, array[i : i + step]) for i in range(0, array.shape[0], step))
+    else:
+        slabs = ((i, stored.rescale.hu(array[i : i + step])) for i in range(0, array.shape[0], step))
     return resample_slabs(slabs, weights=weights, n_slices=array.shape[0], device=device)
 
 

@@ -17,6 +17,7 @@ from hctembed.io.nifti_stream import open_stream
 from hctembed.preprocessing import AnyPreprocessConfig, preprocess, variant_of
 from hctembed.preprocessing.resample import grid_for
 from hctembed.preprocessing.threads import intra_op_threads
+from hctembed.rescale import StoredValues
 from hctembed.volume import MAX_VOXELS, SkipError
 
 
@@ -62,8 +63,10 @@ def check_hu(hu: np.ndarray) -> None:
     )
 
 
-def check_scan(hu: np.ndarray, *, spacing_zyx, head_check: bool) -> None:
-    """The image checks of every scan before it is embedded: Hounsfield units always, the head when asked."""
+def check_scan(hu: np.ndarray | StoredValues, *, spacing_zyx, head_check: bool) -> None:
+    """The image checks of every scan before it is embedded: Hounsfield units always, the head when asked. ``hu``
+    ``[Z, Y, X]``: HU, or stored values (:attr:`hctembed.volume.Volume.voxels`), of which only the samples the
+    checks index are converted."""
     check_hu(hu)
     if head_check:
         check_head(hu, spacing_zyx=spacing_zyx)
@@ -99,7 +102,7 @@ def prepare(
         volume = load_series(ref, max_voxels=max_voxels, limits=limits)
         check_resampled_grid(volume.affine, volume.shape_xyz, config=config, max_voxels=max_voxels)
         # a slice stack (zones, tilt) is checked as stored: its mean spacing spans its true extent
-        check_scan(volume.array, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
+        check_scan(volume.voxels, spacing_zyx=volume.spacing_xyz[::-1], head_check=head_check)
         x, source = preprocess(volume, config=config), volume
     return x, source_facts(source)
 
