@@ -11,8 +11,9 @@ median of ``--repeats`` after one warm-up call:
 * stages, each timed alone on the same scan: NIfTI ``inflate`` (ISA-L, the whole file), ``load`` (inflate +
   voxels, as RAS, whole file); DICOM ``floor`` (``np.fromfile`` of every file's pixel bytes at offsets found
   beforehand: the read no DICOM reader can avoid), ``load`` (``load_dicom_series``: headers, pixels, sort,
-  checks; a regular series keeps its stored words, which the resample converts to HU slab by slab); then ``resample`` (the separable spline
-  onto the 1 mm grid), ``head check`` and ``finish`` (head box, pad/crop, windows, area average).
+  checks; a regular series keeps its stored words, which the resample converts to HU slab by slab); then
+  ``resample`` (the separable spline onto the 1 mm grid), ``head check`` and ``finish`` (head box, pad/crop,
+  windows, area average).
 
 The streamed NIfTI path overlaps inflating with the in-plane products, so its stages add up to more than its
 total wall time but about its CPU time. Each case runs twice, with glibc's default allocator and with

@@ -6,6 +6,7 @@ same float32 numbers, bit for bit, as converting the whole volume first (:class:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,37 +53,75 @@ class Rescale:
 
 @dataclass(frozen=True, eq=False)
 class StoredValues:
-    """A volume's voxels as stored: ``buffer`` (C-contiguous, as the slices were read) and ``values [Z, Y, X]``, a
-    view of it (any strides: the closest-RAS axes), with the :class:`Rescale` that makes them HU. Indexed like the
-    HU array it stands for: ``stored[key]`` is the float32 HU of ``values[key]`` (a sample's worth converted, not
-    the volume), and :meth:`hu_array` the whole HU array, laid out as ``values`` is (the same view of a float32
-    buffer: what converting the slices as they were read gives)."""
+    """A volume's voxels as stored: ``buffer`` (C-contiguous, as the slices were read), the view of it that is the
+    volume (``layout``: first element, shape ``[Z, Y, X]`` and strides in elements, any signs: the closest-RAS
+    axes; :meth:`of` takes the view itself), and the :class:`Rescale` that makes them HU. Indexed like the HU array
+    it stands for: ``stored[key]`` is the float32 HU of ``values[key]`` (a sample's worth converted, not the
+    volume), and :meth:`hu_array` the whole HU array with ``values``' layout. Holding the layout rather than a view
+    keeps it right through pickling and copies, which do not keep a view inside its base."""
 
     buffer: np.ndarray
-    values: np.ndarray
+    layout: tuple[int, tuple[int, ...], tuple[int, ...]]
     rescale: Rescale
+
+    @classmethod
+    def of(cls, *, buffer: np.ndarray, values: np.ndarray, rescale: Rescale) -> StoredValues:
+        """``values``, a view of ``buffer`` (C-contiguous), held as its layout over the buffer."""
+        if not buffer.flags.c_contiguous or values.dtype != buffer.dtype or values.base is None:
+            raise ValueError("values must be a view of a C-contiguous buffer of its dtype")
+        size = buffer.itemsize
+        start = values.__array_interface__["data"][0] - buffer.__array_interface__["data"][0]
+        layout = (start // size, tuple(values.shape), tuple(s // size for s in values.strides))
+        stored = cls(buffer=buffer, layout=layout, rescale=rescale)
+        if _where(stored.values) != _where(values):  # the same memory, shape and strides (nothing compared)
+            raise ValueError("values is not a view of buffer")
+        return stored
+
+    def __post_init__(self) -> None:
+        start, shape, strides = self.layout
+        reach = [(n - 1) * s for n, s in zip(shape, strides, strict=True) if n > 0]
+        lowest = start + sum(r for r in reach if r < 0)
+        highest = start + sum(r for r in reach if r > 0)
+        if lowest < 0 or highest >= self.buffer.size:
+            raise ValueError(f"layout {self.layout} reaches outside a buffer of {self.buffer.size} values")
+
+    def _view(self, flat: np.ndarray) -> np.ndarray:
+        """The layout applied to ``flat`` (the buffer, or its HU, as one flat array)."""
+        start, shape, strides = self.layout
+        return np.lib.stride_tricks.as_strided(flat[start:], shape=shape,
+                                               strides=tuple(s * flat.itemsize for s in strides))  # fmt: skip
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        """The stored values ``[Z, Y, X]`` (a view of ``buffer``)."""
+        return self._view(self.buffer.reshape(-1))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.values.shape
+        return self.layout[1]
 
     @property
     def ndim(self) -> int:
-        return self.values.ndim
+        return len(self.layout[1])
 
     dtype = np.dtype(np.float32)  # of the HU it gives
 
     def __getitem__(self, key) -> np.ndarray:
-        return self.rescale.hu(np.asarray(self.values[key]))
+        hu = self.rescale.hu(np.asarray(self.values[key]))
+        return hu[()] if hu.ndim == 0 else hu  # one voxel: a float32 scalar, as an array's would be
 
     def hu_array(self) -> np.ndarray:
-        """All of it in HU, float32 ``[Z, Y, X]``: the buffer converted, viewed with ``values``' layout."""
-        hu = self.rescale.hu(self.buffer).reshape(-1)
-        size = self.buffer.itemsize
-        start = self.values.__array_interface__["data"][0] - self.buffer.__array_interface__["data"][0]
-        strides = tuple(s // size * hu.itemsize for s in self.values.strides)
-        return np.lib.stride_tricks.as_strided(hu[start // size :], shape=self.values.shape, strides=strides)
+        """All of it in HU, float32 ``[Z, Y, X]``: the buffer converted, viewed with ``values``' layout (a new
+        array each call: :attr:`hctembed.volume.Volume.array` keeps one)."""
+        return self._view(self.rescale.hu(self.buffer).reshape(-1))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("stored values become an HU array only by converting them (a copy)")
         hu = self.hu_array()
         return hu if dtype is None else hu.astype(dtype, copy=False)
+
+
+def _where(a: np.ndarray) -> tuple:
+    interface = a.__array_interface__
+    return interface["data"][0], a.shape, a.strides

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,9 @@ class SkipError(VolumeError):
 class SourceUnavailable(HctembedError):
     """The archive itself stopped answering (a PACS that cannot be reached after retries): the run stops with
     one line, keeping every batch it stored, and a re-run resumes. Never one scan's failure."""
+
+
+_CONVERTING = threading.Lock()  # held only to publish a converted array, never while converting
 
 
 @dataclass(frozen=True, eq=False, init=False)
@@ -72,18 +75,22 @@ class Volume:
         object.__setattr__(self, "meta", {} if meta is None else meta)
         object.__setattr__(self, "stack", stack)
         object.__setattr__(self, "stored", stored)
-        if array is not None:
-            self.__dict__["array"] = array  # what the cached property would hold
+        object.__setattr__(self, "_hu", array)
 
-    @functools.cached_property
+    @property
     def array(self) -> np.ndarray:
-        return self.stored.hu_array()
+        if self._hu is None:  # converted once; two threads racing both convert, and both keep the first
+            hu = self.stored.hu_array()
+            with _CONVERTING:
+                if self._hu is None:
+                    object.__setattr__(self, "_hu", hu)
+        return self._hu
 
     @property
     def voxels(self) -> np.ndarray | StoredValues:
         """The HU voxels ``[Z, Y, X]`` to index (``voxels[::2, ::4, ::4]`` is float32 HU): ``array`` when it is held,
         else the stored values, which convert only what is indexed."""
-        return self.__dict__.get("array", self.stored)
+        return self.stored if self._hu is None else self._hu
 
     @property
     def shape_xyz(self) -> tuple[int, int, int]:

@@ -180,50 +180,104 @@ def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding, 
             want[(raw >= padding[0]) & (raw <= padding[1])] = AIR_HU
         want = np.maximum(want, np.float32(AIR_HU))
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (slope, intercept, low)
-        for block in (raw[3:5], raw[:, ::4, ::4], raw[::-1, 10:20]):  # what the resample and checks convert
+        raw[2] = np.clip(raw[2], 1500, None)  # one slice that needs no clamp beside ones that may
+        want = rescale.hu(raw)
+        for block in (raw[2:3], raw[1:4], raw[3:5], raw[:, ::4, ::4], raw[::-1, 10:20]):  # slabs, samples
             part = rescale.hu(block)
             assert np.array_equal(part.view(np.uint32), want[_same_index(raw, block)].view(np.uint32))
 
 
 def _same_index(base: np.ndarray, view: np.ndarray):
     """The index of ``base`` that ``view`` is (for the three views above)."""
-    for key in (np.s_[3:5], np.s_[:, ::4, ::4], np.s_[::-1, 10:20]):
+    for key in (np.s_[2:3], np.s_[1:4], np.s_[3:5], np.s_[:, ::4, ::4], np.s_[::-1, 10:20]):
         if base[key].__array_interface__ == view.__array_interface__:
             return key
     raise AssertionError("not one of the views")
 
 
-def test_a_regular_series_keeps_its_stored_values_and_gives_the_same_numbers(tmp_path, monkeypatch):
+ORIENTATIONS = {"axial": (1, 0, 0, 0, 1, 0), "sagittal": (0, 1, 0, 0, 0, -1), "coronal": (1, 0, 0, 0, 0, -1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+@pytest.mark.parametrize("words", ["int16", "uint16 with padding"])
+def test_a_regular_series_keeps_its_stored_values_and_gives_the_same_numbers(orientation, words, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
     """A regular series with one rescale is held as its stored words (the slices read straight into one buffer);
     its HU array (values and layout), the checks' samples and the preprocessed input are the same, bit for bit, as
-    from the volume converted slice by slice (``keep_stored=False``: what the loader built before), and a series
-    whose slices differ in rescale is converted slice by slice."""
+    from the volume converted slice by slice (``keep_stored=False``: what the loader built before), also after a
+    pickle round trip; a series whose slices differ in rescale is converted slice by slice."""
+    import pickle
+
     from hctembed.config import PreprocessConfig
     from hctembed.preprocessing import preprocess
     from hctembed.rescale import StoredValues
 
     monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
-    paths = write_series(tmp_path / "s", SeriesSpec(n=12, seed=10))
+    paths = write_series(tmp_path / "s", SeriesSpec(n=12, seed=10, orientation=ORIENTATIONS[orientation]))
+    if words != "int16":
+        for p in paths:  # unsigned words, a padding value outside the body, and out-of-field values below air
+            ds = pydicom.dcmread(p)
+            values = np.frombuffer(ds.PixelData, np.int16).astype(np.int32) + 2048
+            values[:40] = 0  # padding
+            values[40:80] = 100  # -1948 HU: out of field, clamped to air
+            ds.PixelRepresentation, ds.RescaleIntercept = 0, -2048
+            ds.add_new((0x0028, 0x0120), "US", 0)  # PixelPaddingValue
+            ds.PixelData = values.astype(np.uint16).tobytes()
+            ds.save_as(p, enforce_file_format=True)
     names = [p.name for p in paths]
     volume = load_dicom_series(paths[0].parent, names)
     converted = load_dicom_series(paths[0].parent, names, keep_stored=False)
     assert converted.stored is None and isinstance(converted.voxels, np.ndarray)
-    assert isinstance(volume.stored, StoredValues) and volume.stored.buffer.dtype == np.int16
-    assert isinstance(volume.voxels, StoredValues)  # nothing converted yet
+    assert isinstance(volume.stored, StoredValues) and volume.voxels is volume.stored  # nothing converted yet
+    assert volume.stored.buffer.dtype == (np.int16 if words == "int16" else np.uint16)
     assert volume.shape_xyz == converted.shape_xyz and np.array_equal(volume.affine, converted.affine)
     assert volume.meta == converted.meta
-    sample = volume.voxels[::2, ::4, ::4]
-    assert _bits(sample) == _bits(converted.array[::2, ::4, ::4])
+    assert _bits(volume.voxels[::2, ::4, ::4]) == _bits(converted.array[::2, ::4, ::4])
+    assert volume.voxels[1, 2, 3] == converted.array[1, 2, 3] and np.ndim(volume.voxels[1, 2, 3]) == 0
     config = PreprocessConfig(pad_size=64, crop_size=48, out_size=24)
     assert _bits(preprocess(volume, config=config).numpy()) == _bits(preprocess(converted, config=config).numpy())
-    assert "array" not in volume.__dict__  # the checks' sample and the resample converted parts, not the volume
+    assert volume.voxels is volume.stored  # the checks' sample and the resample converted parts, not the volume
+    copied = pickle.loads(pickle.dumps(volume))  # a copy holds no view into its buffer: the layout rebuilds it
+    assert _bits(copied.array) == _bits(converted.array)
     hu = volume.array  # converted now, once, and kept
     assert volume.voxels is hu and volume.array is hu
     assert hu.strides == converted.array.strides and _bits(hu) == _bits(converted.array)
+    assert hu.min() >= -1024.0
     # one slice with another intercept: converted slice by slice, as before
     _rewrite(paths[5], RescaleIntercept=-1000)
     mixed = load_dicom_series(paths[0].parent, names)
     assert mixed.stored is None and mixed.array.dtype == np.float32
+
+
+def test_the_checks_read_stored_values_without_converting_the_volume(tmp_path, monkeypatch):
+    """An intercept of 0 on CT words (values that are not HU): the HU check finds it from its sample of the stored
+    values, and refuses the scan before anything else is converted."""
+    from hctembed.preprocessing.series import NotHuError, check_scan
+
+    monkeypatch.setenv("HCTEMBED_SECRET", str(tmp_path / "secret.key"))
+    paths = write_series(tmp_path / "s", SeriesSpec(n=12, seed=11, rows=64, cols=64))
+    good = load_dicom_series(paths[0].parent, [p.name for p in paths])
+    check_scan(good.voxels, spacing_zyx=good.spacing_xyz[::-1], head_check=False)
+    for p in paths:
+        _rewrite(p, RescaleIntercept=0)
+    bad = load_dicom_series(paths[0].parent, [p.name for p in paths])
+    with pytest.raises(NotHuError, match="unrescaled"):
+        check_scan(bad.voxels, spacing_zyx=bad.spacing_xyz[::-1], head_check=False)
+    assert bad.voxels is bad.stored
+
+
+def test_stored_values_refuse_a_layout_outside_their_buffer():
+    from hctembed.rescale import Rescale, StoredValues
+
+    buffer = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    view = buffer.transpose(2, 1, 0)[::-1]
+    stored = StoredValues.of(buffer=buffer, values=view, rescale=Rescale(slope=1.0, intercept=0.0))
+    assert np.array_equal(stored.values, view) and stored.layout[0] == 3
+    assert np.array_equal(np.asarray(stored), view.astype(np.float32))
+    with pytest.raises(ValueError, match="outside"):
+        StoredValues(buffer=buffer, layout=(20, (2, 3, 4), (12, 4, 1)), rescale=Rescale(slope=1.0, intercept=0.0))
+    with pytest.raises(ValueError, match="view"):
+        StoredValues.of(buffer=buffer, values=view.copy(), rescale=Rescale(slope=1.0, intercept=0.0))
 
 
 def _bits(a: np.ndarray) -> bytes:

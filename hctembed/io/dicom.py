@@ -266,9 +266,10 @@ def assemble(
     slices, distance = _merge_duplicates(slices, distance, flags=flags)
     if len(slices) < 2:
         raise VolumeError(f"{len(slices)} distinct slice position(s): not a volume")
-    if "rescale_missing" in flags:  # are the values HU without a rescale? (a sample of every slice says)
-        sample = np.stack([s.rescale.hu(_values(s)[::4, ::4]) for s in slices])
-        if np.percentile(sample, 1) > -500:
+    hu = None
+    if "rescale_missing" in flags:  # are the values HU without a rescale? (every voxel, as before: a rare case)
+        hu = _hu_of(slices)
+        if np.percentile(hu, 1) > -500:
             raise VolumeError("no RescaleSlope/Intercept and no air below -500: stored values are not HU")
     targets, step = slice_grid(distance, config=config, flags=flags)
     positions = np.array([s.position for s in slices])
@@ -277,8 +278,8 @@ def assemble(
     )
     stack = None
     rescale = first.rescale
-    if keep_stored and targets is None and plane is None and all(s.rescale == rescale and s.raw.dtype == first.raw.dtype
-                                                 for s in slices):  # fmt: skip
+    uniform = all(s.rescale == rescale and s.raw.dtype == first.raw.dtype for s in slices)
+    if hu is None and keep_stored and targets is None and plane is None and uniform:
         # a regular grid with one rescale (most series): the stored words go straight into one buffer, and become
         # HU where they are read (Volume.stored): the checks' sample, the resample's slabs
         stored = np.empty((len(slices), *first.raw.shape), first.raw.dtype)  # [k, rows, cols]
@@ -295,7 +296,7 @@ def assemble(
             regular_slices = len(targets) if targets is not None else len(distance)
             check_voxel_count((max(regular_slices, len(distance)), *shape), max_voxels=max_voxels,
                               what="the resampled grid")  # fmt: skip
-        voxels = hu = _hu_of(slices)
+        voxels = hu = _hu_of(slices) if hu is None else hu
     if targets is not None or plane is not None:
         # the slices stay as stored (moved by whole pixels onto the grown field of view) with their true
         # positions: the preprocessing interpolates once from those to its grid (Volume.stack)
@@ -337,7 +338,7 @@ def assemble(
         "n_slices": n_slices,
     }
     if stored is not None:
-        values = StoredValues(buffer=stored, values=array_xyz.transpose(2, 1, 0), rescale=rescale)
+        values = StoredValues.of(buffer=stored, values=array_xyz.transpose(2, 1, 0), rescale=rescale)
         return Volume(stored=values, affine=affine_ras, meta=meta)
     return Volume(array=array_xyz.transpose(2, 1, 0), affine=affine_ras, meta=meta, stack=stack)
 
