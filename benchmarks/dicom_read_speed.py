@@ -2,8 +2,9 @@
 bare pixel read, the previous full pydicom read and MONAI's chain, measured in the same run.
 
 Series: the shared real Philips head series (``../shared/data/dcm_qa_ct_philips``: 28 files of 5 mm and 54 of
-2.5 mm with an 18.5° gantry tilt, 512², uncompressed, 125 tags a file, most of them private) and a synthetic
-1 mm head written as 170 uncompressed files (512², few tags). For each, in this process with one torch thread,
+2.5 mm with an 18.5° gantry tilt, 512², uncompressed, 125 tags a file, most of them private), the 5 mm files each
+written five times 1 mm apart (140 real scanner files of a 1 mm series: only positions and UIDs changed), and a
+synthetic 1 mm head written as 170 uncompressed files (512², few tags). For each, in this process with one torch thread,
 the median CPU time (all threads) of ``--repeats`` calls after a warm-up:
 
 * ``floor``: ``np.fromfile`` of every file's pixel bytes at offsets found beforehand, into one stack: the I/O
@@ -78,6 +79,27 @@ def floor_read(offsets, shape) -> np.ndarray:
     return stack
 
 
+def philips_at_1mm(folder: Path, source: Path) -> Path:
+    """The real Philips 5 mm slices, each written five times 1 mm apart (new positions, SOP UIDs and instance
+    numbers; every other element, the private ones included, as the scanner wrote it): a 1 mm series of 140 real
+    scanner files, the kind issue 31 measured, which the shared data do not hold."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir()
+    slices = sorted((pydicom.dcmread(p) for p in source.glob("I*")), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    z0 = float(slices[0].ImagePositionPatient[2])
+    for i in range(5 * len(slices)):
+        ds = slices[i // 5]
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z0 + i * 1.0]
+        ds.SliceLocation = z0 + i * 1.0
+        ds.InstanceNumber = i + 1
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SliceThickness = 1.0
+        ds.save_as(folder / f"I{i:04d}", enforce_file_format=True)
+    return folder
+
+
 def series_cases(tmp: Path) -> list[tuple[str, Path]]:
     """(name, a folder holding only the series' slice files) for each series measured."""
     from preprocess_speed import write_case, write_dicom_series
@@ -92,6 +114,9 @@ def series_cases(tmp: Path) -> list[tuple[str, Path]]:
         for path in sorted(source.glob("I*")):  # the slices (the folder also holds a DIRFILE)
             shutil.copy(path, folder / path.name)
         cases.append((f"{label} ({len(list(folder.iterdir()))} files)", folder))
+    if (PHILIPS / "S21570" / "S2010").is_dir():
+        folder = philips_at_1mm(tmp / "philips-headers-1mm", PHILIPS / "S21570" / "S2010")
+        cases.append((f"Philips files at 1 mm ({len(list(folder.iterdir()))} files)", folder))
     _, hu, affine = write_case(tmp, matrix=512, thickness=1.0, seed=1)
     axial = np.diag([*np.linalg.norm(affine[:3, :3], axis=0), 1.0])
     axial[:3, 3] = affine[:3, 3]
