@@ -6,7 +6,6 @@ same float32 numbers, bit for bit, as converting the whole volume first (:class:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,9 +90,9 @@ class StoredValues:
         return np.lib.stride_tricks.as_strided(flat[start:], shape=shape,
                                                strides=tuple(s * flat.itemsize for s in strides))  # fmt: skip
 
-    @functools.cached_property
+    @property
     def values(self) -> np.ndarray:
-        """The stored values ``[Z, Y, X]`` (a view of ``buffer``)."""
+        """The stored values ``[Z, Y, X]`` (a view of ``buffer``, made on each use: it is derived, never held)."""
         return self._view(self.buffer.reshape(-1))
 
     @property

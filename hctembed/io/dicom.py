@@ -284,10 +284,7 @@ def assemble(
         # HU where they are read (Volume.stored): the checks' sample, the resample's slabs
         stored = np.empty((len(slices), *first.raw.shape), first.raw.dtype)  # [k, rows, cols]
         for k, s in enumerate(slices):
-            if isinstance(s.raw, np.ndarray):
-                stored[k] = s.raw
-            else:
-                s.raw.read_into(stored[k])
+            _read_into(s, out=stored[k])
         voxels = stored
     else:
         stored = None
@@ -296,14 +293,13 @@ def assemble(
             regular_slices = len(targets) if targets is not None else len(distance)
             check_voxel_count((max(regular_slices, len(distance)), *shape), max_voxels=max_voxels,
                               what="the resampled grid")  # fmt: skip
-        voxels = hu = _hu_of(slices) if hu is None else hu
+        voxels = _hu_of(slices) if hu is None else hu
     if targets is not None or plane is not None:
         # the slices stay as stored (moved by whole pixels onto the grown field of view) with their true
         # positions: the preprocessing interpolates once from those to its grid (Volume.stack)
         shifts = np.zeros((len(distance), 2))
         if plane is not None:
-            hu, shifts = place_whole(hu, shift=plane.shift, shape=plane.shape)
-            voxels = hu
+            voxels, shifts = place_whole(voxels, shift=plane.shift, shape=plane.shape)
             flags.append(f"gantry_tilt_corrected:{plane.angle:.1f}deg")
         step = float((distance[-1] - distance[0]) / (len(distance) - 1))  # the stack's mean spacing
         along = (distance - distance[0]) / step
@@ -323,7 +319,7 @@ def assemble(
     if stack is not None and ras.order[2] != 2:
         # a sagittal or coronal stack: its slices do not stay the slowest axis, so blend them onto a regular
         # lattice here (two interpolations, as before the stack was kept)
-        lattice = regular(Volume(array=hu, affine=affine, stack=stack))
+        lattice = regular(Volume(array=voxels, affine=affine, stack=stack))
         voxels, affine, stack = lattice.array, lattice.affine, None
         ras = ras_orientation(affine, voxels.shape[::-1])
     n_slices = int(voxels.shape[0])
@@ -361,7 +357,16 @@ def _stored_values(s: _Slice, *, buffers: dict[np.dtype, np.ndarray]) -> np.ndar
     buffer = buffers.get(s.raw.dtype)
     if buffer is None or buffer.shape != s.raw.shape:
         buffer = buffers[s.raw.dtype] = np.empty(s.raw.shape, s.raw.dtype)
-    return s.raw.read_into(buffer)
+    return _read_into(s, out=buffer)
+
+
+def _read_into(s: _Slice, *, out: np.ndarray) -> np.ndarray:
+    """``s``'s stored values written into ``out [rows, cols]`` (of their dtype): copied from the decoded array, or
+    read from the file straight in."""
+    if isinstance(s.raw, np.ndarray):
+        out[...] = s.raw
+        return out
+    return s.raw.read_into(out)
 
 
 def _values(s: _Slice) -> np.ndarray:
