@@ -12,7 +12,8 @@ the paper, and converted to base voxels.
 * SimCLR (contrastive pairs): two views of the *whole* head at the embedding-time field of view, each with its own
   random rotation, anisotropic scaling and shift, a left-right flip, Gaussian noise and blur. Both views hold the
   same tissue, so what they share is what survives deformation (how much of the head is blood-dense, fluid, bone),
-  not where the head's outline lies; no intensity jitter (CT numbers are calibrated).
+  not where the head's outline lies; no intensity jitter (CT numbers are calibrated). Optionally each view is its
+  own random cube of the base first (SimCLR's random resized crop, ``crop_mm``).
 
 All randomness comes from the ``torch.Generator`` passed in, so a run reproduces exactly from its seeds.
 """
@@ -178,10 +179,16 @@ class PairViewConfig:
     # views of one scan no longer share its exact CT numbers, which otherwise match them without any anatomy
     intensity_shift: float = 0.0
     contrast: tuple[float, float] = (1.0, 1.0)
+    # each view its own random cube of this edge range (mm of the 224 mm base, anywhere in it), resized to the model
+    # input before the deformation: SimCLR's random resized crop, under which two views share what the whole volume
+    # holds throughout rather than where it lies. None (the default): both views deform the whole embedding-time input
+    crop_mm: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.scale[0] <= self.scale[1]:
             raise InputError(f"scale range {self.scale} must be positive and ordered")
+        if self.crop_mm is not None and not 0 < self.crop_mm[0] <= self.crop_mm[1] <= BASE_MM:
+            raise InputError(f"crop range {self.crop_mm} mm must be ordered and lie in (0, {BASE_MM}]")
         if self.intensity_shift < 0 or not 0 < self.contrast[0] <= self.contrast[1]:
             raise InputError(f"intensity shift {self.intensity_shift} must be >= 0 and contrast {self.contrast} "
                              "positive and ordered")  # fmt: skip
@@ -231,10 +238,16 @@ def random_affine(x: torch.Tensor, *, config: PairViewConfig, g: torch.Generator
 
 
 def pair_views(base: torch.Tensor, *, config: PairViewConfig, g: torch.Generator) -> list[torch.Tensor]:
-    """``base [C, S, S, S]`` -> two views ``[C, out, out, out]`` of the whole head (see the module docstring)."""
-    x = input_from_base(base, image_size=config.out_size)
+    """``base [C, S, S, S]`` -> two views ``[C, out, out, out]`` of the whole head (see the module docstring), or with
+    ``config.crop_mm`` of two random cubes of it."""
+    whole = input_from_base(base, image_size=config.out_size) if config.crop_mm is None else None
     views = []
     for _ in range(2):
+        if whole is None:
+            crop, _ = random_crop(base, size_range=crop_size_voxels(config.crop_mm, base=base.shape[1]), g=g)
+            x = resize(crop, size=config.out_size)
+        else:
+            x = whole
         v = random_affine(x, config=config, g=g)
         if float(torch.rand((), generator=g)) < config.flip_p:
             v = v.flip(3)

@@ -156,3 +156,39 @@ def test_pair_intensity_jitter_gives_each_view_its_own_ct_numbers_and_leaves_the
         PretrainConfig(method="dino", model="vit-micro", pair_intensity_jitter=True)
     with pytest.raises(InputError, match="intensity shift"):
         PairViewConfig(intensity_shift=-0.1)
+
+
+def test_pair_crops_give_each_view_its_own_cube_of_the_base():
+    from hctembed.augment import PairViewConfig, input_from_base, pair_views
+    from hctembed.pretrain import PretrainConfig
+    from hctembed.pretrain.settings import PretrainError
+
+    # a base whose value is its Z position: a view's mean says which slab of the base it was cut from
+    base = torch.linspace(0, 1, 56).view(1, 56, 1, 1).expand(3, 56, 56, 56).contiguous()
+    still = dict(out_size=12, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, flip_p=0.0, noise_std=(0.0, 0.0),
+                 blur_p=0.0)  # fmt: skip
+    whole = PairViewConfig(**still)
+    cropped = PairViewConfig(**still, crop_mm=(64.0, 112.0))  # 16-28 voxels of the 56-voxel base
+    plain = input_from_base(base, image_size=12)
+    assert all(torch.allclose(v, plain) for v in pair_views(base, config=whole, g=torch.Generator().manual_seed(0)))
+    means = []
+    for seed in range(20):
+        a, b = pair_views(base, config=cropped, g=torch.Generator().manual_seed(seed))
+        assert a.shape == b.shape == (3, 12, 12, 12)
+        means += [float(a.mean()), float(b.mean())]
+        spans = [float(v[0, -1].mean() - v[0, 0].mean()) for v in (a, b)]  # a cube of 16-28 of 56 voxels along Z
+        assert all(16 / 56 * 11 / 12 - 0.02 <= s_ <= 28 / 56 + 0.02 for s_ in spans)
+    assert max(means) - min(means) > 0.3  # cubes from all over the base, not its centre
+    again = pair_views(base, config=cropped, g=torch.Generator().manual_seed(3))
+    first = pair_views(base, config=cropped, g=torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(again, first, strict=True))  # reproducible from the generator
+    with pytest.raises(InputError, match="crop range"):
+        PairViewConfig(crop_mm=(112.0, 64.0))
+    with pytest.raises(InputError, match="crop range"):
+        PairViewConfig(crop_mm=(64.0, 300.0))
+    on = PretrainConfig(method="simclr", model="vit-micro", pair_crop_mm=(96.0, 192.0)).pair_views()
+    assert on.crop_mm == (96.0, 192.0) and on.out_size == 48
+    with pytest.raises(PretrainError, match="SimCLR setting"):
+        PretrainConfig(method="mae", model="vit-micro", pair_crop_mm=(96.0, 192.0))
+    with pytest.raises(PretrainError, match="pair-crop-mm"):
+        PretrainConfig(method="simclr", model="vit-micro", pair_crop_mm=(0.0, 192.0))

@@ -103,3 +103,36 @@ def test_lesion_size_script_measures_every_scale_on_the_same_patients(monkeypatc
     assert "| 2 | pretrained |" in capsys.readouterr().out
     sys.modules.pop("lesion_size", None)
     sys.modules.pop("gpu_learning", None)
+
+
+def test_sanity_set_fills_the_field_with_the_class_and_marks_no_class_by_fill(monkeypatch, tmp_path):
+    """The filled sanity set (v4): every volume holds many objects of its class covering a fraction of the field
+    drawn from one range for all classes; a shell's objects enclose cavities and a sphere's do not; each volume is
+    drawn from its own seed, so one rewritten volume comes back bit for bit."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("learning_sanity")
+    fill, size = (0.06, 0.12), (0.4, 0.55)
+    for c, kind in enumerate(module.CLASSES):
+        for i in range(2):
+            mask = module.filled_mask(kind, grid=48, rng=np.random.default_rng([0, i, c]), fill=fill, size=size)
+            assert fill[0] <= mask.mean() <= fill[1] + 0.02  # the last object may overshoot by its own volume
+            assert ndimage.label(mask)[1] >= 4  # many objects, not one blob
+            cavities = ndimage.binary_fill_holes(mask).sum() - mask.sum()
+            if kind == "shell":
+                assert cavities > 0.1 * mask.sum()  # (less where the field's edge cuts a shell open)
+            if kind in ("sphere", "cube"):
+                assert cavities < 0.02 * mask.sum()
+    rows = module.make_set(tmp_path, per_class=2, grid=32, seed=0, hu=(35.0, 50.0), noise=(2.0, 5.0),
+                           filled={"fill": fill, "size": size})  # fmt: skip
+    assert len(rows) == 2 * len(module.CLASSES) and {k for _, k in rows} == set(module.CLASSES)
+    first = tmp_path / f"{rows[3][0]}.nii.gz"
+    before = np.asarray(nib.load(first).dataobj)
+    assert before.min() < -900 and 20 < np.median(before[before > -500]) < 65  # objects in HU, in air
+    first.unlink()
+    module.make_set(tmp_path, per_class=2, grid=32, seed=0, hu=(35.0, 50.0), noise=(2.0, 5.0),
+                    filled={"fill": fill, "size": size})  # fmt: skip
+    assert np.array_equal(np.asarray(nib.load(first).dataobj), before)
+    sys.modules.pop("learning_sanity", None)

@@ -135,11 +135,14 @@ def test_cli_simclr_run_exports_the_encoder_its_checkpoint_holds(tmp_path_factor
     archive = shared_archive(tmp_path_factory)
     out = tmp_path / "run"
     args = ["pretrain", archive, "--method", "simclr", "--config", "vit-micro", "--out", out, "--epochs", "1"]
-    args += ["--max-steps", "2", "--batch-size", "2", "--temperature", "0.2", "--quiet"]
+    args += ["--max-steps", "2", "--batch-size", "2", "--temperature", "0.2", "--pair-crop-mm", "96,192", "--quiet"]
+    bad = CliRunner().invoke(app, [str(a) for a in args[:-2]] + ["--pair-crop-mm", "96"])
+    assert bad.exit_code == 2 and "LO,HI" in bad.output
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert json.loads(ckpt["config"])["temperature"] == 0.2
+    assert json.loads(ckpt["config"])["pair_crop_mm"] == [96.0, 192.0]
     assert any(k.startswith("projector.") for k in ckpt["student"])  # the projector trains but is not exported
     again = export_from_checkpoint(out / "checkpoint.pt", tmp_path / "again")
     exported, reexported = load_file(str(out / "encoder.safetensors")), load_file(str(again))
@@ -148,6 +151,7 @@ def test_cli_simclr_run_exports_the_encoder_its_checkpoint_holds(tmp_path_factor
     card = json.loads((out / "encoder.json").read_text())
     assert card["card"]["method"] == "simclr" and card["card"]["exported_from"] == "encoder"
     assert card["card"]["temperature"] == 0.2
+    assert card["card"]["pair_crop_mm"] == [96.0, 192.0] and card["card"]["pair_intensity_jitter"] is False
 
 
 def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):

@@ -21,7 +21,7 @@ _FIELDS = {
     "intensity_jitter": "intensity_jitter", "centering": "centering", "koleo": "koleo", "temperature": "temperature",
     "norm_pix_loss": "mae.norm_pix_loss", "mae_target": "mae.target", "mask_ratio": "mae.mask_ratio",
     "input_norm": "input_norm", "clip_mode": "clip_mode", "drop_path": "drop_path",
-    "pair_intensity_jitter": "pair_intensity_jitter",
+    "pair_intensity_jitter": "pair_intensity_jitter", "pair_crop_mm": "pair_crop_mm",
 }  # fmt: skip
 
 
@@ -50,6 +50,12 @@ def pretrain(
         "--pair-intensity-jitter/--no-pair-intensity-jitter",
         help="SimCLR: each view gets its own intensity shift/contrast (DINO's ranges), so views cannot be matched "
         "by CT number alone.",
+    ),
+    pair_crop_mm: str | None = typer.Option(
+        None,
+        "--pair-crop-mm",
+        help="SimCLR: LO,HI - each view its own random cube of LO-HI mm (of the 224 mm base) before its deformation "
+        "(SimCLR's random resized crop). Default: both views deform the whole head.",
     ),
     centering: str = typer.Option(
         "ema", "--centering", help="DINO teacher targets: ema (DINO's running centre) or sinkhorn (DINOv2's)."
@@ -117,6 +123,7 @@ def pretrain(
         head_bn=head_bn,
         intensity_jitter=intensity_jitter,
         pair_intensity_jitter=pair_intensity_jitter,
+        pair_crop_mm=_mm_range(pair_crop_mm),
         centering=centering,
         koleo=koleo,
         temperature=temperature,
@@ -169,3 +176,14 @@ def mae_settings(*, norm_pix_loss: bool, target: str, mask_ratio: float):
     if norm_pix_loss and target != "pixels":
         raise typer.BadParameter("--norm-pix-loss applies to --mae-target pixels only")
     return MAEConfig(norm_pix_loss=norm_pix_loss, target=target, mask_ratio=mask_ratio)
+
+
+def _mm_range(text: str | None) -> tuple[float, float] | None:
+    """``"LO,HI"`` -> ``(LO, HI)`` in mm (None stays None)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected two numbers LO,HI in mm, got {text!r}") from None
+    return lo, hi

@@ -254,7 +254,9 @@ class SimCLRMethod(Method):
         return loss
 
     def card_settings(self) -> dict[str, Any]:
-        return {"temperature": self.config.temperature}
+        crop = self.config.pair_crop_mm
+        return {"temperature": self.config.temperature, "pair_intensity_jitter": self.config.pair_intensity_jitter,
+                "pair_crop_mm": None if crop is None else list(crop)}  # fmt: skip
 
     def monitor_stats(self) -> dict[str, float]:
         return dict(self._stats)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from hctembed.augment import MultiCropConfig, PairViewConfig
+from hctembed.augment import BASE_MM, MultiCropConfig, PairViewConfig
 from hctembed.config import INPUT_NORMS, VIT_PRESETS, ViTConfig
 from hctembed.errors import HctembedError
 from hctembed.pretrain.mae import MAEConfig
@@ -57,6 +57,9 @@ class PretrainConfig:
     intensity_jitter: bool = True  # DINO views: the paper's intensity shift and contrast change
     # SimCLR views: each view's own intensity shift and contrast change, DINO's ranges (SimCLR's colour jitter)
     pair_intensity_jitter: bool = False
+    # SimCLR views: each view its own random cube of this edge range (mm of the 224 mm base) before its deformation
+    # (SimCLR's random resized crop); None: both views deform the whole embedding-time input
+    pair_crop_mm: tuple[float, float] | None = None
     centering: str = "ema"  # DINO teacher targets: "ema" (running centre, DINO's) or "sinkhorn" (DINOv2's)
     koleo: float = 0.0  # DINO: weight of DINOv2's KoLeo term on the student's global CLS vectors (0: off)
     mae: MAEConfig = field(default_factory=MAEConfig)
@@ -89,6 +92,11 @@ class PretrainConfig:
             raise PretrainError("--koleo needs a batch of at least 2 scans per process (the nearest other vector)")
         if self.pair_intensity_jitter and self.method != "simclr":
             raise PretrainError(f"--pair-intensity-jitter is a SimCLR setting; {self.method} has no pair views")
+        if self.pair_crop_mm is not None and self.method != "simclr":
+            raise PretrainError(f"--pair-crop-mm is a SimCLR setting; {self.method} has no pair views")
+        if self.pair_crop_mm is not None and not 0 < self.pair_crop_mm[0] <= self.pair_crop_mm[1] <= BASE_MM:
+            raise PretrainError(f"--pair-crop-mm {self.pair_crop_mm}: the range must be ordered and lie in "
+                                f"(0, {BASE_MM}] mm")  # fmt: skip
         if self.method != "dino" and (self.centering != "ema" or self.koleo > 0):
             raise PretrainError(f"--centering and --koleo are DINO settings; {self.method} has no teacher")
         if not self.temperature > 0:
@@ -110,12 +118,13 @@ class PretrainConfig:
 
     def pair_views(self) -> PairViewConfig:
         """SimCLR's views at the model input size; with ``pair_intensity_jitter`` DINO's intensity shift and contrast
-        ranges, drawn per view."""
+        ranges, drawn per view; with ``pair_crop_mm`` each view cut from its own random cube of the base."""
         out = VIT_PRESETS[self.model].image_size
+        crop = None if self.pair_crop_mm is None else tuple(self.pair_crop_mm)
         if not self.pair_intensity_jitter:
-            return PairViewConfig(out_size=out)
+            return PairViewConfig(out_size=out, crop_mm=crop)
         dino = MultiCropConfig(out_size=out)
-        return PairViewConfig(out_size=out, intensity_shift=dino.shift, contrast=dino.contrast)
+        return PairViewConfig(out_size=out, intensity_shift=dino.shift, contrast=dino.contrast, crop_mm=crop)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
