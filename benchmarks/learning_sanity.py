@@ -1,8 +1,10 @@
 """A sanity set where the signal dominates: can each pretraining objective beat random initialisation at all?
 
-Small CT-like volumes each hold one object of six classes (sphere, cube, torus, cylinder, cone, hollow shell) at a
-random pose, size, CT number and noise level, written as NIfTI files in Hounsfield units (air around the object)
-and read by the same archive, preprocessing and cached-view machinery as head CT. Each objective (DINO, MAE,
+Small CT-like volumes each hold one class of six (sphere, cube, torus, cylinder, cone, hollow shell): one object at
+a random pose, size and place (v1-v3), or (v4) the field filled with many small objects of the class, each at its
+own rotation, size and place, covering a fraction of the field drawn from one range for every class. CT number and
+noise level are drawn per volume. Written as NIfTI files in Hounsfield units (air around the objects) and read by
+the same archive, preprocessing and cached-view machinery as head CT. Each objective (DINO, MAE,
 SimCLR) pretrains vit-micro briefly on the training part, without labels; then the frozen CLS vectors of the
 held-out part are classified by cosine kNN (k = 10) against the training part's, beside a random-initialised
 encoder of the same seed. Reported: kNN accuracy with a bootstrap 95 % CI (over test volumes) and a two-sided
@@ -11,7 +13,7 @@ paired permutation P value against random init (on per-volume correctness).
 If an objective cannot beat random init here, its machinery is broken; if it can, a head-CT result is about the
 task. Settings are fixed below before any run; nothing is tuned on the test part.
 
-    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity                      # ~40 min, 1 thread
+    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity                      # ~45 min, 1 thread
     .venv/bin/python benchmarks/learning_sanity.py --out /tmp/s --budget quick                 # ~1 min smoke run
 """
 
@@ -54,7 +56,8 @@ BUDGETS = {
 # reaches P < 0.01), 96^3 at 2 mm (the base volume's spacing), 29 epochs (about v3's steps on 400 volumes).
 # SimCLR's two views each their own random cube (96-192 mm) before the deformation, SimCLR's random resized crop as
 # its authors run it: two deformed copies of the whole volume share where every object lies, which matches them
-# without any shape. Other training settings as v3
+# without any shape. Other training settings as v3. Before the run, on the training part alone: random init's
+# 5-fold kNN accuracy 0.355 (chance 0.167), so the set leaves room above random features
 VARIANTS = {
     "v1": {"hu": (15.0, 75.0), "noise": (2.0, 12.0), "epochs_factor": 1.0, "dino_lr": 1e-4, "teacher_temp": None,
            "clip_mode": "global", "norm_pix_loss": False},

@@ -136,7 +136,7 @@ def test_cli_simclr_run_exports_the_encoder_its_checkpoint_holds(tmp_path_factor
     out = tmp_path / "run"
     args = ["pretrain", archive, "--method", "simclr", "--config", "vit-micro", "--out", out, "--epochs", "1"]
     args += ["--max-steps", "2", "--batch-size", "2", "--temperature", "0.2", "--pair-crop-mm", "96,192", "--quiet"]
-    bad = CliRunner().invoke(app, [str(a) for a in args[:-2]] + ["--pair-crop-mm", "96"])
+    bad = CliRunner().invoke(app, [str(a) for a in args[:-3]] + ["--pair-crop-mm", "96"])
     assert bad.exit_code == 2 and "LO,HI" in bad.output
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
