@@ -71,6 +71,11 @@ VARIANTS = {
            "filled": {"fill": (0.06, 0.12), "size": (0.4, 0.55)}, "per_class": 100, "grid": 96,
            "pair_crop_mm": (96.0, 192.0)},
 }  # fmt: skip
+# v5 (after v4's DINO teacher went uniform again by step ~400 with the class in every view; fixed before its run):
+# v4's set, split and settings with the teacher temperature held at 0.02, the DINO authors' advice when the teacher
+# collapses on data other than ImageNet (more sharpening: facebookresearch/dino issue 43). DINO only: the other
+# objectives' runs are v4's
+VARIANTS["v5"] = {**VARIANTS["v4"], "teacher_temp": 0.02, "set": "v4"}
 POSE = {"pose_deg": None, "size": (0.7, 1.2), "offset_mm": 15.0}  # v1 and v2: any rotation
 FIELD_MM = 192.0  # the volume's field of view (the model input's 192 mm centre crop)
 
@@ -227,7 +232,7 @@ def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
         mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=v["norm_pix_loss"]), **temps,
     )  # fmt: skip
     run = args.out / f"{method}_{args.input_norm}" if args.variant == "v1" else args.out / f"{method}_{args.variant}"
-    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{args.variant}")
+    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{v.get('set', args.variant)}")
     result = pretrain_archive(volumes, config=config, out=run, cache_dir=args.out / "cache",
                               device="cpu", resume=True, scan_ids=train_ids)  # fmt: skip
     return result.encoder_path
@@ -281,7 +286,7 @@ def main() -> None:
     from hctembed.pretrain.cache import build_cache
     from hctembed.pretrain.loop import fit_input_stats
 
-    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{args.variant}")
+    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{variant.get('set', args.variant)}")
     pose = {k: variant.get(k, POSE[k]) for k in POSE}
     full = args.budget == "full"  # a variant's own set size applies to the full budget; quick stays quick
     rows = make_set(volumes, per_class=variant.get("per_class", budget["per_class"]) if full else budget["per_class"],
