@@ -261,6 +261,46 @@ def knn_correct(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarra
     return (classes[proba.argmax(1)] == y[test]).astype(np.float64)
 
 
+def draw(path: Path, *, volumes: Path, rows: list[tuple[str, str]], results: dict, title: str) -> None:
+    """One middle slice of a volume of each class (brain window) above each encoder's kNN accuracy with its CI."""
+    import matplotlib
+    import nibabel as nib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 5.6))
+    grid = fig.add_gridspec(2, len(CLASSES), height_ratios=(1, 1.25))
+    first = {}
+    for stem, kind in rows:
+        first.setdefault(kind, stem)
+    for c, kind in enumerate(CLASSES):
+        ax = fig.add_subplot(grid[0, c])
+        hu = np.asarray(nib.load(volumes / f"{first[kind]}.nii.gz").dataobj)  # [X, Y, Z]
+        ax.imshow(np.clip((hu[:, :, hu.shape[2] // 2].T - 0.0) / 80.0, 0, 1), cmap="gray", origin="lower")
+        ax.set_title(kind)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    names = list(results)
+    values = [results[n]["accuracy"]["value"] for n in names]
+    err = [[v - results[n]["accuracy"]["low"] for n, v in zip(names, values, strict=True)],
+           [results[n]["accuracy"]["high"] - v for n, v in zip(names, values, strict=True)]]  # fmt: skip
+    ax.barh(names, values, xerr=err, color=[f"C{i}" for i in range(len(names))], capsize=4)
+    for i, n in enumerate(names):
+        p = results[n]["p_vs_random"]
+        ax.annotate(f"{values[i]:.3f}" + ("" if p is None else f"  (P {p:.4f})"), (values[i], i),
+                    xytext=(8, -12), textcoords="offset points", fontsize=9)  # fmt: skip
+    ax.axvline(1 / len(CLASSES), color="grey", linestyle="--", label="chance")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("frozen CLS kNN accuracy on held-out volumes (95 % bootstrap CI)")
+    ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -269,6 +309,8 @@ def main() -> None:
     parser.add_argument("--input-norm", choices=("none", "standardise"), default="standardise")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="v4")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also draw the classes and the accuracies as a PNG here")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     budget = BUDGETS[args.budget]
@@ -338,6 +380,11 @@ def main() -> None:
                "n_test": int(test.size), "chance": 1 / len(CLASSES), "results": results}  # fmt: skip
     name = f"summary_{args.input_norm}" if args.variant == "v1" else f"summary_{args.variant}_{args.input_norm}"
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    if args.figure is not None:
+        args.figure.parent.mkdir(parents=True, exist_ok=True)
+        draw(args.figure, volumes=volumes, rows=rows, results=results,
+             title=f"Sanity set {args.variant}: frozen vit-micro after brief pretraining, against random init "
+                   f"({test.size} held-out volumes)")  # fmt: skip
 
 
 if __name__ == "__main__":
