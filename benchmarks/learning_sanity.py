@@ -294,7 +294,7 @@ def draw(path: Path, *, volumes: Path, rows: list[tuple[str, str]], results: dic
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("frozen CLS kNN accuracy on held-out volumes (95 % bootstrap CI)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
