@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,12 +50,12 @@ BUDGETS = {
 # masked patches held only air: nothing about the volume can be predicted from them, the best a student can do
 # there is the average target (the centred teacher's flat one), and MAE learns to paint air. Here the field is
 # filled with small objects of the class (any rotation each, 0.4-0.55x, cut at the field's edge), covering 6-12 % of
-# it, the same range for every class: every crop and most patches hold the class, while how much is object and its
-# CT number say nothing of it. 100 volumes a class (200 held out: a gain of ~8 points, like MAE's in v3, then
-# reaches P < 0.01), 96^3 at 2 mm (the base volume's spacing), 29 epochs (about v3's steps on 400 volumes).
-# SimCLR's two views each their own random cube (96-192 mm) before the deformation, SimCLR's random resized crop as
-# its authors run it: two deformed copies of the whole volume share where every object lies, which matches them
-# without any shape. Other training settings as v3. Before the run, on the training part alone: random init's
+# it, the same range for every class: nearly every crop holds the class (and half or more of MAE's patches), while
+# how much is object and its CT number say nothing of it. 100 volumes a class (200 held out: a gain of ~8 points,
+# like MAE's in v3, then reaches P < 0.01), 96^3 at 2 mm (the base volume's spacing), 29 epochs (about v3's steps
+# on 400 volumes). SimCLR's two views each their own random cube (96-192 mm edge) before the deformation, akin to
+# SimCLR's random resized crop: two deformed copies of the whole volume share where every object lies, which matches
+# them without any shape. Other training settings as v3. Before the run, on the training part alone: random init's
 # 5-fold kNN accuracy 0.355 (chance 0.167), so the set leaves room above random features
 VARIANTS = {
     "v1": {"hu": (15.0, 75.0), "noise": (2.0, 12.0), "epochs_factor": 1.0, "dino_lr": 1e-4, "teacher_temp": None,
@@ -75,7 +74,10 @@ VARIANTS = {
 # v4's set, split and settings with the teacher temperature held at 0.02, the DINO authors' advice when the teacher
 # collapses on data other than ImageNet (more sharpening: facebookresearch/dino issue 43). DINO only: the other
 # objectives' runs are v4's
-VARIANTS["v5"] = {**VARIANTS["v4"], "teacher_temp": 0.02, "set": "v4"}
+VARIANTS["v5"] = {**VARIANTS["v4"], "teacher_temp": 0.02, "set": "v4", "methods": ("dino",)}
+# v6 (after v4, fixed before its run): v4's set, split and settings with SimCLR's two views deformed copies of the whole
+# volume (no cube), to tell what the set did for SimCLR from what its new views did. SimCLR only
+VARIANTS["v6"] = {**VARIANTS["v4"], "pair_crop_mm": None, "set": "v4", "methods": ("simclr",)}
 POSE = {"pose_deg": None, "size": (0.7, 1.2), "offset_mm": 15.0}  # v1 and v2: any rotation
 FIELD_MM = 192.0  # the volume's field of view (the model input's 192 mm centre crop)
 
@@ -211,6 +213,16 @@ def make_set(
     return rows
 
 
+def folders(args, method: str | None = None) -> Path:
+    """The variant's volume folder (``method`` None) or one objective's run folder; a quick budget's apart from the
+    full one's (``make_set`` keeps volumes already written, so the two must not share a folder)."""
+    variant = VARIANTS[args.variant]
+    quick = "" if args.budget == "full" else f"_{args.budget}"
+    if method is None:
+        return args.out / ("volumes" if args.variant == "v1" else f"volumes_{variant.get('set', args.variant)}{quick}")
+    return args.out / (f"{method}_{args.input_norm}" if args.variant == "v1" else f"{method}_{args.variant}{quick}")
+
+
 def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
     from hctembed.pretrain import PretrainConfig
     from hctembed.pretrain.mae import MAEConfig
@@ -231,9 +243,7 @@ def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
         pair_crop_mm=v.get("pair_crop_mm") if method == "simclr" else None,
         mae=MAEConfig(decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=v["norm_pix_loss"]), **temps,
     )  # fmt: skip
-    run = args.out / f"{method}_{args.input_norm}" if args.variant == "v1" else args.out / f"{method}_{args.variant}"
-    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{v.get('set', args.variant)}")
-    result = pretrain_archive(volumes, config=config, out=run, cache_dir=args.out / "cache",
+    result = pretrain_archive(folders(args), config=config, out=folders(args, method), cache_dir=args.out / "cache",
                               device="cpu", resume=True, scan_ids=train_ids)  # fmt: skip
     return result.encoder_path
 
@@ -301,11 +311,17 @@ def draw(path: Path, *, volumes: Path, rows: list[tuple[str, str]], results: dic
     plt.close(fig)
 
 
+def training_seconds(run: Path) -> float | None:
+    """The wall seconds a run's own log gives for its last step (not the time a later call took to resume it)."""
+    lines = (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").exists() else []
+    return json.loads(lines[-1]).get("seconds") if lines else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated; default: the variant's own (all three)")
     parser.add_argument("--input-norm", choices=("none", "standardise"), default="standardise")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="v4")
     parser.add_argument("--seed", type=int, default=0)
@@ -316,6 +332,7 @@ def main() -> None:
     budget = BUDGETS[args.budget]
     variant = VARIANTS[args.variant]
     args.epochs = round(budget["epochs"] * variant["epochs_factor"])
+    methods = args.methods.split(",") if args.methods else list(variant.get("methods", METHODS))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
 
@@ -328,7 +345,7 @@ def main() -> None:
     from hctembed.pretrain.cache import build_cache
     from hctembed.pretrain.loop import fit_input_stats
 
-    volumes = args.out / ("volumes" if args.variant == "v1" else f"volumes_{variant.get('set', args.variant)}")
+    volumes = folders(args)
     pose = {k: variant.get(k, POSE[k]) for k in POSE}
     full = args.budget == "full"  # a variant's own set size applies to the full budget; quick stays quick
     rows = make_set(volumes, per_class=variant.get("per_class", budget["per_class"]) if full else budget["per_class"],
@@ -356,18 +373,23 @@ def main() -> None:
     if args.input_norm == "standardise":
         train_scans = [scans[i] for i in train]
         random_init.set_input_stats(**fit_input_stats(train_scans, image_size=random_init.config.image_size))
+    # how much room the set leaves above random features, from the training part alone: 5-fold kNN of random init
+    x_train, y_train = cls_vectors(random_init, [paths[i] for i in train]), y[train]
+    fold = np.arange(train.size) % 5
+    headroom = float(np.mean([knn_correct(x_train, y_train, np.flatnonzero(fold != f), np.flatnonzero(fold == f)).mean()
+                              for f in range(5)]))  # fmt: skip
+    log.info("random init, 5-fold kNN accuracy within the training part: %.3f", headroom)
     encoders = {"random init": random_init}
     seconds = {}
-    for method in args.methods.split(","):
-        start = time.perf_counter()
+    for method in methods:
         path = pretrain(args, method, train_ids=[refs[i].scan_id for i in train])
-        seconds[method] = round(time.perf_counter() - start, 1)
+        seconds[method] = training_seconds(path.parent)
         encoders[method] = load_encoder_weights(path)[0]
     correct = {name: knn_correct(cls_vectors(m, paths), y, train, test) for name, m in encoders.items()}
     base = correct["random init"]
     results = {}
     print(f"| encoder ({args.variant}, {args.input_norm} inputs) | kNN accuracy [95 % CI] | P vs random init | "
-          "pretraining s |")  # fmt: skip
+          "training wall s (its log) |")  # fmt: skip
     print("|---|---|---|---|")
     for name, c in correct.items():
         est = bootstrap_mean(c, n_resamples=1000, seed=args.seed)
@@ -376,8 +398,8 @@ def main() -> None:
         p_text = "" if p is None else f"{p:.4f}"
         print(f"| {name} | {est.value:.3f} [{est.low:.3f}, {est.high:.3f}] | {p_text} | {seconds.get(name, '')} |")
     summary = {"budget": args.budget, "variant": args.variant, "settings": variant, "input_norm": args.input_norm,
-               "n_train": int(train.size),
-               "n_test": int(test.size), "chance": 1 / len(CLASSES), "results": results}  # fmt: skip
+               "n_train": int(train.size), "n_test": int(test.size), "chance": 1 / len(CLASSES),
+               "random_init_train_cv": headroom, "results": results}  # fmt: skip
     name = f"summary_{args.input_norm}" if args.variant == "v1" else f"summary_{args.variant}_{args.input_norm}"
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
     if args.figure is not None:
