@@ -13,7 +13,7 @@ the paper, and converted to base voxels.
   random rotation, anisotropic scaling and shift, a left-right flip, Gaussian noise and blur. Both views hold the
   same tissue, so what they share is what survives deformation (how much of the head is blood-dense, fluid, bone),
   not where the head's outline lies; no intensity jitter (CT numbers are calibrated). Optionally each view is its
-  own random cube of the base first (SimCLR's random resized crop, ``crop_mm``).
+  own random cube of the base first (akin to SimCLR's random resized crop, ``crop_mm``).
 
 All randomness comes from the ``torch.Generator`` passed in, so a run reproduces exactly from its seeds.
 """
@@ -164,7 +164,8 @@ def mae_crop(base: torch.Tensor, *, config: MaeCropConfig, g: torch.Generator) -
 
 @dataclass(frozen=True)
 class PairViewConfig:
-    """SimCLR views: two independently deformed copies of the model input (the centre 192 mm of the base)."""
+    """SimCLR views: two independently deformed copies of the model input (the centre 192 mm of the base), or with
+    ``crop_mm`` of two random cubes of the base, each resized to the model input."""
 
     out_size: int = 96
     rotate_deg: float = 15.0  # about each axis, U(-r, r)
@@ -180,8 +181,8 @@ class PairViewConfig:
     intensity_shift: float = 0.0
     contrast: tuple[float, float] = (1.0, 1.0)
     # each view its own random cube of this edge range (mm of the 224 mm base, anywhere in it), resized to the model
-    # input before the deformation: SimCLR's random resized crop, under which two views share what the whole volume
-    # holds throughout rather than where it lies. None (the default): both views deform the whole embedding-time input
+    # input before the deformation, akin to SimCLR's random resized crop: two views then share what the volume holds
+    # throughout rather than where it lies. None (the default): both views deform the whole embedding-time input
     crop_mm: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:

@@ -171,14 +171,16 @@ def test_pair_crops_give_each_view_its_own_cube_of_the_base():
     cropped = PairViewConfig(**still, crop_mm=(64.0, 112.0))  # 16-28 voxels of the 56-voxel base
     plain = input_from_base(base, image_size=12)
     assert all(torch.allclose(v, plain) for v in pair_views(base, config=whole, g=torch.Generator().manual_seed(0)))
-    means = []
+    means, apart = [], 0
     for seed in range(20):
         a, b = pair_views(base, config=cropped, g=torch.Generator().manual_seed(seed))
         assert a.shape == b.shape == (3, 12, 12, 12)
         means += [float(a.mean()), float(b.mean())]
+        apart += abs(means[-1] - means[-2]) > 0.05  # the two views of one draw come from different cubes
         spans = [float(v[0, -1].mean() - v[0, 0].mean()) for v in (a, b)]  # a cube of 16-28 of 56 voxels along Z
         assert all(16 / 56 * 11 / 12 - 0.02 <= s_ <= 28 / 56 + 0.02 for s_ in spans)
     assert max(means) - min(means) > 0.3  # cubes from all over the base, not its centre
+    assert apart >= 15
     again = pair_views(base, config=cropped, g=torch.Generator().manual_seed(3))
     first = pair_views(base, config=cropped, g=torch.Generator().manual_seed(3))
     assert all(torch.equal(x, y) for x, y in zip(again, first, strict=True))  # reproducible from the generator

@@ -161,6 +161,7 @@ def test_checkpoint_from_before_a_new_setting_resumes(refs, cache, tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     old = json.loads(ckpt["config"])
     del old["head_bn"], old["intensity_jitter"], old["mae"]["target"], old["mae"]["histogram_bins"]  # nested too
+    del old["pair_intensity_jitter"], old["pair_crop_mm"]
     ckpt["config"] = json.dumps(old, sort_keys=True)
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     with pytest.raises(PretrainError, match="head_bn"):

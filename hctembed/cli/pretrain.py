@@ -55,7 +55,7 @@ def pretrain(
         None,
         "--pair-crop-mm",
         help="SimCLR: LO,HI - each view its own random cube of LO-HI mm (of the 224 mm base) before its deformation "
-        "(SimCLR's random resized crop). Default: both views deform the whole head.",
+        "(akin to SimCLR's random resized crop). Default: both views deform the whole head.",
     ),
     centering: str = typer.Option(
         "ema", "--centering", help="DINO teacher targets: ema (DINO's running centre) or sinkhorn (DINOv2's)."

@@ -58,7 +58,7 @@ class PretrainConfig:
     # SimCLR views: each view's own intensity shift and contrast change, DINO's ranges (SimCLR's colour jitter)
     pair_intensity_jitter: bool = False
     # SimCLR views: each view its own random cube of this edge range (mm of the 224 mm base) before its deformation
-    # (SimCLR's random resized crop); None: both views deform the whole embedding-time input
+    # (akin to SimCLR's random resized crop); None: both views deform the whole embedding-time input
     pair_crop_mm: tuple[float, float] | None = None
     centering: str = "ema"  # DINO teacher targets: "ema" (running centre, DINO's) or "sinkhorn" (DINOv2's)
     koleo: float = 0.0  # DINO: weight of DINOv2's KoLeo term on the student's global CLS vectors (0: off)
