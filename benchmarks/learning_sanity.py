@@ -13,8 +13,9 @@ paired permutation P value against random init (on per-volume correctness).
 If an objective cannot beat random init here, its machinery is broken; if it can, a head-CT result is about the
 task. Settings are fixed below before any run; nothing is tuned on the test part.
 
-    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity                      # ~45 min, 1 thread
+    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity                      # ~1 h training, 1 thread
     .venv/bin/python benchmarks/learning_sanity.py --out /tmp/s --budget quick                 # ~1 min smoke run
+    .venv/bin/python benchmarks/learning_sanity.py --out bench-out/sanity --variant v6         # SimCLR alone, v4's set
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ BUDGETS = {
 # masked patches held only air: nothing about the volume can be predicted from them, the best a student can do
 # there is the average target (the centred teacher's flat one), and MAE learns to paint air. Here the field is
 # filled with small objects of the class (any rotation each, 0.4-0.55x, cut at the field's edge), covering 6-12 % of
-# it, the same range for every class: nearly every crop holds the class (and half or more of MAE's patches), while
+# it, the same range for every class: nearly every crop holds the class (and ~half or more of MAE's patches), while
 # how much is object and its CT number say nothing of it. 100 volumes a class (200 held out: a gain of ~8 points,
 # like MAE's in v3, then reaches P < 0.01), 96^3 at 2 mm (the base volume's spacing), 29 epochs (about v3's steps
 # on 400 volumes). SimCLR's two views each their own random cube (96-192 mm edge) before the deformation, akin to

@@ -144,16 +144,9 @@ def pretrain(
                  ("DEFAULT", "DEFAULT_MAP")}  # fmt: skip
         explicit = {_FIELDS[param] for param in given}
         run, sources = apply_recipe(run, name=recipe, explicit=explicit)
-    scan_ids = None
-    if scans is not None:
-        if not scans.is_file():
-            raise typer.BadParameter(f"--scans {scans}: no such file")
-        scan_ids = [line.strip() for line in scans.read_text().splitlines() if line.strip()]
-        if not scan_ids:
-            raise typer.BadParameter(f"--scans {scans} lists no scan ids (one per line)")
     result = pretrain_archive(
         archive, config=run, out=out, resume=resume, cache_dir=cache, device=device, monitor_labels=monitor_labels,
-        scan_ids=scan_ids, recipe=None if recipe is None else {"name": recipe, "sources": sources},
+        scan_ids=_scan_list(scans), recipe=None if recipe is None else {"name": recipe, "sources": sources},
     )  # fmt: skip
     if result is not None:  # rank 0
         rows = {
@@ -176,6 +169,18 @@ def mae_settings(*, norm_pix_loss: bool, target: str, mask_ratio: float):
     if norm_pix_loss and target != "pixels":
         raise typer.BadParameter("--norm-pix-loss applies to --mae-target pixels only")
     return MAEConfig(norm_pix_loss=norm_pix_loss, target=target, mask_ratio=mask_ratio)
+
+
+def _scan_list(path: Path | None) -> list[str] | None:
+    """The scan ids of a ``--scans`` file, one per line (None: every scan of the archive)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise typer.BadParameter(f"--scans {path}: no such file")
+    scan_ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not scan_ids:
+        raise typer.BadParameter(f"--scans {path} lists no scan ids (one per line)")
+    return scan_ids
 
 
 def _mm_range(text: str | None) -> tuple[float, float] | None:
