@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from hctembed.augment import BASE_MM, MultiCropConfig, PairViewConfig
+from hctembed.augment import MultiCropConfig, PairViewConfig
 from hctembed.config import INPUT_NORMS, VIT_PRESETS, ViTConfig
-from hctembed.errors import HctembedError
+from hctembed.errors import HctembedError, InputError
 from hctembed.pretrain.mae import MAEConfig
 
 # settings that may differ between a run and its resumption (they do not change the maths)
@@ -92,11 +92,13 @@ class PretrainConfig:
             raise PretrainError("--koleo needs a batch of at least 2 scans per process (the nearest other vector)")
         if self.pair_intensity_jitter and self.method != "simclr":
             raise PretrainError(f"--pair-intensity-jitter is a SimCLR setting; {self.method} has no pair views")
-        if self.pair_crop_mm is not None and self.method != "simclr":
-            raise PretrainError(f"--pair-crop-mm is a SimCLR setting; {self.method} has no pair views")
-        if self.pair_crop_mm is not None and not 0 < self.pair_crop_mm[0] <= self.pair_crop_mm[1] <= BASE_MM:
-            raise PretrainError(f"--pair-crop-mm {self.pair_crop_mm}: the range must be ordered and lie in "
-                                f"(0, {BASE_MM}] mm")  # fmt: skip
+        if self.pair_crop_mm is not None:
+            if self.method != "simclr":
+                raise PretrainError(f"--pair-crop-mm is a SimCLR setting; {self.method} has no pair views")
+            try:
+                self.pair_views()  # the views' own check of the range, named by the option that set it
+            except InputError as error:
+                raise PretrainError(f"--pair-crop-mm: {error}") from None
         if self.method != "dino" and (self.centering != "ema" or self.koleo > 0):
             raise PretrainError(f"--centering and --koleo are DINO settings; {self.method} has no teacher")
         if not self.temperature > 0:
