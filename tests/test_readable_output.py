@@ -157,3 +157,15 @@ def test_options_are_checked_before_the_archive_is_walked(tmp_path):
     result = invoke("embed", archive, "--db", tmp_path / "h.duckdb", "--model", "vit-micro", "--labels", "nope.csv")
     assert result.exit_code == 2 and "--labels nope.csv: not found" in result.stderr
     assert "Errno" not in result.stderr and not (tmp_path / "h.duckdb").exists()
+
+
+def test_comma_lists_of_numbers_are_read_or_refused_in_one_line():
+    from hctembed.cli.common import parse_numbers, parse_ratios
+
+    assert parse_ratios("0.7,0.2,0.1") == (0.7, 0.2, 0.1)
+    assert parse_numbers("96,192", option="--pair-crop-mm", names=("LO", "HI")) == (96.0, 192.0)
+    for text in ("0.8,0.2", "a,b,c", "0.5,0.25,0.25,0"):
+        with pytest.raises(typer.BadParameter, match=r"--ratios needs 3 numbers \(train,val,test\)"):
+            parse_ratios(text)
+    with pytest.raises(typer.BadParameter, match=r"--pair-crop-mm needs 2 numbers \(LO,HI\), got '96'"):
+        parse_numbers("96", option="--pair-crop-mm", names=("LO", "HI"))

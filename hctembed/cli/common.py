@@ -230,14 +230,19 @@ class BarProgress:
                 bar.stop()
 
 
-def parse_ratios(ratios: str) -> tuple[float, float, float]:
-    """``--ratios`` ``"0.8,0.1,0.1"`` as three numbers, or a one-line usage error."""
+def parse_numbers(text: str, *, option: str, names: tuple[str, ...]) -> tuple[float, ...]:
+    """``option``'s value, comma-separated, as ``len(names)`` numbers, or a one-line usage error naming them."""
     import typer
 
     try:
-        parts = tuple(float(r) for r in ratios.split(","))
+        parts = tuple(float(part) for part in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3:
-        raise typer.BadParameter(f"--ratios needs three numbers (train,val,test), got {ratios!r}")
-    return parts  # type: ignore[return-value]
+    if len(parts) != len(names):
+        raise typer.BadParameter(f"{option} needs {len(names)} numbers ({','.join(names)}), got {text!r}")
+    return parts
+
+
+def parse_ratios(ratios: str) -> tuple[float, float, float]:
+    """``--ratios`` ``"0.8,0.1,0.1"`` as three numbers, or a one-line usage error."""
+    return parse_numbers(ratios, option="--ratios", names=("train", "val", "test"))  # type: ignore[return-value]

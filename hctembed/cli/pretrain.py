@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from hctembed.cli.common import print_table, setup_logging
+from hctembed.cli.common import parse_numbers, print_table, setup_logging
 
 # CLI parameter -> the PretrainConfig field it sets (for --recipe: options given explicitly win)
 _FIELDS = {
@@ -184,11 +184,7 @@ def _scan_list(path: Path | None) -> list[str] | None:
 
 
 def _mm_range(text: str | None) -> tuple[float, float] | None:
-    """``"LO,HI"`` -> ``(LO, HI)`` in mm (None stays None)."""
+    """``--pair-crop-mm`` ``"LO,HI"`` -> ``(LO, HI)`` in mm (None stays None)."""
     if text is None:
         return None
-    try:
-        lo, hi = (float(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected two numbers LO,HI in mm, got {text!r}") from None
-    return lo, hi
+    return parse_numbers(text, option="--pair-crop-mm", names=("LO", "HI"))  # type: ignore[return-value]
