@@ -218,10 +218,22 @@ def folders(args, method: str | None = None) -> Path:
     """The variant's volume folder (``method`` None) or one objective's run folder; a quick budget's apart from the
     full one's (``make_set`` keeps volumes already written, so the two must not share a folder)."""
     variant = VARIANTS[args.variant]
-    quick = "" if args.budget == "full" else f"_{args.budget}"
+    quick = _budget_suffix(args)
     if method is None:
-        return args.out / ("volumes" if args.variant == "v1" else f"volumes_{variant.get('set', args.variant)}{quick}")
-    return args.out / (f"{method}_{args.input_norm}" if args.variant == "v1" else f"{method}_{args.variant}{quick}")
+        name = "volumes" if args.variant == "v1" else f"volumes_{variant.get('set', args.variant)}"
+    else:
+        name = f"{method}_{args.input_norm}" if args.variant == "v1" else f"{method}_{args.variant}"
+    return args.out / f"{name}{quick}"
+
+
+def summary_path(args) -> Path:
+    """The run's JSON summary; a quick budget's apart from the full one's, which it must not overwrite."""
+    name = f"summary_{args.input_norm}" if args.variant == "v1" else f"summary_{args.variant}_{args.input_norm}"
+    return args.out / f"{name}{_budget_suffix(args)}.json"
+
+
+def _budget_suffix(args) -> str:
+    return "" if args.budget == "full" else f"_{args.budget}"
 
 
 def pretrain(args, method: str, *, train_ids: list[str]) -> Path:
@@ -288,7 +300,7 @@ def draw(path: Path, *, volumes: Path, rows: list[tuple[str, str]], results: dic
     for c, kind in enumerate(CLASSES):
         ax = fig.add_subplot(grid[0, c])
         hu = np.asarray(nib.load(volumes / f"{first[kind]}.nii.gz").dataobj)  # [X, Y, Z]
-        ax.imshow(np.clip((hu[:, :, hu.shape[2] // 2].T - 0.0) / 80.0, 0, 1), cmap="gray", origin="lower")
+        ax.imshow(np.clip(hu[:, :, hu.shape[2] // 2].T / 80.0, 0, 1), cmap="gray", origin="lower")  # 0-80 HU
         ax.set_title(kind)
         ax.axis("off")
     ax = fig.add_subplot(grid[1, :])
@@ -374,19 +386,19 @@ def main() -> None:
     if args.input_norm == "standardise":
         train_scans = [scans[i] for i in train]
         random_init.set_input_stats(**fit_input_stats(train_scans, image_size=random_init.config.image_size))
+    vectors = {"random init": cls_vectors(random_init, paths)}  # [N, D] each, every volume embedded once
     # how much room the set leaves above random features, from the training part alone: 5-fold kNN of random init
-    x_train, y_train = cls_vectors(random_init, [paths[i] for i in train]), y[train]
+    x_train, y_train = vectors["random init"][train], y[train]
     fold = np.arange(train.size) % 5
     headroom = float(np.mean([knn_correct(x_train, y_train, np.flatnonzero(fold != f), np.flatnonzero(fold == f)).mean()
                               for f in range(5)]))  # fmt: skip
     log.info("random init, 5-fold kNN accuracy within the training part: %.3f", headroom)
-    encoders = {"random init": random_init}
     seconds = {}
     for method in methods:
         path = pretrain(args, method, train_ids=[refs[i].scan_id for i in train])
         seconds[method] = training_seconds(path.parent)
-        encoders[method] = load_encoder_weights(path)[0]
-    correct = {name: knn_correct(cls_vectors(m, paths), y, train, test) for name, m in encoders.items()}
+        vectors[method] = cls_vectors(load_encoder_weights(path)[0], paths)
+    correct = {name: knn_correct(x, y, train, test) for name, x in vectors.items()}
     base = correct["random init"]
     results = {}
     print(f"| encoder ({args.variant}, {args.input_norm} inputs) | kNN accuracy [95 % CI] | P vs random init | "
@@ -401,8 +413,7 @@ def main() -> None:
     summary = {"budget": args.budget, "variant": args.variant, "settings": variant, "input_norm": args.input_norm,
                "n_train": int(train.size), "n_test": int(test.size), "chance": 1 / len(CLASSES),
                "random_init_train_cv": headroom, "results": results}  # fmt: skip
-    name = f"summary_{args.input_norm}" if args.variant == "v1" else f"summary_{args.variant}_{args.input_norm}"
-    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    summary_path(args).write_text(json.dumps(summary, indent=2))
     if args.figure is not None:
         args.figure.parent.mkdir(parents=True, exist_ok=True)
         draw(args.figure, volumes=volumes, rows=rows, results=results,

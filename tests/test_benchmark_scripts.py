@@ -136,3 +136,23 @@ def test_sanity_set_fills_the_field_with_the_class_and_marks_no_class_by_fill(mo
                     filled={"fill": fill, "size": size})  # fmt: skip
     assert np.array_equal(np.asarray(nib.load(first).dataobj), before)
     sys.modules.pop("learning_sanity", None)
+
+
+def test_sanity_quick_runs_never_write_over_a_full_runs_files(monkeypatch, tmp_path):
+    """make_set keeps volumes already written and pretraining resumes a run folder, so a quick run sharing --out
+    with a full one must use its own volumes, runs and summary; variants on v4's set share v4's volumes."""
+    from argparse import Namespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("learning_sanity")
+    for variant in module.VARIANTS:
+        full, quick = (Namespace(out=tmp_path, variant=variant, budget=b, input_norm="standardise")
+                       for b in ("full", "quick"))  # fmt: skip
+        paths = {b.budget: [module.folders(b), module.summary_path(b)] + [module.folders(b, m) for m in module.METHODS]
+                 for b in (full, quick)}  # fmt: skip
+        assert not set(paths["full"]) & set(paths["quick"]), variant
+        assert len(set(paths["full"])) == len(paths["full"])
+    v6 = Namespace(out=tmp_path, variant="v6", budget="full", input_norm="standardise")
+    v4 = Namespace(out=tmp_path, variant="v4", budget="full", input_norm="standardise")
+    assert module.folders(v6) == module.folders(v4) and module.folders(v6, "simclr") != module.folders(v4, "simclr")
+    sys.modules.pop("learning_sanity", None)
