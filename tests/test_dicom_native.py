@@ -182,17 +182,9 @@ def test_hu_conversion_equals_the_three_pass_formula(slope, intercept, padding, 
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (slope, intercept, low)
         raw[2] = np.clip(raw[2], 1500, None)  # one slice that needs no clamp beside ones that may
         want = rescale.hu(raw)
-        for block in (raw[2:3], raw[1:4], raw[3:5], raw[:, ::4, ::4], raw[::-1, 10:20]):  # slabs, samples
-            part = rescale.hu(block)
-            assert np.array_equal(part.view(np.uint32), want[_same_index(raw, block)].view(np.uint32))
-
-
-def _same_index(base: np.ndarray, view: np.ndarray):
-    """The index of ``base`` that ``view`` is (for the three views above)."""
-    for key in (np.s_[2:3], np.s_[1:4], np.s_[3:5], np.s_[:, ::4, ::4], np.s_[::-1, 10:20]):
-        if base[key].__array_interface__ == view.__array_interface__:
-            return key
-    raise AssertionError("not one of the views")
+        for key in (np.s_[2:3], np.s_[1:4], np.s_[3:5], np.s_[:, ::4, ::4], np.s_[::-1, 10:20]):  # slabs, samples
+            part = rescale.hu(raw[key])
+            assert np.array_equal(part.view(np.uint32), want[key].view(np.uint32)), key
 
 
 ORIENTATIONS = {"axial": (1, 0, 0, 0, 1, 0), "sagittal": (0, 1, 0, 0, 0, -1), "coronal": (1, 0, 0, 0, 0, -1)}
